@@ -1,0 +1,3 @@
+//! sftd: a self-hostable LoRA SFT service for Qwen3 models.
+
+pub mod train;

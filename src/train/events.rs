@@ -1,0 +1,108 @@
+//! What a training run reports while it runs, and how its owner steers it (cancel, checkpoint-and-stop).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Metrics of one optimizer step (field names are the event-stream contract in DESIGN.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    /// Fractional epoch: epoch index + fraction of its micro-batches done.
+    pub epoch: f64,
+    /// Σ token CE over the window's label positions ÷ their count.
+    pub train_loss: f64,
+    /// The learning rate this step was taken with.
+    pub learning_rate: f64,
+    /// Global L2 norm of the LoRA gradients before clipping.
+    pub grad_norm: f64,
+    /// Unweighted mean over the window's micro-batches of (correct argmax ÷ label positions).
+    pub train_mean_token_accuracy: f64,
+    /// Cumulative non-pad tokens seen (prompt included).
+    pub num_tokens: u64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+    pub eta_seconds: f64,
+}
+
+/// Loss and accuracy over the whole validation file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub eval_loss: f64,
+    pub eval_mean_token_accuracy: f64,
+    /// Label positions evaluated.
+    pub eval_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointInfo {
+    pub step: u64,
+    /// Directory holding `adapter/` (PEFT files) and the resumable trainer state.
+    pub path: PathBuf,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_mean_token_accuracy: Option<f64>,
+    pub train_mean_token_accuracy: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// Everything the trainer reports, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TrainEvent {
+    Log { level: Level, message: String },
+    Metrics(StepMetrics),
+    Eval(EvalMetrics),
+    Checkpoint(CheckpointInfo),
+}
+
+/// How a run ended when it did not fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done; the final adapter is in `adapter_dir`.
+    Completed { adapter_dir: PathBuf, steps: u64, trained_tokens: u64 },
+    /// Stopped on request after writing a checkpoint it can resume from.
+    Suspended { checkpoint: PathBuf, step: u64 },
+    /// Cancelled on request; nothing further was written.
+    Cancelled { step: u64 },
+}
+
+const RUN: u8 = 0;
+const CANCEL: u8 = 1;
+const SUSPEND: u8 = 2;
+
+/// A shared flag the owner flips; the trainer polls it between micro-batches.
+#[derive(Debug, Clone, Default)]
+pub struct Control(Arc<AtomicU8>);
+
+impl Control {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Stop at the next micro-batch boundary, writing nothing more.
+    pub fn cancel(&self) {
+        self.0.store(CANCEL, Ordering::SeqCst);
+    }
+    /// Stop at the next micro-batch boundary after checkpointing the last completed step.
+    pub fn suspend(&self) {
+        let _ = self
+            .0
+            .compare_exchange(RUN, SUSPEND, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == CANCEL
+    }
+    pub fn is_suspended(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == SUSPEND
+    }
+}
