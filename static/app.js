@@ -690,7 +690,10 @@ function jobView(root, id) {
 
   /** Event kind → what it does (names are mapped to kinds in series.js EVENT_KINDS). */
   const HANDLERS = {
-    metrics: (ev) => { if (series.addMetrics(ev.data)) scheduleDraw(); },
+    metrics: (ev) => {
+      if (series.addMetrics(ev.data)) scheduleDraw();
+      if (pickNum('eval_loss', ev.data) !== null) HANDLERS.eval(ev); // OpenAI-style combined record
+    },
     eval: (ev) => { if (series.addEval(ev.data)) scheduleDraw(); addLog(ev); },
     checkpoint: (ev) => { st.lastCheckpoint = pickNum('step', ev.data); addLog(ev); },
     log: (ev) => { addLog(ev); },

@@ -73,15 +73,21 @@ export function normalizeEvent(name, raw, lastEventId) {
   const data = obj.data && typeof obj.data === 'object' ? obj.data : obj;
   let seq = parseSeq(lastEventId);
   if (seq === null) seq = num(obj.seq) ?? num(data.seq) ?? null;
-  let kind = name && name !== 'message' ? EVENT_KINDS[name] : undefined;
-  if (!kind && typeof obj.type === 'string') kind = EVENT_KINDS[obj.type];
-  if (!kind || (kind === 'log' && name === 'message')) {
-    if (pick('train_loss', data) !== undefined && pick('step', data) !== undefined) kind = 'metrics';
-    else if (pick('eval_loss', data) !== undefined) kind = 'eval';
-    else if (typeof pick('status', data) === 'string' && obj.type !== 'message') kind = 'status';
-    else if (!kind) kind = 'log';
-  }
-  let status = kind === 'status' ? pick('status', data, obj) : undefined;
+  // What the sender declared (SSE event name first, then the payload's `type`) ...
+  const declared = (name && name !== 'message' && EVENT_KINDS[name]) ||
+    (typeof obj.type === 'string' && EVENT_KINDS[obj.type]) || null;
+  // ... refined by what the data holds: OpenAI-style streams send status changes and checkpoints
+  // as type "message" and eval results as type "metrics".
+  const st = pick('status', data, declared === 'status' ? obj : null);
+  const hasStep = pick('step', data) !== undefined;
+  let kind;
+  if (declared === 'heartbeat') kind = 'heartbeat';
+  else if (declared === 'checkpoint' || data.checkpoint_id !== undefined || data.checkpoint !== undefined) kind = 'checkpoint';
+  else if (declared === 'status' || (typeof st === 'string' && (declared === null || declared === 'log'))) kind = 'status';
+  else if (hasStep && pick('train_loss', data) !== undefined) kind = 'metrics';
+  else if (pick('eval_loss', data) !== undefined) kind = 'eval';
+  else kind = declared === 'metrics' || declared === 'eval' ? 'log' : (declared || 'log');
+  let status = kind === 'status' ? st : undefined;
   if (kind === 'status' && typeof status !== 'string' && name && TERMINAL.has(name)) status = name;
   return {
     seq,
@@ -135,6 +141,9 @@ export class RunSeries {
   addMetrics(data) {
     const step = pickNum('step', data);
     if (step === null) return null;
+    // A repeated step replaces the earlier one (a resumed run re-logging it), but a record
+    // without a training loss never erases one that has it.
+    if (pickNum('train_loss', data) === null && this.metrics.has(step)) return this.metrics.get(step);
     const m = { step };
     for (const k of ['total_steps', 'epoch', 'train_loss', 'learning_rate', 'grad_norm',
       'train_mean_token_accuracy', 'num_tokens', 'tokens_per_second', 'elapsed_seconds', 'eta_seconds']) {

@@ -154,7 +154,7 @@ export function metricSteps(events) {
   let total = null;
   for (const e of events) {
     const d = e?.data || {};
-    if ((e.type === 'metrics' || d.train_loss !== undefined) && typeof d.step === 'number') {
+    if (typeof d.train_loss === 'number' && typeof d.step === 'number') {
       steps.add(d.step);
       if (typeof d.total_steps === 'number') total = d.total_steps;
     }

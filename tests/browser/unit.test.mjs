@@ -84,6 +84,28 @@ test('events normalise whatever their SSE name or payload spelling', () => {
   assert.ok(S.SSE_EVENT_NAMES.includes('metrics') && S.SSE_EVENT_NAMES.includes('status'));
 });
 
+test("the server's OpenAI-style events (types message/metrics, no SSE names) are classified", () => {
+  const ev = (type, data, message = '') => ({ id: 'ftevent-x-1', object: 'fine_tuning.job.event', seq: 1, created_at: 1, level: 'info', message, type, data });
+  let n = S.normalizeEvent('message', ev('message', { status: 'running' }, 'Job started'), '3');
+  assert.equal(n.kind, 'status'); assert.equal(n.status, 'running');
+  n = S.normalizeEvent('message', ev('message', { checkpoint_id: 'ftckpt-1', step: 4 }, 'Checkpoint saved at step 4'), '4');
+  assert.equal(n.kind, 'checkpoint');
+  n = S.normalizeEvent('message', ev('message', null, 'Loading model'), '5');
+  assert.equal(n.kind, 'log'); assert.equal(n.message, 'Loading model');
+  n = S.normalizeEvent('message', ev('metrics', { step: 4, valid_loss: 1.1, valid_mean_token_accuracy: 0.5 }), '6');
+  assert.equal(n.kind, 'eval');
+  n = S.normalizeEvent('message', ev('metrics', { step: 4, train_loss: 1.3, learning_rate: 1e-4 }), '7');
+  assert.equal(n.kind, 'metrics');
+  // seq from the payload when the SSE id is missing
+  n = S.normalizeEvent('message', { ...ev('metrics', { step: 5, train_loss: 1 }), seq: 9 }, '');
+  assert.equal(n.seq, 9);
+  // an eval record for a step never erases that step's training loss
+  const rs = new S.RunSeries();
+  rs.addMetrics({ step: 4, train_loss: 1.3 });
+  rs.addMetrics({ step: 4, valid_loss: 1.1 });
+  assert.equal(rs.metrics.get(4).train_loss, 1.3);
+});
+
 test('replays and reconnects never duplicate or drop a point', () => {
   const rs = new S.RunSeries();
   const feed = (list) => {
