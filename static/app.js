@@ -170,7 +170,7 @@ function jobsView(root) {
   let alive = true; let timer = null; let limit = 50; let inflight = false;
   const note = h('p', { class: 'muted', 'data-testid': 'jobs-note', 'aria-live': 'polite' });
   const tbody = h('tbody');
-  const cols = [['Job'], ['Status'], ['Model'], ['Progress'], ['Loss', 'num'], ['Throughput', 'num hide-narrow'],
+  const cols = [['Job'], ['Status'], ['Model', 'hide-narrow'], ['Progress'], ['Loss', 'num'], ['Throughput', 'num hide-narrow'],
     ['Created', 'hide-narrow'], ['Finished', 'hide-narrow'], ['', '']];
   const table = h('table', { class: 'jobs', 'data-testid': 'jobs-table' },
     h('caption', { class: 'visually-hidden' }, 'Fine-tuning jobs, refreshed every 2 seconds'),
@@ -552,9 +552,10 @@ function jobView(root, id) {
   const logList = h('ol', { class: 'eventlog', 'data-testid': 'event-log', role: 'log', 'aria-label': 'Event log' });
   const logCard = h('section', { class: 'card', 'aria-label': 'Event log' }, h('h2', {}, 'Events'), logList);
 
+  chartCard.classList.add('area-chart');
+  logCard.classList.add('area-log');
   root.append(errorBanner, h('div', { class: 'jobgrid' },
-    h('div', { class: 'side' }, chartCard, logCard),
-    h('div', { class: 'side' }, statsCard, filesCard, hpCard)));
+    chartCard, h('div', { class: 'side area-side' }, statsCard, filesCard, hpCard), logCard));
 
   // --- status
 
