@@ -491,7 +491,7 @@ function jobView(root, id) {
   const series = new RunSeries();
   const st = {
     alive: true, job: null, streamStatus: null, es: null, terminal: false, reopenTimer: null,
-    pollTimer: null, backoff: 1000, emptyOpens: 0, gotSinceOpen: 0, chart: null, cursorIdx: null,
+    pollTimer: null, backoff: 1000, zoomed: false, emptyOpens: 0, gotSinceOpen: 0, chart: null, cursorIdx: null,
     smoothing: Number(localStorage.getItem('sftd.smoothing') ?? 0.6), log: localStorage.getItem('sftd.logScale') === '1',
     gradNorm: localStorage.getItem('sftd.gradNorm') === '1', lastCheckpoint: null, drawPending: false, resultsFor: null,
   };
@@ -800,10 +800,10 @@ function jobView(root, id) {
     const axisBase = { stroke: COLORS.axis, grid: { stroke: COLORS.grid, width: 1 }, ticks: { stroke: COLORS.grid, width: 1 } };
     const axes = [
       { ...axisBase, label: 'step', labelSize: 20, values: (u, vals) => vals.map((v) => (Number.isInteger(v) ? fmtCount(v) : '')) },
-      { ...axisBase, scale: 'loss', label: 'loss', labelSize: 20, size: 56, values: (u, vals) => vals.map((v) => fmtNum(v, 3)) },
-      { ...axisBase, scale: 'lr', side: 1, label: 'learning rate', labelSize: 20, size: 60, grid: { show: false }, values: (u, vals) => vals.map(fmtLR) },
+      { ...axisBase, scale: 'loss', label: 'loss', labelSize: 20, size: 56, values: (u, vals) => vals.map((v) => (v === null || v === undefined ? '' : fmtNum(v, 3))) },
+      { ...axisBase, scale: 'lr', side: 1, label: 'learning rate', labelSize: 20, size: 60, grid: { show: false }, values: (u, vals) => vals.map((v) => (v === null || v === undefined ? '' : fmtLR(v))) },
     ];
-    if (st.gradNorm) axes.push({ ...axisBase, scale: 'gn', side: 1, label: 'grad norm', labelSize: 20, size: 50, grid: { show: false }, values: (u, vals) => vals.map((v) => fmtNum(v, 3)) });
+    if (st.gradNorm) axes.push({ ...axisBase, scale: 'gn', side: 1, label: 'grad norm', labelSize: 20, size: 50, grid: { show: false }, values: (u, vals) => vals.map((v) => (v === null || v === undefined ? '' : fmtNum(v, 3))) });
     return {
       width: Math.max(280, chartEl.clientWidth || chartCard.clientWidth - 24 || 600),
       height: chartHeight(),
@@ -817,7 +817,7 @@ function jobView(root, id) {
       series: [
         { label: 'step', value: fmt((v) => String(v)) },
         { label: 'loss (raw)', scale: 'loss', stroke: COLORS.raw, width: 1, spanGaps: true, value: fmt(fmtNum), points: { show: false } },
-        { label: `loss (smoothed ${st.smoothing.toFixed(2)})`, scale: 'loss', stroke: COLORS.smooth, width: 2.25, spanGaps: true, value: fmt(fmtNum), points: { show: false } },
+        { label: 'loss (smoothed)', scale: 'loss', stroke: COLORS.smooth, width: 2.25, spanGaps: true, value: fmt(fmtNum), points: { show: false } },
         { label: 'eval loss', scale: 'loss', stroke: COLORS.eval, width: 2, paths: () => null, value: fmt(fmtNum), points: { show: true, size: 9, width: 2, stroke: COLORS.eval, fill: '#fff' } },
         { label: 'learning rate', scale: 'lr', stroke: COLORS.lr, width: 1.5, dash: [6, 4], spanGaps: true, value: fmt(fmtLR), points: { show: false } },
         { label: 'grad norm', scale: 'gn', stroke: COLORS.gn, width: 1.5, dash: [2, 3], spanGaps: true, show: st.gradNorm, value: fmt((v) => fmtNum(v, 3)), points: { show: false } },
@@ -826,12 +826,14 @@ function jobView(root, id) {
       cursor: { drag: { x: true, y: false }, points: { size: 7 } },
       hooks: {
         setCursor: [(u) => { st.cursorIdx = u.cursor.idx; fmtHover(u, u.cursor.idx); }],
+        setSelect: [(u) => { if (u.select.width > 0) st.zoomed = true; }],
       },
     };
   }
 
   function rebuildChart() {
     if (st.chart) { st.chart.destroy(); st.chart = null; }
+    st.zoomed = false;
     scheduleDraw();
   }
 
@@ -844,9 +846,14 @@ function jobView(root, id) {
       if (!st.chart) {
         st.chart = new uPlot(chartOpts(), cols, chartEl);
       } else {
-        const lbl = `loss (smoothed ${st.smoothing.toFixed(2)})`;
-        if (st.chart.series[2].label !== lbl) { rebuildChart(); return; }
-        st.chart.setData(cols);
+        if (st.zoomed) {
+          // Keep the user's zoom while new steps arrive.
+          const { min, max } = st.chart.scales.x;
+          st.chart.setData(cols);
+          st.chart.setScale('x', { min, max });
+        } else {
+          st.chart.setData(cols);
+        }
       }
     }
     updateStats(cols);
@@ -890,6 +897,8 @@ function jobView(root, id) {
     rows.eta.dd.textContent = done ? DASH : fmtDuration(m.eta_seconds);
   }
 
+  chartEl.addEventListener('dblclick', () => { st.zoomed = false; });
+
   // Keyboard: arrows move the chart cursor step by step.
   chartEl.addEventListener('keydown', (e) => {
     const u = st.chart;
@@ -904,6 +913,11 @@ function jobView(root, id) {
     else if (e.key === 'PageDown') i = Math.min(n - 1, i + 10);
     else return;
     e.preventDefault();
+    // Stay inside the visible (possibly zoomed) range.
+    const xs = u.data[0];
+    const { min, max } = u.scales.x;
+    while (i < n - 1 && xs[i] < min) i++;
+    while (i > 0 && xs[i] > max) i--;
     const y = u.data[2][i] ?? u.data[3][i];
     u.setCursor({ left: u.valToPos(u.data[0][i], 'x'), top: y === null || y === undefined ? u.bbox.height / (2 * devicePixelRatio) : u.valToPos(y, 'loss') });
   });

@@ -149,6 +149,12 @@ mod tests {
     }
 
     #[test]
+    fn router_builds() {
+        // axum validates route syntax when the router is built.
+        let _router: Router<()> = routes();
+    }
+
+    #[test]
     fn serves_each_file_with_its_type_and_cache_policy() {
         let r = get("index.html", None);
         assert_eq!(r.status(), StatusCode::OK);
