@@ -538,6 +538,7 @@ function jobView(root, id) {
     tokens: statsRow('Tokens seen', 'stat-tokens'), elapsed: statsRow('Elapsed', 'stat-elapsed'),
     eta: statsRow('ETA', 'stat-eta'), device: statsRow('Device', 'stat-device'),
   };
+  for (const n of rows.device.nodes) n.hidden = true;
   const progress = h('progress', { max: '1', value: '0', 'data-testid': 'progress', 'aria-label': 'Training progress' });
   const progressLeft = h('span', { 'data-testid': 'progress-label' }, DASH);
   const progressRight = h('span', {}, '');
@@ -604,8 +605,8 @@ function jobView(root, id) {
     st.job = job;
     modelLine.textContent = job.fine_tuned_model ? `${job.model} → ${job.fine_tuned_model}` : (job.model || '');
     const dev = job.device ?? progressOf(job).device ?? job.metadata?.device;
-    if (dev) rows.device.dd.textContent = String(dev);
-    const hp = job.method?.supervised?.hyperparameters || job.hyperparameters || {};
+    if (dev) { rows.device.dd.textContent = String(dev); for (const n of rows.device.nodes) n.hidden = false; }
+    const hp = (job.hyperparameters && typeof job.hyperparameters === 'object' ? job.hyperparameters : null) || job.method?.supervised?.hyperparameters || {};
     const flat = [];
     const walk = (o, pre) => { for (const [k, v] of Object.entries(o || {})) { if (v && typeof v === 'object' && !Array.isArray(v)) walk(v, `${pre}${k}.`); else flat.push([`${pre}${k}`, Array.isArray(v) ? v.join(', ') : String(v)]); } };
     walk(hp, '');
@@ -638,13 +639,19 @@ function jobView(root, id) {
     }
   }
 
-  async function loadResults(attempt = 0) {
+  function loadResults() {
     const files = Array.isArray(st.job?.result_files) ? st.job.result_files : [];
     const key = files.join(',');
     if (!files.length) {
-      // The terminal event can land a moment before the job row lists its files.
-      if (shownStatus() === 'succeeded' && attempt < 6 && st.alive) {
-        setTimeout(async () => { if (st.alive && !(st.job?.result_files || []).length) { await refreshJob(); } loadResults(attempt + 1); }, 800);
+      // The terminal event can land a moment before the job lists its files: look again a few
+      // times (one timer at a time).
+      if (shownStatus() === 'succeeded' && st.alive && !st.resultsTimer && (st.resultsTries || 0) < 8) {
+        st.resultsTries = (st.resultsTries || 0) + 1;
+        st.resultsTimer = setTimeout(async () => {
+          if (st.alive) await refreshJob();
+          st.resultsTimer = null;
+          if (st.alive) loadResults();
+        }, 750);
       }
       return;
     }
@@ -947,6 +954,7 @@ function jobView(root, id) {
     st.alive = false;
     closeStream();
     clearTimeout(st.pollTimer);
+    clearTimeout(st.resultsTimer);
     ro.disconnect();
     if (st.chart) st.chart.destroy();
   };
