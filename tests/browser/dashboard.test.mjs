@@ -27,7 +27,7 @@ async function newPage(t) {
   page.on('pageerror', (e) => errors.push(e.message));
   page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
   t.after(async () => {
-    if (errors.length) t.diagnostic(`browser console errors:\n${errors.join('\n')}`);
+    for (const e of errors) t.diagnostic(`browser console: ${e}`);
     await context.close();
   });
   page.jsErrors = () => errors.filter((e) => !/Failed to load resource|EventSource|net::ERR/.test(e));
@@ -73,6 +73,23 @@ test('a bad file gets every bad line shown with its number and message', async (
   // Submitting with the bad file explains why instead of sending it.
   await page.getByTestId('submit-job').click();
   await waitFor(async () => (await page.getByTestId('form-error').innerText()).length > 0, { what: 'form error' });
+  assert.deepEqual(page.jsErrors(), []);
+});
+
+test('an API error on submit is shown with the field it names', async (t) => {
+  const page = await newPage(t);
+  await page.goto(`${server.url}/#/new`);
+  await page.getByTestId('training-file').setInputFiles(EXAMPLE);
+  await page.getByTestId('training-file-id').waitFor({ timeout: 30_000 });
+  await page.getByTestId('hp-lora-r').fill('0');
+  await page.getByTestId('submit-job').click();
+  const box = page.getByTestId('form-error');
+  await waitFor(async () => (await box.innerText()).length > 0, { timeoutMs: 15_000, what: 'form error' });
+  const text = await box.innerText();
+  t.diagnostic(`shown: ${text}`);
+  assert.match(text, /lora\.r/, 'the error names the field');
+  assert.equal(await page.getByTestId('hp-lora-r').getAttribute('aria-invalid'), 'true', 'the field is marked');
+  assert.match(page.url(), /#\/new$/, 'still on the form');
   assert.deepEqual(page.jsErrors(), []);
 });
 
