@@ -550,8 +550,9 @@ function jobView(root, id) {
   const hpList = h('dl', { class: 'hp', 'data-testid': 'job-hyperparameters' });
   const hpCard = h('section', { class: 'card', 'aria-label': 'Settings' },
     h('details', {}, h('summary', {}, 'Settings'), hpList));
-  const logList = h('ol', { class: 'eventlog', 'data-testid': 'event-log', role: 'log', 'aria-label': 'Event log' });
-  const logCard = h('section', { class: 'card', 'aria-label': 'Event log' }, h('h2', {}, 'Events'), logList);
+  const logList = h('ol', { class: 'eventlog', 'data-testid': 'event-log' });
+  const logCard = h('section', { class: 'card', 'aria-label': 'Event log' }, h('h2', {}, 'Events'),
+    h('div', { role: 'log', 'aria-label': 'Event log' }, logList));
 
   chartCard.classList.add('area-chart');
   logCard.classList.add('area-log');
