@@ -56,8 +56,8 @@ TOOLS = {
         "Create a calendar event.",
         {
             "title": {"type": "string"},
-            "date": {"type": "string", "description": "YYYY-MM-DD"},
-            "time": {"type": "string", "description": "HH:MM, 24h"},
+            "date": {"type": "string"},
+            "time": {"type": "string"},
             "duration_minutes": {"type": "integer"},
             "attendees": {"type": "array", "items": {"type": "string"}},
         },
@@ -75,11 +75,11 @@ TOOLS = {
     ),
     "search_flights": _fn(
         "search_flights",
-        "Search for flights between two airports.",
+        "Search flights.",
         {
             "origin": {"type": "string", "description": "IATA code"},
-            "destination": {"type": "string", "description": "IATA code"},
-            "date": {"type": "string", "description": "YYYY-MM-DD"},
+            "destination": {"type": "string"},
+            "date": {"type": "string"},
             "passengers": {"type": "integer"},
             "nonstop": {"type": "boolean"},
         },
@@ -87,20 +87,20 @@ TOOLS = {
     ),
     "calculate": _fn(
         "calculate",
-        "Evaluate an arithmetic expression.",
+        "Evaluate a math expression.",
         {"expression": {"type": "string"}},
         ["expression"],
     ),
     "read_file": _fn(
         "read_file",
-        "Read a text file from the user's workspace.",
+        "Read a text file.",
         {"path": {"type": "string"}},
         ["path"],
     ),
     "get_stock_price": _fn(
         "get_stock_price",
         "Get the latest price of a stock.",
-        {"symbol": {"type": "string", "description": "Ticker symbol"}},
+        {"symbol": {"type": "string"}},
         ["symbol"],
     ),
     "convert_units": _fn(
@@ -127,7 +127,7 @@ TOOLS = {
         "Set a reminder.",
         {
             "text": {"type": "string"},
-            "time": {"type": "string", "description": "ISO 8601 date-time"},
+            "time": {"type": "string"},
             "repeat": {"type": "string", "enum": ["none", "daily", "weekly"]},
         },
         ["text", "time"],
@@ -269,9 +269,9 @@ class Gen:
         return "%02d:%s" % (self.rng.randint(7, 19), self.pick(["00", "15", "30", "45"]))
 
     def tools_for(self, needed, extra=None):
-        """The needed tools plus 0-2 distractors, in a shuffled but seeded order."""
+        """The needed tools plus (usually no, sometimes one) distractor, in a seeded order."""
         names = list(dict.fromkeys(needed))
-        n_extra = self.rng.randint(0, 2) if extra is None else extra
+        n_extra = self.pick([0, 0, 1]) if extra is None else extra
         others = [t for t in TOOL_NAMES if t not in names]
         names += self.rng.sample(others, n_extra)
         self.rng.shuffle(names)
@@ -634,7 +634,7 @@ class Gen:
         msgs = self.system([{"role": "user", "content": q}, {"role": "assistant", "content": a}], p=0.6)
         if self.rng.random() < 0.3:
             return msgs, None  # a row without tools at all
-        return msgs, self.tools_for([], extra=self.rng.randint(1, 3))
+        return msgs, self.tools_for([], extra=self.rng.randint(1, 2))
 
     def followup(self):
         """A tool-using turn, then a second user turn answered with another tool call."""
