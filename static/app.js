@@ -516,6 +516,7 @@ function jobView(root, id) {
     'aria-label': 'Training loss chart. Use the left and right arrow keys to read each step.',
   });
   const chartEmpty = h('div', { class: 'chartempty', 'data-testid': 'chart-empty' }, 'Waiting for the first optimizer step…');
+  chartEl.hidden = true;
   const hoverLine = h('div', { class: 'hoverline', 'data-testid': 'hover-readout', 'aria-live': 'off' });
   const smoothOut = h('output', { for: 'smoothing', 'data-testid': 'smoothing-value' }, st.smoothing.toFixed(2));
   const smooth = h('input', {
@@ -587,7 +588,7 @@ function jobView(root, id) {
     const p = (x) => String(x).padStart(2, '0');
     const d = ev.data || {};
     let text = ev.message || '';
-    if (ev.kind === 'status') text = `status → ${ev.status}${ev.message && !ev.message.includes(ev.status) ? ` — ${ev.message}` : ''}`;
+    if (ev.kind === 'status') text = `status → ${ev.status}${ev.message ? ` — ${ev.message}` : ''}`;
     else if (ev.kind === 'checkpoint' && !text) text = `checkpoint at step ${pick('step', d) ?? '?'}`;
     else if (ev.kind === 'eval') text = `eval loss ${fmtNum(pickNum('eval_loss', d))} at step ${pick('step', d) ?? '?'}`;
     if (ev.kind === 'status' && d.error && typeof d.error === 'object' && d.error.message) text += ` — ${d.error.message}`;
@@ -851,6 +852,7 @@ function jobView(root, id) {
     const points = series.points;
     if (points > 0 || series.evals.size > 0) {
       chartEmpty.hidden = true;
+      chartEl.hidden = false;
       if (!st.chart) {
         st.chart = new uPlot(chartOpts(), cols, chartEl);
       } else {
@@ -864,6 +866,7 @@ function jobView(root, id) {
         }
       }
     }
+    if (!st.chart && TERMINAL.has(shownStatus())) chartEmpty.textContent = 'No training steps were recorded for this job.';
     updateStats(cols);
     window.__sftd.points = points;
     window.__sftd.evalPoints = series.evals.size;

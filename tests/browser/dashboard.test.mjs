@@ -59,7 +59,7 @@ test('a bad file gets every bad line shown with its number and message', async (
   const dir = tempDir();
   const good = fs.readFileSync(EXAMPLE, 'utf8').split('\n').find((l) => l.trim());
   const bad = path.join(dir, 'bad.jsonl');
-  fs.writeFileSync(bad, [good, '{"messages": [', good, '{"prompt_missing": true}', ''].join('\n'));
+  fs.writeFileSync(bad, [good, '{"messages": [', good, 'this is not JSON', ''].join('\n'));
   await page.goto(`${server.url}/#/new`);
   await page.getByTestId('training-file').setInputFiles(bad);
   const items = page.getByTestId('file-error');

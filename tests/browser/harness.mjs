@@ -49,7 +49,7 @@ export class Server {
     const args = (process.env.SFTD_ARGS || 'serve').split(' ').filter(Boolean);
     this.proc = spawn(BIN, args, {
       env: {
-        ...process.env, RUST_LOG: process.env.RUST_LOG || 'info', ...this.env,
+        ...process.env, RUST_LOG: process.env.RUST_LOG || 'info', NO_COLOR: '1', ...this.env,
         SFTD_ADDR: `127.0.0.1:${this.port}`, SFTD_DATA_DIR: this.dataDir,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
