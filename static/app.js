@@ -55,6 +55,7 @@ function twoStep(label, armedLabel, action, attrs = {}) {
 
 const KEY_STORAGE = 'sftd.apiKey';
 let keyPrompt = null;
+let keyDeclined = false; // the user closed the key dialog: don't ask again until they press "API key"
 
 function apiKey() {
   try { return localStorage.getItem(KEY_STORAGE) || ''; } catch { return ''; }
@@ -91,6 +92,8 @@ function requestKey(rejected) {
       dlg.removeEventListener('cancel', onCancel);
       if (dlg.open) dlg.close();
       keyPrompt = null;
+      keyDeclined = !ok;
+      if (!ok) $('#key-button').hidden = false;
       if (ok) resolve();
       else reject(new ApiError(401, { error: { message: 'This server needs an API key.', type: 'authentication_error' } }));
     };
@@ -119,7 +122,7 @@ async function api(path, { method = 'GET', json, body, headers = {}, signal } = 
     if (json !== undefined) { hdrs['Content-Type'] = 'application/json'; payload = JSON.stringify(json); }
     const hadKey = !!apiKey();
     const res = await fetch(path, { method, headers: hdrs, body: payload, signal });
-    if (res.status === 401 && attempt < 5) {
+    if (res.status === 401 && attempt < 5 && !keyDeclined) {
       await requestKey(hadKey || attempt > 0);
       continue;
     }
@@ -981,6 +984,7 @@ function downloadWithKey(href, name) {
 
 $('#key-button').hidden = !apiKey();
 $('#key-button').addEventListener('click', () => {
+  keyDeclined = false;
   requestKey(false).then(() => route(), () => {});
 });
 window.addEventListener('hashchange', route);

@@ -180,6 +180,13 @@ test('with SFTD_API_KEY the page asks for the key once and uses it for API and s
   await page.goto(`${keyed.url}/`);
   const dialog = page.getByTestId('api-key-dialog');
   await dialog.waitFor({ state: 'visible', timeout: 15_000 });
+  // Dismissed, it stays closed (the list keeps polling) until the header's button is pressed.
+  await page.keyboard.press('Escape');
+  await dialog.waitFor({ state: 'hidden', timeout: 5_000 });
+  await sleep(4500);
+  assert.equal(await dialog.isVisible(), false, 'not asked again after Escape');
+  await page.getByTestId('api-key-button').click();
+  await dialog.waitFor({ state: 'visible', timeout: 5_000 });
   await page.getByTestId('api-key-input').fill('wrong-key');
   await page.getByTestId('api-key-submit').click();
   await waitFor(async () => (await page.getByTestId('api-key-error').innerText()).length > 0 && (await dialog.isVisible()), { timeoutMs: 10_000, what: 'rejected-key message' });
