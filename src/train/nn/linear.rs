@@ -155,11 +155,7 @@ pub fn dropout_mask(
 }
 
 /// Kaiming-uniform with a = √5 on a (rows, fan_in) matrix: U(±1/√fan_in), PEFT's init for A.
-pub fn kaiming_uniform_a(
-    rows: usize,
-    fan_in: usize,
-    rng: &mut impl rand::Rng,
-) -> Vec<f32> {
+pub fn kaiming_uniform_a(rows: usize, fan_in: usize, rng: &mut impl rand::Rng) -> Vec<f32> {
     let bound = 1.0 / (fan_in as f32).sqrt();
     (0..rows * fan_in)
         .map(|_| rng.random_range(-bound..bound))

@@ -81,7 +81,7 @@ pub fn packed_causal_attention(
             .reshape((hkv, g * t, d))?;
         let ks = k.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
         let vs = v.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
-        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
+                                                                        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
         let scores = (qs.matmul(&ks.t()?)? * scale)?;
         let scores = scores
             .reshape((hkv, g, t, t))?
@@ -89,7 +89,10 @@ pub fn packed_causal_attention(
         let p = softmax_last(&scores)?.to_dtype(vs.dtype())?;
         // (Hkv, G·T, T) @ (Hkv, T, D) -> (Hkv, G·T, D) -> (Hq, T, D) -> (T, Hq·D)
         let o = p.reshape((hkv, g * t, t))?.matmul(&vs)?;
-        let o = o.reshape((hq, t, d))?.transpose(0, 1)?.reshape((t, hq * d))?;
+        let o = o
+            .reshape((hq, t, d))?
+            .transpose(0, 1)?
+            .reshape((t, hq * d))?;
         outs.push(o);
     }
     let out = if outs.len() == 1 {
@@ -143,7 +146,12 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 7), &dev).unwrap()).unwrap();
         let ours = softmax_last(x.as_tensor()).unwrap();
         let theirs = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
-        let diff = (ours.clone() - theirs).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (ours.clone() - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         let w = Tensor::randn(0f32, 1., (3, 7), &dev).unwrap();
         let g = (ours * w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -156,16 +164,30 @@ mod tests {
         let (cos, sin) = rope_tables(8, 16, 10000.0, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (5, 2, 8), &dev).unwrap(); // (N, H, D)
         let pos = Tensor::new(&[0u32, 1, 2, 3, 4], &dev).unwrap();
-        let ours = rope(&x, &cos.index_select(&pos, 0).unwrap(), &sin.index_select(&pos, 0).unwrap())
-            .unwrap();
+        let ours = rope(
+            &x,
+            &cos.index_select(&pos, 0).unwrap(),
+            &sin.index_select(&pos, 0).unwrap(),
+        )
+        .unwrap();
         // candle's reference takes (B, H, T, D) and (T, D/2) tables.
-        let xb = x.transpose(0, 1).unwrap().unsqueeze(0).unwrap().contiguous().unwrap();
-        let theirs = candle_nn::rotary_emb::rope_slow(&xb, &cos.narrow(0, 0, 5).unwrap(), &sin.narrow(0, 0, 5).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
+        let xb = x
             .transpose(0, 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .contiguous()
             .unwrap();
+        let theirs = candle_nn::rotary_emb::rope_slow(
+            &xb,
+            &cos.narrow(0, 0, 5).unwrap(),
+            &sin.narrow(0, 0, 5).unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
@@ -195,7 +217,12 @@ mod tests {
             &[(0, 4)],
         )
         .unwrap();
-        let diff = (packed.narrow(0, 3, 4).unwrap() - second).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (packed.narrow(0, 3, 4).unwrap() - second)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }
