@@ -4,9 +4,10 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, EXAMPLE } from './harness.mjs';
+import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, EXAMPLE, MODEL } from './harness.mjs';
 
 const JOB_TIMEOUT = Number(process.env.SFTD_JOB_TIMEOUT_MS || 300_000);
+const RESTART_STEPS = Number(process.env.SFTD_RESTART_STEPS || 16);
 let browser;
 let server;
 
@@ -98,7 +99,7 @@ test('a demo job submitted through the form draws every step live and ends succe
   await page.goto(`${server.url}/#/new`);
   await page.getByTestId('training-file').setInputFiles(EXAMPLE);
   await page.getByTestId('training-file-id').waitFor({ timeout: 30_000 });
-  await page.getByTestId('model').fill('sftd-demo');
+  await page.getByTestId('model').fill(MODEL);
   await page.getByTestId('hp-n_epochs').fill('1');
   await page.getByTestId('hp-batch_size').fill('2');
   await page.getByTestId('hp-gradient_accumulation_steps').fill('1');
@@ -153,7 +154,7 @@ test('a demo job submitted through the form draws every step live and ends succe
 
 test('a server restart mid-run neither duplicates nor drops points', async (t) => {
   const page = await newPage(t);
-  const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: 16, save_steps: 2 });
+  const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: RESTART_STEPS, save_steps: 2 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
   await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 3, { timeoutMs: JOB_TIMEOUT, what: 'three points before the restart' });
   const before = await sftdState(page);

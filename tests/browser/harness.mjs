@@ -12,6 +12,8 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const BIN = path.resolve(ROOT, process.env.SFTD_BIN || 'target/debug/sftd');
 export const EXAMPLE = process.env.SFTD_EXAMPLE || path.join(ROOT, 'examples/tool_calls.jsonl');
 export const EXAMPLE_VAL = process.env.SFTD_EXAMPLE_VAL || path.join(ROOT, 'examples/tool_calls_val.jsonl');
+/** The model the tests train: the built-in demo model unless SFTD_TEST_MODEL names another. */
+export const MODEL = process.env.SFTD_TEST_MODEL || 'sftd-demo';
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 export const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync'];
@@ -106,7 +108,7 @@ export class Server {
   async submitDemoJob(hp = {}, { key, validation } = {}) {
     const f = await this.upload(EXAMPLE, { key });
     const body = {
-      model: 'sftd-demo', training_file: f.id,
+      model: MODEL, training_file: f.id,
       method: { type: 'supervised', supervised: { hyperparameters: { n_epochs: 1, batch_size: 2, max_seq_len: 256, ...hp } } },
     };
     if (validation) body.validation_file = (await this.upload(validation, { key })).id;
