@@ -481,7 +481,7 @@ function newJobView(root) {
 // ---------------------------------------------------------------------------------------------
 // Job view: the live chart
 
-const COLORS = { raw: 'rgba(0,114,178,0.30)', smooth: '#0072B2', eval: '#D55E00', lr: '#009E73', gn: '#CC79A7', grid: '#e8eaee', axis: '#3b3b44' };
+const COLORS = { raw: 'rgba(0,114,178,0.45)', smooth: '#0072B2', eval: '#D55E00', lr: '#009E73', gn: '#CC79A7', grid: '#e8eaee', axis: '#3b3b44' };
 const LOG_KINDS = new Set(['status', 'checkpoint', 'log', 'eval']);
 const MAX_LOG = 1000;
 

@@ -13,7 +13,7 @@ const steps = Number(process.env.SCREENSHOT_STEPS || 40);
 const server = await new Server().start();
 const browser = await launchBrowser();
 try {
-  const hp = { batch_size: 2, gradient_accumulation_steps: 1, max_steps: steps, eval_steps: Math.max(1, Math.round(steps / 5)), save_steps: Math.max(1, Math.round(steps / 2)) };
+  const hp = { ...(process.env.SCREENSHOT_LR ? { learning_rate: Number(process.env.SCREENSHOT_LR) } : {}), batch_size: 2, gradient_accumulation_steps: 1, max_steps: steps, eval_steps: Math.max(1, Math.round(steps / 5)), save_steps: Math.max(1, Math.round(steps / 2)) };
   const job = await server.submitDemoJob(hp, { validation: fs.existsSync(EXAMPLE_VAL) ? EXAMPLE_VAL : undefined });
   const page = await browser.newPage({ viewport: { width, height }, deviceScaleFactor: 1 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
