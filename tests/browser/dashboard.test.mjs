@@ -174,6 +174,24 @@ test('a server restart mid-run neither duplicates nor drops points', async (t) =
   assert.deepEqual(page.jsErrors(), []);
 });
 
+test('cancel from the job page stops the run and the page shows it', async (t) => {
+  const page = await newPage(t);
+  const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: 5000 });
+  await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
+  await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 1, { timeoutMs: JOB_TIMEOUT, what: 'a first point' });
+  const cancel = page.getByTestId('job-cancel');
+  await cancel.click();
+  assert.match(await cancel.innerText(), /confirm/i, 'the first press asks for confirmation');
+  await cancel.click();
+  const { state } = await followJob(page, { timeoutMs: 60_000 });
+  assert.equal(state.status, 'cancelled');
+  assert.equal(await cancel.isVisible(), false, 'no cancel button on a finished job');
+  const { steps } = metricSteps(await server.events(job.id));
+  assert.equal(state.points, steps.length, 'every recorded step drawn');
+  assert.ok(steps.length < 5000);
+  assert.deepEqual(page.jsErrors(), []);
+});
+
 test('with SFTD_API_KEY the page asks for the key once and uses it for API and stream', async (t) => {
   const keyed = await new Server({ name: 'sftd-keyed', env: { SFTD_API_KEY: 'sk-test-browser' } }).start();
   t.after(() => keyed.stop());
