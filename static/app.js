@@ -216,7 +216,9 @@ function jobsView(root) {
     setCell(r.tds[1], status, () => badge(status));
     setCell(r.tds[2], String(job.model), () => h('span', { class: 'mono' }, job.model ?? DASH));
     const pct = step !== null && total ? Math.min(100, (100 * step) / total) : (status === 'succeeded' ? 100 : null);
-    setCell(r.tds[3], `${step}/${total}/${status}`, () => (pct === null ? DASH : [
+    const eta = toDate(job.estimated_finish);
+    const etaText = status === 'running' && eta ? `ETA ${fmtDuration((eta.getTime() - Date.now()) / 1000)}` : null;
+    setCell(r.tds[3], `${step}/${total}/${status}/${etaText}`, () => (pct === null ? (etaText || DASH) : [
       h('span', { class: 'minibar', role: 'img', 'aria-label': `${fmtPct(pct)} done` }, h('span', { style: `width:${pct}%` })),
       step !== null && total ? `${step} / ${total}` : fmtPct(pct)]));
     setCell(r.tds[4], String(loss), () => fmtNum(loss));
