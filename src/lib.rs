@@ -1,3 +1,4 @@
 //! sftd: a self-hostable LoRA SFT service for Qwen3 models.
 
+pub mod cli;
 pub mod train;

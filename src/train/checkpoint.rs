@@ -14,14 +14,22 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const TRAINER_STATE: &str = "trainer_state.json";
 
 /// Writes a PEFT-loadable adapter into `dir`.
-pub fn save_adapter(dir: &Path, vars: &[(String, Var)], lora: &LoraConfig, base_model: &str) -> Result<()> {
+pub fn save_adapter(
+    dir: &Path,
+    vars: &[(String, Var)],
+    lora: &LoraConfig,
+    base_model: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let tensors: HashMap<String, Tensor> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
         .collect();
     candle_core::safetensors::save(&tensors, dir.join(ADAPTER_WEIGHTS))?;
-    std::fs::write(dir.join(ADAPTER_CONFIG), adapter_config_json(lora, base_model))?;
+    std::fs::write(
+        dir.join(ADAPTER_CONFIG),
+        adapter_config_json(lora, base_model),
+    )?;
     Ok(())
 }
 
@@ -83,21 +91,33 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     let cfg: PeftConfigFile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a PEFT LoRA config", cfg_path.display()))?;
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") || cfg.use_dora {
-        bail!("{}: only plain LoRA adapters are supported", cfg_path.display());
+        bail!(
+            "{}: only plain LoRA adapters are supported",
+            cfg_path.display()
+        );
     }
     let target_modules = match &cfg.target_modules {
-        serde_json::Value::String(s) if s == "all-linear" => {
-            crate::train::spec::ALL_LINEAR.iter().map(|s| s.to_string()).collect()
-        }
+        serde_json::Value::String(s) if s == "all-linear" => crate::train::spec::ALL_LINEAR
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         serde_json::Value::String(s) => vec![s.clone()],
-        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         _ => bail!("{}: target_modules must be a list", cfg_path.display()),
     };
     let weights = dir.join(ADAPTER_WEIGHTS);
     let tensors = candle_core::safetensors::load(&weights, device)
         .with_context(|| format!("reading {}", weights.display()))?
         .into_iter()
-        .map(|(k, t)| Ok((k.replace(".default.", "."), t.to_dtype(candle_core::DType::F32)?)))
+        .map(|(k, t)| {
+            Ok((
+                k.replace(".default.", "."),
+                t.to_dtype(candle_core::DType::F32)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     Ok(Adapter {
         r: cfg.r,
@@ -177,7 +197,10 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join(TRAINER_STATE).exists().then_some((step, e.path()))
+            e.path()
+                .join(TRAINER_STATE)
+                .exists()
+                .then_some((step, e.path()))
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)

@@ -23,8 +23,14 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, weight_decay: f64) -> Result<Self> {
         let zeros = |p: &Var| p.zeros_like().map(|t| t.detach());
-        let m = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<_>>()?;
-        let v = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<_>>()?;
+        let m = params
+            .iter()
+            .map(|(_, p)| zeros(p))
+            .collect::<candle_core::Result<_>>()?;
+        let v = params
+            .iter()
+            .map(|(_, p)| zeros(p))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             params,
             m,
@@ -65,7 +71,11 @@ impl AdamW {
             out.insert(format!("{name}.exp_avg"), self.m[i].clone());
             out.insert(format!("{name}.exp_avg_sq"), self.v[i].clone());
         }
-        let dev = self.params.first().map(|p| p.1.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .params
+            .first()
+            .map(|p| p.1.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         out.insert("step".into(), Tensor::new(&[self.step as u32], &dev)?);
         Ok(out)
     }
@@ -76,7 +86,11 @@ impl AdamW {
     }
 
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let dev = self.params.first().map(|p| p.1.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .params
+            .first()
+            .map(|p| p.1.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let mut st = candle_core::safetensors::load(path, &dev)
             .with_context(|| format!("reading {}", path.display()))?;
         for (i, (name, p)) in self.params.iter().enumerate() {
@@ -85,7 +99,11 @@ impl AdamW {
                     .remove(&format!("{name}.{suffix}"))
                     .with_context(|| format!("optimizer state has no {name}.{suffix}"))?;
                 if t.dims() != p.dims() {
-                    bail!("optimizer state {name}.{suffix} has shape {:?}, expected {:?}", t.dims(), p.dims());
+                    bail!(
+                        "optimizer state {name}.{suffix} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        p.dims()
+                    );
                 }
                 *slot = t.to_dtype(DType::F32)?;
             }
@@ -101,7 +119,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 {
@@ -145,8 +167,16 @@ mod tests {
     fn cosine_with_warmup_matches_transformers() {
         // get_cosine_schedule_with_warmup(opt, 3, 10) with lr 1.0, values before each step.
         let expect = [
-            0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 0.9504844339512095, 0.8117449009293668,
-            0.6112604669781572, 0.38873953302184283, 0.1882550990706332, 0.04951556604879043,
+            0.0,
+            1.0 / 3.0,
+            2.0 / 3.0,
+            1.0,
+            0.9504844339512095,
+            0.8117449009293668,
+            0.6112604669781572,
+            0.38873953302184283,
+            0.1882550990706332,
+            0.04951556604879043,
         ];
         for (s, e) in expect.iter().enumerate() {
             let lr = lr_at(LrScheduler::Cosine, 1.0, s as u64, 3, 10);
@@ -163,8 +193,10 @@ mod tests {
         let dev = Device::Cpu;
         let p = Var::new(&[1f32, -2.0], &dev).unwrap();
         let mut opt = AdamW::new(vec![("p".into(), p.clone())], 0.01).unwrap();
-        opt.step(&[Tensor::new(&[0.5f32, 0.5], &dev).unwrap()], 0.1).unwrap();
-        opt.step(&[Tensor::new(&[-1f32, 2.0], &dev).unwrap()], 0.1).unwrap();
+        opt.step(&[Tensor::new(&[0.5f32, 0.5], &dev).unwrap()], 0.1)
+            .unwrap();
+        opt.step(&[Tensor::new(&[-1f32, 2.0], &dev).unwrap()], 0.1)
+            .unwrap();
         let got = p.to_vec1::<f32>().unwrap();
         // Reference computed by hand from torch's update rule.
         let mut want = [1f64, -2.0];
@@ -181,7 +213,10 @@ mod tests {
             }
         }
         for i in 0..2 {
-            assert!((got[i] as f64 - want[i]).abs() < 1e-6, "{got:?} vs {want:?}");
+            assert!(
+                (got[i] as f64 - want[i]).abs() < 1e-6,
+                "{got:?} vs {want:?}"
+            );
         }
     }
 
@@ -191,7 +226,15 @@ mod tests {
         let mut g = vec![Tensor::new(&[3f32, 4.0], &dev).unwrap()];
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-6);
-        let after: f32 = g[0].sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap();
+        let after: f32 = g[0]
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!((after - 1.0).abs() < 1e-5);
     }
 }

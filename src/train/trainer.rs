@@ -7,7 +7,9 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::data::encode::{Encoder, Example};
 use crate::train::data::template::ChatTemplate;
 use crate::train::data::{parse_jsonl, RowError};
-use crate::train::events::{CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent};
+use crate::train::events::{
+    CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent,
+};
 use crate::train::model::{Packed, Qwen3};
 use crate::train::nn::linear::kaiming_uniform_a;
 use crate::train::nn::ops::cross_entropy_sum;
@@ -56,7 +58,12 @@ pub struct Dataset {
     pub skipped: Vec<RowError>,
 }
 
-pub fn load_dataset(path: &Path, tokenizer: &Tokenizer, template: &ChatTemplate, cfg: &TrainConfig) -> Result<Dataset> {
+pub fn load_dataset(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    cfg: &TrainConfig,
+) -> Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let rows = parse_jsonl(&bytes).map_err(|errs| {
         let shown: Vec<String> = errs
@@ -154,24 +161,24 @@ fn mix(a: u64, b: u64, c: u64) -> u64 {
 }
 
 /// The sum of token losses of one micro-batch, its correct predictions and targets.
-struct MicroStats {
-    loss_sum: f64,
-    correct: u64,
-    targets: u64,
+pub struct MicroStats {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub targets: u64,
 }
 
 /// A packed micro-batch plus where its label positions are.
-struct Batch {
+pub struct Batch {
     packed: Packed,
     /// (M,) u32: packed positions whose next token is a target.
     positions: Tensor,
     /// (M,) u32: those next tokens.
     targets: Tensor,
-    n_targets: usize,
-    n_tokens: usize,
+    pub n_targets: usize,
+    pub n_tokens: usize,
 }
 
-fn make_batch(model: &Qwen3, examples: &[&Example]) -> Result<Batch> {
+pub fn make_batch(model: &Qwen3, examples: &[&Example]) -> Result<Batch> {
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
     let packed = model.pack(&seqs)?;
     let mut positions = Vec::new();
@@ -198,7 +205,12 @@ fn make_batch(model: &Qwen3, examples: &[&Example]) -> Result<Batch> {
 /// Chunked LM head + cross-entropy on the final hidden states `h (N, H)`. With `scale`, also
 /// backpropagates `scale · Σ CE` into `h`'s graph and returns the resulting gradients; the full
 /// `(M, V)` logits never exist at once.
-fn head_loss(model: &Qwen3, h: &Tensor, b: &Batch, scale: Option<f64>) -> Result<(MicroStats, Option<GradStore>)> {
+fn head_loss(
+    model: &Qwen3,
+    h: &Tensor,
+    b: &Batch,
+    scale: Option<f64>,
+) -> Result<(MicroStats, Option<GradStore>)> {
     let normed = model.final_norm(h)?;
     let sel = normed.index_select(&b.positions, 0)?; // (M, H)
     let sel_detached = sel.detach();
@@ -214,14 +226,22 @@ fn head_loss(model: &Qwen3, h: &Tensor, b: &Batch, scale: Option<f64>) -> Result
         let c = rows.min(b.n_targets - start);
         let chunk = sel_detached.narrow(0, start, c)?;
         let tgt = b.targets.narrow(0, start, c)?;
-        let chunk = if scale.is_some() { Var::from_tensor(&chunk)?.into_inner() } else { chunk };
+        let chunk = if scale.is_some() {
+            Var::from_tensor(&chunk)?.into_inner()
+        } else {
+            chunk
+        };
         let logits = frozen_linear(&chunk, &model.lm_head)?; // (C, V)
         let (loss, correct) = cross_entropy_sum(&logits, &tgt)?;
-        stats.loss_sum += loss.to_scalar::<f32>()? as f64;
+        stats.loss_sum += loss.to_scalar::<f64>()?;
         stats.correct += correct;
         if let Some(s) = scale {
             let g = (loss * s)?.backward()?;
-            sel_grads.push(g.get(&chunk).context("loss chunk gradient missing")?.clone());
+            sel_grads.push(
+                g.get(&chunk)
+                    .context("loss chunk gradient missing")?
+                    .clone(),
+            );
         }
         start += c;
     }
@@ -232,12 +252,14 @@ fn head_loss(model: &Qwen3, h: &Tensor, b: &Batch, scale: Option<f64>) -> Result
         return Ok((stats, Some(GradStore::default())));
     }
     let g_sel = Tensor::cat(&sel_grads, 0)?; // (M, H)
-    let grads = (sel * g_sel.to_dtype(sel_detached.dtype())?)?.sum_all()?.backward()?;
+    let grads = (sel * g_sel.to_dtype(sel_detached.dtype())?)?
+        .sum_all()?
+        .backward()?;
     Ok((stats, Some(grads)))
 }
 
 /// Forward + backward of one micro-batch; LoRA gradients are added into `acc`.
-fn micro_step(
+pub fn micro_step(
     model: &Qwen3,
     b: &Batch,
     scale: f64,
@@ -257,7 +279,10 @@ fn micro_step(
     };
     let x = model.embed(&b.packed)?;
     if !checkpointing {
-        let pass = Pass { track: true, dropout_key };
+        let pass = Pass {
+            track: true,
+            dropout_key,
+        };
         let mut h = x;
         for i in 0..model.layers.len() {
             h = model.layer_forward(i, &h, &b.packed, pass)?;
@@ -272,7 +297,10 @@ fn micro_step(
         return Ok(stats);
     }
     // 1. Forward without a graph, keeping each layer's input.
-    let no_grad = Pass { track: false, dropout_key };
+    let no_grad = Pass {
+        track: false,
+        dropout_key,
+    };
     let mut inputs = Vec::with_capacity(model.layers.len());
     let mut h = x;
     for i in 0..model.layers.len() {
@@ -287,7 +315,10 @@ fn micro_step(
         .and_then(|gs| gs.get(&hv).cloned())
         .ok_or_else(|| anyhow!("no gradient reached the final hidden state"))?;
     // 3. Recompute each layer with a graph, newest first, and pull the gradient through it.
-    let track = Pass { track: true, dropout_key };
+    let track = Pass {
+        track: true,
+        dropout_key,
+    };
     for i in (0..model.layers.len()).rev() {
         let xv = Var::from_tensor(&inputs[i])?;
         let out = model.layer_forward(i, xv.as_tensor(), &b.packed, track)?;
@@ -305,7 +336,10 @@ fn micro_step(
 /// Loss and accuracy over a whole dataset, without gradients or dropout.
 pub fn evaluate(model: &Qwen3, examples: &[Example], batch_size: usize) -> Result<(f64, f64, u64)> {
     let (mut loss, mut correct, mut targets) = (0.0, 0u64, 0u64);
-    let pass = Pass { track: false, dropout_key: None };
+    let pass = Pass {
+        track: false,
+        dropout_key: None,
+    };
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = make_batch(model, &refs)?;
@@ -350,30 +384,46 @@ pub fn build_model(
             lora.use_rslora = adapter.use_rslora;
             lora.target_modules = adapter.target_modules.clone();
             let tensors = adapter.tensors;
-            model.attach_lora(&lora.target_modules, lora.r as usize, lora.scaling(), lora.dropout, |key, _| {
-                tensors
-                    .get(key)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("adapter {} has no tensor {key}", dir.display()))
-            })?;
+            model.attach_lora(
+                &lora.target_modules,
+                lora.r as usize,
+                lora.scaling(),
+                lora.dropout,
+                |key, _| {
+                    tensors
+                        .get(key)
+                        .cloned()
+                        .ok_or_else(|| anyhow!("adapter {} has no tensor {key}", dir.display()))
+                },
+            )?;
         }
         None => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0, 0x10a));
-            model.attach_lora(&lora.target_modules, lora.r as usize, lora.scaling(), lora.dropout, |key, (rows, cols)| {
-                let data = if key.ends_with("lora_A.weight") {
-                    kaiming_uniform_a(rows, cols, &mut rng)
-                } else {
-                    vec![0f32; rows * cols]
-                };
-                Ok(Tensor::from_vec(data, (rows, cols), device)?)
-            })?;
+            model.attach_lora(
+                &lora.target_modules,
+                lora.r as usize,
+                lora.scaling(),
+                lora.dropout,
+                |key, (rows, cols)| {
+                    let data = if key.ends_with("lora_A.weight") {
+                        kaiming_uniform_a(rows, cols, &mut rng)
+                    } else {
+                        vec![0f32; rows * cols]
+                    };
+                    Ok(Tensor::from_vec(data, (rows, cols), device)?)
+                },
+            )?;
         }
     }
     Ok((model, lora))
 }
 
 /// Runs (or resumes) a job to completion, cancellation or suspension.
-pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Outcome> {
+pub fn run(
+    job: &TrainJob,
+    control: &Control,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome> {
     let cfg = &job.config;
     // ---- setup: tokenizer, data, model, optimizer, schedule ----
     let tok_path = job.model_dir.join("tokenizer.json");
@@ -387,10 +437,20 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
     };
     for (name, ds) in [("training", Some(&train)), ("validation", val.as_ref())] {
         for s in ds.map(|d| d.skipped.as_slice()).unwrap_or_default() {
-            emit_log(on_event, Level::Warn, format!("{name} file line {} skipped: {}", s.line, s.message));
+            emit_log(
+                on_event,
+                Level::Warn,
+                format!("{name} file line {} skipped: {}", s.line, s.message),
+            );
         }
     }
-    let (model, lora) = build_model(&job.model_dir, &job.device, &cfg.lora, job.init_adapter.as_deref(), cfg.seed)?;
+    let (model, lora) = build_model(
+        &job.model_dir,
+        &job.device,
+        &cfg.lora,
+        job.init_adapter.as_deref(),
+        cfg.seed,
+    )?;
     let params = model.lora_vars();
     let mut opt = AdamW::new(params.clone(), cfg.weight_decay)?;
     let plan = Plan::new(train.examples.len(), cfg);
@@ -403,15 +463,25 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
     if let Some(ckpt) = &job.resume_from {
         state = checkpoint::load_state(ckpt)?;
         if state.config.as_ref() != Some(cfg) {
-            bail!("checkpoint {} was written with different hyperparameters", ckpt.display());
+            bail!(
+                "checkpoint {} was written with different hyperparameters",
+                ckpt.display()
+            );
         }
         let adapter = checkpoint::load_adapter(ckpt, &job.device)?;
         for (key, var) in &params {
-            let t = adapter.tensors.get(key).with_context(|| format!("checkpoint lacks {key}"))?;
+            let t = adapter
+                .tensors
+                .get(key)
+                .with_context(|| format!("checkpoint lacks {key}"))?;
             var.set(t)?;
         }
         opt.load(&checkpoint::optimizer_path(ckpt))?;
-        emit_log(on_event, Level::Info, format!("resumed from step {} of {}", state.step, state.total_steps));
+        emit_log(
+            on_event,
+            Level::Info,
+            format!("resumed from step {} of {}", state.step, state.total_steps),
+        );
     } else {
         let n_tokens: usize = train.examples.iter().map(|e| e.ids.len()).sum();
         emit_log(
@@ -431,7 +501,8 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
 
     // ---- the loop ----
     let run_start = Instant::now();
-    let (start_step, start_elapsed, start_tokens) = (state.step, state.elapsed_seconds, state.num_tokens);
+    let (start_step, start_elapsed, start_tokens) =
+        (state.step, state.elapsed_seconds, state.num_tokens);
     let mut order = plan.epoch_order(state.epoch);
     while state.step < plan.total_steps {
         if state.window_in_epoch as usize >= plan.windows_per_epoch {
@@ -445,7 +516,13 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
             .map(|idx| idx.iter().map(|&i| &train.examples[i]).collect())
             .collect();
         let n_targets: usize = batches.iter().flatten().map(|e| e.n_targets()).sum();
-        let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, state.step, plan.warmup_steps, plan.total_steps);
+        let lr = lr_at(
+            cfg.lr_scheduler,
+            cfg.learning_rate,
+            state.step,
+            plan.warmup_steps,
+            plan.total_steps,
+        );
 
         let mut acc = HashMap::new();
         let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0usize);
@@ -455,11 +532,21 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
             }
             if control.is_suspended() {
                 let dir = save(job, &params, &lora, &opt, &state, on_event)?;
-                return Ok(Outcome::Suspended { checkpoint: dir, step: state.step });
+                return Ok(Outcome::Suspended {
+                    checkpoint: dir,
+                    step: state.step,
+                });
             }
             let b = make_batch(&model, examples)?;
             let key = (cfg.lora.dropout > 0.0).then(|| mix(cfg.seed, state.step, m as u64));
-            let s = micro_step(&model, &b, 1.0 / n_targets as f64, key, cfg.gradient_checkpointing, &mut acc)?;
+            let s = micro_step(
+                &model,
+                &b,
+                1.0 / n_targets as f64,
+                key,
+                cfg.gradient_checkpointing,
+                &mut acc,
+            )?;
             loss_sum += s.loss_sum;
             acc_sum += s.correct as f64 / s.targets.max(1) as f64;
             tokens += b.n_tokens;
@@ -467,7 +554,10 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
         let train_loss = loss_sum / n_targets.max(1) as f64;
         let mut grads: Vec<Tensor> = params
             .iter()
-            .map(|(k, v)| acc.remove(&v.id()).with_context(|| format!("{k} got no gradient")))
+            .map(|(k, v)| {
+                acc.remove(&v.id())
+                    .with_context(|| format!("{k} got no gradient"))
+            })
             .collect::<Result<_>>()?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !train_loss.is_finite() || !grad_norm.is_finite() {
@@ -511,7 +601,12 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
                 let (loss, accuracy, n) = evaluate(&model, &v.examples, plan.batch_size)?;
                 state.last_eval_loss = Some(loss);
                 state.last_eval_accuracy = Some(accuracy);
-                let e = EvalMetrics { step: state.step, eval_loss: loss, eval_mean_token_accuracy: accuracy, eval_tokens: n };
+                let e = EvalMetrics {
+                    step: state.step,
+                    eval_loss: loss,
+                    eval_mean_token_accuracy: accuracy,
+                    eval_tokens: n,
+                };
                 let mut rec = serde_json::to_value(&e)?;
                 rec["type"] = "eval".into();
                 writeln!(metrics_file, "{rec}")?;
@@ -524,7 +619,11 @@ pub fn run(job: &TrainJob, control: &Control, on_event: &mut dyn FnMut(TrainEven
     }
     let adapter_dir = job.output_dir.join("adapter");
     checkpoint::save_adapter(&adapter_dir, &params, &lora, &job.base_model_name)?;
-    Ok(Outcome::Completed { adapter_dir, steps: state.step, trained_tokens: state.num_tokens })
+    Ok(Outcome::Completed {
+        adapter_dir,
+        steps: state.step,
+        trained_tokens: state.num_tokens,
+    })
 }
 
 fn emit_log(on_event: &mut dyn FnMut(TrainEvent), level: Level, message: String) {

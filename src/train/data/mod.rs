@@ -124,7 +124,11 @@ fn parse_line(line: usize, raw: &[u8]) -> Result<Row, RowError> {
     } else if let Some(t) = obj.get("text") {
         match t {
             Value::String(s) if !s.is_empty() => Ok(Row::Text(s.clone())),
-            _ => Err(err(line, "missing_content", "\"text\" must be a non-empty string")),
+            _ => Err(err(
+                line,
+                "missing_content",
+                "\"text\" must be a non-empty string",
+            )),
         }
     } else {
         Err(err(
@@ -137,7 +141,11 @@ fn parse_line(line: usize, raw: &[u8]) -> Result<Row, RowError> {
 
 fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError> {
     let Some(Value::Array(messages)) = obj.remove("messages") else {
-        return Err(err(line, "missing_messages_list", "\"messages\" must be a list"));
+        return Err(err(
+            line,
+            "missing_messages_list",
+            "\"messages\" must be a list",
+        ));
     };
     if messages.is_empty() {
         return Err(err(line, "missing_messages_list", "\"messages\" is empty"));
@@ -148,13 +156,23 @@ fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError>
         // TRL accepts tools serialised as a JSON string.
         Some(Value::String(s)) => match serde_json::from_str(&s) {
             Ok(Value::Array(t)) => Some(t),
-            _ => return Err(err(line, "invalid_tools", "\"tools\" string is not a JSON list")),
+            _ => {
+                return Err(err(
+                    line,
+                    "invalid_tools",
+                    "\"tools\" string is not a JSON list",
+                ))
+            }
         },
         Some(_) => return Err(err(line, "invalid_tools", "\"tools\" must be a list")),
     };
     if let Some(tools) = &tools {
         if tools.iter().any(|t| !t.is_object()) {
-            return Err(err(line, "invalid_tools", "every tool must be a JSON object"));
+            return Err(err(
+                line,
+                "invalid_tools",
+                "every tool must be a JSON object",
+            ));
         }
     }
     let mut has_assistant = false;
@@ -172,7 +190,13 @@ fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError>
         }
         let role = match m.get("role") {
             Some(Value::String(r)) => r.as_str(),
-            _ => return Err(err(line, "message_missing_key", at("missing \"role\"".into()))),
+            _ => {
+                return Err(err(
+                    line,
+                    "message_missing_key",
+                    at("missing \"role\"".into()),
+                ))
+            }
         };
         if !["system", "user", "assistant", "tool"].contains(&role) {
             return Err(err(
@@ -202,7 +226,13 @@ fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError>
                     at("\"content\" must be a string".into()),
                 ))
             }
-            _ => return Err(err(line, "missing_content", at("missing \"content\"".into()))),
+            _ => {
+                return Err(err(
+                    line,
+                    "missing_content",
+                    at("missing \"content\"".into()),
+                ))
+            }
         }
         for (c, call) in tool_calls.iter().enumerate() {
             let f = call.get("function").unwrap_or(call);
@@ -216,15 +246,13 @@ fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError>
             match f.get("arguments") {
                 Some(Value::Object(_)) => {}
                 Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok() => {}
-                _ => {
-                    return Err(err(
-                        line,
-                        "tool_call_arguments_not_json",
-                        at(format!(
-                            "tool_calls[{c}].arguments must be a JSON object or a string holding JSON"
-                        )),
-                    ))
-                }
+                _ => return Err(err(
+                    line,
+                    "tool_call_arguments_not_json",
+                    at(format!(
+                        "tool_calls[{c}].arguments must be a JSON object or a string holding JSON"
+                    )),
+                )),
             }
         }
         has_assistant |= role == "assistant";

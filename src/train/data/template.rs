@@ -39,7 +39,10 @@ impl ChatTemplate {
         };
         let token = |k: &str| match &cfg[k] {
             Json::String(s) => Some(s.clone()),
-            Json::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Json::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         };
         let eos_token = token("eos_token")
@@ -48,7 +51,11 @@ impl ChatTemplate {
     }
 
     /// `source = None` means the model has no chat template: chat rows are then an error.
-    pub fn new(source: Option<String>, eos_token: String, pad_token: Option<String>) -> Result<Self> {
+    pub fn new(
+        source: Option<String>,
+        eos_token: String,
+        pad_token: Option<String>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         // transformers renders with trim_blocks + lstrip_blocks and Python string methods.
         env.set_trim_blocks(true);
@@ -139,10 +146,18 @@ pub fn py_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Rust's `{:e}` gives the shortest round-trip digits, e.g. "1.5e-5".
     let sci = format!("{f:e}");
@@ -158,7 +173,11 @@ pub fn py_float_repr(f: f64) -> String {
         } else if point as usize >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{s}")
     } else {
@@ -167,7 +186,11 @@ pub fn py_float_repr(f: f64) -> String {
         } else {
             digits
         };
-        format!("{sign}{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{sign}{m}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     }
 }
 

@@ -70,7 +70,10 @@ impl Qwen3Config {
             }
         }
         if self.hidden_act != "silu" {
-            bail!("hidden_act {:?} is not supported (Qwen3 uses silu)", self.hidden_act);
+            bail!(
+                "hidden_act {:?} is not supported (Qwen3 uses silu)",
+                self.hidden_act
+            );
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
@@ -190,7 +193,9 @@ impl Qwen3 {
             let mut proj = Vec::with_capacity(7);
             for (name, shape) in MODULES.iter().zip(shapes) {
                 let p = l.pp(module_group(name)).pp(*name);
-                let bias = if cfg.attention_bias && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(name) {
+                let bias = if cfg.attention_bias
+                    && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(name)
+                {
                     Some(p.get(shape.0, "bias")?)
                 } else {
                     None
@@ -296,6 +301,7 @@ impl Qwen3 {
         dropout: f64,
         mut init: impl FnMut(&str, (usize, usize)) -> Result<Tensor>,
     ) -> Result<()> {
+        let dtype = self.dtype;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (m, proj) in MODULES.iter().zip(layer.proj.iter_mut()) {
                 if !target_modules.iter().any(|t| t == m) {
@@ -307,9 +313,15 @@ impl Qwen3 {
                     let key = lora_key(i, m, ab);
                     let t = init(&key, shape)?;
                     if t.dims() != [shape.0, shape.1] {
-                        bail!("{key} has shape {:?}, expected {:?}", t.dims(), [shape.0, shape.1]);
+                        bail!(
+                            "{key} has shape {:?}, expected {:?}",
+                            t.dims(),
+                            [shape.0, shape.1]
+                        );
                     }
-                    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+                    Ok(Var::from_tensor(
+                        &t.to_dtype(crate::train::nn::ops::upcast(dtype))?,
+                    )?)
                 };
                 proj.lora = Some(Lora {
                     a: load("A", (r, in_f))?,

@@ -6,20 +6,30 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// The precision reductions run in: f32, or f64 when the model itself is f64 (gradient checks).
+pub fn upcast(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`.
 /// `x (..., C)`, `w (C,)` -> `(..., C)` in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(upcast(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    y.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    y.broadcast_mul(&w.to_dtype(upcast(dtype))?)?
+        .to_dtype(dtype)
 }
 
 /// Softmax over the last axis in f32. The row max is detached: it cancels mathematically, and
 /// leaving it out of the graph saves a backward pass through `max`.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(upcast(x.dtype()))?;
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -81,7 +91,7 @@ pub fn packed_causal_attention(
             .reshape((hkv, g * t, d))?;
         let ks = k.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
         let vs = v.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
-        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
+                                                                        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
         let scores = (qs.matmul(&ks.t()?)? * scale)?;
         let scores = scores
             .reshape((hkv, g, t, t))?
@@ -89,7 +99,10 @@ pub fn packed_causal_attention(
         let p = softmax_last(&scores)?.to_dtype(vs.dtype())?;
         // (Hkv, G·T, T) @ (Hkv, T, D) -> (Hkv, G·T, D) -> (Hq, T, D) -> (T, Hq·D)
         let o = p.reshape((hkv, g * t, t))?.matmul(&vs)?;
-        let o = o.reshape((hq, t, d))?.transpose(0, 1)?.reshape((t, hq * d))?;
+        let o = o
+            .reshape((hq, t, d))?
+            .transpose(0, 1)?
+            .reshape((t, hq * d))?;
         outs.push(o);
     }
     let out = if outs.len() == 1 {
@@ -112,7 +125,7 @@ fn causal_mask(t: usize, dev: &candle_core::Device) -> Result<Tensor> {
 /// Sum of token cross-entropies and count of correct argmaxes for one chunk.
 /// `logits (C, V)` f32, `targets (C,)` u32 -> (scalar loss sum, correct count).
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, u64)> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = logits.to_dtype(upcast(logits.dtype()))?;
     let m = logits.max_keepdim(D::Minus1)?.detach(); // (C, 1)
     let lse = logits
         .broadcast_sub(&m)?
@@ -121,7 +134,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, u
         .log()?
         .broadcast_add(&m)?; // (C, 1)
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?; // (C, 1)
-    let loss = (lse - picked)?.sum_all()?;
+    let loss = (lse - picked)?.sum_all()?.to_dtype(DType::F64)?;
     let correct = logits
         .detach()
         .argmax(D::Minus1)?
@@ -143,7 +156,12 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 7), &dev).unwrap()).unwrap();
         let ours = softmax_last(x.as_tensor()).unwrap();
         let theirs = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
-        let diff = (ours.clone() - theirs).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (ours.clone() - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         let w = Tensor::randn(0f32, 1., (3, 7), &dev).unwrap();
         let g = (ours * w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -156,16 +174,30 @@ mod tests {
         let (cos, sin) = rope_tables(8, 16, 10000.0, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (5, 2, 8), &dev).unwrap(); // (N, H, D)
         let pos = Tensor::new(&[0u32, 1, 2, 3, 4], &dev).unwrap();
-        let ours = rope(&x, &cos.index_select(&pos, 0).unwrap(), &sin.index_select(&pos, 0).unwrap())
-            .unwrap();
+        let ours = rope(
+            &x,
+            &cos.index_select(&pos, 0).unwrap(),
+            &sin.index_select(&pos, 0).unwrap(),
+        )
+        .unwrap();
         // candle's reference takes (B, H, T, D) and (T, D/2) tables.
-        let xb = x.transpose(0, 1).unwrap().unsqueeze(0).unwrap().contiguous().unwrap();
-        let theirs = candle_nn::rotary_emb::rope_slow(&xb, &cos.narrow(0, 0, 5).unwrap(), &sin.narrow(0, 0, 5).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
+        let xb = x
             .transpose(0, 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .contiguous()
             .unwrap();
+        let theirs = candle_nn::rotary_emb::rope_slow(
+            &xb,
+            &cos.narrow(0, 0, 5).unwrap(),
+            &sin.narrow(0, 0, 5).unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
@@ -195,7 +227,12 @@ mod tests {
             &[(0, 4)],
         )
         .unwrap();
-        let diff = (packed.narrow(0, 3, 4).unwrap() - second).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (packed.narrow(0, 3, 4).unwrap() - second)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }
