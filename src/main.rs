@@ -1,10 +1,16 @@
-//! The `sftd` command line: `serve` (the default) and `healthcheck`; each dispatches into the library.
+//! The `sftd` binary: parses the command line and hands off to the library. With no subcommand
+//! it runs the service (`serve`).
 
 use clap::{Parser, Subcommand};
+use sftd::cli;
 use sftd::config::Config;
 
 #[derive(Parser)]
-#[command(name = "sftd", version, about = "LoRA SFT service for Qwen3 models")]
+#[command(
+    name = "sftd",
+    version,
+    about = "LoRA fine-tuning of Qwen3 models, as a service or from the command line"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -20,6 +26,14 @@ enum Command {
     Serve(Config),
     /// Exit 0 if the server at SFTD_ADDR answers GET /healthz, else 1 (for container HEALTHCHECK).
     Healthcheck(Config),
+    /// Run one fine-tuning job from a JSON file, without a server.
+    Train(cli::TrainArgs),
+    /// Write the small random-init demo model into a directory.
+    DemoModel(cli::DemoModelArgs),
+    /// Write a model's logits for a text (parity checks against PEFT).
+    Logits(cli::LogitsArgs),
+    /// Merge a LoRA adapter into its base model's weights.
+    Merge(cli::MergeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +48,10 @@ fn main() -> anyhow::Result<()> {
                 1
             })
         }
+        Some(Command::Train(a)) => cli::train(a),
+        Some(Command::DemoModel(a)) => cli::demo_model(a),
+        Some(Command::Logits(a)) => cli::logits(a),
+        Some(Command::Merge(a)) => cli::merge(a),
     }
 }
 

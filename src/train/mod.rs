@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod events;
 pub mod model;
 pub mod nn;

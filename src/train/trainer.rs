@@ -161,24 +161,24 @@ fn mix(a: u64, b: u64, c: u64) -> u64 {
 }
 
 /// The sum of token losses of one micro-batch, its correct predictions and targets.
-struct MicroStats {
-    loss_sum: f64,
-    correct: u64,
-    targets: u64,
+pub struct MicroStats {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub targets: u64,
 }
 
 /// A packed micro-batch plus where its label positions are.
-struct Batch {
+pub struct Batch {
     packed: Packed,
     /// (M,) u32: packed positions whose next token is a target.
     positions: Tensor,
     /// (M,) u32: those next tokens.
     targets: Tensor,
-    n_targets: usize,
-    n_tokens: usize,
+    pub n_targets: usize,
+    pub n_tokens: usize,
 }
 
-fn make_batch(model: &Qwen3, examples: &[&Example]) -> Result<Batch> {
+pub fn make_batch(model: &Qwen3, examples: &[&Example]) -> Result<Batch> {
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
     let packed = model.pack(&seqs)?;
     let mut positions = Vec::new();
@@ -233,7 +233,7 @@ fn head_loss(
         };
         let logits = frozen_linear(&chunk, &model.lm_head)?; // (C, V)
         let (loss, correct) = cross_entropy_sum(&logits, &tgt)?;
-        stats.loss_sum += loss.to_scalar::<f32>()? as f64;
+        stats.loss_sum += loss.to_scalar::<f64>()?;
         stats.correct += correct;
         if let Some(s) = scale {
             let g = (loss * s)?.backward()?;
@@ -259,7 +259,7 @@ fn head_loss(
 }
 
 /// Forward + backward of one micro-batch; LoRA gradients are added into `acc`.
-fn micro_step(
+pub fn micro_step(
     model: &Qwen3,
     b: &Batch,
     scale: f64,

@@ -301,6 +301,7 @@ impl Qwen3 {
         dropout: f64,
         mut init: impl FnMut(&str, (usize, usize)) -> Result<Tensor>,
     ) -> Result<()> {
+        let dtype = self.dtype;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (m, proj) in MODULES.iter().zip(layer.proj.iter_mut()) {
                 if !target_modules.iter().any(|t| t == m) {
@@ -318,7 +319,9 @@ impl Qwen3 {
                             [shape.0, shape.1]
                         );
                     }
-                    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+                    Ok(Var::from_tensor(
+                        &t.to_dtype(crate::train::nn::ops::upcast(dtype))?,
+                    )?)
                 };
                 proj.lora = Some(Lora {
                     a: load("A", (r, in_f))?,

@@ -125,9 +125,15 @@ impl LoraLinear {
             (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
         };
         // PEFT casts the input to the adapter dtype (f32) and the result back.
-        let mut xa = x.to_dtype(DType::F32)?;
+        let mut xa = x.to_dtype(a.dtype())?;
         if let (Some(key), true) = (pass.dropout_key, lora.dropout > 0.0) {
-            let mask = dropout_mask(xa.shape(), lora.dropout, key ^ module_key, xa.device())?;
+            let mask = dropout_mask(
+                xa.dtype(),
+                xa.shape(),
+                lora.dropout,
+                key ^ module_key,
+                xa.device(),
+            )?;
             xa = (xa * mask)?;
         }
         // (N, I) @ (I, r) -> (N, r) @ (r, O) -> (N, O)
@@ -139,6 +145,7 @@ impl LoraLinear {
 
 /// Inverted-dropout mask (values 0 or 1/(1-p)) drawn from a generator seeded by `key`.
 pub fn dropout_mask(
+    dtype: DType,
     shape: &Shape,
     p: f64,
     key: u64,
@@ -151,7 +158,7 @@ pub fn dropout_mask(
     let data: Vec<f32> = (0..shape.elem_count())
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
         .collect();
-    Tensor::from_vec(data, shape, device)
+    Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
 
 /// Kaiming-uniform with a = √5 on a (rows, fan_in) matrix: U(±1/√fan_in), PEFT's init for A.

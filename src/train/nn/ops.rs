@@ -6,20 +6,30 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// The precision reductions run in: f32, or f64 when the model itself is f64 (gradient checks).
+pub fn upcast(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`.
 /// `x (..., C)`, `w (C,)` -> `(..., C)` in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(upcast(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    y.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    y.broadcast_mul(&w.to_dtype(upcast(dtype))?)?
+        .to_dtype(dtype)
 }
 
 /// Softmax over the last axis in f32. The row max is detached: it cancels mathematically, and
 /// leaving it out of the graph saves a backward pass through `max`.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(upcast(x.dtype()))?;
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -115,7 +125,7 @@ fn causal_mask(t: usize, dev: &candle_core::Device) -> Result<Tensor> {
 /// Sum of token cross-entropies and count of correct argmaxes for one chunk.
 /// `logits (C, V)` f32, `targets (C,)` u32 -> (scalar loss sum, correct count).
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, u64)> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = logits.to_dtype(upcast(logits.dtype()))?;
     let m = logits.max_keepdim(D::Minus1)?.detach(); // (C, 1)
     let lse = logits
         .broadcast_sub(&m)?
@@ -124,7 +134,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, u
         .log()?
         .broadcast_add(&m)?; // (C, 1)
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?; // (C, 1)
-    let loss = (lse - picked)?.sum_all()?;
+    let loss = (lse - picked)?.sum_all()?.to_dtype(DType::F64)?;
     let correct = logits
         .detach()
         .argmax(D::Minus1)?
