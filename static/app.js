@@ -169,6 +169,60 @@ function route() {
 
 const progressOf = (job) => (job && typeof job.progress === 'object' && job.progress) || {};
 
+/**
+ * For servers whose job objects carry no `progress`: a job's latest step, loss and throughput,
+ * read from its event log (incrementally, while it runs) or from its last checkpoint (once it has
+ * finished). Kept across visits to the list.
+ */
+const summaries = new Map(); // job id → {step, total_steps, train_loss, tokens_per_second, after, done}
+
+async function summarize(job) {
+  let sm = summaries.get(job.id);
+  if (!sm) { sm = { after: null, done: false }; summaries.set(job.id, sm); }
+  if (sm.done || sm.busy) return false;
+  sm.busy = true;
+  try {
+    const followed = sm.after !== null;
+    if (job.status === 'running' || (TERMINAL.has(job.status) && followed)) {
+      // While it runs, and once more after it ends (the last steps since the previous look).
+      if (TERMINAL.has(job.status)) sm.done = true;
+      for (let page = 0; page < 20; page++) {
+        const q = new URLSearchParams({ limit: '500' });
+        if (sm.after !== null) q.set('after', String(sm.after));
+        const list = await api(`${jobPath(job.id)}/events?${q}`);
+        const data = Array.isArray(list?.data) ? list.data : [];
+        for (const e of data) {
+          const n = normalizeEvent('message', e, e.seq);
+          if (n.seq !== null) sm.after = n.seq;
+          if (n.kind !== 'metrics') continue;
+          for (const k of ['step', 'total_steps', 'train_loss', 'tokens_per_second']) {
+            const v = pickNum(k, n.data);
+            if (v !== null) sm[k] = v;
+          }
+        }
+        if (!list?.has_more || !data.length) break;
+      }
+      return true;
+    }
+    if (TERMINAL.has(job.status)) {
+      sm.done = true;
+      const list = await api(`${jobPath(job.id)}/checkpoints?limit=1`);
+      const c = Array.isArray(list?.data) ? list.data[0] : null;
+      if (!c) return false;
+      const m = c.metrics || {};
+      sm.step = pickNum('step', m, c) ?? (typeof c.step_number === 'number' ? c.step_number : undefined);
+      sm.train_loss = pickNum('train_loss', m) ?? undefined;
+      if (job.status === 'succeeded' && sm.step !== undefined) sm.total_steps = sm.step;
+      return true;
+    }
+    return false;
+  } catch {
+    return false;
+  } finally {
+    sm.busy = false;
+  }
+}
+
 function jobsView(root) {
   let alive = true; let timer = null; let limit = 50; let inflight = false;
   const note = h('p', { class: 'muted', 'data-testid': 'jobs-note', 'aria-live': 'polite' });
@@ -207,7 +261,7 @@ function jobsView(root) {
   }
 
   function updateRow(r, job) {
-    const p = progressOf(job);
+    const p = job.progress && typeof job.progress === 'object' ? job.progress : (summaries.get(job.id) || {});
     const step = pickNum('step', p); const total = pickNum('total_steps', p);
     const loss = pickNum('train_loss', p); const tps = pickNum('tokens_per_second', p);
     const status = job.status || 'unknown';
@@ -253,7 +307,14 @@ function jobsView(root) {
     try {
       const list = await api(`v1/fine_tuning/jobs?limit=${limit}`);
       if (!alive) return;
-      render(Array.isArray(list?.data) ? list.data : []);
+      const jobs = Array.isArray(list?.data) ? list.data : [];
+      render(jobs);
+      // Fill in progress the server did not send (in the background; rows update when it lands).
+      for (const job of jobs) {
+        if (!job?.id || (job.progress && typeof job.progress === 'object')) continue;
+        if (job.status !== 'running' && !TERMINAL.has(job.status)) continue;
+        summarize(job).then((changed) => { const r = rows.get(job.id); if (changed && r && alive) updateRow(r, job); });
+      }
       more.hidden = !list?.has_more;
       if (note.dataset.err) { note.textContent = ''; delete note.dataset.err; }
     } catch (e) {

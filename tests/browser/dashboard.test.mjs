@@ -142,6 +142,8 @@ test('a demo job submitted through the form draws every step live and ends succe
   await page.getByTestId('nav-jobs').click();
   const row = page.locator(`[data-testid=job-row][data-job-id="${jobId}"]`);
   await waitFor(async () => (await row.getAttribute('data-status')) === 'succeeded', { timeoutMs: 10_000, what: 'jobs row' });
+  await waitFor(async () => (await row.innerText()).includes(`${total} / ${total}`), { timeoutMs: 10_000, what: 'the row to show N / N steps' });
+  assert.match(await row.innerText(), /\d\.\d{2,}/, 'the row shows the latest loss');
 
   // A finished job's page rebuilds its whole history from the stream.
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(jobId)}`);
