@@ -38,14 +38,17 @@ async function newPage(t) {
 const sftdState = (page) => page.evaluate(() => window.__sftd && { ...window.__sftd });
 
 /** Follow the job page until a terminal status, recording every point count it showed. */
-async function followJob(page, { timeoutMs = JOB_TIMEOUT, onTick } = {}) {
+async function followJob(page, { timeoutMs = JOB_TIMEOUT, onTick, srv = server } = {}) {
   const seen = [];
   const state = await waitFor(async () => {
     const s = await sftdState(page);
     if (s && (seen.length === 0 || seen[seen.length - 1] !== s.points)) seen.push(s.points);
     if (onTick) await onTick(s);
     return s && ['succeeded', 'failed', 'cancelled'].includes(s.status) && s.stream === 'complete' ? s : null;
-  }, { timeoutMs, intervalMs: 100, what: 'the job page to show a terminal status' });
+  }, { timeoutMs, intervalMs: 100, what: 'the job page to show a terminal status' }).catch((e) => {
+    const alive = srv.proc && srv.proc.exitCode === null && !srv.proc.signalCode;
+    throw new Error(`${e.message}; ${srv.name} ${alive ? 'running' : 'exited'}; its log:\n${srv.tail(40)}`);
+  });
   // Let the last frame draw.
   await sleep(400);
   return { state: await sftdState(page), seen };
@@ -196,7 +199,10 @@ test('cancel from the job page stops the run and the page shows it', async (t) =
 
 test('with SFTD_API_KEY the page asks for the key once and uses it for API and stream', async (t) => {
   const keyed = await new Server({ name: 'sftd-keyed', env: { SFTD_API_KEY: 'sk-test-browser' } }).start();
-  t.after(() => keyed.stop());
+  t.after(async () => {
+    if (keyed.proc.exitCode !== null || keyed.proc.signalCode) t.diagnostic(`sftd-keyed exited early: ${keyed.proc.exitCode ?? keyed.proc.signalCode}`);
+    await keyed.stop();
+  });
   const page = await newPage(t);
   await page.goto(`${keyed.url}/`);
   const dialog = page.getByTestId('api-key-dialog');
@@ -219,7 +225,7 @@ test('with SFTD_API_KEY the page asks for the key once and uses it for API and s
 
   const job = await keyed.submitDemoJob({ gradient_accumulation_steps: 1, max_steps: 3 }, { key: 'sk-test-browser' });
   await page.goto(`${keyed.url}/#/jobs/${encodeURIComponent(job.id)}`);
-  const { state } = await followJob(page);
+  const { state } = await followJob(page, { srv: keyed });
   assert.equal(state.status, 'succeeded', `keyed job ended ${state.status}; server log:\n${keyed.tail()}`);
   const { total } = metricSteps(await keyed.events(job.id, { key: 'sk-test-browser' }));
   assert.equal(state.points, total, 'the stream (access_token) delivered every step');

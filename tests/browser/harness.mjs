@@ -49,6 +49,7 @@ export class Server {
     if (!fs.existsSync(BIN)) throw new Error(`sftd binary not found at ${BIN} (build it, or set SFTD_BIN)`);
     if (!this.port) this.port = await freePort();
     const args = (process.env.SFTD_ARGS || 'serve').split(' ').filter(Boolean);
+    const logFrom = this.log.length;
     this.proc = spawn(BIN, args, {
       env: {
         ...process.env, RUST_LOG: process.env.RUST_LOG || 'info', NO_COLOR: '1', ...this.env,
@@ -62,14 +63,26 @@ export class Server {
     const exited = new Promise((r) => this.proc.once('exit', (code, sig) => r({ code, sig })));
     this.exited = exited;
     const deadline = Date.now() + 120_000;
+    let answeredSince = null;
     while (Date.now() < deadline) {
       const done = await Promise.race([exited, sleep(150).then(() => null)]);
       if (done) throw new Error(`${this.name} exited early (${JSON.stringify(done)}):\n${this.tail()}`);
-      try {
-        const res = await fetch(`${this.url}/`, { signal: AbortSignal.timeout(2000) });
-        await res.arrayBuffer();
-        return this;
-      } catch { /* not up yet */ }
+      // Ours is up when it says so (not merely when something answers on the port: another
+      // process could have taken it between freePort() and the bind).
+      if (this.log.slice(logFrom).join('').includes(`listening on http://127.0.0.1:${this.port}`)) {
+        try {
+          const res = await fetch(`${this.url}/healthz`, { signal: AbortSignal.timeout(2000) });
+          await res.arrayBuffer();
+          return this;
+        } catch { /* not up yet */ }
+      } else {
+        try {
+          const res = await fetch(`${this.url}/`, { signal: AbortSignal.timeout(2000) });
+          await res.arrayBuffer();
+          answeredSince ??= Date.now();
+          if (Date.now() - answeredSince > 5000) return this; // a server that logs no address
+        } catch { /* not up yet */ }
+      }
     }
     throw new Error(`${this.name} did not start within 120 s:\n${this.tail()}`);
   }
