@@ -154,6 +154,20 @@ test('a demo job submitted through the form draws every step live and ends succe
   const again = await followJob(page, { timeoutMs: 30_000 });
   assert.equal(again.state.points, total);
   assert.equal(again.state.status, 'succeeded');
+
+  // Keyboard: the chart takes focus and the arrow keys walk the steps.
+  await page.getByTestId('chart').focus();
+  await page.keyboard.press('End');
+  assert.match(await page.getByTestId('hover-readout').innerText(), new RegExp(`^step ${total} `));
+  await page.keyboard.press('Home');
+  await page.keyboard.press('ArrowRight');
+  assert.match(await page.getByTestId('hover-readout').innerText(), /^step 2 .*loss \d/);
+
+  // Phone width: one column, nothing wider than the screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await sleep(300);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `job page fits a 390 px screen (overflow ${overflow}px)`);
   assert.deepEqual(page.jsErrors(), []);
 });
 
