@@ -82,7 +82,7 @@ async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
     let mut body = tiny_job(&train, 6, 3);
     body["validation_file"] = json!(val);
     body["suffix"] = json!("demo");
-    body["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(512);
+    body["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(256);
     body["method"]["supervised"]["hyperparameters"]["eval_steps"] = json!(3);
     let job = s.create_job(&body).await;
     let id = job["id"].as_str().unwrap();
