@@ -4,14 +4,16 @@ Rows (JSONL):
   {"messages": [...], "tools": [...]?}  rendered with the tokenizer's chat template
                                         (apply_chat_template(messages, tools=tools, tokenize=False)),
                                         tokenized without special-token additions.
-  {"prompt": str, "completion": str}    tokens(prompt) + tokens(completion) + [eos]; completion (and
-                                        eos) labelled.
-  {"text": str}                         tokens(text) + [eos]; everything labelled.
+  {"prompt": str, "completion": str}    the string prompt + completion + eos_token tokenized as one
+                                        text (TRL appends the EOS string for non-conversational data);
+                                        tokens starting at or after len(prompt) are labelled.
+  {"text": str}                         text + eos_token tokenized; everything labelled.
 
-Labels (loss_on "assistant", the default, for chat rows): 1 for tokens whose span lies inside an
-assistant region, a region running from right after each "<|im_start|>assistant\\n" through the end of
-the "<|im_end|>" closing that turn (the "\\n" after it excluded), from the offset mapping.
-loss_on "all" labels every token of every format.
+Labels (loss_on "assistant", the default, for chat rows): 1 for tokens whose start offset lies inside
+an assistant region, a region running from right after each "<|im_start|>assistant\\n" through the end
+of the "<|im_end|>" closing that turn (the "\\n" after it excluded), from the offset mapping. (For chat
+text no token straddles a region boundary, so "starts inside" and "lies inside" agree; see
+tools/fixtures/make_chat_fixtures.py.) loss_on "all" labels every token of every format.
 
 Truncation keeps the start (first max_seq_len tokens), after labelling, as TRL does.
 """
@@ -39,8 +41,9 @@ def assistant_regions(text):
         pos = end
 
 
-def region_mask(offsets, regions):
-    return [1 if (b > a and any(s <= a and b <= e for s, e in regions)) else 0 for a, b in offsets]
+def span_mask(offsets, spans):
+    """1 for tokens whose start offset lies in one of the [start, end) spans."""
+    return [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in offsets]
 
 
 def read_jsonl(path):
@@ -54,25 +57,22 @@ def read_jsonl(path):
 
 def encode_row(tok, row, loss_on="assistant"):
     """Returns (input_ids, mask) with mask 1 on labelled tokens."""
+    eos = tok.eos_token
     if "messages" in row:
         text = tok.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if loss_on == "all":
-            mask = [1] * len(ids)
-        else:
-            mask = region_mask(enc["offset_mapping"], assistant_regions(text))
+        spans = assistant_regions(text)
     elif "prompt" in row and "completion" in row:
-        p = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = list(p) + list(c)
-        mask = [1] * len(ids) if loss_on == "all" else [0] * len(p) + [1] * len(c)
+        text = row["prompt"] + row["completion"] + eos
+        spans = [(len(row["prompt"]), len(text))]
     elif "text" in row:
-        ids = list(tok(row["text"], add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
-        mask = [1] * len(ids)
+        text = row["text"] + eos
+        spans = [(0, len(text))]
     else:
         raise ValueError("row has none of messages / prompt+completion / text")
-    return ids, mask
+    if loss_on == "all":
+        spans = [(0, len(text))]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), span_mask(enc["offset_mapping"], spans)
 
 
 def load_examples(tok, path, max_seq_len, loss_on="assistant", verbose=True):
