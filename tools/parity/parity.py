@@ -17,8 +17,9 @@ to, and compares the per-step numbers with the metrics.jsonl that `sftd train` w
     positions / number of those positions in the window (TRL's num_items_in_batch, shifted labels);
   * torch AdamW (betas 0.9/0.999, eps 1e-8, weight_decay --weight-decay), clip_grad_norm_ at
     --max-grad-norm (the pre-clip norm is what is recorded), transformers'
-    get_{cosine,linear,constant}_schedule_with_warmup with warmup = ceil(ratio * total), the logged
-    learning rate being the one applied at that step.
+    get_{cosine,linear}_schedule_with_warmup with warmup = ceil(ratio * total) (or get_constant_schedule,
+    no warmup, for "constant", as lr_scheduler_type "constant" in transformers), the logged learning
+    rate being the one applied at that step.
 
 Exit status: 0 when every step's loss and grad_norm agree within --tol (relative) and the learning
 rates are identical (within --lr-rtol, default 1e-12: f64 rounding only); 1 otherwise; 2 on bad input.
@@ -138,8 +139,7 @@ def main(argv=None):
     import torch.nn.functional as F
     import transformers
     import peft
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+    from transformers import get_constant_schedule, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -168,17 +168,18 @@ def main(argv=None):
     total = args.total_steps or args.steps
     warmup = math.ceil(args.warmup_ratio * total)
     mb_per_epoch = math.ceil(len(examples) / args.batch_size)
-    print("rows %d, micro-batches/epoch %d, steps/epoch %d; schedule %s over %d steps, warmup %d" % (
-        len(examples), mb_per_epoch, math.ceil(mb_per_epoch / args.grad_accum), args.scheduler, total, warmup))
-
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay, foreach=False)
-    make_sched = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
-                  "constant": get_constant_schedule_with_warmup}[args.scheduler]
+    # transformers' lr_scheduler_type "constant" is get_constant_schedule: no warmup.
     if args.scheduler == "constant":
-        sched = make_sched(opt, num_warmup_steps=warmup)
+        warmup = 0
+        sched = get_constant_schedule(opt)
     else:
+        make_sched = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[args.scheduler]
         sched = make_sched(opt, num_warmup_steps=warmup, num_training_steps=total)
+
+    print("rows %d, micro-batches/epoch %d, steps/epoch %d; schedule %s over %d steps, warmup %d" % (
+        len(examples), mb_per_epoch, math.ceil(mb_per_epoch / args.grad_accum), args.scheduler, total, warmup))
 
     ref = []
     num_tokens = 0
