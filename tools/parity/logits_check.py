@@ -48,6 +48,15 @@ def main(argv=None):
     if n_lora == 0:
         print("error: no LoRA tensors were loaded")
         return 2
+    # PEFT only warns about adapter tensors it did not find: insist that the file and the model agree.
+    from peft import get_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(model))
+    on_disk = set(load_file(os.path.join(args.adapter, "adapter_model.safetensors")))
+    if expected != on_disk:
+        print("error: adapter keys differ from what PEFT expects: missing %s, unexpected %s" % (
+            sorted(expected - on_disk)[:4], sorted(on_disk - expected)[:4]))
+        return 1
 
     text_ids = None
     if args.text_file:
