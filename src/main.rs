@@ -24,6 +24,8 @@ enum Command {
     Logits(cli::LogitsArgs),
     /// Merge a LoRA adapter into its base model's weights.
     Merge(cli::MergeArgs),
+    /// Measure training throughput, step time, peak memory and MFU on this machine.
+    Bench(sftd::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::DemoModel(a) => cli::demo_model(a),
         Command::Logits(a) => cli::logits(a),
         Command::Merge(a) => cli::merge(a),
+        Command::Bench(a) => sftd::bench::bench(a),
     }
 }
