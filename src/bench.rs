@@ -73,7 +73,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             report.engine,
             report.batch_size,
             report.seq_len,
-            if report.gradient_checkpointing { "on" } else { "off" },
+            if report.gradient_checkpointing {
+                "on"
+            } else {
+                "off"
+            },
             report.tokens_per_second,
             report.ms_per_step,
             report.peak_rss_mb,
@@ -99,9 +103,16 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
     let template = ChatTemplate::from_model_dir(&model_dir)?;
-    let bytes = std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
-    let rows = parse_jsonl(&bytes).map_err(|e| anyhow!("{} has invalid rows: {e:?}", args.data.display()))?;
-    let enc = Encoder { tokenizer: &tok, template: &template, loss_on: LossOn::All, max_seq_len: args.seq_len };
+    let bytes =
+        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let rows = parse_jsonl(&bytes)
+        .map_err(|e| anyhow!("{} has invalid rows: {e:?}", args.data.display()))?;
+    let enc = Encoder {
+        tokenizer: &tok,
+        template: &template,
+        loss_on: LossOn::All,
+        max_seq_len: args.seq_len,
+    };
     let needed = args.batch_size * (args.steps + 1);
     let examples: Vec<Example> = rows
         .iter()
@@ -120,8 +131,19 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         let start = Instant::now();
         let b = make_batch(&model, &refs)?;
         let mut acc = HashMap::new();
-        micro_step(&model, &b, 1.0 / b.n_targets as f64, None, !args.no_checkpointing, &mut acc)?;
-        let grads: Vec<Tensor> = opt.params.iter().map(|(_, v)| acc.remove(&v.id()).expect("gradient")).collect();
+        micro_step(
+            &model,
+            &b,
+            1.0 / b.n_targets as f64,
+            None,
+            !args.no_checkpointing,
+            &mut acc,
+        )?;
+        let grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|(_, v)| acc.remove(&v.id()).expect("gradient"))
+            .collect();
         opt.step(&grads, 1e-4)?;
         if step > 0 {
             timed += start.elapsed().as_secs_f64();
@@ -132,7 +154,8 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let mean_len = tokens as f64 / (args.steps * args.batch_size) as f64;
     let cfg = &model.cfg;
     let d_attn = (cfg.num_attention_heads * cfg.head_dim()) as f64;
-    let flops_per_token = 4.0 * cfg.linear_params() as f64 + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
+    let flops_per_token =
+        4.0 * cfg.linear_params() as f64 + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
     let gemm = gemm_peak(&dev)?;
     Ok(BenchReport {
         engine: "sftd (candle)",
@@ -169,9 +192,11 @@ pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
