@@ -128,7 +128,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A model reference as the CLI accepts it: the demo model's name or a local directory.
+/// A model reference as the CLI accepts it: the demo model's name, any local model directory,
+/// or a Hugging Face repo id (downloaded through the hub cache, honouring HF_TOKEN/HF_HOME/HF_ENDPOINT).
 fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     if model == DEMO_MODEL {
         return ensure_demo_model(data_dir);
@@ -137,7 +138,19 @@ fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     if p.join("config.json").exists() {
         return Ok(p);
     }
-    bail!("model {model:?} is neither {DEMO_MODEL:?} nor a directory with a config.json")
+    if p.exists() || !crate::hub::valid_repo_id(model) {
+        bail!("model {model:?} is neither {DEMO_MODEL:?}, a directory with a config.json, nor a Hugging Face repo id");
+    }
+    #[derive(clap::Parser)]
+    struct Env {
+        #[command(flatten)]
+        config: crate::config::Config,
+    }
+    let mut config = <Env as clap::Parser>::try_parse_from(["sftd"])?.config;
+    config.data_dir = data_dir.to_path_buf();
+    let hub = crate::hub::Hub::new(&config);
+    eprintln!("fetching {model} from the Hugging Face hub…");
+    Ok(tokio::runtime::Runtime::new()?.block_on(hub.resolve(model))?)
 }
 
 /// The demo model's directory under `data_dir`, generated on first use.
