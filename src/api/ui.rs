@@ -1,5 +1,5 @@
-//! The dashboard: the files under `static/`, embedded in the binary and served at `/` (the page),
-//! `/static/{file}` (its scripts and styles) and `/static/vendor/{file}` (the vendored uPlot). No build step, no CDN: the page
+//! The dashboard: the files under `static/`, embedded in the binary and served at `/` (the page)
+//! and `/static/*` (its scripts, styles and the vendored uPlot). No build step, no CDN: the page
 //! works offline. Merge [`routes`] into the app's router; it needs no state.
 
 use axum::{
@@ -78,20 +78,16 @@ where
 {
     Router::new()
         .route("/", get(index))
-        .route("/static/{file}", get(static_file))
-        .route("/static/vendor/{file}", get(vendor_file))
+        .route("/index.html", get(index))
+        .route("/static/{*path}", get(static_file))
 }
 
 async fn index(headers: HeaderMap) -> Response {
     serve("index.html", &headers)
 }
 
-async fn static_file(Path(file): Path<String>, headers: HeaderMap) -> Response {
-    serve(&file, &headers)
-}
-
-async fn vendor_file(Path(file): Path<String>, headers: HeaderMap) -> Response {
-    serve(&format!("vendor/{file}"), &headers)
+async fn static_file(Path(path): Path<String>, headers: HeaderMap) -> Response {
+    serve(&path, &headers)
 }
 
 fn serve(path: &str, headers: &HeaderMap) -> Response {
