@@ -43,6 +43,7 @@ pub struct Store {
     pool: SqlitePool,
     data_dir: PathBuf,
     events_tx: broadcast::Sender<Arc<EventRow>>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -68,6 +69,7 @@ impl Store {
             pool,
             data_dir: data_dir.to_path_buf(),
             events_tx,
+            write_lock: Default::default(),
         })
     }
 
@@ -92,10 +94,17 @@ impl Store {
         }
     }
 
-    /// A write transaction that takes the write lock up front, so concurrent writers wait on
-    /// `busy_timeout` instead of failing to upgrade a read lock.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction. Writers queue on an in-process lock (SQLite has one writer anyway,
+    /// and its busy handler sleeps in coarse steps), then take SQLite's write lock up front so
+    /// a read lock never has to be upgraded. Hold the guard until the commit.
+    async fn begin_write(
+        &self,
+    ) -> Result<(
+        tokio::sync::OwnedMutexGuard<()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    )> {
+        let guard = self.write_lock.clone().lock_owned().await;
+        Ok((guard, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 
     /// Liveness of the database for `/readyz`.
