@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -33,6 +33,14 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A committed event as broadcast to every subscriber, with a slot where the first subscriber
+/// to need it leaves its wire form, so a thousand streams serialize each event once.
+#[derive(Debug)]
+pub struct Published {
+    pub row: EventRow,
+    pub rendered: OnceLock<String>,
+}
+
 /// Capacity of the event broadcast shared by every stream subscriber. A subscriber that falls
 /// further behind than this gets `Lagged` and catches up from the database.
 const BROADCAST_CAPACITY: usize = 4096;
@@ -42,7 +50,7 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub struct Store {
     pool: SqlitePool,
     data_dir: PathBuf,
-    events_tx: broadcast::Sender<Arc<EventRow>>,
+    events_tx: broadcast::Sender<Arc<Published>>,
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -82,7 +90,7 @@ impl Store {
     }
 
     /// Every event committed from now on, in commit order (per job; see `events` for gaps).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events_tx.subscribe()
     }
 
@@ -90,7 +98,10 @@ impl Store {
     fn publish(&self, events: impl IntoIterator<Item = EventRow>) {
         for e in events {
             // No receivers is fine: nobody is watching.
-            let _ = self.events_tx.send(Arc::new(e));
+            let _ = self.events_tx.send(Arc::new(Published {
+                row: e,
+                rendered: OnceLock::new(),
+            }));
         }
     }
 
@@ -215,7 +226,7 @@ mod tests {
         assert!(events.last().unwrap().is_terminal());
         // Every committed event was broadcast, in order.
         for e in &events {
-            assert_eq!(*live.try_recv().unwrap(), *e);
+            assert_eq!(live.try_recv().unwrap().row, *e);
         }
         assert!(live.try_recv().is_err());
     }
