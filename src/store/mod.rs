@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -33,6 +33,14 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A committed event as broadcast to every subscriber, with a slot where the first subscriber
+/// to need it leaves its wire form, so a thousand streams serialize each event once.
+#[derive(Debug)]
+pub struct Published {
+    pub row: EventRow,
+    pub rendered: OnceLock<String>,
+}
+
 /// Capacity of the event broadcast shared by every stream subscriber. A subscriber that falls
 /// further behind than this gets `Lagged` and catches up from the database.
 const BROADCAST_CAPACITY: usize = 4096;
@@ -42,7 +50,8 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub struct Store {
     pool: SqlitePool,
     data_dir: PathBuf,
-    events_tx: broadcast::Sender<Arc<EventRow>>,
+    events_tx: broadcast::Sender<Arc<Published>>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -68,6 +77,7 @@ impl Store {
             pool,
             data_dir: data_dir.to_path_buf(),
             events_tx,
+            write_lock: Default::default(),
         })
     }
 
@@ -80,7 +90,7 @@ impl Store {
     }
 
     /// Every event committed from now on, in commit order (per job; see `events` for gaps).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events_tx.subscribe()
     }
 
@@ -88,14 +98,24 @@ impl Store {
     fn publish(&self, events: impl IntoIterator<Item = EventRow>) {
         for e in events {
             // No receivers is fine: nobody is watching.
-            let _ = self.events_tx.send(Arc::new(e));
+            let _ = self.events_tx.send(Arc::new(Published {
+                row: e,
+                rendered: OnceLock::new(),
+            }));
         }
     }
 
-    /// A write transaction that takes the write lock up front, so concurrent writers wait on
-    /// `busy_timeout` instead of failing to upgrade a read lock.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction. Writers queue on an in-process lock (SQLite has one writer anyway,
+    /// and its busy handler sleeps in coarse steps), then take SQLite's write lock up front so
+    /// a read lock never has to be upgraded. Hold the guard until the commit.
+    async fn begin_write(
+        &self,
+    ) -> Result<(
+        tokio::sync::OwnedMutexGuard<()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    )> {
+        let guard = self.write_lock.clone().lock_owned().await;
+        Ok((guard, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 
     /// Liveness of the database for `/readyz`.
@@ -206,7 +226,7 @@ mod tests {
         assert!(events.last().unwrap().is_terminal());
         // Every committed event was broadcast, in order.
         for e in &events {
-            assert_eq!(*live.try_recv().unwrap(), *e);
+            assert_eq!(live.try_recv().unwrap().row, *e);
         }
         assert!(live.try_recv().is_err());
     }
