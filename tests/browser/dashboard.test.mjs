@@ -185,7 +185,8 @@ test('a server restart mid-run neither duplicates nor drops points', async (t) =
   const { state, seen } = await followJob(page);
   t.diagnostic(`point counts seen: ${seen.join(' ')}; duplicates dropped by seq: ${state.duplicates}`);
   assert.equal(state.status, 'succeeded', `job ended ${state.status}; server log:\n${server.tail()}`);
-  const { steps, total } = metricSteps(await server.events(job.id));
+  const { steps, total, records } = metricSteps(await server.events(job.id));
+  t.diagnostic(`server: ${records} metrics events for ${steps.length} distinct steps`);
   assertContiguous(steps, total, 'server recorded every step');
   assert.equal(state.points, total, 'one chart point per step after the restart');
   assertContiguous(state.steps, total, 'no gaps');
