@@ -171,15 +171,15 @@ test('a demo job submitted through the form draws every step live and ends succe
   assert.deepEqual(page.jsErrors(), []);
 });
 
-test('a server restart mid-run neither duplicates nor drops points', async (t) => {
+for (const signal of ['SIGTERM', 'SIGKILL']) test(`a server restart mid-run (${signal}) neither duplicates nor drops points`, async (t) => {
   const page = await newPage(t);
   const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: RESTART_STEPS, save_steps: 2 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
   await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 3, { timeoutMs: JOB_TIMEOUT, what: 'three points before the restart' });
   const before = await sftdState(page);
   if (before.status === 'succeeded') t.diagnostic('job finished before the restart; the restart still has to keep the history intact');
-  await server.stop('SIGTERM');
-  t.diagnostic(`server stopped at ${before.points} points (seq ${before.lastSeq})`);
+  await server.stop(signal);
+  t.diagnostic(`server stopped (${signal}) at ${before.points} points (seq ${before.lastSeq})`);
   await sleep(1500);
   await server.start();
   const { state, seen } = await followJob(page);
