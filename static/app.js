@@ -614,6 +614,12 @@ function jobView(root, id) {
     h('dl', { class: 'stats' }, Object.values(rows).map((r) => r.nodes)));
   const filesList = h('ul', { class: 'files', 'data-testid': 'result-files' });
   const filesCard = h('section', { class: 'card', 'aria-label': 'Results', hidden: true }, h('h2', {}, 'Results'), filesList);
+  const ckptBody = h('tbody');
+  const ckptCard = h('section', { class: 'card', 'aria-label': 'Checkpoints', hidden: true },
+    h('h2', {}, 'Checkpoints'),
+    h('table', { class: 'ckpts', 'data-testid': 'checkpoints' },
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Step'), h('th', { scope: 'col' }, 'Train loss'), h('th', { scope: 'col' }, 'Eval loss'))),
+      ckptBody));
   const hpList = h('dl', { class: 'hp', 'data-testid': 'job-hyperparameters' });
   const hpCard = h('section', { class: 'card', 'aria-label': 'Settings' },
     h('details', {}, h('summary', {}, 'Settings'), hpList));
@@ -624,7 +630,7 @@ function jobView(root, id) {
   chartCard.classList.add('area-chart');
   logCard.classList.add('area-log');
   root.append(errorBanner, h('div', { class: 'jobgrid' },
-    chartCard, h('div', { class: 'side area-side' }, statsCard, filesCard, hpCard), logCard));
+    chartCard, h('div', { class: 'side area-side' }, statsCard, filesCard, ckptCard, hpCard), logCard));
 
   // --- status
 
@@ -744,6 +750,31 @@ function jobView(root, id) {
     }));
   }
 
+  // --- checkpoints (step, train and eval loss of each saved adapter: which one to keep)
+
+  function scheduleCheckpoints() {
+    if (st.ckptTimer) return;
+    st.ckptTimer = setTimeout(loadCheckpoints, 1500);
+  }
+  async function loadCheckpoints() {
+    st.ckptTimer = null;
+    try {
+      const list = await api(`${jobPath(id)}/checkpoints?limit=100`);
+      if (!st.alive) return;
+      const data = (Array.isArray(list?.data) ? list.data : []).slice()
+        .sort((a, b) => (b.step_number ?? 0) - (a.step_number ?? 0));
+      ckptCard.hidden = data.length === 0;
+      ckptBody.replaceChildren(...data.map((c) => {
+        const m = c.metrics || {};
+        const step = typeof c.step_number === 'number' ? c.step_number : pickNum('step', m);
+        return h('tr', { 'data-step': step ?? '' },
+          h('td', {}, step ?? DASH), h('td', {}, fmtNum(pickNum('train_loss', m))),
+          h('td', {}, fmtNum(pickNum('eval_loss', m))));
+      }));
+    } catch { /* older server without the route: keep the card hidden */ }
+  }
+  loadCheckpoints();
+
   // --- stream
 
   function setStreamState(text, warn = false) {
@@ -771,7 +802,7 @@ function jobView(root, id) {
       if (pickNum('eval_loss', ev.data) !== null) HANDLERS.eval(ev); // OpenAI-style combined record
     },
     eval: (ev) => { if (series.addEval(ev.data)) scheduleDraw(); addLog(ev); },
-    checkpoint: (ev) => { st.lastCheckpoint = pickNum('step', ev.data); addLog(ev); },
+    checkpoint: (ev) => { st.lastCheckpoint = pickNum('step', ev.data); addLog(ev); scheduleCheckpoints(); },
     log: (ev) => { addLog(ev); },
     heartbeat: () => {},
     status: (ev) => {
@@ -1025,6 +1056,7 @@ function jobView(root, id) {
     closeStream();
     clearTimeout(st.pollTimer);
     clearTimeout(st.resultsTimer);
+    clearTimeout(st.ckptTimer);
     ro.disconnect();
     if (st.chart) st.chart.destroy();
   };

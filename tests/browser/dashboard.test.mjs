@@ -141,6 +141,11 @@ test('a demo job submitted through the form draws every step live and ends succe
     assert.ok(r.size > 0, `${f.name} is not empty`);
   }
 
+  // The checkpoints table lists the final adapter's step.
+  const ckpts = page.locator('[data-testid=checkpoints] tbody tr');
+  await waitFor(async () => (await ckpts.count()) >= 1, { timeoutMs: 15_000, what: 'the checkpoints table' });
+  assert.equal(await ckpts.first().getAttribute('data-step'), String(total), 'newest checkpoint first, at the last step');
+
   // The jobs list shows it finished.
   await page.getByTestId('nav-jobs').click();
   const row = page.locator(`[data-testid=job-row][data-job-id="${jobId}"]`);
