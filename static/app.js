@@ -818,6 +818,8 @@ function jobView(root, id) {
         setStreamState('complete');
         scheduleDraw();
         refreshJob();
+        clearTimeout(st.ckptTimer); st.ckptTimer = null;
+        scheduleCheckpoints(); // the final adapter's checkpoint may be recorded with the last status
       }
     },
   };
