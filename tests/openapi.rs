@@ -52,7 +52,8 @@ fn source_routes(dir: &Path, out: &mut BTreeSet<(String, String)>) {
             let Some(q) = rest.trim_start().strip_prefix('"') else {
                 continue;
             };
-            let route = q[..q.find('"').unwrap()].to_string();
+            // axum's catch-all `{*rest}` is OpenAPI's plain `{rest}`.
+            let route = q[..q.find('"').unwrap()].replace("{*", "{");
             // The arguments up to the matching parenthesis.
             let mut depth = 1;
             let end = rest
