@@ -52,7 +52,7 @@ fn source_routes(dir: &Path, out: &mut BTreeSet<(String, String)>) {
             let Some(q) = rest.trim_start().strip_prefix('"') else {
                 continue;
             };
-            // axum's catch-all `{*rest}` is OpenAPI's plain `{rest}`.
+            // axum's catch-all `{*name}` is OpenAPI's `{name}`.
             let route = q[..q.find('"').unwrap()].replace("{*", "{");
             // The arguments up to the matching parenthesis.
             let mut depth = 1;
