@@ -177,7 +177,18 @@ start() {
   fail "no 200 from $BASE/healthz after 60 s"
 }
 
-api() { curl -fsS -H "Authorization: Bearer $SFTD_API_KEY" "$@"; }
+# curl with the API key; prints the body, fails (saying why) on a non-2xx answer.
+api() {
+  local out code
+  out=$(curl -sS -w '\n%{http_code}' -H "Authorization: Bearer $SFTD_API_KEY" "$@") || return 1
+  code=${out##*$'\n'}
+  out=${out%$'\n'*}
+  if [[ "$code" != 2* ]]; then
+    say "HTTP $code for ${*: -1}: $out"
+    return 1
+  fi
+  printf '%s\n' "$out"
+}
 
 say "compose up on 127.0.0.1:$SFTD_PORT"
 start
@@ -185,19 +196,20 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/v1/fine_tuning/jobs")
 [ "$code" = 401 ] || fail "GET /v1/fine_tuning/jobs without the API key answered $code, want 401"
 
 say "upload examples/tool_calls.jsonl"
-file_id=$(api -F purpose=fine-tune -F file=@examples/tool_calls.jsonl "$BASE/v1/files" | jq -r .id)
+file_id=$(api -F purpose=fine-tune -F file=@examples/tool_calls.jsonl "$BASE/v1/files" | jq -r .id) ||
+  fail "upload"
 [[ "$file_id" == file-* ]] || fail "upload returned id '$file_id'"
 
 say "create a job on sftd-demo"
-job_id=$(api -H 'Content-Type: application/json' "$BASE/v1/fine_tuning/jobs" -d @- <<JSON | jq -r .id
-{"model":"sftd-demo","training_file":"$file_id","method":{"type":"supervised","supervised":{"hyperparameters":{"n_epochs":1,"max_steps":4,"batch_size":2,"max_seq_len":128}}}}
-JSON
-)
+body=$(jq -cn --arg f "$file_id" '{model: "sftd-demo", training_file: $f, method: {type: "supervised",
+  supervised: {hyperparameters: {n_epochs: 1, max_steps: 4, batch_size: 2, max_seq_len: 128}}}}')
+job_id=$(api -H 'Content-Type: application/json' -d "$body" "$BASE/v1/fine_tuning/jobs" | jq -r .id) ||
+  fail "job creation"
 [[ "$job_id" == ftjob-* ]] || fail "job creation returned id '$job_id'"
 
 deadline=$(($(date +%s) + JOB_TIMEOUT))
 while :; do
-  job=$(api "$BASE/v1/fine_tuning/jobs/$job_id")
+  job=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job"
   st=$(jq -r .status <<<"$job")
   case "$st" in
     succeeded) break ;;
@@ -210,15 +222,17 @@ say "job $job_id succeeded"
 
 adapter_id=""
 for fid in $(jq -r '.result_files[]' <<<"$job"); do
-  if [ "$(api "$BASE/v1/files/$fid" | jq -r .filename)" = adapter_model.safetensors ]; then adapter_id=$fid; fi
+  name=$(api "$BASE/v1/files/$fid" | jq -r .filename) || fail "GET file $fid"
+  if [ "$name" = adapter_model.safetensors ]; then adapter_id=$fid; fi
 done
 [ -n "$adapter_id" ] || fail "no adapter_model.safetensors among result_files $(jq -c .result_files <<<"$job")"
-api -o "$WORK/adapter_model.safetensors" "$BASE/v1/files/$adapter_id/content"
+api -o "$WORK/adapter_model.safetensors" "$BASE/v1/files/$adapter_id/content" >/dev/null ||
+  fail "adapter download"
 adapter_bytes=$(stat -c %s "$WORK/adapter_model.safetensors")
 [ "$adapter_bytes" -gt 0 ] || fail "downloaded adapter is empty"
 say "adapter downloaded: $adapter_bytes bytes"
 
-n_events=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length')
+n_events=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length') || fail "GET events"
 [ "$n_events" -gt 0 ] || fail "job has no events"
 
 say "replace the container (down, up): state must live on the volume"
@@ -226,11 +240,12 @@ t0=$(date +%s)
 compose down >/dev/null 2>&1 || fail "compose down"
 stop_s=$(($(date +%s) - t0))
 start
-job2=$(api "$BASE/v1/fine_tuning/jobs/$job_id")
+job2=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job after restart"
 [ "$(jq -r .status <<<"$job2")" = succeeded ] || fail "after restart job is $(jq -r .status <<<"$job2")"
-n_events2=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length')
+n_events2=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length') ||
+  fail "GET events after restart"
 [ "$n_events2" -ge "$n_events" ] || fail "after restart $n_events2 events, had $n_events"
-api -o /dev/null "$BASE/v1/files/$adapter_id/content" || fail "adapter gone after restart"
+api -o /dev/null "$BASE/v1/files/$adapter_id/content" >/dev/null || fail "adapter gone after restart"
 
 SUMMARY="$SUMMARY, job ok with $n_events events, adapter $adapter_bytes bytes, down in ${stop_s} s"
 status=PASS
