@@ -53,7 +53,7 @@ FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 1000 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin sftd \
+    && useradd --uid 1000 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin sftd \
     && mkdir -p /data \
     && chown sftd:sftd /data
 COPY --from=build /usr/local/bin/sftd /usr/local/bin/sftd
