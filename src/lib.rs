@@ -1,3 +1,9 @@
 //! sftd: a self-hostable LoRA SFT service for Qwen3 models.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod store;
 pub mod train;
+pub mod worker;

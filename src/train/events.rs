@@ -70,7 +70,11 @@ pub enum TrainEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// All steps done; the final adapter is in `adapter_dir`.
-    Completed { adapter_dir: PathBuf, steps: u64, trained_tokens: u64 },
+    Completed {
+        adapter_dir: PathBuf,
+        steps: u64,
+        trained_tokens: u64,
+    },
     /// Stopped on request after writing a checkpoint it can resume from.
     Suspended { checkpoint: PathBuf, step: u64 },
     /// Cancelled on request; nothing further was written.

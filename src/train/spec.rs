@@ -428,7 +428,10 @@ fn check_range(param: &str, v: f64, lo: f64, hi: f64) -> Result<(), SpecError> {
     if v.is_finite() && v >= lo && v <= hi {
         Ok(())
     } else {
-        Err(bad(param, format!("must be between {lo} and {hi}, got {v}")))
+        Err(bad(
+            param,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ))
     }
 }
 
@@ -466,8 +469,14 @@ mod tests {
             (serde_json::json!({"lora": {"r": 0}}), "lora.r"),
             (serde_json::json!({"learning_rate": -1.0}), "learning_rate"),
             (serde_json::json!({"batch_size": 0}), "batch_size"),
-            (serde_json::json!({"max_seq_len": 1_000_000_000u64}), "max_seq_len"),
-            (serde_json::json!({"lora": {"dropout": 1.5}}), "lora.dropout"),
+            (
+                serde_json::json!({"max_seq_len": 1_000_000_000u64}),
+                "max_seq_len",
+            ),
+            (
+                serde_json::json!({"lora": {"dropout": 1.5}}),
+                "lora.dropout",
+            ),
             (serde_json::json!({"warmup_ratio": 2}), "warmup_ratio"),
             (
                 serde_json::json!({"lora": {"target_modules": ["lm_head"]}}),

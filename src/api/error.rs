@@ -1,0 +1,183 @@
+//! The one API error type: every failure becomes OpenAI's `{"error":{message,type,param,code}}`
+//! with the right status. Internal details are logged, never returned.
+
+use axum::extract::multipart::MultipartError;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// Boxed so `Result<_, AppError>` stays small.
+#[derive(Debug)]
+pub struct AppError(Box<ErrorBody>);
+
+#[derive(Debug)]
+pub struct ErrorBody {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+    /// Extra structured detail (the bad lines of a rejected upload).
+    pub details: Option<serde_json::Value>,
+}
+
+impl AppError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self(Box::new(ErrorBody {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+            details: None,
+        }))
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the upload exceeds the limit of {limit} bytes (SFTD_MAX_UPLOAD_BYTES)"),
+        )
+        .code("file_too_large")
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or incorrect API key: send `Authorization: Bearer <SFTD_API_KEY>`",
+        )
+        .code("invalid_api_key")
+    }
+
+    /// A failure that is not the client's: logged here, reported as a bare 500.
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error; see the server log",
+        )
+    }
+
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.0.param = Some(param.into());
+        self
+    }
+
+    pub fn code(mut self, code: impl Into<String>) -> Self {
+        self.0.code = Some(code.into());
+        self
+    }
+
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.0.details = Some(details);
+        self
+    }
+
+    fn error_type(&self) -> &'static str {
+        match self.0.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::CONFLICT => "conflict_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let kind = self.error_type();
+        let e = *self.0;
+        let mut error = json!({
+            "message": e.message,
+            "type": kind,
+            "param": e.param,
+            "code": e.code,
+        });
+        if let Some(d) = e.details {
+            error["details"] = d;
+        }
+        (e.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for AppError {
+    fn from(e: crate::store::StoreError) -> Self {
+        AppError::internal(e)
+    }
+}
+
+impl From<JsonRejection> for AppError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        AppError::new(status, format!("invalid request body: {}", r.body_text()))
+            .code("invalid_body")
+    }
+}
+
+impl From<QueryRejection> for AppError {
+    fn from(r: QueryRejection) -> Self {
+        AppError::bad_request(format!("invalid query string: {}", r.body_text()))
+            .code("invalid_query")
+    }
+}
+
+impl From<PathRejection> for AppError {
+    fn from(r: PathRejection) -> Self {
+        AppError::bad_request(format!("invalid path: {}", r.body_text()))
+    }
+}
+
+impl From<MultipartError> for AppError {
+    fn from(e: MultipartError) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                AppError::new(StatusCode::PAYLOAD_TOO_LARGE, e.body_text()).code("file_too_large")
+            }
+            _ => AppError::bad_request(format!("invalid multipart body: {}", e.body_text())),
+        }
+    }
+}
+
+/// `Json` whose rejections use [`AppError`]'s shape.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(AppError))]
+pub struct AppJson<T>(pub T);
+
+/// `Query` whose rejections use [`AppError`]'s shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(AppError))]
+pub struct AppQuery<T>(pub T);
+
+/// `Path` whose rejections use [`AppError`]'s shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(AppError))]
+pub struct AppPath<T>(pub T);
+
+/// Unknown routes and methods answer in the same shape.
+pub async fn not_found() -> AppError {
+    AppError::not_found("no such route").code("unknown_route")
+}
+
+pub async fn method_not_allowed() -> AppError {
+    AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}

@@ -1,0 +1,124 @@
+//! Probes and metrics: `/healthz` (the process answers), `/readyz` (database and worker are
+//! up), `/metrics` (Prometheus text: queue depth, jobs by status, tokens trained, SSE clients).
+
+use super::AppState;
+use crate::store::JobStatus;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let db = s.store.ping().await.is_ok();
+    let worker = s.worker.is_alive();
+    let status = if db && worker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
+        "database": db,
+        "worker": worker,
+    });
+    (status, Json(body))
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, super::error::AppError> {
+    let counts = s.store.job_counts().await?;
+    let tokens = s.store.trained_tokens_total().await?;
+    let count = |st: JobStatus| {
+        counts
+            .iter()
+            .find(|(name, _)| name == st.as_str())
+            .map_or(0, |(_, n)| *n)
+    };
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, i64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "sftd_queue_depth",
+        "gauge",
+        "Jobs waiting for the worker.",
+        vec![(String::new(), count(JobStatus::Queued))],
+    );
+    metric(
+        "sftd_jobs",
+        "gauge",
+        "Jobs by status.",
+        JobStatus::ALL
+            .iter()
+            .map(|st| (format!("{{status=\"{st}\"}}"), count(*st)))
+            .collect(),
+    );
+    metric(
+        "sftd_trained_tokens_total",
+        "counter",
+        "Tokens trained by succeeded jobs.",
+        vec![(String::new(), tokens)],
+    );
+    metric(
+        "sftd_sse_clients",
+        "gauge",
+        "Open event streams.",
+        vec![(String::new(), s.sse_clients.load(Ordering::Relaxed))],
+    );
+    metric(
+        "sftd_worker_busy",
+        "gauge",
+        "1 while the worker trains a job.",
+        vec![(String::new(), i64::from(s.worker.running_job().is_some()))],
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    ))
+}
+
+/// `sftd healthcheck`: whether `GET /healthz` at `addr` answers 200 within 5 s. An unspecified
+/// address (0.0.0.0, ::) is probed on loopback.
+pub fn probe(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write as _};
+    use std::time::Duration;
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = Duration::from_secs(5);
+    let Ok(mut conn) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let _ = conn.set_write_timeout(Some(timeout));
+    let request = format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if conn.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}

@@ -1,0 +1,154 @@
+//! The HTTP layer: the router (one sub-router per resource, `/v1` behind auth), shared state,
+//! and `serve`, which runs the server and the worker until SIGTERM/ctrl-c.
+
+pub mod auth;
+pub mod error;
+pub mod events;
+pub mod files;
+pub mod health;
+pub mod jobs;
+pub mod types;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::worker::Worker;
+use axum::Router;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tower_http::trace::TraceLayer;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub worker: Worker,
+    /// Open SSE streams (for `/metrics`).
+    pub sse_clients: Arc<AtomicI64>,
+    /// Flips to `true` when the server shuts down; open streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The whole API. Public: `/healthz`, `/readyz`, `/metrics`; everything under `/v1` needs the
+/// API key when one is configured.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .merge(files::routes(state.config.max_upload_bytes))
+        .merge(jobs::routes())
+        .merge(events::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(health::routes())
+        .merge(v1)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Runs `sftd serve`: opens the store, starts the worker, serves until SIGTERM or ctrl-c, then
+/// suspends the running job (checkpointed and left queued) and returns.
+pub async fn serve(mut config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    config.data_dir = config.data_dir.canonicalize()?;
+    tracing::info!(config = ?config, "starting sftd");
+    let store = Store::open(&config.database_url(), &config.data_dir).await?;
+    remove_orphans(&store).await?;
+    let hub = Hub::new(&config);
+    let worker = Worker::start(store.clone(), hub, config.device.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    let addr = listener.local_addr()?;
+    match (config.api_key(), addr.ip().is_loopback()) {
+        (Some(_), _) => tracing::info!("API key required on /v1"),
+        (None, true) => {
+            tracing::info!("no SFTD_API_KEY: the API is open, so it listens on loopback only")
+        }
+        (None, false) => tracing::warn!(
+            %addr,
+            "no SFTD_API_KEY while listening beyond loopback: anyone who can reach this address can run jobs"
+        ),
+    }
+    // Tests and scripts read this line to find an ephemeral port.
+    tracing::info!(%addr, "listening on http://{addr}");
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = AppState {
+        config: Arc::new(config),
+        store,
+        worker: worker.clone(),
+        sse_clients: Default::default(),
+        shutdown: shutdown_rx.clone(),
+    };
+    // The worker starts suspending as soon as the signal arrives, while HTTP drains.
+    let mut signalled = shutdown_rx;
+    let stopper = tokio::spawn(async move {
+        let _ = signalled.wait_for(|s| *s).await;
+        tokio::task::spawn_blocking(move || worker.shutdown()).await
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: suspending the running job");
+            let _ = shutdown_tx.send(true);
+        })
+        .await?;
+    stopper.await??;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Deletes upload leftovers: temporary files and stored files no row refers to (a crash
+/// between moving a file into place and inserting its row).
+async fn remove_orphans(store: &Store) -> anyhow::Result<()> {
+    let tmp = store.data_dir().join("tmp");
+    for entry in std::fs::read_dir(&tmp)? {
+        let _ = std::fs::remove_file(entry?.path());
+    }
+    let known: std::collections::HashSet<String> =
+        store.all_file_paths().await?.into_iter().collect();
+    for entry in std::fs::read_dir(store.data_dir().join("files"))? {
+        let path = entry?.path();
+        let rel = path
+            .strip_prefix(store.data_dir())
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        if !known.contains(&rel) {
+            tracing::info!(path = %path.display(), "removing an orphaned upload");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Sets up logging for the service: `SFTD_LOG_FORMAT` text or json, level from `RUST_LOG`
+/// (default `info`).
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

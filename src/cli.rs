@@ -1,0 +1,294 @@
+//! Command-line front ends to the engine: `train` (one job with a progress bar), `demo-model`,
+//! `logits` (a forward pass for parity checks) and `merge` (base + scaled B·A in safetensors).
+
+use crate::train::checkpoint::{self, ADAPTER_CONFIG};
+use crate::train::events::{Control, Level, Outcome, TrainEvent};
+use crate::train::model::qwen3::weight_files;
+use crate::train::nn::Pass;
+use crate::train::spec::{JobSpec, DEMO_MODEL};
+use crate::train::trainer::{self, TrainJob};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Job file with the body of `POST /v1/fine_tuning/jobs`; local paths allowed for `model`,
+    /// the files and `init_adapter`.
+    pub job: PathBuf,
+    /// Receives adapter/, checkpoints/ and metrics.jsonl.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// auto | cpu | cuda:N
+    #[arg(long, env = "SFTD_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Continue from the newest checkpoint in the output directory, if any.
+    #[arg(long)]
+    pub resume: bool,
+    /// Where the demo model and hub downloads are cached.
+    #[arg(long, env = "SFTD_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+}
+
+/// Runs one job from a JSON file, printing a progress bar and the final adapter's location.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.job)
+        .with_context(|| format!("reading {}", args.job.display()))?;
+    let spec: JobSpec = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid job", args.job.display()))?;
+    let config = spec
+        .resolve()
+        .map_err(|e| anyhow!("{}: {e}", args.job.display()))?;
+    let model_dir = resolve_model(&spec.model, &args.data_dir)?;
+    let existing = |p: &str, what: &str| -> Result<PathBuf> {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            Ok(p)
+        } else {
+            bail!("{what} {} does not exist", p.display())
+        }
+    };
+    let job = TrainJob {
+        base_model_name: spec.model.clone(),
+        training_file: existing(&spec.training_file, "training_file")?,
+        validation_file: spec
+            .validation_file
+            .as_deref()
+            .map(|p| existing(p, "validation_file"))
+            .transpose()?,
+        init_adapter: spec
+            .init_adapter
+            .as_deref()
+            .map(|p| existing(p, "init_adapter"))
+            .transpose()?,
+        config,
+        resume_from: if args.resume {
+            trainer::latest_checkpoint(&args.output)
+        } else {
+            None
+        },
+        output_dir: args.output.clone(),
+        device: crate::train::device_from_str(&args.device)?,
+        model_dir,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let control = Control::new();
+    let outcome = trainer::run(&job, &control, &mut |ev| match ev {
+        TrainEvent::Metrics(m) => {
+            bar.set_length(m.total_steps);
+            bar.set_position(m.step);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                m.train_loss, m.learning_rate, m.tokens_per_second
+            ));
+        }
+        TrainEvent::Eval(e) => bar.println(format!(
+            "step {}: eval loss {:.4}, accuracy {:.3}",
+            e.step, e.eval_loss, e.eval_mean_token_accuracy
+        )),
+        TrainEvent::Checkpoint(c) => {
+            bar.println(format!("step {}: checkpoint {}", c.step, c.path.display()))
+        }
+        TrainEvent::Log { level, message } => {
+            let tag = match level {
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            };
+            bar.println(format!("{tag}: {message}"));
+        }
+    })?;
+    bar.finish();
+    match outcome {
+        Outcome::Completed {
+            adapter_dir,
+            steps,
+            trained_tokens,
+        } => println!(
+            "done: {steps} steps, {trained_tokens} tokens; adapter in {}",
+            adapter_dir.display()
+        ),
+        Outcome::Suspended { checkpoint, step } => {
+            println!(
+                "suspended at step {step}; checkpoint {}",
+                checkpoint.display()
+            )
+        }
+        Outcome::Cancelled { step } => println!("cancelled at step {step}"),
+    }
+    Ok(())
+}
+
+/// A model reference as the CLI accepts it: the demo model's name or a local directory.
+fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
+    if model == DEMO_MODEL {
+        return ensure_demo_model(data_dir);
+    }
+    let p = PathBuf::from(model);
+    if p.join("config.json").exists() {
+        return Ok(p);
+    }
+    bail!("model {model:?} is neither {DEMO_MODEL:?} nor a directory with a config.json")
+}
+
+/// The demo model's directory under `data_dir`, generated on first use.
+pub fn ensure_demo_model(data_dir: &Path) -> Result<PathBuf> {
+    let dir = data_dir.join("models").join(DEMO_MODEL);
+    if !dir.join("model.safetensors").exists() {
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        crate::train::demo::write_demo_model(&tmp)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)?;
+    }
+    Ok(dir)
+}
+
+#[derive(Debug, Args)]
+pub struct DemoModelArgs {
+    /// Directory to write config.json, model.safetensors and the tokenizer files into.
+    pub dir: PathBuf,
+}
+
+pub fn demo_model(args: DemoModelArgs) -> Result<()> {
+    crate::train::demo::write_demo_model(&args.dir)?;
+    println!("wrote the demo model to {}", args.dir.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory (omit for the base model).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Text to run (tokenized without special-token additions).
+    #[arg(long)]
+    pub text_file: PathBuf,
+    /// safetensors file receiving `input_ids` (T,) and `logits` (T, V) f32.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// One forward pass, for comparing sftd's model against PEFT's.
+pub fn logits(args: LogitsArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let lora = crate::train::spec::TrainConfig::default().lora;
+    let (model, _) = match &args.adapter {
+        Some(a) => trainer::build_model(&args.model, &dev, &lora, Some(a), 0)?,
+        None => (
+            crate::train::model::Qwen3::load(&args.model, DType::F32, &dev)?,
+            lora,
+        ),
+    };
+    let tok = tokenizers::Tokenizer::from_file(args.model.join("tokenizer.json"))
+        .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
+    let text = std::fs::read_to_string(&args.text_file)?;
+    let ids = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow!("{e}"))?
+        .get_ids()
+        .to_vec();
+    let packed = model.pack(&[&ids])?;
+    let pass = Pass {
+        track: false,
+        dropout_key: None,
+    };
+    let mut h = model.embed(&packed)?;
+    for i in 0..model.layers.len() {
+        h = model.layer_forward(i, &h, &packed, pass)?;
+    }
+    let logits = crate::train::nn::frozen_linear(&model.final_norm(&h)?, &model.lm_head)?;
+    let n = ids.len();
+    let out = HashMap::from([
+        ("input_ids".to_string(), Tensor::from_vec(ids, n, &dev)?),
+        ("logits".to_string(), logits.to_dtype(DType::F32)?),
+    ]);
+    candle_core::safetensors::save(&out, &args.out)?;
+    println!("wrote {n} positions to {}", args.out.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Hugging Face model directory of the base model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// New model directory (f32 safetensors plus the base's config and tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Writes `W + scaling · B A` for every adapted projection: a plain model transformers loads.
+pub fn merge(args: MergeArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let adapter = checkpoint::load_adapter(&args.adapter, &dev)?;
+    let scaling = if adapter.use_rslora {
+        adapter.alpha / (adapter.r as f64).sqrt()
+    } else {
+        adapter.alpha / adapter.r as f64
+    };
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in weight_files(&args.model)? {
+        for (k, t) in candle_core::safetensors::load(&f, &dev)? {
+            tensors.insert(k, t.to_dtype(DType::F32)?);
+        }
+    }
+    let mut merged = 0;
+    for (key, a) in &adapter.tensors {
+        let Some(prefix) = key.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let b = adapter
+            .tensors
+            .get(&format!("{prefix}.lora_B.weight"))
+            .with_context(|| format!("{prefix} has lora_A but no lora_B"))?;
+        let base_key = format!("{}.weight", prefix.trim_start_matches("base_model.model."));
+        let w = tensors
+            .get_mut(&base_key)
+            .with_context(|| format!("base model has no {base_key}"))?;
+        // (O, r) @ (r, I) -> (O, I)
+        *w = (&*w + (b.matmul(a)? * scaling)?)?;
+        merged += 1;
+    }
+    if merged == 0 {
+        bail!(
+            "{} holds no LoRA pairs",
+            args.adapter.join(ADAPTER_CONFIG).display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)?;
+    candle_core::safetensors::save(&tensors, args.out.join("model.safetensors"))?;
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        let src = args.model.join(f);
+        if src.exists() {
+            std::fs::copy(&src, args.out.join(f))?;
+        }
+    }
+    let cfg_path = args.out.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    cfg["torch_dtype"] = "float32".into();
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+    println!("merged {merged} projections into {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Service configuration: one clap struct, every field settable by flag or environment variable.
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Settings of `sftd serve` (and of `sftd healthcheck`, which only needs the address).
+#[derive(Args, Clone)]
+pub struct Config {
+    /// Address to listen on. The default is loopback: exposing the API on other interfaces
+    /// without `SFTD_API_KEY` lets anyone on the network run jobs on this machine.
+    #[arg(long, env = "SFTD_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// Directory for the database, uploaded files, generated models and job outputs.
+    #[arg(long, env = "SFTD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// SQLite URL of the database; defaults to `sqlite://<data dir>/sftd.db`.
+    #[arg(long, env = "SFTD_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// When set, every `/v1` route requires `Authorization: Bearer <key>` (the event stream also
+    /// accepts `?access_token=<key>`). Never logged.
+    #[arg(long, env = "SFTD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Device the worker trains on: `auto` (first CUDA GPU if built with CUDA, else CPU),
+    /// `cpu`, or `cuda:N`.
+    #[arg(long, env = "SFTD_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Colon-separated directories under which local model (and adapter) paths may live; any
+    /// other path given as `model` is refused. Empty: local paths are refused altogether.
+    #[arg(long, env = "SFTD_MODEL_DIRS", default_value = "")]
+    pub model_dirs: String,
+
+    /// Largest accepted upload in bytes; larger ones get 413. The whole file is validated in
+    /// memory, so this also bounds the memory one upload can take.
+    #[arg(long, env = "SFTD_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
+    /// Log format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "SFTD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Hugging Face token for gated or private models (also read from `HF_HOME/token`). Never logged.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+
+    /// Hugging Face cache directory; models are downloaded into `<HF_HOME>/hub`.
+    /// Defaults to `~/.cache/huggingface`.
+    #[arg(long, env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+
+    /// Hugging Face hub URL (a mirror, or a local test server).
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+}
+
+impl std::fmt::Debug for Config {
+    /// Like a derived Debug, with the secrets redacted so the config can be logged at start-up.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url)
+            .field("api_key", &redact(&self.api_key))
+            .field("device", &self.device)
+            .field("model_dirs", &self.model_dirs)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("log_format", &self.log_format)
+            .field("hf_token", &redact(&self.hf_token))
+            .field("hf_home", &self.hf_home)
+            .field("hf_endpoint", &self.hf_endpoint)
+            .finish()
+    }
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn for_data_dir(data_dir: &Path) -> Self {
+        Self {
+            addr: "127.0.0.1:0".parse().expect("valid literal address"),
+            data_dir: data_dir.to_path_buf(),
+            database_url: None,
+            api_key: None,
+            device: "cpu".into(),
+            model_dirs: String::new(),
+            max_upload_bytes: 512 * 1024 * 1024,
+            log_format: "text".into(),
+            hf_token: None,
+            hf_home: None,
+            hf_endpoint: "https://huggingface.co".into(),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("sftd.db").display()))
+    }
+
+    /// The allowed local model roots, in the order given.
+    pub fn model_roots(&self) -> Vec<PathBuf> {
+        self.model_dirs
+            .split(':')
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    /// The API key, treating an empty string as unset.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref().filter(|k| !k.is_empty())
+    }
+}

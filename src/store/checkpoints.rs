@@ -1,0 +1,83 @@
+//! The `checkpoints` table: one row per saved training step, recorded with its event.
+
+use super::events::{insert as insert_event, NewEvent};
+use super::{new_id, now, JobStatus, Result, Store};
+use sqlx::FromRow;
+
+#[derive(Debug, Clone, FromRow)]
+pub struct CheckpointRow {
+    pub id: String,
+    pub job_id: String,
+    pub created_at: i64,
+    pub step: i64,
+    /// JSON: step, train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy.
+    pub metrics: String,
+    /// Relative to the data dir.
+    pub path: String,
+}
+
+const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";
+
+impl Store {
+    /// Records a checkpoint and its event while the job runs. A step already recorded (a
+    /// resumed run re-saving it) is ignored. Returns whether anything was written.
+    pub async fn add_checkpoint(
+        &self,
+        job_id: &str,
+        step: i64,
+        metrics: &serde_json::Value,
+        path: &str,
+    ) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let id = new_id("ftckpt");
+        let inserted = sqlx::query(
+            "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, path) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND status = 'running') \
+             ON CONFLICT (job_id, step) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(job_id)
+        .bind(now())
+        .bind(step)
+        .bind(metrics.to_string())
+        .bind(path)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            return Ok(false);
+        }
+        let ev = NewEvent {
+            level: "info",
+            kind: "message",
+            message: format!("Checkpoint saved at step {step}"),
+            data: Some(serde_json::json!({ "checkpoint_id": id, "step": step })),
+            step: None,
+        };
+        let ev = insert_event(&mut tx, job_id, &ev, Some(&[JobStatus::Running])).await?;
+        tx.commit().await?;
+        self.publish(ev);
+        Ok(true)
+    }
+
+    /// Newest first; `after` is the id of the last checkpoint of the previous page.
+    pub async fn list_checkpoints(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<CheckpointRow>> {
+        Ok(sqlx::query_as::<_, CheckpointRow>(&format!(
+            "SELECT {COLUMNS} FROM checkpoints WHERE job_id = ?1 \
+             AND (?2 IS NULL OR step < (SELECT step FROM checkpoints WHERE id = ?2)) \
+             ORDER BY step DESC LIMIT ?3"
+        ))
+        .bind(job_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,147 @@
+//! The `files` table: uploaded datasets and job result files, whose bytes live under the data dir.
+
+use super::{now, Result, Store};
+use sqlx::FromRow;
+use std::path::PathBuf;
+
+/// Purpose of an uploaded dataset.
+pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
+/// Purpose of a file a job produced.
+pub const PURPOSE_RESULTS: &str = "fine-tune-results";
+
+#[derive(Debug, Clone, FromRow)]
+pub struct FileRow {
+    pub id: String,
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    /// Relative to the data dir.
+    pub path: String,
+    pub rows: Option<i64>,
+    pub job_id: Option<String>,
+}
+
+/// A file to register; its bytes are already at `path` (relative to the data dir).
+pub struct NewFile {
+    pub id: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub path: String,
+    pub rows: Option<i64>,
+    pub job_id: Option<String>,
+}
+
+const COLUMNS: &str = "id, created_at, filename, purpose, bytes, path, rows, job_id";
+
+impl Store {
+    pub async fn insert_file(&self, f: &NewFile) -> Result<FileRow> {
+        let row = sqlx::query_as::<_, FileRow>(&format!(
+            "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+        ))
+        .bind(&f.id)
+        .bind(now())
+        .bind(&f.filename)
+        .bind(&f.purpose)
+        .bind(f.bytes)
+        .bind(&f.path)
+        .bind(f.rows)
+        .bind(&f.job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub async fn get_file(&self, id: &str) -> Result<Option<FileRow>> {
+        Ok(
+            sqlx::query_as::<_, FileRow>(&format!("SELECT {COLUMNS} FROM files WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Newest first; `after` is the id of the last file of the previous page.
+    pub async fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+        ascending: bool,
+    ) -> Result<Vec<FileRow>> {
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM files \
+             WHERE (?1 IS NULL OR purpose = ?1) \
+               AND (?2 IS NULL OR rowid {cmp} (SELECT rowid FROM files WHERE id = ?2)) \
+             ORDER BY rowid {order} LIMIT ?3"
+        );
+        Ok(sqlx::query_as::<_, FileRow>(&sql)
+            .bind(purpose)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Result files of a job, in the order they were registered.
+    pub async fn job_result_files(&self, job_id: &str) -> Result<Vec<FileRow>> {
+        Ok(sqlx::query_as::<_, FileRow>(&format!(
+            "SELECT {COLUMNS} FROM files WHERE job_id = ? ORDER BY rowid"
+        ))
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes the row unless a job that has not finished uses the file; returns whether a row
+    /// was deleted, or `Err(InUse)` through the outer result.
+    pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
+        let mut tx = self.begin_write().await?;
+        let in_use: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1) \
+             AND status IN ('validating_files', 'queued', 'running') LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(job) = in_use {
+            return Ok(DeleteFile::InUse(job));
+        }
+        let row = sqlx::query_as::<_, FileRow>(&format!(
+            "DELETE FROM files WHERE id = ? RETURNING {COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(match row {
+            Some(r) => DeleteFile::Deleted(r),
+            None => DeleteFile::NotFound,
+        })
+    }
+
+    /// Absolute path of a file's bytes.
+    pub fn file_path(&self, f: &FileRow) -> PathBuf {
+        self.data_dir.join(&f.path)
+    }
+
+    /// Every stored path, for removing orphaned uploads at start-up.
+    pub async fn all_file_paths(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT path FROM files")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
+pub enum DeleteFile {
+    Deleted(FileRow),
+    NotFound,
+    /// The id of a job that still needs the file.
+    InUse(String),
+}

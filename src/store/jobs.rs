@@ -1,0 +1,398 @@
+//! The `jobs` table and its state machine. Each transition is one guarded
+//! `UPDATE … WHERE id = ? AND status IN (…)` plus its status event, in one transaction.
+
+use super::events::{insert as insert_event, EventRow, NewEvent};
+use super::files::{FileRow, NewFile};
+use super::{now, Result, Store, StoreError};
+use sqlx::FromRow;
+use std::fmt;
+use std::str::FromStr;
+
+/// A job's status; the text is what the database stores and what the API returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::ValidatingFiles,
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::ValidatingFiles => "validating_files",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown job status {s:?}"))
+    }
+}
+
+/// `'a', 'b'` for a SQL `IN (…)` list. The values are our own constants, never user input.
+pub(super) fn in_list(statuses: &[JobStatus]) -> String {
+    statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct JobRow {
+    pub n: i64,
+    pub id: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub status: String,
+    /// The request body as parsed (`JobSpec` JSON).
+    pub spec: String,
+    /// The resolved `TrainConfig` JSON.
+    pub config: String,
+    pub seed: i64,
+    pub suffix: Option<String>,
+    pub metadata: Option<String>,
+    pub fine_tuned_model: Option<String>,
+    pub trained_tokens: Option<i64>,
+    pub estimated_finish: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub error_param: Option<String>,
+    pub attempts: i64,
+    pub idempotency_key: Option<String>,
+}
+
+impl JobRow {
+    pub fn status(&self) -> Result<JobStatus> {
+        self.status.parse().map_err(StoreError::Corrupt)
+    }
+}
+
+/// A job to create (status `validating_files`).
+pub struct NewJob {
+    pub id: String,
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub spec: String,
+    pub config: String,
+    pub seed: i64,
+    pub suffix: Option<String>,
+    pub metadata: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+pub enum Created {
+    New(JobRow),
+    /// A job with this idempotency key already exists (its `spec` tells whether the body matched).
+    Existing(JobRow),
+}
+
+/// A user-facing failure recorded on the job.
+#[derive(Debug, Clone)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+const COLUMNS: &str = "n, id, created_at, started_at, finished_at, model, training_file, \
+    validation_file, status, spec, config, seed, suffix, metadata, fine_tuned_model, \
+    trained_tokens, estimated_finish, error_code, error_message, error_param, attempts, \
+    idempotency_key";
+
+use JobStatus::*;
+
+impl Store {
+    /// Inserts the job and its first event; with an idempotency key already used, returns
+    /// that job instead and writes nothing.
+    pub async fn create_job(&self, j: &NewJob) -> Result<Created> {
+        let mut tx = self.begin_write().await?;
+        if let Some(key) = &j.idempotency_key {
+            let existing = sqlx::query_as::<_, JobRow>(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?"
+            ))
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                return Ok(Created::Existing(row));
+            }
+        }
+        let row = sqlx::query_as::<_, JobRow>(&format!(
+            "INSERT INTO jobs (id, created_at, model, training_file, validation_file, status, \
+             spec, config, seed, suffix, metadata, idempotency_key) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+        ))
+        .bind(&j.id)
+        .bind(now())
+        .bind(&j.model)
+        .bind(&j.training_file)
+        .bind(&j.validation_file)
+        .bind(ValidatingFiles.as_str())
+        .bind(&j.spec)
+        .bind(&j.config)
+        .bind(j.seed)
+        .bind(&j.suffix)
+        .bind(&j.metadata)
+        .bind(&j.idempotency_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let ev = NewEvent::status(
+            ValidatingFiles,
+            "info",
+            format!("Created fine-tuning job: {}", j.id),
+        );
+        let ev = insert_event(&mut tx, &j.id, &ev, None).await?;
+        tx.commit().await?;
+        self.publish(ev);
+        Ok(Created::New(row))
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
+        Ok(
+            sqlx::query_as::<_, JobRow>(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Newest first; `after` is the id of the last job of the previous page.
+    pub async fn list_jobs(&self, after: Option<&str>, limit: i64) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {COLUMNS} FROM jobs \
+             WHERE (?1 IS NULL OR n < (SELECT n FROM jobs WHERE id = ?1)) \
+             ORDER BY n DESC LIMIT ?2"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Runs a guarded status change `from → to` with `extra_set` (SQL assignments, binding
+    /// nothing) and appends `event` in the same transaction. `None`: the job was not in `from`.
+    async fn transition(
+        &self,
+        id: &str,
+        from: &[JobStatus],
+        to: JobStatus,
+        extra_set: &str,
+        event: NewEvent,
+    ) -> Result<Option<(JobRow, EventRow)>> {
+        let mut tx = self.begin_write().await?;
+        let sql = format!(
+            "UPDATE jobs SET status = ?1{extra_set} WHERE id = ?2 AND status IN ({}) RETURNING {COLUMNS}",
+            in_list(from)
+        );
+        let Some(row) = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(to.as_str())
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let ev = insert_event(&mut tx, id, &event, None)
+            .await?
+            .expect("an unguarded event insert returns its row. This is a bug.");
+        tx.commit().await?;
+        self.publish([ev.clone()]);
+        Ok(Some((row, ev)))
+    }
+
+    /// `validating_files → queued`.
+    pub async fn mark_queued(&self, id: &str) -> Result<bool> {
+        let ev = NewEvent::status(Queued, "info", "Files validated; job queued");
+        Ok(self
+            .transition(id, &[ValidatingFiles], Queued, "", ev)
+            .await?
+            .is_some())
+    }
+
+    /// Claims the oldest queued job (`queued → running`), counting the attempt.
+    pub async fn claim_next_job(&self) -> Result<Option<JobRow>> {
+        let id: Option<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'queued' ORDER BY n LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(id) = id else { return Ok(None) };
+        let ev = NewEvent::status(Running, "info", "Fine-tuning job started");
+        let set = ", started_at = COALESCE(started_at, unixepoch()), attempts = attempts + 1";
+        // Lost a race (cancelled in between): the caller simply asks again.
+        Ok(self
+            .transition(&id, &[Queued], Running, set, ev)
+            .await?
+            .map(|(row, _)| row))
+    }
+
+    /// `running → queued` (suspended for shutdown, or found running after a crash).
+    pub async fn requeue(&self, id: &str, message: &str) -> Result<bool> {
+        let ev = NewEvent::status(Queued, "info", message);
+        Ok(self
+            .transition(id, &[Running], Queued, "", ev)
+            .await?
+            .is_some())
+    }
+
+    /// Jobs a previous process left `running` or `validating_files`.
+    pub async fn interrupted_jobs(&self) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status IN ('running', 'validating_files') ORDER BY n"
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Any non-terminal status → `cancelled`. Returns the updated job, or `None` if it had
+    /// already finished.
+    pub async fn cancel_job(&self, id: &str) -> Result<Option<JobRow>> {
+        let ev = NewEvent::status(Cancelled, "info", "Fine-tuning job cancelled");
+        Ok(self
+            .transition(
+                id,
+                &[ValidatingFiles, Queued, Running],
+                Cancelled,
+                ", finished_at = unixepoch(), estimated_finish = NULL",
+                ev,
+            )
+            .await?
+            .map(|(row, _)| row))
+    }
+
+    /// `from → failed` with a message the user can act on.
+    pub async fn fail_job(&self, id: &str, from: &[JobStatus], err: &JobError) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'failed', finished_at = unixepoch(), estimated_finish = NULL, \
+             error_code = ?, error_message = ?, error_param = ? \
+             WHERE id = ? AND status IN ({})",
+            in_list(from)
+        ))
+        .bind(&err.code)
+        .bind(&err.message)
+        .bind(&err.param)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !done {
+            return Ok(false);
+        }
+        let ev = NewEvent::status(
+            Failed,
+            "error",
+            format!("Fine-tuning job failed: {}", err.message),
+        );
+        let ev = insert_event(&mut tx, id, &ev, None).await?;
+        tx.commit().await?;
+        self.publish(ev);
+        Ok(true)
+    }
+
+    /// `running → succeeded`, registering the result files in the same transaction. Returns
+    /// `false` (and writes nothing) if the job was cancelled meanwhile.
+    pub async fn succeed_job(
+        &self,
+        id: &str,
+        trained_tokens: i64,
+        fine_tuned_model: &str,
+        results: &[NewFile],
+    ) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', finished_at = unixepoch(), estimated_finish = NULL, \
+             trained_tokens = ?, fine_tuned_model = ? WHERE id = ? AND status = 'running'",
+        )
+        .bind(trained_tokens)
+        .bind(fine_tuned_model)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !done {
+            return Ok(false);
+        }
+        for f in results {
+            sqlx::query_as::<_, FileRow>(
+                "INSERT INTO files (id, created_at, filename, purpose, bytes, path, rows, job_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            )
+            .bind(&f.id)
+            .bind(now())
+            .bind(&f.filename)
+            .bind(&f.purpose)
+            .bind(f.bytes)
+            .bind(&f.path)
+            .bind(f.rows)
+            .bind(&f.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        }
+        let ev = NewEvent::status(Succeeded, "info", "The job has successfully completed");
+        let ev = insert_event(&mut tx, id, &ev, None).await?;
+        tx.commit().await?;
+        self.publish(ev);
+        Ok(true)
+    }
+
+    /// Jobs per status, for `/metrics`.
+    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Tokens trained by finished jobs, for `/metrics`.
+    pub async fn trained_tokens_total(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(SUM(trained_tokens), 0) FROM jobs")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}

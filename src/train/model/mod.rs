@@ -1,0 +1,5 @@
+//! Model definitions the trainer can fine-tune.
+
+pub mod qwen3;
+
+pub use qwen3::{Packed, Qwen3, Qwen3Config};

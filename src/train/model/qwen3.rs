@@ -1,0 +1,375 @@
+//! A trainable Qwen3 (dense) decoder that loads Hugging Face checkpoints by their tensor names,
+//! with frozen base weights and optional LoRA on any of the seven linear projections.
+//!
+//! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
+
+use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables};
+use crate::train::nn::{Lora, LoraLinear, Pass};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The fields of a Qwen3 `config.json` this model uses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Qwen3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_theta() -> f64 {
+    1_000_000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Qwen3Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a Qwen3 config", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(t) = &self.model_type {
+            if t != "qwen3" {
+                bail!("model_type {t:?} is not supported: sftd trains Qwen3 (dense) models");
+            }
+        }
+        if self.hidden_act != "silu" {
+            bail!(
+                "hidden_act {:?} is not supported (Qwen3 uses silu)",
+                self.hidden_act
+            );
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!("num_attention_heads must be a multiple of num_key_value_heads");
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("head_dim must be even for rotary embeddings");
+        }
+        Ok(())
+    }
+
+    /// Matmul parameters touched per token (7 projections per layer + LM head), for FLOP counts.
+    pub fn linear_params(&self) -> usize {
+        let (h, f, d) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let attn = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2;
+        self.num_hidden_layers * (attn + 3 * h * f) + h * self.vocab_size
+    }
+}
+
+/// The safetensors files of a model directory: `model.safetensors` or the shards named by
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let map = v["weight_map"]
+        .as_object()
+        .context("model.safetensors.index.json has no weight_map")?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+pub const MODULES: [&str; 7] = crate::train::spec::ALL_LINEAR;
+
+pub struct Layer {
+    input_norm: Tensor,
+    post_attn_norm: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    /// q, k, v, o, gate, up, down in [`MODULES`] order.
+    pub proj: Vec<LoraLinear>,
+}
+
+pub struct Qwen3 {
+    pub cfg: Qwen3Config,
+    /// (V, H) frozen.
+    embed: Tensor,
+    /// (V, H) frozen; the embedding itself when tied.
+    pub lm_head: Tensor,
+    final_norm: Tensor,
+    pub layers: Vec<Layer>,
+    /// (max_pos, D/2) f32.
+    cos: Tensor,
+    sin: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// A micro-batch of sequences packed end to end without padding.
+pub struct Packed {
+    /// (N,) u32
+    pub ids: Tensor,
+    /// (N, D/2) rotary tables at each token's position within its own sequence.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// (start, len) of each sequence in the packed axis.
+    pub segments: Vec<(usize, usize)>,
+}
+
+impl Qwen3 {
+    /// Loads base weights from a HF model directory, converting them to `dtype` (f32 on CPU).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = Qwen3Config::from_dir(dir)?;
+        let files = weight_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only and outlive this call (tensors are copied out).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        Self::from_vb(cfg, vb, dtype, device)
+            .with_context(|| format!("loading weights from {}", dir.display()))
+    }
+
+    fn from_vb(cfg: Qwen3Config, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let m = vb.pp("model");
+        let embed = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, h), "lm_head.weight")?
+        };
+        let shapes = [
+            (hq * d, h),
+            (hkv * d, h),
+            (hkv * d, h),
+            (h, hq * d),
+            (f, h),
+            (f, h),
+            (h, f),
+        ];
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            let mut proj = Vec::with_capacity(7);
+            for (name, shape) in MODULES.iter().zip(shapes) {
+                let p = l.pp(module_group(name)).pp(*name);
+                let bias = if cfg.attention_bias
+                    && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(name)
+                {
+                    Some(p.get(shape.0, "bias")?)
+                } else {
+                    None
+                };
+                proj.push(LoraLinear {
+                    weight: p.get(shape, "weight")?.contiguous()?,
+                    bias,
+                    lora: None,
+                });
+            }
+            layers.push(Layer {
+                input_norm: l.get(h, "input_layernorm.weight")?,
+                post_attn_norm: l.get(h, "post_attention_layernorm.weight")?,
+                q_norm: l.get(d, "self_attn.q_norm.weight")?,
+                k_norm: l.get(d, "self_attn.k_norm.weight")?,
+                proj,
+            });
+        }
+        let final_norm = m.get(h, "norm.weight")?;
+        let (cos, sin) = rope_tables(d, cfg.max_position_embeddings, cfg.rope_theta, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            cos,
+            sin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Packs token sequences end to end; positions restart at 0 for each sequence.
+    pub fn pack(&self, seqs: &[&[u32]]) -> Result<Packed> {
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut segments = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if s.len() > self.cfg.max_position_embeddings {
+                bail!(
+                    "sequence of {} tokens exceeds max_position_embeddings {}",
+                    s.len(),
+                    self.cfg.max_position_embeddings
+                );
+            }
+            segments.push((ids.len(), s.len()));
+            ids.extend_from_slice(s);
+            pos.extend(0..s.len() as u32);
+        }
+        let n = ids.len();
+        let pos = Tensor::from_vec(pos, n, &self.device)?;
+        Ok(Packed {
+            ids: Tensor::from_vec(ids, n, &self.device)?,
+            cos: self.cos.index_select(&pos, 0)?,
+            sin: self.sin.index_select(&pos, 0)?,
+            segments,
+        })
+    }
+
+    /// Token embeddings `(N, H)`; never part of the autograd graph (the table is frozen).
+    pub fn embed(&self, p: &Packed) -> Result<Tensor> {
+        Ok(self.embed.index_select(&p.ids, 0)?)
+    }
+
+    /// One decoder layer: `x (N, H) -> (N, H)`.
+    pub fn layer_forward(&self, i: usize, x: &Tensor, p: &Packed, pass: Pass) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let (n, _) = x.dims2()?;
+        let d = self.cfg.head_dim();
+        let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let eps = self.cfg.rms_norm_eps;
+        let key = |m: usize| ((i as u64) << 8) | m as u64;
+        // 1. Attention: per-head RMSNorm on q and k, then rotary, then causal attention per sequence.
+        let h = rms_norm(x, &l.input_norm, eps)?;
+        let q = l.proj[0].forward(&h, pass, key(0))?.reshape((n, hq, d))?;
+        let k = l.proj[1].forward(&h, pass, key(1))?.reshape((n, hkv, d))?;
+        let v = l.proj[2].forward(&h, pass, key(2))?.reshape((n, hkv, d))?;
+        let q = rope(&rms_norm(&q, &l.q_norm, eps)?, &p.cos, &p.sin)?;
+        let k = rope(&rms_norm(&k, &l.k_norm, eps)?, &p.cos, &p.sin)?;
+        let attn = packed_causal_attention(&q, &k, &v, &p.segments)?; // (N, Hq·D)
+        let x = (x + l.proj[3].forward(&attn, pass, key(3))?)?;
+        // 2. SwiGLU MLP.
+        let h = rms_norm(&x, &l.post_attn_norm, eps)?;
+        let gate = l.proj[4].forward(&h, pass, key(4))?.silu()?;
+        let up = l.proj[5].forward(&h, pass, key(5))?;
+        let mlp = l.proj[6].forward(&(gate * up)?, pass, key(6))?;
+        Ok((x + mlp)?)
+    }
+
+    /// The final RMSNorm, `(N, H) -> (N, H)`.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.final_norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Attaches rank-`r` LoRA pairs to the targeted projections of every layer.
+    /// `init(key, (rows, cols))` supplies each matrix by its PEFT key: A is (r, I), B is (O, r).
+    pub fn attach_lora(
+        &mut self,
+        target_modules: &[String],
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        mut init: impl FnMut(&str, (usize, usize)) -> Result<Tensor>,
+    ) -> Result<()> {
+        let dtype = self.dtype;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (m, proj) in MODULES.iter().zip(layer.proj.iter_mut()) {
+                if !target_modules.iter().any(|t| t == m) {
+                    proj.lora = None;
+                    continue;
+                }
+                let (out_f, in_f) = proj.weight.dims2()?;
+                let mut load = |ab: &str, shape: (usize, usize)| -> Result<Var> {
+                    let key = lora_key(i, m, ab);
+                    let t = init(&key, shape)?;
+                    if t.dims() != [shape.0, shape.1] {
+                        bail!(
+                            "{key} has shape {:?}, expected {:?}",
+                            t.dims(),
+                            [shape.0, shape.1]
+                        );
+                    }
+                    Ok(Var::from_tensor(
+                        &t.to_dtype(crate::train::nn::ops::upcast(dtype))?,
+                    )?)
+                };
+                proj.lora = Some(Lora {
+                    a: load("A", (r, in_f))?,
+                    b: load("B", (out_f, r))?,
+                    scaling,
+                    dropout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every LoRA tensor with its PEFT key, in a fixed order (layer, module, A then B).
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (m, proj) in MODULES.iter().zip(&layer.proj) {
+                if let Some(l) = &proj.lora {
+                    out.push((lora_key(i, m, "A"), l.a.clone()));
+                    out.push((lora_key(i, m, "B"), l.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// LoRA vars of one layer, for per-layer gradient extraction.
+    pub fn layer_vars(&self, i: usize) -> Vec<&Var> {
+        self.layers[i]
+            .proj
+            .iter()
+            .filter_map(|p| p.lora.as_ref())
+            .flat_map(|l| [&l.a, &l.b])
+            .collect()
+    }
+}
+
+/// PEFT's on-disk key, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+pub fn lora_key(layer: usize, module: &str, ab: &str) -> String {
+    let group = module_group(module);
+    format!("base_model.model.model.layers.{layer}.{group}.{module}.lora_{ab}.weight")
+}
+
+/// The sub-module a projection lives in (`self_attn` or `mlp`).
+fn module_group(module: &str) -> &'static str {
+    if ["gate_proj", "up_proj", "down_proj"].contains(&module) {
+        "mlp"
+    } else {
+        "self_attn"
+    }
+}

@@ -1,0 +1,182 @@
+//! Frozen linear (a matmul whose backward yields only the input gradient) and PEFT's LoRA linear.
+//!
+//! Shapes: N tokens, I in-features, O out-features, r LoRA rank.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor, Var, D};
+
+/// `y = x Wᵀ` with `W` captured as a constant: candle's own matmul backward would also compute
+/// `xᵀ·g` for `W` (a weight-sized GEMM and buffer per layer) even though `W` is never trained.
+struct FrozenMatmul {
+    /// (O, I), contiguous.
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        w: &S,
+        wl: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (out_f, in_f) = wl.shape().dims2()?;
+        if !xl.is_contiguous() || xl.dims().last() != Some(&in_f) {
+            candle_core::bail!(
+                "frozen linear: input must be contiguous with last dim {in_f}, got {:?}",
+                xl.dims()
+            )
+        }
+        let m = xl.shape().elem_count() / in_f;
+        // (M, I) @ (I, O): W's transpose is a stride swap, no copy.
+        let y = x.matmul(
+            w,
+            (1, m, out_f, in_f),
+            &Layout::contiguous_with_offset((m, in_f), xl.start_offset()),
+            &wl.transpose(0, 1)?,
+        )?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out_f;
+        Ok((y, Shape::from(dims)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => self.fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => self.fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dL/dx = g W : (..., O) @ (O, I) -> (..., I)
+        Ok(Some(g.broadcast_matmul(&self.w)?))
+    }
+}
+
+/// `x (..., I) -> x Wᵀ (..., O)`; no gradient ever flows to `w`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    if !x.track_op() {
+        // Nothing to differentiate: skip the custom-op bookkeeping.
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+/// A frozen base projection, optionally wrapped with a trainable LoRA pair.
+pub struct LoraLinear {
+    /// (O, I) frozen, in the compute dtype.
+    pub weight: Tensor,
+    /// (O,) frozen.
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+/// PEFT's LoRA: `ΔW x = scaling · B(A(dropout(x)))`, A (r, I), B (O, r), both f32 masters.
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+/// How a forward pass runs: whether LoRA weights are tracked for autograd, and which dropout mask
+/// to draw. Masks are a pure function of `key`, so a checkpointed layer recomputes the very same
+/// activations and a resumed run draws the same masks as an uninterrupted one.
+#[derive(Clone, Copy, Debug)]
+pub struct Pass {
+    pub track: bool,
+    /// `None` disables dropout (eval, or p = 0).
+    pub dropout_key: Option<u64>,
+}
+
+impl LoraLinear {
+    /// `x (N, I) -> (N, O)`.
+    pub fn forward(&self, x: &Tensor, pass: Pass, module_key: u64) -> candle_core::Result<Tensor> {
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let Some(lora) = &self.lora else {
+            return Ok(y);
+        };
+        let (a, b) = if pass.track {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
+        };
+        // PEFT casts the input to the adapter dtype (f32) and the result back.
+        let mut xa = x.to_dtype(a.dtype())?;
+        if let (Some(key), true) = (pass.dropout_key, lora.dropout > 0.0) {
+            let mask = dropout_mask(
+                xa.dtype(),
+                xa.shape(),
+                lora.dropout,
+                key ^ module_key,
+                xa.device(),
+            )?;
+            xa = (xa * mask)?;
+        }
+        // (N, I) @ (I, r) -> (N, r) @ (r, O) -> (N, O)
+        let delta = xa.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let delta = (delta * lora.scaling)?.to_dtype(y.dtype())?;
+        y + delta
+    }
+}
+
+/// Inverted-dropout mask (values 0 or 1/(1-p)) drawn from a generator seeded by `key`.
+pub fn dropout_mask(
+    dtype: DType,
+    shape: &Shape,
+    p: f64,
+    key: u64,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let data: Vec<f32> = (0..shape.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+}
+
+/// Kaiming-uniform with a = √5 on a (rows, fan_in) matrix: U(±1/√fan_in), PEFT's init for A.
+pub fn kaiming_uniform_a(rows: usize, fan_in: usize, rng: &mut impl rand::Rng) -> Vec<f32> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    (0..rows * fan_in)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect()
+}
+
+/// Plain frozen projection used where no LoRA may attach (the LM head).
+pub struct Frozen(pub Tensor);
+
+impl Module for Frozen {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        frozen_linear(x, &self.0)
+    }
+}
+
+/// Dim helper kept here so callers don't import `D` just for the last axis.
+pub const LAST: D = D::Minus1;

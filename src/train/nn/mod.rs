@@ -1,0 +1,6 @@
+//! Neural-network building blocks that keep gradients flowing where candle's fused ops would not.
+
+pub mod linear;
+pub mod ops;
+
+pub use linear::{frozen_linear, Lora, LoraLinear, Pass};

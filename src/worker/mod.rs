@@ -1,0 +1,210 @@
+//! The worker: one `std::thread` that owns the training device and runs queued jobs oldest
+//! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
+//! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
+
+pub mod engine;
+mod run;
+mod submit;
+
+pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
+pub use submit::SubmitError;
+
+use crate::hub::Hub;
+use crate::store::jobs::JobError;
+use crate::store::{JobRow, JobStatus, Store};
+use engine::Control;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often an idle worker looks at the queue even without a wake-up (belt and braces).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+enum Command {
+    /// A job may have been queued.
+    Wake,
+    /// Finish (the running job has been asked to suspend) and exit.
+    Shutdown,
+}
+
+/// State shared between the handle and the thread.
+struct Shared {
+    /// The job the thread is running and the flag that steers it.
+    current: Mutex<Option<(String, Control)>>,
+    shutting_down: AtomicBool,
+    alive: AtomicBool,
+}
+
+/// Handle to the worker thread. Cheap to clone; the thread exits on [`Worker::shutdown`].
+#[derive(Clone)]
+pub struct Worker {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    store: Store,
+    hub: Hub,
+}
+
+impl Worker {
+    /// Requeues what a previous process left running, re-validates jobs it left validating,
+    /// and starts the thread. Must be called inside the tokio runtime.
+    pub async fn start(store: Store, hub: Hub, device: String) -> crate::store::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            current: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+        });
+        let worker = Self {
+            tx,
+            shared: shared.clone(),
+            thread: Arc::new(Mutex::new(None)),
+            store: store.clone(),
+            hub: hub.clone(),
+        };
+        for job in store.interrupted_jobs().await? {
+            match job.status()? {
+                JobStatus::Running => {
+                    tracing::info!(job = %job.id, "requeueing a job interrupted by a restart");
+                    store
+                        .requeue(
+                            &job.id,
+                            "Job interrupted by a server restart; it will resume from its last checkpoint",
+                        )
+                        .await?;
+                }
+                _ => worker.validate(job),
+            }
+        }
+        let rt = tokio::runtime::Handle::current();
+        let ctx = run::Ctx {
+            store,
+            hub,
+            rt,
+            device,
+        };
+        let thread = std::thread::Builder::new()
+            .name("sftd-worker".into())
+            .spawn(move || {
+                thread_main(ctx, rx, &shared);
+                shared.alive.store(false, Ordering::SeqCst);
+            })
+            .expect("spawning the worker thread");
+        *worker.thread.lock().expect("worker thread lock") = Some(thread);
+        Ok(worker)
+    }
+
+    /// Tells the thread to look at the queue.
+    pub fn notify(&self) {
+        let _ = self.tx.send(Command::Wake);
+    }
+
+    /// Stops the job if it is the one running (the status change itself is the store's).
+    pub fn cancel(&self, job_id: &str) {
+        if let Some((id, control)) = self.shared.current.lock().expect("worker lock").as_ref() {
+            if id == job_id {
+                control.cancel();
+            }
+        }
+    }
+
+    /// Whether the thread is up (for `/readyz`).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// The id of the job being trained, if any.
+    pub fn running_job(&self) -> Option<String> {
+        self.shared
+            .current
+            .lock()
+            .expect("worker lock")
+            .as_ref()
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Stops taking jobs, asks the running one to checkpoint and suspend, and waits for the
+    /// thread to requeue it and exit. Blocking: call from `spawn_blocking`.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        if let Some((_, control)) = self.shared.current.lock().expect("worker lock").as_ref() {
+            control.suspend();
+        }
+        let _ = self.tx.send(Command::Shutdown);
+        let handle = self.thread.lock().expect("worker thread lock").take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the worker thread panicked");
+            }
+        }
+    }
+
+    /// Checks a new job's files and model off the request path (downloading the model if
+    /// needed), then queues it or fails it with a message naming what is wrong.
+    pub fn validate(&self, job: JobRow) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = run::prepare(&this.store, &this.hub, &job).await;
+            let outcome = match result {
+                Ok(_) => this.store.mark_queued(&job.id).await.map(|_| ()),
+                Err(err) => this
+                    .store
+                    .fail_job(&job.id, &[JobStatus::ValidatingFiles], &err)
+                    .await
+                    .map(|_| ()),
+            };
+            match outcome {
+                Ok(()) => this.notify(),
+                Err(e) => tracing::error!(job = %job.id, error = %e, "could not record validation"),
+            }
+        });
+    }
+}
+
+fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
+    let device = match engine::device_from_str(&ctx.device) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(device = %ctx.device, error = %e, "cannot open the training device; the worker is not running");
+            return;
+        }
+    };
+    tracing::info!(device = ?device, "worker started");
+    loop {
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            break;
+        }
+        match ctx.rt.block_on(ctx.store.claim_next_job()) {
+            Ok(Some(job)) => {
+                let control = Control::new();
+                *shared.current.lock().expect("worker lock") =
+                    Some((job.id.clone(), control.clone()));
+                if shared.shutting_down.load(Ordering::SeqCst) {
+                    control.suspend();
+                }
+                run::run_job(&ctx, &job, &control, &device);
+                *shared.current.lock().expect("worker lock") = None;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "could not read the queue"),
+        }
+        match rx.recv_timeout(IDLE_POLL) {
+            Ok(Command::Wake) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Command::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    tracing::info!("worker stopped");
+}
+
+impl JobError {
+    pub fn new(code: &str, message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            param: param.map(String::from),
+        }
+    }
+}

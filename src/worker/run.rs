@@ -1,0 +1,432 @@
+//! Running one job on the worker thread: resolve its inputs, drive the engine, turn each
+//! engine event into a persisted (then broadcast) event, and record how the run ended.
+
+use super::engine::{self, Control, Outcome, TrainEvent};
+use crate::hub::{Hub, HubError};
+use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
+use crate::store::jobs::JobError;
+use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
+use crate::train::events::{CheckpointInfo, EvalMetrics, Level, StepMetrics};
+use crate::train::spec::{JobSpec, TrainConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What the worker thread needs besides the job.
+pub(super) struct Ctx {
+    pub store: Store,
+    pub hub: Hub,
+    pub rt: tokio::runtime::Handle,
+    pub device: String,
+}
+
+/// A job's inputs, resolved to paths.
+pub(super) struct Inputs {
+    pub model_dir: PathBuf,
+    pub training_file: PathBuf,
+    pub validation_file: Option<PathBuf>,
+    pub init_adapter: Option<PathBuf>,
+    pub spec: JobSpec,
+    pub config: TrainConfig,
+}
+
+/// Resolves and checks everything a job needs (files on disk, the model, a starting adapter).
+/// Used both to validate a new job and to start it. Errors are user-facing.
+pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<Inputs, JobError> {
+    let internal =
+        |e: &dyn std::fmt::Display| JobError::new("internal_error", format!("{e}"), None);
+    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| internal(&e))?;
+    let config: TrainConfig = serde_json::from_str(&job.config).map_err(|e| internal(&e))?;
+    let training_file = dataset_path(store, &job.training_file, "training_file").await?;
+    let validation_file = match &job.validation_file {
+        Some(id) => Some(dataset_path(store, id, "validation_file").await?),
+        None => None,
+    };
+    let model_dir = hub.resolve(&job.model).await.map_err(|e| {
+        let code = match e {
+            HubError::NotFound(_) => "model_not_found",
+            _ => "model_unavailable",
+        };
+        JobError::new(code, e.to_string(), Some("model"))
+    })?;
+    let init_adapter = match &spec.init_adapter {
+        Some(a) => Some(init_adapter_dir(store, hub, a).await?),
+        None => None,
+    };
+    Ok(Inputs {
+        model_dir,
+        training_file,
+        validation_file,
+        init_adapter,
+        spec,
+        config,
+    })
+}
+
+async fn dataset_path(store: &Store, id: &str, param: &str) -> Result<PathBuf, JobError> {
+    let missing = || {
+        JobError::new(
+            "invalid_file",
+            format!("{param} {id:?} does not exist (it may have been deleted)"),
+            Some(param),
+        )
+    };
+    let file = store
+        .get_file(id)
+        .await
+        .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+        .ok_or_else(missing)?;
+    if file.purpose != PURPOSE_FINE_TUNE {
+        return Err(JobError::new(
+            "invalid_file",
+            format!(
+                "{param} {id:?} has purpose {:?}, not \"fine-tune\"",
+                file.purpose
+            ),
+            Some(param),
+        ));
+    }
+    let path = store.file_path(&file);
+    if !path.is_file() {
+        return Err(missing());
+    }
+    Ok(path)
+}
+
+/// `init_adapter` is an earlier job (`ftjob-…` or its `ft:…` model name) or an adapter
+/// directory under the allowed roots.
+pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<PathBuf, JobError> {
+    let param = Some("init_adapter");
+    let job_id = value.rsplit(':').next().unwrap_or(value);
+    if job_id.starts_with("ftjob-") {
+        let job = store
+            .get_job(job_id)
+            .await
+            .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+            .ok_or_else(|| {
+                JobError::new(
+                    "invalid_init_adapter",
+                    format!("job {job_id:?} does not exist"),
+                    param,
+                )
+            })?;
+        if job.status != JobStatus::Succeeded.as_str() {
+            return Err(JobError::new(
+                "invalid_init_adapter",
+                format!(
+                    "job {job_id:?} has status {}; only a succeeded job's adapter can be continued",
+                    job.status
+                ),
+                param,
+            ));
+        }
+        return Ok(job_dir(store, job_id).join("adapter"));
+    }
+    let dir = hub
+        .allowed_dir(value, "init_adapter")
+        .map_err(|e| JobError::new("invalid_init_adapter", e.to_string(), param))?;
+    if !dir.join("adapter_config.json").is_file() {
+        return Err(JobError::new(
+            "invalid_init_adapter",
+            format!("{value:?} is not a PEFT adapter directory (no adapter_config.json)"),
+            param,
+        ));
+    }
+    Ok(dir)
+}
+
+pub fn job_dir(store: &Store, job_id: &str) -> PathBuf {
+    store.data_dir().join("jobs").join(job_id)
+}
+
+/// Runs `job` (already `running`) to its end on this thread and records the outcome.
+pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candle_core::Device) {
+    let store = &ctx.store;
+    let id = job.id.as_str();
+    let fail = |err: JobError| {
+        tracing::warn!(job = id, error = %err.message, "job failed");
+        if let Err(e) = ctx
+            .rt
+            .block_on(store.fail_job(id, &[JobStatus::Running], &err))
+        {
+            tracing::error!(job = id, error = %e, "could not record the failure");
+        }
+    };
+    if control.is_suspended() {
+        requeue(
+            ctx,
+            id,
+            "Server shutting down before the job started; it stays queued",
+        );
+        return;
+    }
+    let inputs = match ctx.rt.block_on(prepare(store, &ctx.hub, job)) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let output_dir = job_dir(store, id);
+    let resume_from = engine::latest_checkpoint(&output_dir);
+    let last = |key| {
+        ctx.rt
+            .block_on(store.last_metrics_step(id, key))
+            .ok()
+            .flatten()
+    };
+    let mut recorder = Recorder {
+        ctx,
+        job_id: id,
+        last_train_step: last("train_loss").unwrap_or(0),
+        last_eval_step: last("valid_loss").unwrap_or(0),
+    };
+    if let Some(ck) = &resume_from {
+        recorder.record(NewEvent::info(format!(
+            "Resuming from checkpoint {}",
+            ck.file_name().unwrap_or_default().to_string_lossy()
+        )));
+    } else if job.attempts > 1 {
+        recorder.record(NewEvent::info(
+            "No checkpoint to resume from; restarting from step 0",
+        ));
+    }
+    let train_job = engine::TrainJob {
+        model_dir: inputs.model_dir,
+        base_model_name: job.model.clone(),
+        training_file: inputs.training_file,
+        validation_file: inputs.validation_file,
+        init_adapter: inputs.init_adapter,
+        config: inputs.config,
+        output_dir: output_dir.clone(),
+        resume_from,
+        device: device.clone(),
+    };
+    tracing::info!(job = id, attempt = job.attempts, "training started");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine::run(&train_job, control, &mut |ev| recorder.on_event(ev))
+    }));
+    match result {
+        Ok(Ok(Outcome::Completed {
+            adapter_dir,
+            trained_tokens,
+            steps,
+        })) => {
+            tracing::info!(job = id, steps, trained_tokens, "training completed");
+            if let Err(e) = finish(ctx, job, &inputs.spec, &adapter_dir, trained_tokens) {
+                fail(JobError::new("internal_error", format!("could not register the results: {e:#}"), None));
+            }
+        }
+        Ok(Ok(Outcome::Suspended { step, .. })) => requeue(
+            ctx,
+            id,
+            &format!("Job suspended at step {step} for a server shutdown; it will resume from this checkpoint"),
+        ),
+        Ok(Ok(Outcome::Cancelled { step })) => {
+            tracing::info!(job = id, step, "training cancelled");
+        }
+        Ok(Err(_)) | Err(_) if control.is_cancelled() => {}
+        Ok(Err(_)) if control.is_suspended() => requeue(ctx, id, "Job suspended for a server shutdown"),
+        Ok(Err(e)) => fail(JobError::new("training_failed", format!("{e:#}"), None)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            fail(JobError::new("internal_error", format!("the trainer crashed: {what}"), None))
+        }
+    }
+}
+
+fn requeue(ctx: &Ctx, id: &str, message: &str) {
+    match ctx.rt.block_on(ctx.store.requeue(id, message)) {
+        Ok(true) => tracing::info!(job = id, "job requeued"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(job = id, error = %e, "could not requeue"),
+    }
+}
+
+/// Registers the adapter files and the metrics CSV as result files and marks the job succeeded.
+fn finish(
+    ctx: &Ctx,
+    job: &JobRow,
+    spec: &JobSpec,
+    adapter_dir: &Path,
+    trained_tokens: u64,
+) -> anyhow::Result<()> {
+    let store = &ctx.store;
+    let metrics = ctx.rt.block_on(store.metrics_events(&job.id))?;
+    let csv_path = job_dir(store, &job.id).join("metrics.csv");
+    std::fs::write(&csv_path, metrics_csv(&metrics))?;
+    let mut results = Vec::new();
+    for path in [
+        adapter_dir.join("adapter_model.safetensors"),
+        adapter_dir.join("adapter_config.json"),
+        csv_path,
+    ] {
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .len();
+        let rel = path.strip_prefix(store.data_dir()).unwrap_or(&path);
+        results.push(NewFile {
+            id: new_id("file"),
+            filename: path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            purpose: PURPOSE_RESULTS.into(),
+            bytes: bytes as i64,
+            path: rel.to_string_lossy().into_owned(),
+            rows: None,
+            job_id: Some(job.id.clone()),
+        });
+    }
+    let name = fine_tuned_model_name(&job.model, spec.suffix.as_deref(), &job.id);
+    ctx.rt
+        .block_on(store.succeed_job(&job.id, trained_tokens as i64, &name, &results))?;
+    Ok(())
+}
+
+/// OpenAI-style `ft:<base>:<suffix>:<job id>`; accepted back as `init_adapter`.
+pub fn fine_tuned_model_name(model: &str, suffix: Option<&str>, job_id: &str) -> String {
+    format!("ft:{model}:{}:{job_id}", suffix.unwrap_or("sftd"))
+}
+
+/// Turns engine events into stored events, dropping steps a resumed run repeats.
+struct Recorder<'a> {
+    ctx: &'a Ctx,
+    job_id: &'a str,
+    last_train_step: i64,
+    last_eval_step: i64,
+}
+
+impl Recorder<'_> {
+    fn record(&self, ev: NewEvent) {
+        if let Err(e) = self
+            .ctx
+            .rt
+            .block_on(self.ctx.store.append_running_event(self.job_id, &ev))
+        {
+            tracing::error!(job = self.job_id, error = %e, "could not record an event");
+        }
+    }
+
+    fn on_event(&mut self, ev: TrainEvent) {
+        match ev {
+            TrainEvent::Log { level, message } => self.record(NewEvent {
+                level: match level {
+                    Level::Info => "info",
+                    Level::Warn => "warn",
+                    Level::Error => "error",
+                },
+                kind: "message",
+                message,
+                data: None,
+                step: None,
+            }),
+            TrainEvent::Metrics(m) => {
+                let step = m.step as i64;
+                if step <= self.last_train_step {
+                    return;
+                }
+                self.last_train_step = step;
+                self.record(metrics_event(&m));
+            }
+            TrainEvent::Eval(e) => {
+                let step = e.step as i64;
+                if step <= self.last_eval_step {
+                    return;
+                }
+                self.last_eval_step = step;
+                self.record(eval_event(&e));
+            }
+            TrainEvent::Checkpoint(c) => self.checkpoint(&c),
+        }
+    }
+
+    fn checkpoint(&self, c: &CheckpointInfo) {
+        let store = &self.ctx.store;
+        let metrics = serde_json::json!({
+            "step": c.step,
+            "train_loss": c.train_loss,
+            "train_mean_token_accuracy": c.train_mean_token_accuracy,
+            "valid_loss": c.eval_loss,
+            "valid_mean_token_accuracy": c.eval_mean_token_accuracy,
+        });
+        let rel = c.path.strip_prefix(store.data_dir()).unwrap_or(&c.path);
+        let added = self.ctx.rt.block_on(store.add_checkpoint(
+            self.job_id,
+            c.step as i64,
+            &metrics,
+            &rel.to_string_lossy(),
+        ));
+        if let Err(e) = added {
+            tracing::error!(job = self.job_id, error = %e, "could not record a checkpoint");
+        }
+    }
+}
+
+fn metrics_event(m: &StepMetrics) -> NewEvent {
+    NewEvent {
+        level: "info",
+        kind: "metrics",
+        message: format!(
+            "Step {}/{}: training loss={:.4}",
+            m.step, m.total_steps, m.train_loss
+        ),
+        data: serde_json::to_value(m).ok(),
+        step: Some(m.step as i64),
+    }
+}
+
+fn eval_event(e: &EvalMetrics) -> NewEvent {
+    NewEvent {
+        level: "info",
+        kind: "metrics",
+        message: format!("Step {}: validation loss={:.4}", e.step, e.eval_loss),
+        data: Some(serde_json::json!({
+            "step": e.step,
+            "valid_loss": e.eval_loss,
+            "valid_mean_token_accuracy": e.eval_mean_token_accuracy,
+            "eval_tokens": e.eval_tokens,
+        })),
+        step: Some(e.step as i64),
+    }
+}
+
+const CSV_COLUMNS: [&str; 8] = [
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "learning_rate",
+    "grad_norm",
+    "num_tokens",
+];
+
+/// One row per step, merging a step's training and validation metrics.
+pub fn metrics_csv(events: &[crate::store::EventRow]) -> String {
+    let mut rows: BTreeMap<i64, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+    for e in events {
+        let (Some(step), Some(data)) = (e.step, e.data.as_deref()) else {
+            continue;
+        };
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(data) {
+            rows.entry(step).or_default().extend(m);
+        }
+    }
+    let mut out = CSV_COLUMNS.join(",");
+    out.push('\n');
+    for (step, m) in rows {
+        let cells: Vec<String> = CSV_COLUMNS
+            .iter()
+            .map(|c| match (*c, m.get(*c)) {
+                ("step", _) => step.to_string(),
+                (_, Some(v)) if !v.is_null() => v.to_string(),
+                _ => String::new(),
+            })
+            .collect();
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,132 @@
+//! Accepting and cancelling jobs: every check that can be answered before anything is stored,
+//! then the insert, then the asynchronous `validating_files → queued` step.
+
+use super::{run, Worker};
+use crate::hub::HubError;
+use crate::store::files::PURPOSE_FINE_TUNE;
+use crate::store::jobs::{Created, NewJob};
+use crate::store::{new_id, JobRow, StoreError};
+use crate::train::spec::JobSpec;
+
+/// Why a job was not accepted; `param` names the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{message}")]
+    Invalid {
+        param: String,
+        code: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    NotFound {
+        param: String,
+        code: &'static str,
+        message: String,
+    },
+    #[error("Idempotency-Key {0:?} was already used with a different request body")]
+    IdempotencyConflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(param: &str, code: &'static str, message: impl Into<String>) -> SubmitError {
+    SubmitError::Invalid {
+        param: param.into(),
+        code,
+        message: message.into(),
+    }
+}
+
+impl Worker {
+    /// Checks `spec` completely, stores the job (or returns the one stored under the same
+    /// idempotency key, with `true`), and starts its validation.
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        idempotency_key: Option<String>,
+    ) -> Result<(JobRow, bool), SubmitError> {
+        let config = spec.resolve().map_err(|e| SubmitError::Invalid {
+            param: e.param,
+            code: "invalid_hyperparameter",
+            message: e.message,
+        })?;
+        self.check_dataset(&spec.training_file, "training_file")
+            .await?;
+        if let Some(v) = &spec.validation_file {
+            self.check_dataset(v, "validation_file").await?;
+        }
+        self.hub.check(&spec.model).await.map_err(|e| match e {
+            HubError::NotFound(message) => SubmitError::NotFound {
+                param: "model".into(),
+                code: "model_not_found",
+                message,
+            },
+            HubError::Invalid(message) | HubError::Unavailable(message) => {
+                invalid("model", "invalid_model", message)
+            }
+        })?;
+        if let Some(a) = &spec.init_adapter {
+            run::init_adapter_dir(&self.store, &self.hub, a)
+                .await
+                .map_err(|e| invalid("init_adapter", "invalid_init_adapter", e.message))?;
+        }
+        let spec_text = serde_json::to_string(&spec).expect("a JobSpec serializes. This is a bug.");
+        let new = NewJob {
+            id: new_id("ftjob"),
+            model: spec.model.clone(),
+            training_file: spec.training_file.clone(),
+            validation_file: spec.validation_file.clone(),
+            spec: spec_text.clone(),
+            config: serde_json::to_string(&config)
+                .expect("a TrainConfig serializes. This is a bug."),
+            seed: config.seed as i64,
+            suffix: spec.suffix.clone(),
+            metadata: spec
+                .metadata
+                .as_ref()
+                .map(|m| serde_json::to_string(m).expect("a map serializes. This is a bug.")),
+            idempotency_key: idempotency_key.clone(),
+        };
+        match self.store.create_job(&new).await? {
+            Created::New(row) => {
+                tracing::info!(job = %row.id, model = %row.model, "job created");
+                self.validate(row.clone());
+                Ok((row, false))
+            }
+            Created::Existing(row) if row.spec == spec_text => Ok((row, true)),
+            Created::Existing(_) => Err(SubmitError::IdempotencyConflict(
+                idempotency_key.unwrap_or_default(),
+            )),
+        }
+    }
+
+    async fn check_dataset(&self, id: &str, param: &str) -> Result<(), SubmitError> {
+        let Some(file) = self.store.get_file(id).await? else {
+            return Err(invalid(
+                param,
+                "file_not_found",
+                format!("{param} {id:?} does not exist; upload it with POST /v1/files first"),
+            ));
+        };
+        if file.purpose != PURPOSE_FINE_TUNE {
+            return Err(invalid(
+                param,
+                "invalid_file",
+                format!("{param} {id:?} has purpose {:?}; upload the dataset with purpose \"fine-tune\"", file.purpose),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cancels a job that has not finished. `None`: no such job; `Some(Err(row))`: it had
+    /// already finished (returned unchanged).
+    pub async fn cancel_job(&self, id: &str) -> Result<Option<Result<JobRow, JobRow>>, StoreError> {
+        match self.store.cancel_job(id).await? {
+            Some(row) => {
+                self.cancel(id);
+                Ok(Some(Ok(row)))
+            }
+            None => Ok(self.store.get_job(id).await?.map(Err)),
+        }
+    }
+}

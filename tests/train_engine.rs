@@ -1,0 +1,468 @@
+//! The training engine on tiny generated Qwen3 models: gradients against finite differences,
+//! gradient flow to every LoRA tensor, checkpointing equivalence, PEFT file format, exact resume,
+//! weight loading variants, and clear errors for bad data.
+
+use candle_core::{DType, Device, Tensor, Var};
+use sftd::train::checkpoint;
+use sftd::train::data::encode::{Encoder, Example};
+use sftd::train::data::parse_jsonl;
+use sftd::train::data::template::ChatTemplate;
+use sftd::train::demo::{write_model, DemoSize};
+use sftd::train::events::{Control, Outcome, StepMetrics, TrainEvent};
+use sftd::train::model::Qwen3;
+use sftd::train::spec::{JobSpec, LossOn, TrainConfig};
+use sftd::train::trainer::{self, build_model, make_batch, micro_step, TrainJob};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    write_model(&m, DemoSize::TINY, 7).unwrap();
+    m
+}
+
+fn examples(model_dir: &Path, n: usize, max_len: usize) -> Vec<Example> {
+    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
+    let tmpl = ChatTemplate::from_model_dir(model_dir).unwrap();
+    let rows = parse_jsonl(include_bytes!("../examples/tool_calls.jsonl")).unwrap();
+    // Short windows of long rows: label everything so each has targets.
+    let enc = Encoder {
+        tokenizer: &tok,
+        template: &tmpl,
+        loss_on: LossOn::All,
+        max_seq_len: max_len,
+    };
+    rows[..n]
+        .iter()
+        .map(|(l, r)| enc.encode(*l, r).unwrap())
+        .collect()
+}
+
+/// LoRA with random non-zero A and B, so every gradient is informative.
+fn random_lora(model: &mut Qwen3, seed: u64) {
+    let dev = model.device.clone();
+    let dtype = model.dtype;
+    let mut k = seed;
+    model
+        .attach_lora(
+            &sftd::train::spec::ALL_LINEAR.map(String::from),
+            4,
+            2.0,
+            0.0,
+            |_, shape| {
+                k += 1;
+                let t = Tensor::randn(0f32, 0.3, shape, &dev)?.to_dtype(dtype)?;
+                let _ = k;
+                Ok(t)
+            },
+        )
+        .unwrap();
+}
+
+/// Loss (Σ CE / N) and LoRA gradients of a micro-batch.
+fn loss_and_grads(
+    model: &Qwen3,
+    exs: &[&Example],
+    checkpointing: bool,
+) -> (f64, HashMap<String, Tensor>) {
+    let b = make_batch(model, exs).unwrap();
+    let mut acc = HashMap::new();
+    let s = micro_step(
+        model,
+        &b,
+        1.0 / b.n_targets as f64,
+        None,
+        checkpointing,
+        &mut acc,
+    )
+    .unwrap();
+    let grads = model
+        .lora_vars()
+        .into_iter()
+        .map(|(k, v)| (k, acc.remove(&v.id()).unwrap()))
+        .collect();
+    (s.loss_sum / b.n_targets as f64, grads)
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path());
+    let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
+    random_lora(&mut model, 1);
+    let exs = examples(&dir, 2, 48);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let (_, grads) = loss_and_grads(&model, &refs, true);
+    let vars: HashMap<String, Var> = model.lora_vars().into_iter().collect();
+    let eps = 1e-5;
+    let mut checked = 0;
+    for key in [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight",
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight",
+        "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight",
+        "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight",
+        "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight",
+    ] {
+        let var = &vars[key];
+        let analytic = grads[key].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, base.len() / 3, base.len() - 1] {
+            let mut plus = base.clone();
+            plus[idx] += eps;
+            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let (lp, _) = loss_and_grads(&model, &refs, true);
+            let mut minus = base.clone();
+            minus[idx] -= eps;
+            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let (lm, _) = loss_and_grads(&model, &refs, true);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let numeric = (lp - lm) / (2.0 * eps);
+            let err =
+                (numeric - analytic[idx]).abs() / numeric.abs().max(analytic[idx].abs()).max(1e-8);
+            assert!(
+                err < 1e-4 || (numeric - analytic[idx]).abs() < 1e-9,
+                "{key}[{idx}]: analytic {} vs numeric {numeric}",
+                analytic[idx]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 21);
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient_and_checkpointing_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path());
+    let mut model = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    random_lora(&mut model, 2);
+    let exs = examples(&dir, 3, 64);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let (l1, g1) = loss_and_grads(&model, &refs, true);
+    let (l2, g2) = loss_and_grads(&model, &refs, false);
+    assert!((l1 - l2).abs() < 1e-6, "{l1} vs {l2}");
+    assert_eq!(g1.len(), 2 * 7 * 2);
+    for (k, g) in &g1 {
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "{k} got a zero gradient");
+        let diff: f32 = (g - &g2[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff < 1e-5,
+            "{k}: checkpointed and full-graph gradients differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn packed_batch_gradient_equals_sum_of_single_sequences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path());
+    let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
+    random_lora(&mut model, 3);
+    let exs = examples(&dir, 2, 40);
+    let (_, both) = loss_and_grads(&model, &[&exs[0], &exs[1]], true);
+    let n = [exs[0].n_targets() as f64, exs[1].n_targets() as f64];
+    let (_, a) = loss_and_grads(&model, &[&exs[0]], true);
+    let (_, b) = loss_and_grads(&model, &[&exs[1]], true);
+    for (k, g) in &both {
+        // Each single run is normalised by its own count; the batch by the sum.
+        let want = ((&a[k] * (n[0] / (n[0] + n[1]))).unwrap()
+            + (&b[k] * (n[1] / (n[0] + n[1]))).unwrap())
+        .unwrap();
+        let diff: f64 = (g - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-10, "{k}: {diff}");
+    }
+}
+
+fn job(dir: &Path, model: &Path, out: &str, hp: serde_json::Value) -> TrainJob {
+    let data = dir.join("train.jsonl");
+    if !data.exists() {
+        let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
+            .lines()
+            .take(24)
+            .collect();
+        std::fs::write(&data, lines.join("\n")).unwrap();
+    }
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "model": "tiny", "training_file": "x", "seed": 3,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}
+    }))
+    .unwrap();
+    TrainJob {
+        model_dir: model.to_path_buf(),
+        base_model_name: "tiny".into(),
+        training_file: data,
+        validation_file: None,
+        init_adapter: None,
+        config: spec.resolve().unwrap(),
+        output_dir: dir.join(out),
+        resume_from: None,
+        device: Device::Cpu,
+    }
+}
+
+fn run_collect(
+    job: &TrainJob,
+    control: &Control,
+    suspend_after: Option<u64>,
+) -> (Outcome, Vec<StepMetrics>) {
+    let mut steps = Vec::new();
+    let outcome = trainer::run(job, control, &mut |ev| {
+        if let TrainEvent::Metrics(m) = ev {
+            if Some(m.step) == suspend_after {
+                control.suspend();
+            }
+            steps.push(m);
+        }
+    })
+    .unwrap();
+    (outcome, steps)
+}
+
+#[test]
+fn suspended_and_resumed_run_reproduces_the_uninterrupted_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let hp = serde_json::json!({
+        "n_epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "max_seq_len": 96, "loss_on": "all",
+        "learning_rate": 0.01, "save_steps": 4, "lora": {"r": 4, "dropout": 0.1}
+    });
+    let full = job(tmp.path(), &model, "full", hp.clone());
+    let (outcome, reference) = run_collect(&full, &Control::new(), None);
+    assert_eq!(reference.len(), 12, "24 rows / (2 × 2) × 2 epochs");
+    assert!(matches!(outcome, Outcome::Completed { steps: 12, .. }));
+    // Warmup: step 1 runs at lr 0, as in transformers.
+    assert_eq!(reference[0].learning_rate, 0.0);
+
+    let mut split = job(tmp.path(), &model, "split", hp);
+    let control = Control::new();
+    let (outcome, first) = run_collect(&split, &control, Some(5));
+    let Outcome::Suspended { checkpoint, step } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(step, 5);
+    assert_eq!(
+        checkpoint,
+        trainer::latest_checkpoint(&split.output_dir).unwrap()
+    );
+    split.resume_from = Some(checkpoint);
+    let (outcome, rest) = run_collect(&split, &Control::new(), None);
+    assert!(matches!(outcome, Outcome::Completed { steps: 12, .. }));
+    let resumed: Vec<&StepMetrics> = first.iter().chain(rest.iter()).collect();
+    assert_eq!(
+        resumed.iter().map(|m| m.step).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    for (a, b) in reference.iter().zip(resumed) {
+        assert!(
+            (a.train_loss - b.train_loss).abs() < 1e-6,
+            "step {}: {} vs {}",
+            a.step,
+            a.train_loss,
+            b.train_loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm.max(1.0),
+            "step {}",
+            a.step
+        );
+        assert_eq!(a.learning_rate, b.learning_rate);
+        assert_eq!(a.num_tokens, b.num_tokens);
+    }
+    // metrics.jsonl holds each step exactly once.
+    let text = std::fs::read_to_string(split.output_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    // Training moved the loss down on this tiny set.
+    assert!(reference[11].train_loss < reference[0].train_loss);
+}
+
+#[test]
+fn adapter_files_are_in_peft_format_and_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let hp = serde_json::json!({"max_steps": 1, "batch_size": 2, "gradient_accumulation_steps": 1, "max_seq_len": 64, "loss_on": "all",
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}});
+    let j = job(tmp.path(), &model, "out", hp);
+    let (outcome, _) = run_collect(&j, &Control::new(), None);
+    let Outcome::Completed { adapter_dir, .. } = outcome else {
+        panic!()
+    };
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    assert_eq!(cfg["base_model_name_or_path"], "tiny");
+    let t =
+        candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(t.len(), 2 * 2 * 3);
+    let shape = |k: &str| t[k].dims().to_vec();
+    assert_eq!(
+        shape("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        [4, 32]
+    );
+    assert_eq!(
+        shape("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
+        [32, 4]
+    );
+    assert_eq!(
+        shape("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"),
+        [16, 4]
+    );
+    assert_eq!(
+        shape("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"),
+        [4, 64]
+    );
+    assert!(t.values().all(|x| x.dtype() == DType::F32));
+    // init_adapter loads it back bit for bit.
+    let lora = TrainConfig::default().lora;
+    let (m, eff) = build_model(&model, &Device::Cpu, &lora, Some(&adapter_dir), 0).unwrap();
+    assert_eq!((eff.r, eff.alpha), (4, 8.0));
+    for (k, v) in m.lora_vars() {
+        let d: f32 = (v.as_tensor() - &t[&k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k}");
+    }
+    let loaded = checkpoint::load_adapter(&adapter_dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.target_modules, ["q_proj", "v_proj", "down_proj"]);
+}
+
+#[test]
+fn bf16_and_sharded_checkpoints_load_like_the_f32_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path());
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    // bf16 copy, split over two shards with an index, as large HF checkpoints ship.
+    let shard = tmp.path().join("sharded");
+    std::fs::create_dir_all(&shard).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), shard.join(f)).unwrap();
+    }
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let tensors: HashMap<String, Tensor> = part
+            .iter()
+            .map(|k| (k.to_string(), weights[*k].to_dtype(DType::BF16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&tensors, shard.join(file)).unwrap();
+        for k in part {
+            map.insert(k.to_string(), file.into());
+        }
+    }
+    std::fs::write(
+        shard.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let f32_model = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let bf16_model = Qwen3::load(&shard, DType::F32, &Device::Cpu).unwrap();
+    let diff: f32 = (&f32_model.lm_head - &bf16_model.lm_head)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff > 0.0 && diff < 1e-3, "bf16 rounding only: {diff}");
+    assert_eq!(bf16_model.lm_head.dtype(), DType::F32);
+}
+
+#[test]
+fn bad_training_rows_fail_with_their_line_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let mut j = job(
+        tmp.path(),
+        &model,
+        "out",
+        serde_json::json!({"max_steps": 1}),
+    );
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"yo\"}]}\n{oops\n{\"messages\":[{\"role\":\"robot\",\"content\":\"x\"}]}\n",
+    )
+    .unwrap();
+    j.training_file = bad;
+    let err = trainer::run(&j, &Control::new(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 invalid line(s)"), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("line 3") && err.contains("unrecognized role"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cancel_stops_within_one_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let j = job(
+        tmp.path(),
+        &model,
+        "out",
+        serde_json::json!({"batch_size": 1, "gradient_accumulation_steps": 4, "max_seq_len": 48, "loss_on": "all"}),
+    );
+    let control = Control::new();
+    let mut seen = 0;
+    let outcome = trainer::run(&j, &control, &mut |ev| {
+        if let TrainEvent::Metrics(m) = ev {
+            seen = m.step;
+            control.cancel();
+        }
+    })
+    .unwrap();
+    assert_eq!(outcome, Outcome::Cancelled { step: 1 });
+    assert_eq!(seen, 1);
+    assert!(!j.output_dir.join("adapter").exists());
+}
