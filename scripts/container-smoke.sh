@@ -232,8 +232,17 @@ adapter_bytes=$(stat -c %s "$WORK/adapter_model.safetensors")
 [ "$adapter_bytes" -gt 0 ] || fail "downloaded adapter is empty"
 say "adapter downloaded: $adapter_bytes bytes"
 
-n_events=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length') || fail "GET events"
+api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=10000" >"$WORK/events.json" || fail "GET events"
+n_events=$(jq '.data | length' "$WORK/events.json")
 [ "$n_events" -gt 0 ] || fail "job has no events"
+
+# SFTD_LOG_FORMAT=json: stdout is one JSON object per line.
+podman logs "${PROJECT}_sftd_1" >"$WORK/server.log" 2>&1
+n_log=$(wc -l <"$WORK/server.log")
+[ "$n_log" -gt 0 ] || fail "the server logged nothing"
+while IFS= read -r line; do
+  jq -e 'type == "object"' <<<"$line" >/dev/null 2>&1 || fail "log line is not a JSON object: $line"
+done <"$WORK/server.log"
 
 say "replace the container (down, up): state must live on the volume"
 t0=$(date +%s)
@@ -242,10 +251,11 @@ stop_s=$(($(date +%s) - t0))
 start
 job2=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job after restart"
 [ "$(jq -r .status <<<"$job2")" = succeeded ] || fail "after restart job is $(jq -r .status <<<"$job2")"
-n_events2=$(api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=100" | jq '.data | length') ||
+api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=10000" >"$WORK/events2.json" ||
   fail "GET events after restart"
-[ "$n_events2" -ge "$n_events" ] || fail "after restart $n_events2 events, had $n_events"
+[ "$(jq -c '[.data[].id]' "$WORK/events2.json")" = "$(jq -c '[.data[].id]' "$WORK/events.json")" ] ||
+  fail "after restart the events differ: $(jq '.data | length' "$WORK/events2.json") now, $n_events before"
 api -o /dev/null "$BASE/v1/files/$adapter_id/content" >/dev/null || fail "adapter gone after restart"
 
-SUMMARY="$SUMMARY, job ok with $n_events events, adapter $adapter_bytes bytes, down in ${stop_s} s"
+SUMMARY="$SUMMARY, job ok with $n_events events, adapter $adapter_bytes bytes, $n_log JSON log lines, down in ${stop_s} s"
 status=PASS
