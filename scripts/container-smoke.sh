@@ -200,24 +200,39 @@ file_id=$(api -F purpose=fine-tune -F file=@examples/tool_calls.jsonl "$BASE/v1/
   fail "upload"
 [[ "$file_id" == file-* ]] || fail "upload returned id '$file_id'"
 
-say "create a job on sftd-demo"
-body=$(jq -cn --arg f "$file_id" '{model: "sftd-demo", training_file: $f, method: {type: "supervised",
-  supervised: {hyperparameters: {n_epochs: 1, max_steps: 4, batch_size: 2, max_seq_len: 128}}}}')
-job_id=$(api -H 'Content-Type: application/json' -d "$body" "$BASE/v1/fine_tuning/jobs" | jq -r .id) ||
-  fail "job creation"
-[[ "$job_id" == ftjob-* ]] || fail "job creation returned id '$job_id'"
+create_job() { # create_job FILE_ID MAX_STEPS -> job id
+  local body
+  body=$(jq -cn --arg f "$1" --argjson n "$2" '{model: "sftd-demo", training_file: $f,
+    method: {type: "supervised", supervised: {hyperparameters:
+      {n_epochs: 1, max_steps: $n, batch_size: 2, max_seq_len: 128}}}}')
+  api -H 'Content-Type: application/json' -d "$body" "$BASE/v1/fine_tuning/jobs" | jq -r .id
+}
 
-deadline=$(($(date +%s) + JOB_TIMEOUT))
-while :; do
-  job=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job"
-  st=$(jq -r .status <<<"$job")
-  case "$st" in
-    succeeded) break ;;
-    failed | cancelled) fail "job $job_id ended $st: $(jq -c .error <<<"$job")" ;;
-  esac
-  [ "$(date +%s)" -lt "$deadline" ] || fail "job $job_id still $st after ${JOB_TIMEOUT}s"
-  sleep 2
-done
+wait_job() { # wait_job ID -> the job object once it succeeded
+  local deadline job st
+  deadline=$(($(date +%s) + JOB_TIMEOUT))
+  while :; do
+    job=$(api "$BASE/v1/fine_tuning/jobs/$1") || fail "GET job $1"
+    st=$(jq -r .status <<<"$job")
+    case "$st" in
+      succeeded) break ;;
+      failed | cancelled) fail "job $1 ended $st: $(jq -c .error <<<"$job")" ;;
+    esac
+    [ "$(date +%s)" -lt "$deadline" ] || fail "job $1 still $st after ${JOB_TIMEOUT}s"
+    sleep 1
+  done
+  printf '%s\n' "$job"
+}
+
+metric_steps() { # metric_steps ID -> the steps of its metrics events, in order, one line
+  api "$BASE/v1/fine_tuning/jobs/$1/events?limit=10000" |
+    jq -c '[.data[] | select(.type == "metrics") | .data.step]'
+}
+
+say "create a job on sftd-demo"
+job_id=$(create_job "$file_id" 4) || fail "job creation"
+[[ "$job_id" == ftjob-* ]] || fail "job creation returned id '$job_id'"
+job=$(wait_job "$job_id")
 say "job $job_id succeeded"
 
 adapter_id=""
@@ -244,18 +259,36 @@ while IFS= read -r line; do
   jq -e 'type == "object"' <<<"$line" >/dev/null 2>&1 || fail "log line is not a JSON object: $line"
 done <"$WORK/server.log"
 
-say "replace the container (down, up): state must live on the volume"
+# A second, longer job is running when the container stops: SIGTERM must checkpoint and requeue it,
+# and the next container must resume it rather than start over.
+say "start a longer job and replace the container while it runs (down, up)"
+job2_id=$(create_job "$file_id" 40) || fail "second job creation"
+deadline=$(($(date +%s) + JOB_TIMEOUT))
+until [ "$(metric_steps "$job2_id" | jq 'length')" -ge 2 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || fail "job $job2_id made no progress in ${JOB_TIMEOUT}s"
+  sleep 1
+done
 t0=$(date +%s)
 compose down >/dev/null 2>&1 || fail "compose down"
 stop_s=$(($(date +%s) - t0))
+[ "$stop_s" -lt 30 ] || fail "compose down took ${stop_s}s: SIGTERM not handled?"
 start
-job2=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job after restart"
-[ "$(jq -r .status <<<"$job2")" = succeeded ] || fail "after restart job is $(jq -r .status <<<"$job2")"
+
+job_after=$(api "$BASE/v1/fine_tuning/jobs/$job_id") || fail "GET job after restart"
+[ "$(jq -r .status <<<"$job_after")" = succeeded ] || fail "after restart job is $(jq -r .status <<<"$job_after")"
 api "$BASE/v1/fine_tuning/jobs/$job_id/events?limit=10000" >"$WORK/events2.json" ||
   fail "GET events after restart"
 [ "$(jq -c '[.data[].id]' "$WORK/events2.json")" = "$(jq -c '[.data[].id]' "$WORK/events.json")" ] ||
   fail "after restart the events differ: $(jq '.data | length' "$WORK/events2.json") now, $n_events before"
 api -o /dev/null "$BASE/v1/files/$adapter_id/content" >/dev/null || fail "adapter gone after restart"
 
-SUMMARY="$SUMMARY, job ok with $n_events events, adapter $adapter_bytes bytes, $n_log JSON log lines, down in ${stop_s} s"
+wait_job "$job2_id" >/dev/null
+steps=$(metric_steps "$job2_id")
+[ "$(jq '[.[] | select(. == 1)] | length' <<<"$steps")" = 1 ] ||
+  fail "job $job2_id started over after the restart: steps $steps"
+[ "$(jq 'max' <<<"$steps")" = 40 ] || fail "job $job2_id did not reach step 40: steps $steps"
+say "job $job2_id resumed after the restart and succeeded"
+
+SUMMARY="$SUMMARY, job ok with $n_events events, adapter $adapter_bytes bytes, $n_log JSON log lines"
+SUMMARY="$SUMMARY, down mid-job in ${stop_s} s, resumed"
 status=PASS
