@@ -23,6 +23,8 @@ JOB_TIMEOUT=${SMOKE_JOB_TIMEOUT:-600}
 say() { printf '[container-smoke] %s\n' "$*" >&2; }
 fail() {
   say "FAIL: $*"
+  # Also from a $(…) subshell: the summary line repeats the first reason.
+  [ -z "${WORK:-}" ] || [ -s "$WORK/reason" ] || printf '%s' "$*" >"$WORK/reason" 2>/dev/null || true
   exit 1
 }
 
@@ -136,8 +138,10 @@ cleanup() {
   compose down -v >/dev/null 2>&1 || true
   podman volume rm -f "${PROJECT}_sftd-data" >/dev/null 2>&1 || true
   podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+  local reason=""
+  [ "$status" = PASS ] || reason=$(cat "$WORK/reason" 2>/dev/null || true)
   rm -rf "$WORK"
-  echo "container-smoke: $status${SUMMARY:+ ($SUMMARY)}"
+  echo "container-smoke: $status${reason:+: $reason}${SUMMARY:+ ($SUMMARY)}"
   [ "$status" = PASS ] || exit $((rc == 0 ? 1 : rc))
 }
 trap cleanup EXIT
