@@ -128,7 +128,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A model reference as the CLI accepts it: the demo model's name or a local directory.
+/// A model reference as the CLI accepts it: the demo model's name, any local model directory,
+/// or a Hugging Face repo id (downloaded through the hub cache, honouring HF_TOKEN/HF_HOME/HF_ENDPOINT).
 fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     if model == DEMO_MODEL {
         return ensure_demo_model(data_dir);
@@ -137,7 +138,19 @@ fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     if p.join("config.json").exists() {
         return Ok(p);
     }
-    bail!("model {model:?} is neither {DEMO_MODEL:?} nor a directory with a config.json")
+    if p.exists() || !crate::hub::valid_repo_id(model) {
+        bail!("model {model:?} is neither {DEMO_MODEL:?}, a directory with a config.json, nor a Hugging Face repo id");
+    }
+    #[derive(clap::Parser)]
+    struct Env {
+        #[command(flatten)]
+        config: crate::config::Config,
+    }
+    let mut config = <Env as clap::Parser>::try_parse_from(["sftd"])?.config;
+    config.data_dir = data_dir.to_path_buf();
+    let hub = crate::hub::Hub::new(&config);
+    eprintln!("fetching {model} from the Hugging Face hub…");
+    Ok(tokio::runtime::Runtime::new()?.block_on(hub.resolve(model))?)
 }
 
 /// The demo model's directory under `data_dir`, generated on first use.
@@ -157,11 +170,45 @@ pub fn ensure_demo_model(data_dir: &Path) -> Result<PathBuf> {
 pub struct DemoModelArgs {
     /// Directory to write config.json, model.safetensors and the tokenizer files into.
     pub dir: PathBuf,
+    /// Hidden size (the demo model's when omitted; likewise below).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// Embedding rows; at least the tokenizer's size (e.g. 151936 for Qwen3's LM-head cost).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Random-init seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
+/// Writes the demo model, or a random Qwen3 of other dimensions (for benchmarks).
 pub fn demo_model(args: DemoModelArgs) -> Result<()> {
-    crate::train::demo::write_demo_model(&args.dir)?;
-    println!("wrote the demo model to {}", args.dir.display());
+    let d = crate::train::demo::DemoSize::DEMO;
+    let size = crate::train::demo::DemoSize {
+        hidden: args.hidden.unwrap_or(d.hidden),
+        intermediate: args.intermediate.unwrap_or(d.intermediate),
+        layers: args.layers.unwrap_or(d.layers),
+        heads: args.heads.unwrap_or(d.heads),
+        kv_heads: args.kv_heads.unwrap_or(d.kv_heads),
+        head_dim: args.head_dim.unwrap_or(d.head_dim),
+        min_vocab: args.vocab.unwrap_or(0),
+        ..d
+    };
+    crate::train::demo::write_model(&args.dir, size, args.seed)?;
+    println!(
+        "wrote a random-init Qwen3 ({size:?}) to {}",
+        args.dir.display()
+    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! sftd: a self-hostable LoRA SFT service for Qwen3 models.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod hub;

@@ -34,6 +34,8 @@ enum Command {
     Logits(cli::LogitsArgs),
     /// Merge a LoRA adapter into its base model's weights.
     Merge(cli::MergeArgs),
+    /// Measure training throughput, step time, peak memory and MFU on this machine.
+    Bench(sftd::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::DemoModel(a)) => cli::demo_model(a),
         Some(Command::Logits(a)) => cli::logits(a),
         Some(Command::Merge(a)) => cli::merge(a),
+        Some(Command::Bench(a)) => sftd::bench::bench(a),
     }
 }
 

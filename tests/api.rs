@@ -10,6 +10,9 @@ fn hp(h: Value) -> Value {
     json!({"type": "supervised", "supervised": {"hyperparameters": h}})
 }
 
+/// (name, file bytes, expected (line, code) of every reported line).
+type Case = (&'static str, Vec<u8>, Vec<(usize, &'static str)>);
+
 #[tokio::test]
 async fn bad_uploads_are_rejected_with_every_line_and_nothing_stored() {
     let env = Env::new().with("SFTD_MAX_UPLOAD_BYTES", "10000000");
@@ -20,7 +23,7 @@ async fn bad_uploads_are_rejected_with_every_line_and_nothing_stored() {
         "{good}\n{{\"text\":\"{}\"}}\n",
         "a".repeat(8 * 1024 * 1024 + 10)
     );
-    let corpus: Vec<(&str, Vec<u8>, Vec<(usize, &str)>)> = vec![
+    let corpus: Vec<Case> = vec![
         ("malformed json", format!("{good}\n{{not json\n{good}\n[1,2\n").into_bytes(), vec![(2, "invalid_json"), (4, "invalid_json")]),
         (
             "wrong role",

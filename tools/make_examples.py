@@ -23,6 +23,7 @@ Floats in tool-call arguments are kept to short decimals that Python prints with
 import argparse
 import json
 import random
+import sys
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ PLAIN_QA = [
 class Gen:
     def __init__(self, seed):
         self.rng = random.Random(seed)
-        self.call_counter = 0
+        self.stats = {}
 
     # ---- helpers -------------------------------------------------------------------------
     def pick(self, xs):
@@ -658,6 +659,7 @@ class Gen:
             [self.single, self.parallel, self.chain, self.clarify, self.refusal, self.plain, self.followup],
             weights=[30, 12, 18, 12, 10, 11, 7])[0]
         messages, tools = scenario()
+        self.stats[scenario.__name__] = self.stats.get(scenario.__name__, 0) + 1
         # ~15% of the rows that have tool calls carry the arguments as a JSON string.
         if self.rng.random() < 0.15:
             for m in messages:
@@ -695,6 +697,7 @@ def main():
             row = gen.row()
             check_floats(row, "row %d" % (i + 1))
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print("%s: %d rows, scenarios %s" % (args.out, args.rows, json.dumps(gen.stats, sort_keys=True)), file=sys.stderr)
 
 
 if __name__ == "__main__":

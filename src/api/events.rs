@@ -6,7 +6,7 @@ use super::error::{AppError, AppPath, AppQuery};
 use super::jobs::no_such_job;
 use super::types::{parse_event_cursor, EventObject, EventsQuery, List};
 use super::AppState;
-use crate::store::{EventRow, Store};
+use crate::store::{EventRow, Published, Store};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -103,7 +103,7 @@ struct Pump {
     after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
     /// Subscribed before the replay starts, so nothing committed after it can be missed.
-    live: broadcast::Receiver<Arc<EventRow>>,
+    live: broadcast::Receiver<Arc<Published>>,
     shutdown: watch::Receiver<bool>,
     _client: ClientGuard,
 }
@@ -136,8 +136,11 @@ impl Pump {
                 _ = self.tx.closed() => return,
             };
             let step = match next {
-                Ok(e) if e.job_id != self.job_id || e.seq <= self.after => continue,
-                Ok(e) if e.seq == self.after + 1 => self.send(&e).await,
+                Ok(e) if e.row.job_id != self.job_id || e.row.seq <= self.after => continue,
+                Ok(e) if e.row.seq == self.after + 1 => {
+                    let body = e.rendered.get_or_init(|| render(&e.row));
+                    self.send(&e.row, body).await
+                }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
@@ -158,7 +161,7 @@ impl Pump {
                 }
             };
             for e in &page {
-                self.send(e).await?;
+                self.send(e, &render(e)).await?;
             }
             if (page.len() as i64) < PAGE {
                 return Ok(());
@@ -166,9 +169,7 @@ impl Pump {
         }
     }
 
-    async fn send(&mut self, e: &EventRow) -> Result<(), Stop> {
-        let body =
-            serde_json::to_string(&EventObject::from(e)).expect("events serialize. This is a bug.");
+    async fn send(&mut self, e: &EventRow, body: &str) -> Result<(), Stop> {
         let event = Event::default().id(e.seq.to_string()).data(body);
         if self.tx.send(Ok(event)).await.is_err() {
             return Err(Stop::Gone);
@@ -179,6 +180,11 @@ impl Pump {
         }
         Ok(())
     }
+}
+
+/// The `data:` of an event's SSE message: its JSON object.
+fn render(e: &EventRow) -> String {
+    serde_json::to_string(&EventObject::from(e)).expect("events serialize. This is a bug.")
 }
 
 /// Counts open streams for `/metrics`.

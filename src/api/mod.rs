@@ -8,6 +8,7 @@ pub mod files;
 pub mod health;
 pub mod jobs;
 pub mod types;
+pub mod ui;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(health::routes())
+        .merge(ui::routes())
         .merge(v1)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

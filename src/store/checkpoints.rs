@@ -28,7 +28,7 @@ impl Store {
         metrics: &serde_json::Value,
         path: &str,
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let id = new_id("ftckpt");
         let inserted = sqlx::query(
             "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, path) \

@@ -107,7 +107,7 @@ impl Store {
         job_id: &str,
         e: &NewEvent,
     ) -> Result<Option<EventRow>> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let row = insert(&mut tx, job_id, e, Some(&[JobStatus::Running])).await?;
         if let (Some(eta), Some(data)) = (
             e.data.as_ref().and_then(|d| d.get("eta_seconds")?.as_f64()),

@@ -37,6 +37,7 @@ const COLUMNS: &str = "id, created_at, filename, purpose, bytes, path, rows, job
 
 impl Store {
     pub async fn insert_file(&self, f: &NewFile) -> Result<FileRow> {
+        let (_writer, mut tx) = self.begin_write().await?;
         let row = sqlx::query_as::<_, FileRow>(&format!(
             "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
         ))
@@ -48,8 +49,9 @@ impl Store {
         .bind(&f.path)
         .bind(f.rows)
         .bind(&f.job_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row)
     }
 
@@ -102,7 +104,7 @@ impl Store {
     /// Deletes the row unless a job that has not finished uses the file; returns whether a row
     /// was deleted, or `Err(InUse)` through the outer result.
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let in_use: Option<String> = sqlx::query_scalar(
             "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1) \
              AND status IN ('validating_files', 'queued', 'running') LIMIT 1",

@@ -146,7 +146,7 @@ impl Store {
     /// Inserts the job and its first event; with an idempotency key already used, returns
     /// that job instead and writes nothing.
     pub async fn create_job(&self, j: &NewJob) -> Result<Created> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         if let Some(key) = &j.idempotency_key {
             let existing = sqlx::query_as::<_, JobRow>(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?"
@@ -220,7 +220,7 @@ impl Store {
         extra_set: &str,
         event: NewEvent,
     ) -> Result<Option<(JobRow, EventRow)>> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let sql = format!(
             "UPDATE jobs SET status = ?1{extra_set} WHERE id = ?2 AND status IN ({}) RETURNING {COLUMNS}",
             in_list(from)
@@ -302,7 +302,7 @@ impl Store {
 
     /// `from → failed` with a message the user can act on.
     pub async fn fail_job(&self, id: &str, from: &[JobStatus], err: &JobError) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let done = sqlx::query(&format!(
             "UPDATE jobs SET status = 'failed', finished_at = unixepoch(), estimated_finish = NULL, \
              error_code = ?, error_message = ?, error_param = ? \
@@ -340,7 +340,7 @@ impl Store {
         fine_tuned_model: &str,
         results: &[NewFile],
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
+        let (_writer, mut tx) = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE jobs SET status = 'succeeded', finished_at = unixepoch(), estimated_finish = NULL, \
              trained_tokens = ?, fine_tuned_model = ? WHERE id = ? AND status = 'running'",

@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -33,6 +33,14 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A committed event as broadcast to every subscriber, with a slot where the first subscriber
+/// to need it leaves its wire form, so a thousand streams serialize each event once.
+#[derive(Debug)]
+pub struct Published {
+    pub row: EventRow,
+    pub rendered: OnceLock<String>,
+}
+
 /// Capacity of the event broadcast shared by every stream subscriber. A subscriber that falls
 /// further behind than this gets `Lagged` and catches up from the database.
 const BROADCAST_CAPACITY: usize = 4096;
@@ -42,7 +50,8 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub struct Store {
     pool: SqlitePool,
     data_dir: PathBuf,
-    events_tx: broadcast::Sender<Arc<EventRow>>,
+    events_tx: broadcast::Sender<Arc<Published>>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -68,6 +77,7 @@ impl Store {
             pool,
             data_dir: data_dir.to_path_buf(),
             events_tx,
+            write_lock: Default::default(),
         })
     }
 
@@ -80,7 +90,7 @@ impl Store {
     }
 
     /// Every event committed from now on, in commit order (per job; see `events` for gaps).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events_tx.subscribe()
     }
 
@@ -88,14 +98,24 @@ impl Store {
     fn publish(&self, events: impl IntoIterator<Item = EventRow>) {
         for e in events {
             // No receivers is fine: nobody is watching.
-            let _ = self.events_tx.send(Arc::new(e));
+            let _ = self.events_tx.send(Arc::new(Published {
+                row: e,
+                rendered: OnceLock::new(),
+            }));
         }
     }
 
-    /// A write transaction that takes the write lock up front, so concurrent writers wait on
-    /// `busy_timeout` instead of failing to upgrade a read lock.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction. Writers queue on an in-process lock (SQLite has one writer anyway,
+    /// and its busy handler sleeps in coarse steps), then take SQLite's write lock up front so
+    /// a read lock never has to be upgraded. Hold the guard until the commit.
+    async fn begin_write(
+        &self,
+    ) -> Result<(
+        tokio::sync::OwnedMutexGuard<()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    )> {
+        let guard = self.write_lock.clone().lock_owned().await;
+        Ok((guard, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 
     /// Liveness of the database for `/readyz`.
@@ -114,4 +134,137 @@ pub fn now() -> i64 {
 pub fn new_id(prefix: &str) -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &u[..24])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jobs::{Created, JobError, NewJob};
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let s = Store::open(&url, dir.path()).await.unwrap();
+        (dir, s)
+    }
+
+    fn job(id: &str, key: Option<&str>) -> NewJob {
+        NewJob {
+            id: id.into(),
+            model: "sftd-demo".into(),
+            training_file: "file-x".into(),
+            validation_file: None,
+            spec: "{}".into(),
+            config: "{}".into(),
+            seed: 1,
+            suffix: None,
+            metadata: None,
+            idempotency_key: key.map(String::from),
+        }
+    }
+
+    fn statuses(events: &[EventRow]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| e.status().map(|s| s.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn transitions_are_guarded_and_events_numbered() {
+        let (_d, s) = store().await;
+        let mut live = s.subscribe();
+        assert!(matches!(
+            s.create_job(&job("ftjob-a", None)).await.unwrap(),
+            Created::New(_)
+        ));
+        // Not queued yet: nothing to claim, and running-only events are refused.
+        assert!(s.claim_next_job().await.unwrap().is_none());
+        assert!(s
+            .append_running_event("ftjob-a", &NewEvent::info("x"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s.mark_queued("ftjob-a").await.unwrap());
+        assert!(!s.mark_queued("ftjob-a").await.unwrap());
+        let claimed = s.claim_next_job().await.unwrap().unwrap();
+        assert_eq!((claimed.id.as_str(), claimed.attempts), ("ftjob-a", 1));
+        assert!(s
+            .append_running_event("ftjob-a", &NewEvent::info("log"))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(s.cancel_job("ftjob-a").await.unwrap().is_some());
+        // After the terminal event nothing else lands: no events, no success, no failure, no requeue.
+        assert!(s
+            .append_running_event("ftjob-a", &NewEvent::info("late"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!s.succeed_job("ftjob-a", 1, "ft", &[]).await.unwrap());
+        let err = JobError::new("x", "y", None);
+        assert!(!s
+            .fail_job("ftjob-a", &[JobStatus::Running], &err)
+            .await
+            .unwrap());
+        assert!(!s.requeue("ftjob-a", "r").await.unwrap());
+        assert!(!s
+            .add_checkpoint("ftjob-a", 1, &serde_json::json!({}), "p")
+            .await
+            .unwrap());
+        assert!(s.cancel_job("ftjob-a").await.unwrap().is_none());
+
+        let events = s.list_events("ftjob-a", 0, 100).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            statuses(&events),
+            ["validating_files", "queued", "running", "cancelled"]
+        );
+        assert!(events.last().unwrap().is_terminal());
+        // Every committed event was broadcast, in order.
+        for e in &events {
+            assert_eq!(live.try_recv().unwrap().row, *e);
+        }
+        assert!(live.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn fifo_requeue_and_idempotency_key() {
+        let (_d, s) = store().await;
+        for id in ["ftjob-1", "ftjob-2"] {
+            s.create_job(&job(id, None)).await.unwrap();
+        }
+        s.mark_queued("ftjob-2").await.unwrap();
+        s.mark_queued("ftjob-1").await.unwrap();
+        assert_eq!(s.claim_next_job().await.unwrap().unwrap().id, "ftjob-1");
+        assert!(s.requeue("ftjob-1", "suspended").await.unwrap());
+        // The requeued job is older, so it goes first again.
+        let again = s.claim_next_job().await.unwrap().unwrap();
+        assert_eq!((again.id.as_str(), again.attempts), ("ftjob-1", 2));
+        assert!(s
+            .add_checkpoint("ftjob-1", 4, &serde_json::json!({"step": 4}), "p")
+            .await
+            .unwrap());
+        assert!(!s
+            .add_checkpoint("ftjob-1", 4, &serde_json::json!({"step": 4}), "p")
+            .await
+            .unwrap());
+        assert_eq!(
+            s.list_checkpoints("ftjob-1", None, 10).await.unwrap().len(),
+            1
+        );
+
+        assert!(matches!(
+            s.create_job(&job("ftjob-k", Some("key"))).await.unwrap(),
+            Created::New(_)
+        ));
+        match s.create_job(&job("ftjob-k2", Some("key"))).await.unwrap() {
+            Created::Existing(row) => assert_eq!(row.id, "ftjob-k"),
+            Created::New(_) => panic!("a reused key must not create a job"),
+        }
+        assert!(s.get_job("ftjob-k2").await.unwrap().is_none());
+    }
 }

@@ -96,7 +96,9 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             cfg_path.display()
         );
     }
-    let target_modules = match &cfg.target_modules {
+    // PEFT writes suffixes ("q_proj") for many modules but full paths
+    // ("model.layers.0.self_attn.q_proj") for few; both name the same projections here.
+    let names: Vec<String> = match &cfg.target_modules {
         serde_json::Value::String(s) if s == "all-linear" => crate::train::spec::ALL_LINEAR
             .iter()
             .map(|s| s.to_string())
@@ -108,6 +110,21 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             .collect(),
         _ => bail!("{}: target_modules must be a list", cfg_path.display()),
     };
+    let target_modules: Vec<String> = crate::train::spec::ALL_LINEAR
+        .iter()
+        .filter(|m| {
+            names
+                .iter()
+                .any(|n| n == *m || n.ends_with(&format!(".{m}")))
+        })
+        .map(|m| m.to_string())
+        .collect();
+    if target_modules.is_empty() {
+        bail!(
+            "{}: target_modules {names:?} name no Qwen3 projection",
+            cfg_path.display()
+        );
+    }
     let weights = dir.join(ADAPTER_WEIGHTS);
     let tensors = candle_core::safetensors::load(&weights, device)
         .with_context(|| format!("reading {}", weights.display()))?

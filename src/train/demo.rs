@@ -46,6 +46,8 @@ pub struct DemoSize {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub tie_embeddings: bool,
+    /// Embedding rows at least this many (padding the vocabulary like real checkpoints do).
+    pub min_vocab: usize,
 }
 
 impl DemoSize {
@@ -60,6 +62,7 @@ impl DemoSize {
         kv_heads: 2,
         head_dim: 64,
         tie_embeddings: true,
+        min_vocab: 0,
     };
     /// For tests: a few thousand parameters.
     pub const TINY: Self = Self {
@@ -71,6 +74,7 @@ impl DemoSize {
         kv_heads: 2,
         head_dim: 8,
         tie_embeddings: true,
+        min_vocab: 0,
     };
 }
 
@@ -83,7 +87,7 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
 pub fn write_model(dir: &Path, size: DemoSize, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tokenizer = train_tokenizer(size.bpe_vocab)?;
-    let vocab = tokenizer.get_vocab_size(true);
+    let vocab = tokenizer.get_vocab_size(true).max(size.min_vocab);
     let id = |t: &str| tokenizer.token_to_id(t).expect("added token");
     tokenizer
         .save(dir.join("tokenizer.json"), false)

@@ -436,12 +436,21 @@ pub fn run(
         None => None,
     };
     for (name, ds) in [("training", Some(&train)), ("validation", val.as_ref())] {
-        for s in ds.map(|d| d.skipped.as_slice()).unwrap_or_default() {
-            emit_log(
-                on_event,
-                Level::Warn,
-                format!("{name} file line {} skipped: {}", s.line, s.message),
+        let skipped = ds.map(|d| d.skipped.as_slice()).unwrap_or_default();
+        if let Some(first) = skipped.first() {
+            let lines: Vec<String> = skipped
+                .iter()
+                .take(20)
+                .map(|s| s.line.to_string())
+                .collect();
+            let more = if skipped.len() > 20 { ", …" } else { "" };
+            let message = format!(
+                "{name} file: {} row(s) skipped ({}): lines {}{more}",
+                skipped.len(),
+                first.message,
+                lines.join(", ")
             );
+            emit_log(on_event, Level::Warn, message);
         }
     }
     let (model, lora) = build_model(

@@ -45,6 +45,7 @@ pub struct Worker {
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     store: Store,
     hub: Hub,
+    validations: tokio::sync::mpsc::UnboundedSender<JobRow>,
 }
 
 impl Worker {
@@ -57,7 +58,15 @@ impl Worker {
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
         });
+        let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(validation_loop(
+            store.clone(),
+            hub.clone(),
+            tx.clone(),
+            pending,
+        ));
         let worker = Self {
+            validations,
             tx,
             shared: shared.clone(),
             thread: Arc::new(Mutex::new(None)),
@@ -141,25 +150,40 @@ impl Worker {
         }
     }
 
-    /// Checks a new job's files and model off the request path (downloading the model if
-    /// needed), then queues it or fails it with a message naming what is wrong.
+    /// Queues a new job for validation (its files and model, downloading the model if
+    /// needed), done off the request path one job at a time so jobs reach `queued` in the
+    /// order they were created.
     pub fn validate(&self, job: JobRow) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let result = run::prepare(&this.store, &this.hub, &job).await;
-            let outcome = match result {
-                Ok(_) => this.store.mark_queued(&job.id).await.map(|_| ()),
-                Err(err) => this
-                    .store
-                    .fail_job(&job.id, &[JobStatus::ValidatingFiles], &err)
-                    .await
-                    .map(|_| ()),
-            };
-            match outcome {
-                Ok(()) => this.notify(),
-                Err(e) => tracing::error!(job = %job.id, error = %e, "could not record validation"),
+        let _ = self.validations.send(job);
+    }
+}
+
+/// Validates jobs in order: queues each or fails it with a message naming what is wrong.
+async fn validation_loop(
+    store: Store,
+    hub: Hub,
+    wake: mpsc::Sender<Command>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<JobRow>,
+) {
+    while let Some(job) = jobs.recv().await {
+        // Cancelled while waiting its turn: nothing to do.
+        match store.get_job(&job.id).await {
+            Ok(Some(j)) if j.status == JobStatus::ValidatingFiles.as_str() => {}
+            _ => continue,
+        }
+        let outcome = match run::prepare(&store, &hub, &job).await {
+            Ok(_) => store.mark_queued(&job.id).await.map(|_| ()),
+            Err(err) => store
+                .fail_job(&job.id, &[JobStatus::ValidatingFiles], &err)
+                .await
+                .map(|_| ()),
+        };
+        match outcome {
+            Ok(()) => {
+                let _ = wake.send(Command::Wake);
             }
-        });
+            Err(e) => tracing::error!(job = %job.id, error = %e, "could not record validation"),
+        }
     }
 }
 

@@ -430,3 +430,49 @@ pub fn metrics_csv(events: &[crate::store::EventRow]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventRow;
+
+    fn ev(seq: i64, step: i64, data: serde_json::Value) -> EventRow {
+        EventRow {
+            job_id: "j".into(),
+            seq,
+            created_at: 0,
+            level: "info".into(),
+            kind: "metrics".into(),
+            message: String::new(),
+            data: Some(data.to_string()),
+            step: Some(step),
+        }
+    }
+
+    #[test]
+    fn metrics_csv_merges_train_and_eval_rows_by_step() {
+        let csv = metrics_csv(&[
+            ev(
+                1,
+                1,
+                serde_json::json!({"step": 1, "train_loss": 2.5, "learning_rate": 0.1, "grad_norm": 1.0, "train_mean_token_accuracy": 0.25, "num_tokens": 10}),
+            ),
+            ev(
+                2,
+                2,
+                serde_json::json!({"step": 2, "train_loss": 2.0, "learning_rate": 0.1, "grad_norm": 0.5, "train_mean_token_accuracy": 0.5, "num_tokens": 20}),
+            ),
+            ev(
+                3,
+                2,
+                serde_json::json!({"step": 2, "valid_loss": 2.2, "valid_mean_token_accuracy": 0.4}),
+            ),
+        ]);
+        assert_eq!(
+            csv,
+            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens\n\
+             1,2.5,0.25,,,0.1,1.0,10\n\
+             2,2.0,0.5,2.2,0.4,0.1,0.5,20\n"
+        );
+    }
+}

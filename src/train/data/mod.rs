@@ -246,13 +246,15 @@ fn parse_chat(line: usize, mut obj: Map<String, Value>) -> Result<Row, RowError>
             match f.get("arguments") {
                 Some(Value::Object(_)) => {}
                 Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok() => {}
-                _ => return Err(err(
-                    line,
-                    "tool_call_arguments_not_json",
-                    at(format!(
+                _ => {
+                    return Err(err(
+                        line,
+                        "tool_call_arguments_not_json",
+                        at(format!(
                         "tool_calls[{c}].arguments must be a JSON object or a string holding JSON"
                     )),
-                )),
+                    ))
+                }
             }
         }
         has_assistant |= role == "assistant";

@@ -49,6 +49,8 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
+            #[cfg(feature = "openblas")]
+            Storage::Cpu(w) if blas::usable(s, l, w, wl) => blas::x_wt(s, l, w, wl),
             Storage::Cpu(w) => self.fwd(s, l, w, wl),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
@@ -68,17 +70,145 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dL/dx = g W : (..., O) @ (O, I) -> (..., I)
+        #[cfg(feature = "openblas")]
+        if g.device().is_cpu() && g.dtype() == DType::F32 && self.w.dtype() == DType::F32 {
+            return Ok(Some(
+                g.contiguous()?
+                    .apply_op1_no_bwd(&blas::GradInput { w: self.w.clone() })?,
+            ));
+        }
         Ok(Some(g.broadcast_matmul(&self.w)?))
+    }
+}
+
+/// OpenBLAS sgemm for the two large frozen-weight GEMMs of every projection (opt-in feature:
+/// on these CPUs it runs about twice as fast as candle's default gemm).
+#[cfg(feature = "openblas")]
+mod blas {
+    use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage};
+    use std::os::raw::c_int;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+
+    #[link(name = "openblas")]
+    extern "C" {
+        fn cblas_sgemm(
+            order: c_int,
+            ta: c_int,
+            tb: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+    }
+
+    fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+        match s {
+            CpuStorage::F32(v) if l.is_contiguous() => {
+                Some(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+            }
+            _ => None,
+        }
+    }
+
+    pub fn usable(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> bool {
+        f32s(x, xl).is_some() && f32s(w, wl).is_some()
+    }
+
+    /// `y (M, O) = x (M, I) · Wᵀ`.
+    pub fn x_wt(
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o, i) = wl.shape().dims2()?;
+        let (xs, ws) = (f32s(x, xl).expect("checked"), f32s(w, wl).expect("checked"));
+        let m = xs.len() / i;
+        let mut y = vec![0f32; m * o];
+        // SAFETY: slices sized (m,i), (o,i), (m,o) as the arguments state.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                m as c_int,
+                o as c_int,
+                i as c_int,
+                1.0,
+                xs.as_ptr(),
+                i as c_int,
+                ws.as_ptr(),
+                i as c_int,
+                0.0,
+                y.as_mut_ptr(),
+                o as c_int,
+            );
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = o;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// `dx (M, I) = g (M, O) · W`.
+    pub struct GradInput {
+        pub w: candle_core::Tensor,
+    }
+
+    impl CustomOp1 for GradInput {
+        fn name(&self) -> &'static str {
+            "frozen-linear-grad"
+        }
+        fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (ws, wl) = self.w.storage_and_layout();
+            let Storage::Cpu(w) = &*ws else {
+                candle_core::bail!("weight not on CPU")
+            };
+            let (o, i) = wl.shape().dims2()?;
+            let (Some(gs), Some(wv)) = (f32s(g, gl), f32s(w, wl)) else {
+                candle_core::bail!("frozen linear grad: f32 contiguous operands expected")
+            };
+            let m = gs.len() / o;
+            let mut dx = vec![0f32; m * i];
+            // SAFETY: slices sized (m,o), (o,i), (m,i) as the arguments state.
+            unsafe {
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    NO_TRANS,
+                    m as c_int,
+                    i as c_int,
+                    o as c_int,
+                    1.0,
+                    gs.as_ptr(),
+                    o as c_int,
+                    wv.as_ptr(),
+                    i as c_int,
+                    0.0,
+                    dx.as_mut_ptr(),
+                    i as c_int,
+                );
+            }
+            let mut dims = gl.dims().to_vec();
+            *dims.last_mut().expect("rank >= 1") = i;
+            Ok((CpuStorage::F32(dx), Shape::from(dims)))
+        }
     }
 }
 
 /// `x (..., I) -> x Wᵀ (..., O)`; no gradient ever flows to `w`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    if !x.track_op() {
-        // Nothing to differentiate: skip the custom-op bookkeeping.
-        return x.broadcast_matmul(&w.t()?);
-    }
     x.apply_op1(FrozenMatmul { w: w.clone() })
 }
 

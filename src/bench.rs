@@ -1,0 +1,203 @@
+//! `sftd bench`: training throughput, step time, peak RSS and MFU of the LoRA step on this
+//! machine, on the same model, data and batch that `tools/bench/compare.py` gives transformers + PEFT.
+
+use crate::train::data::encode::{Encoder, Example};
+use crate::train::data::parse_jsonl;
+use crate::train::data::template::ChatTemplate;
+use crate::train::optim::AdamW;
+use crate::train::spec::{LossOn, TrainConfig};
+use crate::train::trainer::{build_model, make_batch, micro_step};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model directory, or `sftd-demo`.
+    #[arg(long, default_value = "sftd-demo")]
+    pub model: String,
+    /// JSONL rows to draw sequences from (in file order).
+    #[arg(long, default_value = "examples/tool_calls.jsonl")]
+    pub data: PathBuf,
+    /// Sequences per optimizer step (no gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Tokens per sequence: rows are truncated to this length.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Timed optimizer steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// LoRA rank (alpha = 2r, all-linear, dropout 0, as in compare.py).
+    #[arg(long, default_value_t = 16)]
+    pub rank: u32,
+    /// Disable per-layer gradient checkpointing.
+    #[arg(long)]
+    pub no_checkpointing: bool,
+    #[arg(long, env = "SFTD_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub engine: &'static str,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub gradient_checkpointing: bool,
+    pub threads: usize,
+    pub tokens_per_second: f64,
+    pub ms_per_step: f64,
+    pub mean_tokens_per_step: f64,
+    pub peak_rss_mb: f64,
+    pub model_flops_per_token: f64,
+    pub gemm_peak_gflops: f64,
+    pub mfu: f64,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let report = run(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("| engine | batch | seq_len | ckpt | tok/s | ms/step | peak RSS MB | MFU | GEMM peak GFLOP/s |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.0} |",
+            report.engine,
+            report.batch_size,
+            report.seq_len,
+            if report.gradient_checkpointing {
+                "on"
+            } else {
+                "off"
+            },
+            report.tokens_per_second,
+            report.ms_per_step,
+            report.peak_rss_mb,
+            report.mfu * 100.0,
+            report.gemm_peak_gflops
+        );
+    }
+    Ok(())
+}
+
+fn run(args: &BenchArgs) -> Result<BenchReport> {
+    let dev = Device::Cpu;
+    let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
+        crate::cli::ensure_demo_model(&args.data_dir)?
+    } else {
+        PathBuf::from(&args.model)
+    };
+    let mut lora = TrainConfig::default().lora;
+    lora.r = args.rank;
+    lora.alpha = 2.0 * args.rank as f64;
+    lora.dropout = 0.0;
+    let (model, _) = build_model(&model_dir, &dev, &lora, None, 0)?;
+    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
+        .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
+    let template = ChatTemplate::from_model_dir(&model_dir)?;
+    let bytes =
+        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let rows = parse_jsonl(&bytes)
+        .map_err(|e| anyhow!("{} has invalid rows: {e:?}", args.data.display()))?;
+    let enc = Encoder {
+        tokenizer: &tok,
+        template: &template,
+        loss_on: LossOn::All,
+        max_seq_len: args.seq_len,
+    };
+    let needed = args.batch_size * (args.steps + 1);
+    let examples: Vec<Example> = rows
+        .iter()
+        .cycle()
+        .take(needed)
+        .map(|(l, r)| enc.encode(*l, r))
+        .collect::<Result<_>>()?;
+    if examples.len() < needed {
+        bail!("need {needed} rows");
+    }
+    let mut opt = AdamW::new(model.lora_vars(), 0.0)?;
+    let mut timed = 0.0;
+    let mut tokens = 0usize;
+    for (step, batch) in examples.chunks(args.batch_size).enumerate() {
+        let refs: Vec<&Example> = batch.iter().collect();
+        let start = Instant::now();
+        let b = make_batch(&model, &refs)?;
+        let mut acc = HashMap::new();
+        micro_step(
+            &model,
+            &b,
+            1.0 / b.n_targets as f64,
+            None,
+            !args.no_checkpointing,
+            &mut acc,
+        )?;
+        let grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|(_, v)| acc.remove(&v.id()).expect("gradient"))
+            .collect();
+        opt.step(&grads, 1e-4)?;
+        if step > 0 {
+            timed += start.elapsed().as_secs_f64();
+            tokens += b.n_tokens;
+        }
+    }
+    let tokens_per_second = tokens as f64 / timed;
+    let mean_len = tokens as f64 / (args.steps * args.batch_size) as f64;
+    let cfg = &model.cfg;
+    let d_attn = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let flops_per_token =
+        4.0 * cfg.linear_params() as f64 + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
+    let gemm = gemm_peak(&dev)?;
+    Ok(BenchReport {
+        engine: "sftd (candle)",
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        gradient_checkpointing: !args.no_checkpointing,
+        threads: candle_core::utils::get_num_threads(),
+        tokens_per_second,
+        ms_per_step: timed * 1000.0 / args.steps as f64,
+        mean_tokens_per_step: tokens as f64 / args.steps as f64,
+        peak_rss_mb: peak_rss_mb(),
+        model_flops_per_token: flops_per_token,
+        gemm_peak_gflops: gemm / 1e9,
+        mfu: tokens_per_second * flops_per_token / gemm,
+    })
+}
+
+/// Best f32 GEMM rate of (1024×1024)@(1024×3072) over 10 runs, in FLOP/s.
+fn gemm_peak(dev: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (1024, 1024), dev)?;
+    let b = Tensor::randn(0f32, 1.0, (1024, 3072), dev)?;
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1024.0 * 1024.0 * 3072.0 / best)
+}
+
+/// Peak resident set size of this process (VmHWM), in MB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,151 @@
+// Unit tests of the dashboard's pure modules (formatting, event normalisation, de-duplication,
+// smoothing). No browser, no server: `node --test unit.test.mjs`.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { ROOT } from './harness.mjs';
+
+// static/*.js are browser ES modules beside no package.json: load them as data: URLs.
+const load = (name) => import(`data:text/javascript;base64,${fs.readFileSync(path.join(ROOT, 'static', name)).toString('base64')}`);
+const F = await load('format.js');
+const S = await load('series.js');
+
+test('numbers read like people write them', () => {
+  assert.equal(F.fmtLR(2e-4), '2e-4');
+  assert.equal(F.fmtLR(1.234e-4), '1.23e-4');
+  assert.equal(F.fmtNum(1.23e-4), '1.23e-4');
+  assert.equal(F.fmtNum(2.345678), '2.346');
+  assert.equal(F.fmtNum(0.5), '0.5');
+  assert.equal(F.fmtNum(0), '0');
+  assert.equal(F.fmtNum(null), '—');
+  assert.equal(F.fmtNum(NaN), '—');
+  assert.equal(F.fmtRate(12345.6), '12.3k tok/s');
+  assert.equal(F.fmtRate(950), '950 tok/s');
+  assert.equal(F.fmtRate(2_500_000), '2.5M tok/s');
+  assert.equal(F.fmtCount(49400), '49.4k');
+  assert.equal(F.fmtCount(999_999), '1M');
+  assert.equal(F.fmtDuration(42), '42s');
+  assert.equal(F.fmtDuration(192), '3m 12s');
+  assert.equal(F.fmtDuration(3900), '1h 05m');
+  assert.equal(F.fmtDuration(2 * 86400 + 3 * 3600 + 5), '2d 3h');
+  assert.equal(F.fmtDuration(-1), '—');
+  assert.equal(F.fmtBytes(512), '512 B');
+  assert.equal(F.fmtBytes(4096), '4.0 KB');
+  assert.equal(F.fmtPct(37.5), '38%');
+  assert.equal(F.fmtPct(7.5), '7.5%');
+  assert.equal(F.fmtPct(100), '100%');
+  assert.ok(F.toDate(1764300000) instanceof Date);
+  assert.equal(F.toDate(1764300000).getTime(), 1764300000 * 1000);
+  assert.equal(F.toDate(null), null);
+});
+
+test('debiased EMA matches TensorBoard', () => {
+  const w = 0.6;
+  const ys = [3, 2, null, 1];
+  const out = S.emaDebiased(ys, w);
+  // n=1: last=0.4*3=1.2, /0.4 = 3 (the first point is the point itself)
+  assert.ok(Math.abs(out[0] - 3) < 1e-12);
+  // n=2: last=1.2*0.6+0.8=1.52, /(1-0.36)=2.375
+  assert.ok(Math.abs(out[1] - 2.375) < 1e-12);
+  assert.equal(out[2], null);
+  // n=3: last=1.52*0.6+0.4=1.312, /(1-0.216)=1.673469…
+  assert.ok(Math.abs(out[3] - 1.312 / 0.784) < 1e-12);
+  assert.deepEqual(S.emaDebiased([1, 2, 3], 0), [1, 2, 3]);
+});
+
+const metricsEvent = (seq, step, extra = {}) => ({
+  name: 'metrics', id: String(seq),
+  raw: { id: `ftevent-${seq}`, object: 'fine_tuning.job.event', created_at: 1, level: 'info', message: `step ${step}`, type: 'metrics',
+    data: { step, total_steps: 10, epoch: step / 10, train_loss: 3 - step / 10, learning_rate: 2e-4, grad_norm: 1, ...extra } },
+});
+
+test('events normalise whatever their SSE name or payload spelling', () => {
+  const e = metricsEvent(7, 3);
+  let n = S.normalizeEvent(e.name, e.raw, e.id);
+  assert.equal(n.kind, 'metrics'); assert.equal(n.seq, 7); assert.equal(n.data.step, 3);
+  // unnamed SSE message: kind from the payload's type, or from its fields
+  n = S.normalizeEvent('message', e.raw, '8');
+  assert.equal(n.kind, 'metrics');
+  n = S.normalizeEvent('message', { step: 4, loss: 1.5, lr: 1e-4 }, '9');
+  assert.equal(n.kind, 'metrics');
+  const rs = new S.RunSeries();
+  rs.addMetrics(n.data);
+  assert.equal(rs.latest.train_loss, 1.5); assert.equal(rs.latest.learning_rate, 1e-4);
+  n = S.normalizeEvent('status', { type: 'status', message: 'Job succeeded', data: { status: 'succeeded' } }, '10');
+  assert.equal(n.kind, 'status'); assert.equal(n.status, 'succeeded');
+  n = S.normalizeEvent('message', { object: 'fine_tuning.job.event', type: 'message', message: 'Job started', data: {} }, '11');
+  assert.equal(n.kind, 'log');
+  n = S.normalizeEvent('eval', { type: 'eval', data: { step: 5, valid_loss: 1.2 } }, '12');
+  assert.equal(n.kind, 'eval');
+  assert.equal(S.pickNum('eval_loss', n.data), 1.2);
+  assert.equal(S.parseSeq('abc'), null);
+  assert.equal(S.parseSeq('42'), 42);
+  assert.ok(S.SSE_EVENT_NAMES.includes('metrics') && S.SSE_EVENT_NAMES.includes('status'));
+});
+
+test("the server's OpenAI-style events (types message/metrics, no SSE names) are classified", () => {
+  const ev = (type, data, message = '') => ({ id: 'ftevent-x-1', object: 'fine_tuning.job.event', seq: 1, created_at: 1, level: 'info', message, type, data });
+  let n = S.normalizeEvent('message', ev('message', { status: 'running' }, 'Job started'), '3');
+  assert.equal(n.kind, 'status'); assert.equal(n.status, 'running');
+  n = S.normalizeEvent('message', ev('message', { checkpoint_id: 'ftckpt-1', step: 4 }, 'Checkpoint saved at step 4'), '4');
+  assert.equal(n.kind, 'checkpoint');
+  n = S.normalizeEvent('message', ev('message', null, 'Loading model'), '5');
+  assert.equal(n.kind, 'log'); assert.equal(n.message, 'Loading model');
+  n = S.normalizeEvent('message', ev('metrics', { step: 4, valid_loss: 1.1, valid_mean_token_accuracy: 0.5 }), '6');
+  assert.equal(n.kind, 'eval');
+  n = S.normalizeEvent('message', ev('metrics', { step: 4, train_loss: 1.3, learning_rate: 1e-4 }), '7');
+  assert.equal(n.kind, 'metrics');
+  // seq from the payload when the SSE id is missing
+  n = S.normalizeEvent('message', { ...ev('metrics', { step: 5, train_loss: 1 }), seq: 9 }, '');
+  assert.equal(n.seq, 9);
+  // an eval record for a step never erases that step's training loss
+  const rs = new S.RunSeries();
+  rs.addMetrics({ step: 4, train_loss: 1.3 });
+  rs.addMetrics({ step: 4, valid_loss: 1.1 });
+  assert.equal(rs.metrics.get(4).train_loss, 1.3);
+});
+
+test('replays and reconnects never duplicate or drop a point', () => {
+  const rs = new S.RunSeries();
+  const feed = (list) => {
+    for (const e of list) {
+      const n = S.normalizeEvent(e.name, e.raw, e.id);
+      if (!rs.acceptSeq(n.seq)) continue;
+      if (n.kind === 'metrics') rs.addMetrics(n.data);
+    }
+  };
+  const all = Array.from({ length: 10 }, (_, i) => metricsEvent(i + 1, i + 1));
+  feed(all.slice(0, 6));
+  feed(all.slice(3, 10)); // a reconnect that replays 4..6 again
+  feed(all); // a full replay
+  assert.equal(rs.points, 10);
+  assert.equal(rs.duplicates, 3 + 10);
+  assert.deepEqual(rs.steps(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  // A resumed run re-logging steps it already logged (new seqs) replaces them instead of zig-zagging.
+  feed([metricsEvent(11, 9, { train_loss: 0.5 }), metricsEvent(12, 10, { train_loss: 0.4 })]);
+  assert.equal(rs.points, 10);
+  const [xs, raw, smooth, ev, lr] = rs.columns(0.6);
+  assert.deepEqual(xs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  assert.equal(raw[8], 0.5);
+  assert.equal(smooth.length, 10);
+  assert.equal(ev.every((v) => v === null), true);
+  assert.equal(lr[0], 2e-4);
+});
+
+test('eval points share the x axis with the loss', () => {
+  const rs = new S.RunSeries();
+  rs.addMetrics({ step: 1, train_loss: 2 });
+  rs.addMetrics({ step: 2, train_loss: 1.5 });
+  rs.addEval({ step: 0, eval_loss: 2.5 });
+  rs.addEval({ step: 2, eval_loss: 1.7 });
+  const [xs, raw, smooth, ev] = rs.columns(0.5);
+  assert.deepEqual(xs, [0, 1, 2]);
+  assert.deepEqual(raw, [null, 2, 1.5]);
+  assert.equal(smooth[0], null);
+  assert.deepEqual(ev, [2.5, null, 1.7]);
+  assert.equal(rs.points, 2);
+  // log scale drops non-positive values instead of breaking the axis
+  rs.addMetrics({ step: 3, train_loss: 0 });
+  assert.equal(rs.columns(0.5, { positiveOnly: true })[1][3], null);
+});

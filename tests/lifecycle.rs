@@ -1,0 +1,442 @@
+//! Real training jobs through the real binary on the demo model: the whole lifecycle to a
+//! downloadable adapter, SSE replay, cancel, kill -9 and restart, SIGTERM.
+
+mod common;
+
+use common::{example, open_stream, read_sse, tiny_job, Env, Server};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn is_terminal(ev: &common::SseEvent) -> bool {
+    let v: Value = serde_json::from_str(&ev.data).unwrap();
+    matches!(
+        v["data"]["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+/// Seqs are exactly 1..=n and metrics steps strictly increase by one from 1.
+fn assert_gap_free(events: &[Value]) {
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "seq gap or duplicate"
+    );
+    let steps: Vec<i64> = events
+        .iter()
+        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
+        .map(|e| e["data"]["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=steps.len() as i64).collect::<Vec<_>>(),
+        "step gap or duplicate"
+    );
+}
+
+fn statuses(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| e["data"]["status"].as_str().map(String::from))
+        .collect()
+}
+
+async fn metrics_steps(s: &Server, job: &str) -> i64 {
+    s.all_events(job)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .filter_map(|e| e["data"]["step"].as_i64())
+        .max()
+        .unwrap_or(0)
+}
+
+async fn wait_steps(s: &Server, job: &str, at_least: i64) {
+    let deadline = std::time::Instant::now() + LONG;
+    while metrics_steps(s, job).await < at_least {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn download(s: &Server, file_id: &str) -> Vec<u8> {
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/files/{file_id}/content")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
+    let env = Env::new();
+    let s = env.start();
+    let train = s.upload(&example("tool_calls.jsonl")).await;
+    let val = s.upload(&example("prompt_completion.jsonl")).await;
+    let mut body = tiny_job(&train, 6, 3);
+    body["validation_file"] = json!(val);
+    body["suffix"] = json!("demo");
+    body["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(256);
+    body["method"]["supervised"]["hyperparameters"]["eval_steps"] = json!(3);
+    let job = s.create_job(&body).await;
+    let id = job["id"].as_str().unwrap();
+    assert!(id.starts_with("ftjob-"));
+    assert_eq!(job["object"], "fine_tuning.job");
+    assert_eq!(job["status"], "validating_files");
+    assert_eq!(job["hyperparameters"]["max_steps"], 6);
+    assert_eq!(job["hyperparameters"]["lora"]["r"], 4);
+    assert_eq!(job["method"]["type"], "supervised");
+    assert_eq!(job["seed"], 7);
+
+    // Follow the stream from the start to the terminal event; it then closes.
+    let streamed = read_sse(open_stream(&s, id, None).await, |_| false).await;
+    assert!(is_terminal(streamed.last().unwrap()));
+    let events = s.all_events(id).await;
+    assert_eq!(streamed.len(), events.len());
+    for (sse, ev) in streamed.iter().zip(&events) {
+        assert_eq!(sse.id.as_deref(), Some(ev["seq"].to_string().as_str()));
+        assert_eq!(serde_json::from_str::<Value>(&sse.data).unwrap(), *ev);
+    }
+    assert_gap_free(&events);
+    assert_eq!(
+        statuses(&events),
+        ["validating_files", "queued", "running", "succeeded"]
+    );
+    let step1 = events
+        .iter()
+        .find(|e| e["type"] == "metrics" && e["data"]["step"] == 1)
+        .unwrap();
+    assert_eq!(step1["object"], "fine_tuning.job.event");
+    for key in [
+        "step",
+        "total_steps",
+        "epoch",
+        "train_loss",
+        "learning_rate",
+        "grad_norm",
+        "train_mean_token_accuracy",
+        "num_tokens",
+        "tokens_per_second",
+        "elapsed_seconds",
+        "eta_seconds",
+    ] {
+        assert!(step1["data"][key].is_number(), "{key} in {step1}");
+    }
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "metrics" && e["data"]["valid_loss"].is_number()));
+
+    let job = s.job(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job["trained_tokens"].as_i64().unwrap() > 0);
+    assert!(job["finished_at"].is_number());
+    assert_eq!(job["fine_tuned_model"], format!("ft:sftd-demo:demo:{id}"));
+    let results = job["result_files"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{job}");
+    let mut names = Vec::new();
+    for r in results {
+        let (_, f) = s.get(&format!("/v1/files/{}", r.as_str().unwrap())).await;
+        assert_eq!(f["purpose"], "fine-tune-results");
+        let bytes = download(&s, r.as_str().unwrap()).await;
+        assert_eq!(bytes.len() as i64, f["bytes"].as_i64().unwrap());
+        let name = f["filename"].as_str().unwrap().to_string();
+        match name.as_str() {
+            "adapter_model.safetensors" => {
+                let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+                assert!(header
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .any(|k| k.contains("lora_A")));
+            }
+            "adapter_config.json" => {
+                let c: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(c["r"], 4, "{c}");
+            }
+            "metrics.csv" => {
+                let text = String::from_utf8(bytes).unwrap();
+                let mut lines = text.lines();
+                assert_eq!(
+                    lines.next().unwrap(),
+                    "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens"
+                );
+                let rows: Vec<&str> = lines.collect();
+                assert_eq!(rows.len(), 6, "{text}");
+                assert!(
+                    rows[2].split(',').nth(3).is_some_and(|v| !v.is_empty()),
+                    "valid_loss at step 3: {text}"
+                );
+            }
+            other => panic!("unexpected result file {other}"),
+        }
+        names.push(name);
+    }
+    // Checkpoints at the save interval, newest first, with OpenAI's fields.
+    let (_, cks) = s
+        .get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints"))
+        .await;
+    let steps: Vec<i64> = cks["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, [6, 3], "{cks}");
+    let ck = &cks["data"][0];
+    assert_eq!(ck["object"], "fine_tuning.job.checkpoint");
+    assert!(ck["id"].as_str().unwrap().starts_with("ftckpt-"));
+    assert!(ck["metrics"]["train_loss"].is_number());
+    assert_eq!(
+        ck["fine_tuned_model_checkpoint"],
+        format!("ft:sftd-demo:demo:{id}:ckpt-step-6")
+    );
+    // The list shows it; the finished stream answers 204; cancelling a finished job is a no-op.
+    let (_, list) = s.get("/v1/fine_tuning/jobs").await;
+    assert_eq!(list["data"][0]["id"], id);
+    let r = s
+        .client
+        .get(s.url(&format!(
+            "/v1/fine_tuning/jobs/{id}/events?stream=true&after={}",
+            events.len()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (st, v) = s
+        .post_json(&format!("/v1/fine_tuning/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("succeeded")));
+
+    // A second job continues from the first one's adapter.
+    let mut cont = tiny_job(&train, 2, 0);
+    cont["init_adapter"] = json!(id);
+    let c = s.create_job(&cont).await;
+    let c = s
+        .wait_for(c["id"].as_str().unwrap(), LONG, |j| {
+            j["finished_at"].is_number()
+        })
+        .await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+}
+
+#[tokio::test]
+async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
+    let env = Env::new();
+    let s = env.start();
+    let train = s.upload(&example("text.jsonl")).await;
+    let job = s.create_job(&tiny_job(&train, 12, 4)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let full = tokio::spawn({
+        let resp = open_stream(&s, &id, None).await;
+        async move { read_sse(resp, |_| false).await }
+    });
+    // Reconnect repeatedly while the job runs: each piece resumes from the last id seen.
+    let mut pieces = Vec::new();
+    let mut last: Option<i64> = None;
+    loop {
+        let resp = open_stream(&s, &id, last).await;
+        let mut n = 0;
+        let part = read_sse(resp, |_| {
+            n += 1;
+            n == 3
+        })
+        .await;
+        last = part
+            .last()
+            .and_then(|e| e.id.as_ref())
+            .map(|i| i.parse().unwrap());
+        let done = part.last().is_some_and(is_terminal);
+        pieces.extend(part);
+        if done {
+            break;
+        }
+    }
+    let full = full.await.unwrap();
+    assert!(is_terminal(full.last().unwrap()));
+    assert_eq!(pieces, full);
+    // `?after=` replays the same suffix.
+    let r = s
+        .client
+        .get(s.url(&format!(
+            "/v1/fine_tuning/jobs/{id}/events?stream=true&after=5"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(r.headers()["x-accel-buffering"], "no");
+    assert!(r.headers().get("content-encoding").is_none());
+    let tail = read_sse(r, |_| false).await;
+    assert_eq!(tail, full[5..]);
+    let events = s.all_events(&id).await;
+    assert_gap_free(&events);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_a_queued_one() {
+    let env = Env::new();
+    let s = env.start();
+    let train = s.upload(&example("text.jsonl")).await;
+    let running = s.create_job(&tiny_job(&train, 100_000, 0)).await;
+    let running = running["id"].as_str().unwrap().to_string();
+    let queued = s.create_job(&tiny_job(&train, 2, 0)).await;
+    let queued = queued["id"].as_str().unwrap().to_string();
+    wait_steps(&s, &running, 2).await;
+    assert_eq!(s.job(&queued).await["status"], "queued");
+
+    let stream = open_stream(&s, &running, Some(1)).await;
+    let (st, v) = s
+        .post_json(&format!("/v1/fine_tuning/jobs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    let (st, v) = s
+        .post_json(
+            &format!("/v1/fine_tuning/jobs/{running}/cancel"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    // The stream ends with the cancelled event.
+    let got = tokio::time::timeout(Duration::from_secs(30), read_sse(stream, |_| false))
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(&got.last().unwrap().data).unwrap();
+    assert_eq!(last["data"]["status"], "cancelled");
+    // Training stopped: no event after the terminal one, the worker is idle, nothing ran.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = s.all_events(&running).await;
+    assert_eq!(events.last().unwrap()["data"]["status"], "cancelled");
+    assert_gap_free(&events);
+    let (_, m) = s.get("/metrics").await;
+    assert!(m.as_str().unwrap().contains("sftd_worker_busy 0"), "{m}");
+    let q = s.job(&queued).await;
+    assert!(
+        q["started_at"].is_null() && q["result_files"] == json!([]),
+        "{q}"
+    );
+    assert_eq!(
+        statuses(&s.all_events(&queued).await),
+        ["validating_files", "queued", "cancelled"]
+    );
+    let (st, _) = s
+        .post_json("/v1/fine_tuning/jobs/ftjob-nope/cancel", &json!({}))
+        .await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test]
+async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
+    let env = Env::new();
+    let mut s = env.start();
+    let train = s.upload(&example("text.jsonl")).await;
+    let job = s.create_job(&tiny_job(&train, 24, 4)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_steps(&s, &id, 6).await;
+    s.kill9();
+
+    let s = env.start();
+    let job = s
+        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = s.all_events(&id).await;
+    assert_gap_free(&events);
+    let steps = events
+        .iter()
+        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
+        .count();
+    assert_eq!(steps, 24);
+    let messages: Vec<&str> = events
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("interrupted by a server restart")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("Resuming from checkpoint")),
+        "{messages:?}"
+    );
+    assert_eq!(
+        statuses(&events),
+        [
+            "validating_files",
+            "queued",
+            "running",
+            "queued",
+            "running",
+            "succeeded"
+        ]
+    );
+    // Checkpoint rows are not duplicated by the resumed run.
+    let (_, cks) = s
+        .get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"))
+        .await;
+    let mut steps: Vec<i64> = cks["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_i64().unwrap())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, [4, 8, 12, 16, 20, 24]);
+}
+
+#[tokio::test]
+async fn sigterm_checkpoints_requeues_and_exits_zero() {
+    let env = Env::new();
+    let mut s = env.start();
+    let train = s.upload(&example("text.jsonl")).await;
+    let job = s.create_job(&tiny_job(&train, 16, 0)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_steps(&s, &id, 3).await;
+    let status = s.sigterm();
+    assert!(status.success(), "{status:?}");
+
+    // The suspended step was checkpointed on disk, and the job was left queued.
+    let ckpts = env.data_dir().join("jobs").join(&id).join("checkpoints");
+    let saved: Vec<_> = std::fs::read_dir(&ckpts).unwrap().collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let s = env.start();
+    let events = s.all_events(&id).await;
+    let suspended = events
+        .iter()
+        .find(|e| e["message"].as_str().unwrap().contains("suspended"))
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(suspended["data"]["status"], "queued");
+    let job = s
+        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = s.all_events(&id).await;
+    assert_gap_free(&events);
+    assert!(events.iter().any(|e| e["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Resuming from checkpoint")));
+    assert_eq!(
+        statuses(&events),
+        [
+            "validating_files",
+            "queued",
+            "running",
+            "queued",
+            "running",
+            "succeeded"
+        ]
+    );
+}
