@@ -205,7 +205,10 @@ pub fn demo_model(args: DemoModelArgs) -> Result<()> {
         ..d
     };
     crate::train::demo::write_model(&args.dir, size, args.seed)?;
-    println!("wrote a random-init Qwen3 ({size:?}) to {}", args.dir.display());
+    println!(
+        "wrote a random-init Qwen3 ({size:?}) to {}",
+        args.dir.display()
+    );
     Ok(())
 }
 

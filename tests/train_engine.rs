@@ -466,3 +466,76 @@ fn cancel_stops_within_one_micro_batch() {
     assert_eq!(seen, 1);
     assert!(!j.output_dir.join("adapter").exists());
 }
+
+/// Logits of the whole sequence through the model's own forward pass.
+fn forward_logits(model: &Qwen3, ids: &[u32]) -> Tensor {
+    let p = model.pack(&[ids]).unwrap();
+    let pass = sftd::train::nn::Pass {
+        track: false,
+        dropout_key: None,
+    };
+    let mut h = model.embed(&p).unwrap();
+    for i in 0..model.layers.len() {
+        h = model.layer_forward(i, &h, &p, pass).unwrap();
+    }
+    sftd::train::nn::frozen_linear(&model.final_norm(&h).unwrap(), &model.lm_head).unwrap()
+}
+
+#[test]
+fn merged_export_gives_the_adapted_models_logits_untied_head_included() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("untied");
+    write_model(
+        &dir,
+        DemoSize {
+            tie_embeddings: false,
+            ..DemoSize::TINY
+        },
+        9,
+    )
+    .unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(weights.contains_key("lm_head.weight"));
+    // Train a few steps so B is non-zero, then merge.
+    let j = job(
+        tmp.path(),
+        &dir,
+        "out",
+        serde_json::json!({"max_steps": 2, "batch_size": 2,
+        "gradient_accumulation_steps": 1, "max_seq_len": 64, "loss_on": "all", "learning_rate": 0.05,
+        "warmup_ratio": 0.0, "lora": {"r": 4, "use_rslora": true}}),
+    );
+    let (outcome, _) = run_collect(&j, &Control::new(), None);
+    let Outcome::Completed { adapter_dir, .. } = outcome else {
+        panic!()
+    };
+    let merged = tmp.path().join("merged");
+    sftd::cli::merge(sftd::cli::MergeArgs {
+        model: dir.clone(),
+        adapter: adapter_dir.clone(),
+        out: merged.clone(),
+    })
+    .unwrap();
+
+    let ids = &examples(&dir, 1, 40)[0].ids;
+    let lora = TrainConfig::default().lora;
+    let (adapted, eff) = build_model(&dir, &Device::Cpu, &lora, Some(&adapter_dir), 0).unwrap();
+    assert!(eff.use_rslora);
+    let base = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let plain = Qwen3::load(&merged, DType::F32, &Device::Cpu).unwrap();
+    let (a, b, m) = (
+        forward_logits(&adapted, ids),
+        forward_logits(&base, ids),
+        forward_logits(&plain, ids),
+    );
+    let max = |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+    assert!(
+        max((&a - &b).unwrap()) > 1e-4,
+        "the adapter changes the logits"
+    );
+    assert!(
+        max((&a - &m).unwrap()) < 1e-4,
+        "merged weights reproduce the adapted model"
+    );
+}

@@ -50,7 +50,11 @@ macro_rules! asset {
             body: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/static/", $path)),
             content_type: $ct,
             cache_control: $cache,
-            hash: fnv1a64(include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/static/", $path))),
+            hash: fnv1a64(include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/static/",
+                $path
+            ))),
         }
     };
 }
@@ -189,13 +193,23 @@ mod tests {
         let index = std::str::from_utf8(ASSETS[0].body).unwrap();
         for part in index.split("\"static/").skip(1) {
             let path = &part[..part.find('"').unwrap()];
-            assert!(embedded.contains(&path), "index.html loads static/{path}, not embedded");
+            assert!(
+                embedded.contains(&path),
+                "index.html loads static/{path}, not embedded"
+            );
         }
-        for a in ASSETS.iter().filter(|a| a.path.ends_with(".js") && !a.path.starts_with("vendor/")) {
+        for a in ASSETS
+            .iter()
+            .filter(|a| a.path.ends_with(".js") && !a.path.starts_with("vendor/"))
+        {
             let src = std::str::from_utf8(a.body).unwrap();
             for part in src.split("from './").skip(1) {
                 let path = &part[..part.find('\'').unwrap()];
-                assert!(embedded.contains(&path), "{} imports ./{path}, not embedded", a.path);
+                assert!(
+                    embedded.contains(&path),
+                    "{} imports ./{path}, not embedded",
+                    a.path
+                );
             }
         }
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("static");
@@ -207,11 +221,18 @@ mod tests {
                     stack.push(p);
                     continue;
                 }
-                let rel = p.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 if rel.ends_with("README.md") {
                     continue;
                 }
-                assert!(embedded.contains(&rel.as_str()), "static/{rel} is not embedded in ui.rs");
+                assert!(
+                    embedded.contains(&rel.as_str()),
+                    "static/{rel} is not embedded in ui.rs"
+                );
             }
         }
     }
