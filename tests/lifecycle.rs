@@ -277,6 +277,21 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
     assert!(r.headers().get("content-encoding").is_none());
     let tail = read_sse(r, |_| false).await;
     assert_eq!(tail, full[5..]);
+    // The raw stream starts with the reconnect delay.
+    let raw = s
+        .client
+        .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        raw.starts_with("retry: 2000\n\nid: 1\ndata: {"),
+        "{}",
+        &raw[..80]
+    );
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
 }
