@@ -455,3 +455,44 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_job_the_trainer_rejects_fails_with_a_message_and_the_stream_closes() {
+    let env = Env::new();
+    let s = env.start();
+    let train = s.upload(&example("tool_calls.jsonl")).await;
+    // No example fits 8 tokens: the trainer refuses the dataset.
+    let mut body = tiny_job(&train, 4, 0);
+    body["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(8);
+    let job = s.create_job(&body).await;
+    let id = job["id"].as_str().unwrap();
+    let streamed = tokio::time::timeout(LONG, read_sse(open_stream(&s, id, None).await, |_| false))
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(&streamed.last().unwrap().data).unwrap();
+    assert_eq!(
+        (last["data"]["status"].as_str(), last["level"].as_str()),
+        (Some("failed"), Some("error"))
+    );
+    let job = s.job(id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "training_failed", "{job}");
+    // It names the file by its id, not by the server's path.
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&train) && !message.contains("/data/"),
+        "{message}"
+    );
+    assert_gap_free(&s.all_events(id).await);
+    assert_eq!(job["result_files"], json!([]));
+    // The worker moves on to the next job.
+    let ok = s
+        .create_job(&tiny_job(&s.upload(&example("text.jsonl")).await, 2, 0))
+        .await;
+    let ok = s
+        .wait_for(ok["id"].as_str().unwrap(), LONG, |j| {
+            j["finished_at"].is_number()
+        })
+        .await;
+    assert_eq!(ok["status"], "succeeded");
+}
