@@ -411,7 +411,7 @@ async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
     assert_eq!(steps, [4, 8, 12, 16, 20, 24]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_checkpoints_requeues_and_exits_zero() {
     let env = Env::new();
     let mut s = env.start();
@@ -419,8 +419,16 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
     let job = s.create_job(&tiny_job(&train, 16, 0)).await;
     let id = job["id"].as_str().unwrap().to_string();
     wait_steps(&s, &id, 3).await;
+    // A follower is connected when the server goes down; its stream ends, it does not hang the exit.
+    let before = tokio::spawn(read_sse(open_stream(&s, &id, None).await, |_| false));
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let status = s.sigterm();
     assert!(status.success(), "{status:?}");
+    let before = tokio::time::timeout(Duration::from_secs(10), before)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!before.is_empty() && !is_terminal(before.last().unwrap()));
 
     // The suspended step was checkpointed on disk, and the job was left queued.
     let ckpts = env.data_dir().join("jobs").join(&id).join("checkpoints");
@@ -433,12 +441,21 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
         .find(|e| e["message"].as_str().unwrap().contains("suspended"))
         .unwrap_or_else(|| panic!("{events:?}"));
     assert_eq!(suspended["data"]["status"], "queued");
+    // It reconnects to the restarted server with Last-Event-ID and misses nothing.
+    let last_seen = before.last().unwrap().id.as_ref().unwrap().parse().unwrap();
+    let after = read_sse(open_stream(&s, &id, Some(last_seen)).await, |_| false).await;
     let job = s
         .wait_for(&id, LONG, |j| j["finished_at"].is_number())
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
+    let followed: Vec<Value> = before
+        .iter()
+        .chain(&after)
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    assert_eq!(followed, events);
     assert!(events.iter().any(|e| e["message"]
         .as_str()
         .unwrap()
