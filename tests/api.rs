@@ -285,6 +285,20 @@ async fn auth_is_required_on_v1_when_a_key_is_set() {
     assert_eq!(st, 200);
     let (st, _) = s.get("/readyz").await;
     assert_eq!(st, 200);
+    for public in ["/", "/static/app.js"] {
+        let r = s.client.get(s.url(public)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{public}");
+    }
+    let (st, _) = s.get("/metrics").await;
+    assert_eq!(st, 401);
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .bearer_auth("s3cret/key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let (st, v) = s.get("/v1/files").await;
     assert_eq!(st, 401, "{v}");
     assert_eq!(v["error"]["code"], "invalid_api_key");

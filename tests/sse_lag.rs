@@ -59,6 +59,14 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     assert_eq!(store.claim_next_job().await.unwrap().unwrap().id, id);
 
     let client = reqwest::Client::new();
+    // The worker could not open its device: not ready.
+    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let r: Value = r.json().await.unwrap();
+    assert_eq!(
+        (r["database"].as_bool(), r["worker"].as_bool()),
+        (Some(true), Some(false))
+    );
     let open = || {
         client
             .get(format!(
