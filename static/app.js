@@ -54,6 +54,11 @@ function twoStep(label, armedLabel, action, attrs = {}) {
 // API and auth
 
 const KEY_STORAGE = 'sftd.apiKey';
+/** localStorage that never throws (storage can be disabled). */
+const prefs = {
+  get(k) { try { return localStorage.getItem(k); } catch { return null; } },
+  set(k, v) { try { localStorage.setItem(k, v); } catch { /* not kept */ } },
+};
 let keyPrompt = null;
 let keyDeclined = false; // the user closed the key dialog: don't ask again until they press "API key"
 
@@ -578,8 +583,8 @@ function jobView(root, id) {
   const st = {
     alive: true, job: null, streamStatus: null, es: null, terminal: false, reopenTimer: null,
     pollTimer: null, backoff: 1000, zoomed: false, emptyOpens: 0, gotSinceOpen: 0, chart: null, cursorIdx: null,
-    smoothing: Number(localStorage.getItem('sftd.smoothing') ?? 0.6), log: localStorage.getItem('sftd.logScale') === '1',
-    gradNorm: localStorage.getItem('sftd.gradNorm') === '1', lastCheckpoint: null, drawPending: false, resultsFor: null,
+    smoothing: Number(prefs.get('sftd.smoothing') ?? 0.6), log: prefs.get('sftd.logScale') === '1',
+    gradNorm: prefs.get('sftd.gradNorm') === '1', lastCheckpoint: null, drawPending: false, resultsFor: null,
   };
   if (!(st.smoothing >= 0 && st.smoothing < 1)) st.smoothing = 0.6;
   window.__sftd = { points: 0, status: null, lastSeq: null, steps: [], duplicates: 0, evalPoints: 0, stream: 'connecting' };
@@ -607,10 +612,10 @@ function jobView(root, id) {
   const smoothOut = h('output', { for: 'smoothing', 'data-testid': 'smoothing-value' }, st.smoothing.toFixed(2));
   const smooth = h('input', {
     id: 'smoothing', type: 'range', min: '0', max: '0.99', step: '0.01', value: String(st.smoothing), 'data-testid': 'smoothing',
-    oninput: () => { st.smoothing = Number(smooth.value); smoothOut.textContent = st.smoothing.toFixed(2); localStorage.setItem('sftd.smoothing', String(st.smoothing)); scheduleDraw(); },
+    oninput: () => { st.smoothing = Number(smooth.value); smoothOut.textContent = st.smoothing.toFixed(2); prefs.set('sftd.smoothing', String(st.smoothing)); scheduleDraw(); },
   });
-  const logBox = h('input', { type: 'checkbox', id: 'logscale', checked: st.log, 'data-testid': 'log-scale', onchange: () => { st.log = logBox.checked; localStorage.setItem('sftd.logScale', st.log ? '1' : '0'); rebuildChart(); } });
-  const gnBox = h('input', { type: 'checkbox', id: 'gradnorm', checked: st.gradNorm, 'data-testid': 'grad-norm', onchange: () => { st.gradNorm = gnBox.checked; localStorage.setItem('sftd.gradNorm', st.gradNorm ? '1' : '0'); rebuildChart(); } });
+  const logBox = h('input', { type: 'checkbox', id: 'logscale', checked: st.log, 'data-testid': 'log-scale', onchange: () => { st.log = logBox.checked; prefs.set('sftd.logScale', st.log ? '1' : '0'); rebuildChart(); } });
+  const gnBox = h('input', { type: 'checkbox', id: 'gradnorm', checked: st.gradNorm, 'data-testid': 'grad-norm', onchange: () => { st.gradNorm = gnBox.checked; prefs.set('sftd.gradNorm', st.gradNorm ? '1' : '0'); rebuildChart(); } });
   const controls = h('div', { class: 'chartcontrols' },
     h('label', { for: 'smoothing' }, 'Smoothing', smooth, smoothOut),
     h('label', { for: 'logscale' }, logBox, 'Log scale'),
