@@ -307,6 +307,21 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
     let queued = queued["id"].as_str().unwrap().to_string();
     wait_steps(&s, &running, 2).await;
     assert_eq!(s.job(&queued).await["status"], "queued");
+    let r = s.job(&running).await;
+    assert_eq!(r["status"], "running");
+    assert!(
+        r["estimated_finish"].as_i64().unwrap() >= r["created_at"].as_i64().unwrap(),
+        "{r}"
+    );
+    let (_, m) = s.get("/metrics").await;
+    let m = m.as_str().unwrap().to_string();
+    for line in [
+        "sftd_queue_depth 1",
+        "sftd_jobs{status=\"running\"} 1",
+        "sftd_worker_busy 1",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
 
     let stream = open_stream(&s, &running, Some(1)).await;
     let (st, v) = s
