@@ -323,6 +323,20 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
         assert!(m.contains(line), "{line} in {m}");
     }
 
+    // The dataset of an unfinished job cannot be deleted.
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/files/{train}")))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = common::status_json(r).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("file_in_use")),
+        "{v}"
+    );
+
     let stream = open_stream(&s, &running, Some(1)).await;
     let (st, v) = s
         .post_json(&format!("/v1/fine_tuning/jobs/{queued}/cancel"), &json!({}))
