@@ -269,6 +269,7 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
         .get(s.url(&format!(
             "/v1/fine_tuning/jobs/{id}/events?stream=true&after=5"
         )))
+        .header("accept-encoding", "gzip, br, zstd")
         .send()
         .await
         .unwrap();
