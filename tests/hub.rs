@@ -267,3 +267,47 @@ async fn unknown_hub_model_is_404_through_the_api() {
     let (_, list) = s.get("/v1/fine_tuning/jobs").await;
     assert_eq!(list["data"], json!([]));
 }
+
+/// Through the API: a job on a (gated) hub model is downloaded with HF_TOKEN into HF_HOME
+/// while it validates, then trains to success. The "hub" serves the demo model's files.
+#[tokio::test]
+async fn a_job_on_a_hub_model_downloads_it_and_trains() {
+    let model = tempfile::tempdir().unwrap();
+    sftd::train::demo::write_demo_model(model.path()).unwrap();
+    let files: BTreeMap<String, Vec<u8>> = std::fs::read_dir(model.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    let mut repos = BTreeMap::new();
+    repos.insert("acme/demo-qwen3".to_string(), (true, files));
+    let (endpoint, _server) = fake_hub(Arc::new(repos)).await;
+    let env = common::Env::new()
+        .with("HF_ENDPOINT", &endpoint)
+        .with("HF_TOKEN", TOKEN);
+    let s = env.start();
+    let file = s.upload(&common::example("text.jsonl")).await;
+    let mut body = common::tiny_job(&file, 2, 0);
+    body["model"] = json!("acme/demo-qwen3");
+    let job = s.create_job(&body).await;
+    let id = job["id"].as_str().unwrap();
+    let job = s
+        .wait_for(id, std::time::Duration::from_secs(120), |j| {
+            j["finished_at"].is_number()
+        })
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["model"], "acme/demo-qwen3");
+    let cached = env
+        .path()
+        .join("hf")
+        .join("hub")
+        .join("models--acme--demo-qwen3");
+    assert!(cached.join("snapshots").is_dir(), "{}", cached.display());
+}

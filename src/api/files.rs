@@ -99,7 +99,10 @@ async fn content(
         .await
         .map_err(AppError::internal)?;
     let body = Body::from_stream(chunks(file));
-    let disposition = format!("attachment; filename=\"{}\"", row.filename.replace('"', ""));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        clean_filename(Some(&row.filename)).replace(|c: char| !c.is_ascii(), "_")
+    );
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -154,7 +157,7 @@ async fn receive(store: &Store, mut multipart: Multipart, max: u64) -> Result<Up
         match field.name() {
             Some("purpose") => purpose = Some(field.text().await?),
             Some("file") => {
-                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let filename = clean_filename(field.file_name());
                 let tmp = TempPath(store.data_dir().join("tmp").join(new_id("upload")));
                 let mut out = tokio::fs::File::create(&tmp.0)
                     .await
@@ -231,6 +234,26 @@ async fn store_upload(
             let _ = tokio::fs::remove_file(&dest).await;
             Err(e.into())
         }
+    }
+}
+
+/// The client's file name reduced to its last path component, without control characters or
+/// quotes (it ends up in a `Content-Disposition` header), at most 255 characters.
+fn clean_filename(name: Option<&str>) -> String {
+    let base = name
+        .unwrap_or_default()
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '"' | ';'))
+        .take(255)
+        .collect();
+    if clean.trim().is_empty() {
+        "upload.jsonl".into()
+    } else {
+        clean
     }
 }
 

@@ -57,6 +57,15 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database, applies migrations and prepares the data dir.
     pub async fn open(database_url: &str, data_dir: &Path) -> Result<Self> {
+        Self::open_with_capacity(database_url, data_dir, BROADCAST_CAPACITY).await
+    }
+
+    /// [`Store::open`] with a given event broadcast capacity (tests use a tiny one to force lag).
+    pub async fn open_with_capacity(
+        database_url: &str,
+        data_dir: &Path,
+        broadcast_capacity: usize,
+    ) -> Result<Self> {
         for sub in ["files", "jobs", "models", "tmp"] {
             std::fs::create_dir_all(data_dir.join(sub))?;
         }
@@ -72,7 +81,7 @@ impl Store {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        let (events_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (events_tx, _) = broadcast::channel(broadcast_capacity);
         Ok(Self {
             pool,
             data_dir: data_dir.to_path_buf(),

@@ -424,147 +424,208 @@ pub fn run(
     control: &Control,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome> {
-    let cfg = &job.config;
-    // ---- setup: tokenizer, data, model, optimizer, schedule ----
-    let tok_path = job.model_dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow!("loading {}: {e}", tok_path.display()))?;
-    let template = ChatTemplate::from_model_dir(&job.model_dir)?;
-    let train = load_dataset(&job.training_file, &tokenizer, &template, cfg)?;
-    let val = match &job.validation_file {
-        Some(p) => Some(load_dataset(p, &tokenizer, &template, cfg)?),
-        None => None,
-    };
-    for (name, ds) in [("training", Some(&train)), ("validation", val.as_ref())] {
-        let skipped = ds.map(|d| d.skipped.as_slice()).unwrap_or_default();
-        if let Some(first) = skipped.first() {
-            let lines: Vec<String> = skipped
-                .iter()
-                .take(20)
-                .map(|s| s.line.to_string())
-                .collect();
-            let more = if skipped.len() > 20 { ", …" } else { "" };
-            let message = format!(
-                "{name} file: {} row(s) skipped ({}): lines {}{more}",
-                skipped.len(),
-                first.message,
-                lines.join(", ")
-            );
-            emit_log(on_event, Level::Warn, message);
-        }
+    let mut s = Session::start(job, on_event)?;
+    while s.state.step < s.plan.total_steps {
+        let window = match s.accumulate(control, on_event)? {
+            Accumulated::Window(w) => w,
+            Accumulated::Stopped(outcome) => return Ok(outcome),
+        };
+        let metrics = s.update(window)?;
+        s.report(metrics, on_event)?;
     }
-    let (model, lora) = build_model(
-        &job.model_dir,
-        &job.device,
-        &cfg.lora,
-        job.init_adapter.as_deref(),
-        cfg.seed,
-    )?;
-    let params = model.lora_vars();
-    let mut opt = AdamW::new(params.clone(), cfg.weight_decay)?;
-    let plan = Plan::new(train.examples.len(), cfg);
-    let mut state = TrainerState {
-        total_steps: plan.total_steps,
-        config: Some(cfg.clone()),
-        lora: Some(lora.clone()),
-        ..Default::default()
-    };
-    if let Some(ckpt) = &job.resume_from {
-        state = checkpoint::load_state(ckpt)?;
-        if state.config.as_ref() != Some(cfg) {
-            bail!(
-                "checkpoint {} was written with different hyperparameters",
-                ckpt.display()
-            );
-        }
-        let adapter = checkpoint::load_adapter(ckpt, &job.device)?;
-        for (key, var) in &params {
-            let t = adapter
-                .tensors
-                .get(key)
-                .with_context(|| format!("checkpoint lacks {key}"))?;
-            var.set(t)?;
-        }
-        opt.load(&checkpoint::optimizer_path(ckpt))?;
-        emit_log(
-            on_event,
-            Level::Info,
-            format!("resumed from step {} of {}", state.step, state.total_steps),
-        );
-    } else {
-        let n_tokens: usize = train.examples.iter().map(|e| e.ids.len()).sum();
-        emit_log(
-            on_event,
-            Level::Info,
-            format!(
-                "training {} examples ({n_tokens} tokens) for {} steps: {} LoRA tensors, {} trainable parameters",
-                train.examples.len(),
-                plan.total_steps,
-                params.len(),
-                params.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
-            ),
-        );
-    }
-    std::fs::create_dir_all(&job.output_dir)?;
-    let mut metrics_file = open_metrics(&job.output_dir.join("metrics.jsonl"), state.step)?;
+    let adapter_dir = job.output_dir.join("adapter");
+    checkpoint::save_adapter(&adapter_dir, &s.params, &s.lora, &job.base_model_name)?;
+    Ok(Outcome::Completed {
+        adapter_dir,
+        steps: s.state.step,
+        trained_tokens: s.state.num_tokens,
+    })
+}
 
-    // ---- the loop ----
-    let run_start = Instant::now();
-    let (start_step, start_elapsed, start_tokens) =
-        (state.step, state.elapsed_seconds, state.num_tokens);
-    let mut order = plan.epoch_order(state.epoch);
-    while state.step < plan.total_steps {
-        if state.window_in_epoch as usize >= plan.windows_per_epoch {
-            state.epoch += 1;
-            state.window_in_epoch = 0;
-            order = plan.epoch_order(state.epoch);
+/// Everything a run holds between optimizer steps.
+struct Session<'a> {
+    job: &'a TrainJob,
+    model: Qwen3,
+    /// The effective LoRA settings (the init adapter's when given).
+    lora: LoraConfig,
+    params: Vec<(String, Var)>,
+    opt: AdamW,
+    plan: Plan,
+    train: Dataset,
+    val: Option<Dataset>,
+    state: TrainerState,
+    /// The current epoch's example order.
+    order: Vec<usize>,
+    metrics_file: std::fs::File,
+    /// Wall clock of this process's part of the run, and where the state stood when it began.
+    clock: Instant,
+    start: (u64, f64, u64),
+}
+
+/// One accumulation window's gradients and statistics, or how the run stopped instead.
+enum Accumulated {
+    Window(Window),
+    Stopped(Outcome),
+}
+
+struct Window {
+    /// Summed LoRA gradients, keyed by the Var's tensor id.
+    grads: HashMap<TensorId, Tensor>,
+    loss_sum: f64,
+    n_targets: usize,
+    /// Σ over micro-batches of their token accuracy (TRL averages them unweighted).
+    accuracy_sum: f64,
+    micro_batches: usize,
+    tokens: usize,
+    lr: f64,
+}
+
+impl<'a> Session<'a> {
+    /// Tokenizer, data, model, optimizer and schedule; the saved state when resuming.
+    fn start(job: &'a TrainJob, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Self> {
+        let cfg = &job.config;
+        let tok_path = job.model_dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow!("loading {}: {e}", tok_path.display()))?;
+        let template = ChatTemplate::from_model_dir(&job.model_dir)?;
+        let train = load_dataset(&job.training_file, &tokenizer, &template, cfg)?;
+        let val = match &job.validation_file {
+            Some(p) => Some(load_dataset(p, &tokenizer, &template, cfg)?),
+            None => None,
+        };
+        for (name, ds) in [("training", Some(&train)), ("validation", val.as_ref())] {
+            if let Some(message) = ds.and_then(|d| skipped_summary(name, &d.skipped)) {
+                emit_log(on_event, Level::Warn, message);
+            }
         }
-        let window = plan.window(&order, state.window_in_epoch as usize);
-        let batches: Vec<Vec<&Example>> = window
+        let (model, lora) = build_model(
+            &job.model_dir,
+            &job.device,
+            &cfg.lora,
+            job.init_adapter.as_deref(),
+            cfg.seed,
+        )?;
+        let params = model.lora_vars();
+        let mut opt = AdamW::new(params.clone(), cfg.weight_decay)?;
+        let plan = Plan::new(train.examples.len(), cfg);
+        let state = match &job.resume_from {
+            Some(ckpt) => {
+                let state = resume(ckpt, job, &params, &mut opt)?;
+                let message = format!("resumed from step {} of {}", state.step, state.total_steps);
+                emit_log(on_event, Level::Info, message);
+                state
+            }
+            None => {
+                let n_tokens: usize = train.examples.iter().map(|e| e.ids.len()).sum();
+                let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+                let message = format!(
+                    "training {} examples ({n_tokens} tokens) for {} steps: {} LoRA tensors, {n_params} trainable parameters",
+                    train.examples.len(),
+                    plan.total_steps,
+                    params.len(),
+                );
+                emit_log(on_event, Level::Info, message);
+                TrainerState {
+                    total_steps: plan.total_steps,
+                    config: Some(cfg.clone()),
+                    lora: Some(lora.clone()),
+                    ..Default::default()
+                }
+            }
+        };
+        std::fs::create_dir_all(&job.output_dir)?;
+        let metrics_file = open_metrics(&job.output_dir.join("metrics.jsonl"), state.step)?;
+        Ok(Self {
+            job,
+            order: plan.epoch_order(state.epoch),
+            start: (state.step, state.elapsed_seconds, state.num_tokens),
+            clock: Instant::now(),
+            model,
+            lora,
+            params,
+            opt,
+            plan,
+            train,
+            val,
+            state,
+            metrics_file,
+        })
+    }
+
+    /// Forward and backward over the next window's micro-batches, polling `control` before each.
+    fn accumulate(
+        &mut self,
+        control: &Control,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Accumulated> {
+        let (cfg, plan) = (&self.job.config, &self.plan);
+        if self.state.window_in_epoch as usize >= plan.windows_per_epoch {
+            self.state.epoch += 1;
+            self.state.window_in_epoch = 0;
+            self.order = plan.epoch_order(self.state.epoch);
+        }
+        let batches: Vec<Vec<&Example>> = plan
+            .window(&self.order, self.state.window_in_epoch as usize)
             .iter()
-            .map(|idx| idx.iter().map(|&i| &train.examples[i]).collect())
+            .map(|idx| idx.iter().map(|&i| &self.train.examples[i]).collect())
             .collect();
         let n_targets: usize = batches.iter().flatten().map(|e| e.n_targets()).sum();
+        let step = self.state.step;
         let lr = lr_at(
             cfg.lr_scheduler,
             cfg.learning_rate,
-            state.step,
+            step,
             plan.warmup_steps,
             plan.total_steps,
         );
-
-        let mut acc = HashMap::new();
-        let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0usize);
+        let mut w = Window {
+            grads: HashMap::new(),
+            loss_sum: 0.0,
+            n_targets,
+            accuracy_sum: 0.0,
+            micro_batches: batches.len(),
+            tokens: 0,
+            lr,
+        };
         for (m, examples) in batches.iter().enumerate() {
             if control.is_cancelled() {
-                return Ok(Outcome::Cancelled { step: state.step });
+                return Ok(Accumulated::Stopped(Outcome::Cancelled { step }));
             }
             if control.is_suspended() {
-                let dir = save(job, &params, &lora, &opt, &state, on_event)?;
-                return Ok(Outcome::Suspended {
-                    checkpoint: dir,
-                    step: state.step,
-                });
+                let checkpoint = self.save(on_event)?;
+                return Ok(Accumulated::Stopped(Outcome::Suspended {
+                    checkpoint,
+                    step,
+                }));
             }
-            let b = make_batch(&model, examples)?;
-            let key = (cfg.lora.dropout > 0.0).then(|| mix(cfg.seed, state.step, m as u64));
+            let b = make_batch(&self.model, examples)?;
+            let key = (cfg.lora.dropout > 0.0).then(|| mix(cfg.seed, step, m as u64));
+            let scale = 1.0 / n_targets as f64;
             let s = micro_step(
-                &model,
+                &self.model,
                 &b,
-                1.0 / n_targets as f64,
+                scale,
                 key,
                 cfg.gradient_checkpointing,
-                &mut acc,
+                &mut w.grads,
             )?;
-            loss_sum += s.loss_sum;
-            acc_sum += s.correct as f64 / s.targets.max(1) as f64;
-            tokens += b.n_tokens;
+            w.loss_sum += s.loss_sum;
+            w.accuracy_sum += s.correct as f64 / s.targets.max(1) as f64;
+            w.tokens += b.n_tokens;
         }
-        let train_loss = loss_sum / n_targets.max(1) as f64;
-        let mut grads: Vec<Tensor> = params
+        Ok(Accumulated::Window(w))
+    }
+
+    /// Clip, check for divergence, take the AdamW step and advance the state.
+    fn update(&mut self, mut w: Window) -> Result<StepMetrics> {
+        let cfg = &self.job.config;
+        let train_loss = w.loss_sum / w.n_targets.max(1) as f64;
+        let mut grads: Vec<Tensor> = self
+            .params
             .iter()
             .map(|(k, v)| {
-                acc.remove(&v.id())
+                w.grads
+                    .remove(&v.id())
                     .with_context(|| format!("{k} got no gradient"))
             })
             .collect::<Result<_>>()?;
@@ -572,92 +633,137 @@ pub fn run(
         if !train_loss.is_finite() || !grad_norm.is_finite() {
             bail!(
                 "training diverged at step {}: loss {train_loss}, grad norm {grad_norm}; lower the learning rate (now {})",
-                state.step + 1,
+                self.state.step + 1,
                 cfg.learning_rate
             );
         }
-        opt.step(&grads, lr)?;
+        self.opt.step(&grads, w.lr)?;
 
-        state.step += 1;
-        state.window_in_epoch += 1;
-        state.num_tokens += tokens as u64;
-        state.last_train_loss = Some(train_loss);
-        state.last_train_accuracy = Some(acc_sum / batches.len() as f64);
-        let elapsed_run = run_start.elapsed().as_secs_f64();
-        state.elapsed_seconds = start_elapsed + elapsed_run;
-        let done_here = (state.step - start_step) as f64;
-        let metrics = StepMetrics {
-            step: state.step,
+        let (plan, st) = (&self.plan, &mut self.state);
+        let accuracy = w.accuracy_sum / w.micro_batches as f64;
+        st.step += 1;
+        st.window_in_epoch += 1;
+        st.num_tokens += w.tokens as u64;
+        st.last_train_loss = Some(train_loss);
+        st.last_train_accuracy = Some(accuracy);
+        let (start_step, start_elapsed, start_tokens) = self.start;
+        let elapsed = self.clock.elapsed().as_secs_f64();
+        st.elapsed_seconds = start_elapsed + elapsed;
+        let micro_done = (st.window_in_epoch as usize * plan.accum).min(plan.micro_per_epoch);
+        Ok(StepMetrics {
+            step: st.step,
             total_steps: plan.total_steps,
-            epoch: state.epoch as f64
-                + ((state.window_in_epoch as usize * plan.accum).min(plan.micro_per_epoch) as f64
-                    / plan.micro_per_epoch as f64),
+            epoch: st.epoch as f64 + micro_done as f64 / plan.micro_per_epoch as f64,
             train_loss,
-            learning_rate: lr,
+            learning_rate: w.lr,
             grad_norm,
-            train_mean_token_accuracy: acc_sum / batches.len() as f64,
-            num_tokens: state.num_tokens,
-            tokens_per_second: (state.num_tokens - start_tokens) as f64 / elapsed_run.max(1e-9),
-            elapsed_seconds: state.elapsed_seconds,
-            eta_seconds: elapsed_run / done_here * (plan.total_steps - state.step) as f64,
-        };
-        writeln!(metrics_file, "{}", serde_json::to_string(&metrics)?)?;
-        on_event(TrainEvent::Metrics(metrics));
-
-        let last = state.step == plan.total_steps;
-        if let Some(v) = &val {
-            if last || (cfg.eval_steps > 0 && state.step % cfg.eval_steps as u64 == 0) {
-                let (loss, accuracy, n) = evaluate(&model, &v.examples, plan.batch_size)?;
-                state.last_eval_loss = Some(loss);
-                state.last_eval_accuracy = Some(accuracy);
-                let e = EvalMetrics {
-                    step: state.step,
-                    eval_loss: loss,
-                    eval_mean_token_accuracy: accuracy,
-                    eval_tokens: n,
-                };
-                let mut rec = serde_json::to_value(&e)?;
-                rec["type"] = "eval".into();
-                writeln!(metrics_file, "{rec}")?;
-                on_event(TrainEvent::Eval(e));
-            }
-        }
-        if last || (cfg.save_steps > 0 && state.step % cfg.save_steps as u64 == 0) {
-            save(job, &params, &lora, &opt, &state, on_event)?;
-        }
+            train_mean_token_accuracy: accuracy,
+            num_tokens: st.num_tokens,
+            tokens_per_second: (st.num_tokens - start_tokens) as f64 / elapsed.max(1e-9),
+            elapsed_seconds: st.elapsed_seconds,
+            eta_seconds: elapsed / (st.step - start_step) as f64
+                * (plan.total_steps - st.step) as f64,
+        })
     }
-    let adapter_dir = job.output_dir.join("adapter");
-    checkpoint::save_adapter(&adapter_dir, &params, &lora, &job.base_model_name)?;
-    Ok(Outcome::Completed {
-        adapter_dir,
-        steps: state.step,
-        trained_tokens: state.num_tokens,
-    })
+
+    /// Logs the step, and evaluates and checkpoints when their intervals (or the end) come.
+    fn report(&mut self, metrics: StepMetrics, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        let cfg = &self.job.config;
+        writeln!(self.metrics_file, "{}", serde_json::to_string(&metrics)?)?;
+        on_event(TrainEvent::Metrics(metrics));
+        let step = self.state.step;
+        let last = step == self.plan.total_steps;
+        let due = |every: u32| last || (every > 0 && step % every as u64 == 0);
+        if let (Some(v), true) = (&self.val, due(cfg.eval_steps)) {
+            let (loss, accuracy, n) = evaluate(&self.model, &v.examples, self.plan.batch_size)?;
+            self.state.last_eval_loss = Some(loss);
+            self.state.last_eval_accuracy = Some(accuracy);
+            let e = EvalMetrics {
+                step,
+                eval_loss: loss,
+                eval_mean_token_accuracy: accuracy,
+                eval_tokens: n,
+            };
+            let mut rec = serde_json::to_value(&e)?;
+            rec["type"] = "eval".into();
+            writeln!(self.metrics_file, "{rec}")?;
+            on_event(TrainEvent::Eval(e));
+        }
+        if due(cfg.save_steps) {
+            self.save(on_event)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `checkpoints/step-N` for the last completed step and announces it.
+    fn save(&self, on_event: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
+        let (job, st) = (self.job, &self.state);
+        let dir = checkpoint::checkpoint_dir(&job.output_dir, st.step);
+        checkpoint::save_checkpoint(
+            &dir,
+            &self.params,
+            &self.lora,
+            &job.base_model_name,
+            &self.opt,
+            st,
+        )?;
+        on_event(TrainEvent::Checkpoint(CheckpointInfo {
+            step: st.step,
+            path: dir.clone(),
+            train_loss: st.last_train_loss,
+            train_mean_token_accuracy: st.last_train_accuracy,
+            eval_loss: st.last_eval_loss,
+            eval_mean_token_accuracy: st.last_eval_accuracy,
+        }));
+        Ok(dir)
+    }
+}
+
+/// Restores adapter weights and optimizer moments from a checkpoint and returns its state.
+fn resume(
+    ckpt: &Path,
+    job: &TrainJob,
+    params: &[(String, Var)],
+    opt: &mut AdamW,
+) -> Result<TrainerState> {
+    let state = checkpoint::load_state(ckpt)?;
+    if state.config.as_ref() != Some(&job.config) {
+        bail!(
+            "checkpoint {} was written with different hyperparameters",
+            ckpt.display()
+        );
+    }
+    let adapter = checkpoint::load_adapter(ckpt, &job.device)?;
+    for (key, var) in params {
+        let t = adapter
+            .tensors
+            .get(key)
+            .with_context(|| format!("checkpoint lacks {key}"))?;
+        var.set(t)?;
+    }
+    opt.load(&checkpoint::optimizer_path(ckpt))?;
+    Ok(state)
+}
+
+/// One warning for all rows of a file that had nothing to learn from.
+fn skipped_summary(name: &str, skipped: &[RowError]) -> Option<String> {
+    let first = skipped.first()?;
+    let lines: Vec<String> = skipped
+        .iter()
+        .take(20)
+        .map(|s| s.line.to_string())
+        .collect();
+    let more = if skipped.len() > 20 { ", …" } else { "" };
+    Some(format!(
+        "{name} file: {} row(s) skipped ({}): lines {}{more}",
+        skipped.len(),
+        first.message,
+        lines.join(", ")
+    ))
 }
 
 fn emit_log(on_event: &mut dyn FnMut(TrainEvent), level: Level, message: String) {
     on_event(TrainEvent::Log { level, message });
-}
-
-fn save(
-    job: &TrainJob,
-    params: &[(String, Var)],
-    lora: &LoraConfig,
-    opt: &AdamW,
-    state: &TrainerState,
-    on_event: &mut dyn FnMut(TrainEvent),
-) -> Result<PathBuf> {
-    let dir = checkpoint::checkpoint_dir(&job.output_dir, state.step);
-    checkpoint::save_checkpoint(&dir, params, lora, &job.base_model_name, opt, state)?;
-    on_event(TrainEvent::Checkpoint(CheckpointInfo {
-        step: state.step,
-        path: dir.clone(),
-        train_loss: state.last_train_loss,
-        train_mean_token_accuracy: state.last_train_accuracy,
-        eval_loss: state.last_eval_loss,
-        eval_mean_token_accuracy: state.last_eval_accuracy,
-    }));
-    Ok(dir)
 }
 
 /// Opens `metrics.jsonl` for appending, first dropping records past `keep_through` (a resumed

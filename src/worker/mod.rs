@@ -208,7 +208,15 @@ fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     control.suspend();
                 }
-                run::run_job(&ctx, &job, &control, &device);
+                // A cancel that landed between the claim and the line above found no control to
+                // flip; it did change the status, which this re-read sees.
+                let still_running = matches!(
+                    ctx.rt.block_on(ctx.store.get_job(&job.id)),
+                    Ok(Some(j)) if j.status == JobStatus::Running.as_str()
+                );
+                if still_running {
+                    run::run_job(&ctx, &job, &control, &device);
+                }
                 *shared.current.lock().expect("worker lock") = None;
                 continue;
             }

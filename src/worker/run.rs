@@ -174,6 +174,7 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
     let mut recorder = Recorder {
         ctx,
         job_id: id,
+        control,
         last_train_step: last("train_loss").unwrap_or(0),
         last_eval_step: last("valid_loss").unwrap_or(0),
     };
@@ -294,18 +295,22 @@ pub fn fine_tuned_model_name(model: &str, suffix: Option<&str>, job_id: &str) ->
 struct Recorder<'a> {
     ctx: &'a Ctx,
     job_id: &'a str,
+    control: &'a Control,
     last_train_step: i64,
     last_eval_step: i64,
 }
 
 impl Recorder<'_> {
     fn record(&self, ev: NewEvent) {
-        if let Err(e) = self
+        match self
             .ctx
             .rt
             .block_on(self.ctx.store.append_running_event(self.job_id, &ev))
         {
-            tracing::error!(job = self.job_id, error = %e, "could not record an event");
+            Ok(Some(_)) => {}
+            // The job left `running` (cancelled): stop training it.
+            Ok(None) => self.control.cancel(),
+            Err(e) => tracing::error!(job = self.job_id, error = %e, "could not record an event"),
         }
     }
 

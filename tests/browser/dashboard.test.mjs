@@ -154,24 +154,39 @@ test('a demo job submitted through the form draws every step live and ends succe
   const again = await followJob(page, { timeoutMs: 30_000 });
   assert.equal(again.state.points, total);
   assert.equal(again.state.status, 'succeeded');
+
+  // Keyboard: the chart takes focus and the arrow keys walk the steps.
+  await page.getByTestId('chart').focus();
+  await page.keyboard.press('End');
+  assert.match(await page.getByTestId('hover-readout').innerText(), new RegExp(`^step ${total} `));
+  await page.keyboard.press('Home');
+  await page.keyboard.press('ArrowRight');
+  assert.match(await page.getByTestId('hover-readout').innerText(), /^step 2 .*loss \d/);
+
+  // Phone width: one column, nothing wider than the screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await sleep(300);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `job page fits a 390 px screen (overflow ${overflow}px)`);
   assert.deepEqual(page.jsErrors(), []);
 });
 
-test('a server restart mid-run neither duplicates nor drops points', async (t) => {
+for (const signal of ['SIGTERM', 'SIGKILL']) test(`a server restart mid-run (${signal}) neither duplicates nor drops points`, async (t) => {
   const page = await newPage(t);
   const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: RESTART_STEPS, save_steps: 2 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
   await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 3, { timeoutMs: JOB_TIMEOUT, what: 'three points before the restart' });
   const before = await sftdState(page);
   if (before.status === 'succeeded') t.diagnostic('job finished before the restart; the restart still has to keep the history intact');
-  await server.stop('SIGTERM');
-  t.diagnostic(`server stopped at ${before.points} points (seq ${before.lastSeq})`);
+  await server.stop(signal);
+  t.diagnostic(`server stopped (${signal}) at ${before.points} points (seq ${before.lastSeq})`);
   await sleep(1500);
   await server.start();
   const { state, seen } = await followJob(page);
   t.diagnostic(`point counts seen: ${seen.join(' ')}; duplicates dropped by seq: ${state.duplicates}`);
   assert.equal(state.status, 'succeeded', `job ended ${state.status}; server log:\n${server.tail()}`);
-  const { steps, total } = metricSteps(await server.events(job.id));
+  const { steps, total, records } = metricSteps(await server.events(job.id));
+  t.diagnostic(`server: ${records} metrics events for ${steps.length} distinct steps`);
   assertContiguous(steps, total, 'server recorded every step');
   assert.equal(state.points, total, 'one chart point per step after the restart');
   assertContiguous(state.steps, total, 'no gaps');

@@ -167,12 +167,14 @@ export async function waitFor(fn, { timeoutMs = 60_000, intervalMs = 100, what =
 export function metricSteps(events) {
   const steps = new Set();
   let total = null;
+  let records = 0;
   for (const e of events) {
     const d = e?.data || {};
     if (typeof d.train_loss === 'number' && typeof d.step === 'number') {
+      records++;
       steps.add(d.step);
       if (typeof d.total_steps === 'number') total = d.total_steps;
     }
   }
-  return { steps: [...steps].sort((a, b) => a - b), total };
+  return { steps: [...steps].sort((a, b) => a - b), total, records };
 }
