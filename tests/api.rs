@@ -285,6 +285,20 @@ async fn auth_is_required_on_v1_when_a_key_is_set() {
     assert_eq!(st, 200);
     let (st, _) = s.get("/readyz").await;
     assert_eq!(st, 200);
+    for public in ["/", "/static/app.js"] {
+        let r = s.client.get(s.url(public)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{public}");
+    }
+    let (st, _) = s.get("/metrics").await;
+    assert_eq!(st, 401);
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .bearer_auth("s3cret/key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let (st, v) = s.get("/v1/files").await;
     assert_eq!(st, 401, "{v}");
     assert_eq!(v["error"]["code"], "invalid_api_key");
@@ -343,6 +357,16 @@ async fn without_a_key_v1_is_open_on_loopback() {
         .unwrap();
     assert!(ok.success());
     s.kill9();
+    // A device that cannot be opened stops `serve` at start-up with a message naming it.
+    let out = std::process::Command::new(common::BIN)
+        .env("SFTD_DATA_DIR", env.data_dir())
+        .env("SFTD_ADDR", "127.0.0.1:0")
+        .env("SFTD_DEVICE", "gpu")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("SFTD_DEVICE"), "{text}");
     let down = std::process::Command::new(common::BIN)
         .args(["healthcheck"])
         .env("SFTD_ADDR", &addr)

@@ -269,6 +269,7 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
         .get(s.url(&format!(
             "/v1/fine_tuning/jobs/{id}/events?stream=true&after=5"
         )))
+        .header("accept-encoding", "gzip, br, zstd")
         .send()
         .await
         .unwrap();
@@ -277,6 +278,21 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
     assert!(r.headers().get("content-encoding").is_none());
     let tail = read_sse(r, |_| false).await;
     assert_eq!(tail, full[5..]);
+    // The raw stream starts with the reconnect delay.
+    let raw = s
+        .client
+        .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        raw.starts_with("retry: 2000\n\nid: 1\ndata: {"),
+        "{}",
+        &raw[..80]
+    );
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
 }
@@ -292,6 +308,35 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
     let queued = queued["id"].as_str().unwrap().to_string();
     wait_steps(&s, &running, 2).await;
     assert_eq!(s.job(&queued).await["status"], "queued");
+    let r = s.job(&running).await;
+    assert_eq!(r["status"], "running");
+    assert!(
+        r["estimated_finish"].as_i64().unwrap() >= r["created_at"].as_i64().unwrap(),
+        "{r}"
+    );
+    let (_, m) = s.get("/metrics").await;
+    let m = m.as_str().unwrap().to_string();
+    for line in [
+        "sftd_queue_depth 1",
+        "sftd_jobs{status=\"running\"} 1",
+        "sftd_worker_busy 1",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
+
+    // The dataset of an unfinished job cannot be deleted.
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/files/{train}")))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = common::status_json(r).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("file_in_use")),
+        "{v}"
+    );
 
     let stream = open_stream(&s, &running, Some(1)).await;
     let (st, v) = s
@@ -396,7 +441,7 @@ async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
     assert_eq!(steps, [4, 8, 12, 16, 20, 24]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_checkpoints_requeues_and_exits_zero() {
     let env = Env::new();
     let mut s = env.start();
@@ -404,8 +449,16 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
     let job = s.create_job(&tiny_job(&train, 16, 0)).await;
     let id = job["id"].as_str().unwrap().to_string();
     wait_steps(&s, &id, 3).await;
+    // A follower is connected when the server goes down; its stream ends, it does not hang the exit.
+    let before = tokio::spawn(read_sse(open_stream(&s, &id, None).await, |_| false));
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let status = s.sigterm();
     assert!(status.success(), "{status:?}");
+    let before = tokio::time::timeout(Duration::from_secs(10), before)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!before.is_empty() && !is_terminal(before.last().unwrap()));
 
     // The suspended step was checkpointed on disk, and the job was left queued.
     let ckpts = env.data_dir().join("jobs").join(&id).join("checkpoints");
@@ -418,12 +471,21 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
         .find(|e| e["message"].as_str().unwrap().contains("suspended"))
         .unwrap_or_else(|| panic!("{events:?}"));
     assert_eq!(suspended["data"]["status"], "queued");
+    // It reconnects to the restarted server with Last-Event-ID and misses nothing.
+    let last_seen = before.last().unwrap().id.as_ref().unwrap().parse().unwrap();
+    let after = read_sse(open_stream(&s, &id, Some(last_seen)).await, |_| false).await;
     let job = s
         .wait_for(&id, LONG, |j| j["finished_at"].is_number())
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
+    let followed: Vec<Value> = before
+        .iter()
+        .chain(&after)
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    assert_eq!(followed, events);
     assert!(events.iter().any(|e| e["message"]
         .as_str()
         .unwrap()
@@ -439,4 +501,45 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
             "succeeded"
         ]
     );
+}
+
+#[tokio::test]
+async fn a_job_the_trainer_rejects_fails_with_a_message_and_the_stream_closes() {
+    let env = Env::new();
+    let s = env.start();
+    let train = s.upload(&example("tool_calls.jsonl")).await;
+    // No example fits 8 tokens: the trainer refuses the dataset.
+    let mut body = tiny_job(&train, 4, 0);
+    body["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(8);
+    let job = s.create_job(&body).await;
+    let id = job["id"].as_str().unwrap();
+    let streamed = tokio::time::timeout(LONG, read_sse(open_stream(&s, id, None).await, |_| false))
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(&streamed.last().unwrap().data).unwrap();
+    assert_eq!(
+        (last["data"]["status"].as_str(), last["level"].as_str()),
+        (Some("failed"), Some("error"))
+    );
+    let job = s.job(id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "training_failed", "{job}");
+    // It names the file by its id, not by the server's path.
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&train) && !message.contains("/data/"),
+        "{message}"
+    );
+    assert_gap_free(&s.all_events(id).await);
+    assert_eq!(job["result_files"], json!([]));
+    // The worker moves on to the next job.
+    let ok = s
+        .create_job(&tiny_job(&s.upload(&example("text.jsonl")).await, 2, 0))
+        .await;
+    let ok = s
+        .wait_for(ok["id"].as_str().unwrap(), LONG, |j| {
+            j["finished_at"].is_number()
+        })
+        .await;
+    assert_eq!(ok["status"], "succeeded");
 }

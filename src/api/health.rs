@@ -12,11 +12,16 @@ use serde_json::json;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+/// The probes, public so orchestrators need no key.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+}
+
+/// `/metrics`, behind the API key like `/v1` (it describes the workload).
+pub fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 async fn healthz() -> impl IntoResponse {

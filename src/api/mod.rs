@@ -32,10 +32,11 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// The whole API. Public: `/healthz`, `/readyz`, `/metrics`; everything under `/v1` needs the
-/// API key when one is configured.
+/// The whole API. Public: the dashboard, `/healthz`, `/readyz`; `/metrics` and everything under
+/// `/v1` need the API key when one is configured.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
+    let protected = Router::new()
+        .merge(health::metrics_routes())
         .merge(files::routes(state.config.max_upload_bytes))
         .merge(jobs::routes())
         .merge(events::routes())
@@ -46,7 +47,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(ui::routes())
-        .merge(v1)
+        .merge(protected)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(TraceLayer::new_for_http())
@@ -59,6 +60,9 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     config.data_dir = config.data_dir.canonicalize()?;
     tracing::info!(config = ?config, "starting sftd");
+    // A device that cannot be opened is a configuration error: fail now, not in a silent worker.
+    crate::worker::engine::device_from_str(&config.device)
+        .map_err(|e| anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device))?;
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
     remove_orphans(&store).await?;
     let hub = Hub::new(&config);

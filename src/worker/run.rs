@@ -224,7 +224,11 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         }
         Ok(Err(_)) | Err(_) if control.is_cancelled() => {}
         Ok(Err(_)) if control.is_suspended() => requeue(ctx, id, "Job suspended for a server shutdown"),
-        Ok(Err(e)) => fail(JobError::new("training_failed", format!("{e:#}"), None)),
+        Ok(Err(e)) => fail(JobError::new(
+            "training_failed",
+            user_message(&format!("{e:#}"), job, &train_job, store.data_dir()),
+            None,
+        )),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -234,6 +238,16 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
             fail(JobError::new("internal_error", format!("the trainer crashed: {what}"), None))
         }
     }
+}
+
+/// The engine's error with the server's paths replaced by what the user knows: file ids, and
+/// `<data dir>` for the rest.
+fn user_message(message: &str, job: &JobRow, train: &engine::TrainJob, data_dir: &Path) -> String {
+    let mut m = message.replace(&*train.training_file.to_string_lossy(), &job.training_file);
+    if let (Some(path), Some(id)) = (&train.validation_file, &job.validation_file) {
+        m = m.replace(&*path.to_string_lossy(), id);
+    }
+    m.replace(&*data_dir.to_string_lossy(), "<data dir>")
 }
 
 fn requeue(ctx: &Ctx, id: &str, message: &str) {
