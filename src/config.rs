@@ -41,7 +41,7 @@ pub struct Config {
     pub max_upload_bytes: u64,
 
     /// Log format: `text` for people, `json` for log collectors.
-    #[arg(long, env = "SFTD_LOG_FORMAT", default_value = "text")]
+    #[arg(long, env = "SFTD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
     /// Hugging Face token for gated or private models (also read from `HF_HOME/token`). Never logged.

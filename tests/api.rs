@@ -357,6 +357,16 @@ async fn without_a_key_v1_is_open_on_loopback() {
         .unwrap();
     assert!(ok.success());
     s.kill9();
+    // A device that cannot be opened stops `serve` at start-up with a message naming it.
+    let out = std::process::Command::new(common::BIN)
+        .env("SFTD_DATA_DIR", env.data_dir())
+        .env("SFTD_ADDR", "127.0.0.1:0")
+        .env("SFTD_DEVICE", "gpu")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("SFTD_DEVICE"), "{text}");
     let down = std::process::Command::new(common::BIN)
         .args(["healthcheck"])
         .env("SFTD_ADDR", &addr)

@@ -269,6 +269,7 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
         .get(s.url(&format!(
             "/v1/fine_tuning/jobs/{id}/events?stream=true&after=5"
         )))
+        .header("accept-encoding", "gzip, br, zstd")
         .send()
         .await
         .unwrap();
@@ -307,6 +308,35 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
     let queued = queued["id"].as_str().unwrap().to_string();
     wait_steps(&s, &running, 2).await;
     assert_eq!(s.job(&queued).await["status"], "queued");
+    let r = s.job(&running).await;
+    assert_eq!(r["status"], "running");
+    assert!(
+        r["estimated_finish"].as_i64().unwrap() >= r["created_at"].as_i64().unwrap(),
+        "{r}"
+    );
+    let (_, m) = s.get("/metrics").await;
+    let m = m.as_str().unwrap().to_string();
+    for line in [
+        "sftd_queue_depth 1",
+        "sftd_jobs{status=\"running\"} 1",
+        "sftd_worker_busy 1",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
+
+    // The dataset of an unfinished job cannot be deleted.
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/files/{train}")))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = common::status_json(r).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("file_in_use")),
+        "{v}"
+    );
 
     let stream = open_stream(&s, &running, Some(1)).await;
     let (st, v) = s

@@ -1,6 +1,6 @@
-//! A subscriber that stops reading while events pour in falls behind the shared broadcast
-//! (capacity 4 here); when it reads again it catches up from the database: every event exactly
-//! once, in order, and the other subscriber and the writer were never held up.
+//! The event stream on an in-process server whose worker never runs (its device cannot be
+//! opened), so the test drives the job's events by hand: a lagging subscriber catches up from
+//! the database; an idle stream gets keep-alive comments.
 
 mod common;
 
@@ -14,20 +14,20 @@ use sftd::worker::Worker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lagging_subscriber_catches_up_from_the_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::for_data_dir(dir.path());
+/// Serves the API on 127.0.0.1 with a broadcast of `capacity`; returns the base URL, the store
+/// and the shutdown switch (streams end when it flips or is dropped).
+async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutdown) {
+    let mut config = Config::for_data_dir(dir);
     // An unusable device keeps the worker thread from claiming the job this test drives by hand.
     config.device = "no-such-device".into();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = Store::open_with_capacity(&url, dir.path(), 4)
+    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let store = Store::open_with_capacity(&url, dir, capacity)
         .await
         .unwrap();
     let worker = Worker::start(store.clone(), Hub::new(&config), config.device.clone())
         .await
         .unwrap();
-    let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
@@ -38,8 +38,13 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    (base, store, shutdown_tx)
+}
 
-    let id = "ftjob-lag";
+type Shutdown = tokio::sync::watch::Sender<bool>;
+
+/// Creates a job and moves it to `running` (3 events).
+async fn running_job(store: &Store, id: &str) {
     store
         .create_job(&NewJob {
             id: id.into(),
@@ -57,6 +62,14 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
         .unwrap();
     store.mark_queued(id).await.unwrap();
     assert_eq!(store.claim_next_job().await.unwrap().unwrap().id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_subscriber_catches_up_from_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, store, _shutdown) = server(dir.path(), 4).await;
+    let id = "ftjob-lag";
+    running_job(&store, id).await;
 
     let client = reqwest::Client::new();
     // The worker could not open its device: not ready.
@@ -112,4 +125,37 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
         writing < Duration::from_secs(30),
         "writer was held up: {writing:?}"
     );
+}
+
+/// Nothing happens for 15 s: the stream carries a `: keep-alive` comment (and stays open).
+#[tokio::test]
+async fn an_idle_stream_gets_keep_alive_comments() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, store, _shutdown) = server(dir.path(), 16).await;
+    running_job(&store, "ftjob-idle").await;
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{base}/v1/fine_tuning/jobs/ftjob-idle/events?stream=true&after=3"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    while !text.contains(": keep-alive") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), body.next())
+            .await
+            .expect("no keep-alive within 20 s")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(14),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!text.contains("data:"), "{text}");
 }

@@ -201,6 +201,12 @@ async fn store_upload(
     store: &Store,
     upload: Upload,
 ) -> Result<crate::store::files::FileRow, AppError> {
+    // Each validation holds a whole file in memory: bound how many run at once.
+    static VALIDATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _permit = VALIDATIONS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed. This is a bug.");
     let path = upload.tmp.0.clone();
     let summary = tokio::task::spawn_blocking(move || {
         let bytes = std::fs::read(&path)?;
