@@ -474,3 +474,42 @@ async fn files_crud_and_pagination() {
     let (st, _) = s.get(&format!("/v1/files/{}/content", ids[0])).await;
     assert_eq!(st, 404);
 }
+
+#[tokio::test]
+async fn jobs_list_filters_by_metadata() {
+    let env = Env::new();
+    let s = env.start();
+    let file = s.upload(&example("text.jsonl")).await;
+    let mut ids = Vec::new();
+    for (team, run) in [("a", "1"), ("b", "1"), ("a", "2")] {
+        let body = json!({"model": "sftd-demo", "training_file": file, "metadata": {"team": team, "run": run}});
+        ids.push(
+            s.create_job(&body).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let ids_of = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, v) = s.get("/v1/fine_tuning/jobs?metadata[team]=a").await;
+    assert_eq!(ids_of(&v), [ids[2].clone(), ids[0].clone()]);
+    assert_eq!(v["data"][0]["metadata"], json!({"run": "2", "team": "a"}));
+    let (_, v) = s
+        .get("/v1/fine_tuning/jobs?metadata%5Bteam%5D=a&metadata%5Brun%5D=1")
+        .await;
+    assert_eq!(ids_of(&v), [ids[0].clone()]);
+    let (_, v) = s.get("/v1/fine_tuning/jobs?metadata[team]=c").await;
+    assert_eq!(ids_of(&v), Vec::<String>::new());
+    let (_, v) = s
+        .get(&format!("/v1/fine_tuning/jobs?limit=1&after={}", ids[2]))
+        .await;
+    assert_eq!(ids_of(&v), [ids[1].clone()]);
+    assert_eq!(v["has_more"], true);
+}

@@ -162,8 +162,8 @@ impl Qwen3 {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = Qwen3Config::from_dir(dir)?;
         let files = weight_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only and outlive this call (tensors are copied out).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let backend = super::weights::SafetensorsFiles::open(&files)?;
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         Self::from_vb(cfg, vb, dtype, device)
             .with_context(|| format!("loading weights from {}", dir.display()))
     }
