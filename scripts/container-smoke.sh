@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container smoke test: build the sftd image with compose, run a short LoRA job on the demo model
-# through the API inside the container, download the adapter, replace the container and check the
-# job and its events survived on the named volume. Everything is torn down on exit, pass or fail.
+# through the API inside the container, download the adapter, then replace the container while a
+# second job runs: the first job and its events must survive on the named volume, the second must
+# resume from its checkpoint. Everything is torn down on exit, pass or fail.
 #
 # Needs podman, runc, debootstrap, podman-compose, docker-compose, curl, jq
 # (scripts/ci-setup-containers.sh installs them) and a Rust toolchain on the host (it becomes the
@@ -15,7 +16,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 PROJECT=sftd-smoke
 IMAGE=localhost/sftd:smoke
 JOB_TIMEOUT=${SMOKE_JOB_TIMEOUT:-600}
@@ -148,6 +148,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 ensure_base_images
+compose down -v >/dev/null 2>&1 || true # leftovers of a run that was killed
 
 say "validate docker-compose.yml (and the GPU override)"
 docker-compose -f docker-compose.yml config -q || fail "docker-compose.yml does not validate"

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
@@ -31,6 +32,99 @@ pub struct TrainArgs {
     /// Where the demo model and hub downloads are cached.
     #[arg(long, env = "SFTD_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+    /// Progress without a terminal (a container, a pipe): `text` lines, or `json`, one event
+    /// object per line on stdout (also in a terminal).
+    #[arg(long, env = "SFTD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// How `train` reports progress: a bar in a terminal; otherwise one line per event on stdout, so
+/// that container logs (`docker logs`, `hf jobs logs`) show every step.
+enum Report {
+    Bar(ProgressBar),
+    Text,
+    Json,
+}
+
+impl Report {
+    fn new(log_format: &str) -> Self {
+        if log_format == "json" {
+            return Report::Json;
+        }
+        if !std::io::stderr().is_terminal() {
+            return Report::Text;
+        }
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        Report::Bar(bar)
+    }
+
+    fn event(&self, ev: TrainEvent) {
+        let bar = match self {
+            Report::Json => {
+                println!("{}", serde_json::to_string(&ev).expect("events serialize"));
+                return;
+            }
+            Report::Text => {
+                println!("{}", event_line(&ev));
+                return;
+            }
+            Report::Bar(bar) => bar,
+        };
+        match ev {
+            TrainEvent::Metrics(m) => {
+                bar.set_length(m.total_steps);
+                bar.set_position(m.step);
+                bar.set_message(format!(
+                    "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                    m.train_loss, m.learning_rate, m.tokens_per_second
+                ));
+            }
+            ev => bar.println(event_line(&ev)),
+        }
+    }
+
+    /// The last line: how the run ended.
+    fn finish(&self, summary: String) {
+        match self {
+            Report::Json => println!(
+                "{}",
+                serde_json::json!({ "type": "done", "message": summary })
+            ),
+            Report::Bar(bar) => {
+                bar.finish();
+                println!("{summary}");
+            }
+            Report::Text => println!("{summary}"),
+        }
+    }
+}
+
+fn event_line(ev: &TrainEvent) -> String {
+    match ev {
+        TrainEvent::Metrics(m) => format!(
+            "step {}/{}: loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            m.step, m.total_steps, m.train_loss, m.learning_rate, m.tokens_per_second
+        ),
+        TrainEvent::Eval(e) => format!(
+            "step {}: eval loss {:.4}, accuracy {:.3}",
+            e.step, e.eval_loss, e.eval_mean_token_accuracy
+        ),
+        TrainEvent::Checkpoint(c) => format!("step {}: checkpoint {}", c.step, c.path.display()),
+        TrainEvent::Log { level, message } => {
+            let tag = match level {
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            };
+            format!("{tag}: {message}")
+        }
+    }
 }
 
 /// Runs one job from a JSON file, printing a progress bar and the final adapter's location.
@@ -74,57 +168,26 @@ pub fn train(args: TrainArgs) -> Result<()> {
         device: crate::train::device_from_str(&args.device)?,
         model_dir,
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let report = Report::new(&args.log_format);
     let control = Control::new();
-    let outcome = trainer::run(&job, &control, &mut |ev| match ev {
-        TrainEvent::Metrics(m) => {
-            bar.set_length(m.total_steps);
-            bar.set_position(m.step);
-            bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-                m.train_loss, m.learning_rate, m.tokens_per_second
-            ));
-        }
-        TrainEvent::Eval(e) => bar.println(format!(
-            "step {}: eval loss {:.4}, accuracy {:.3}",
-            e.step, e.eval_loss, e.eval_mean_token_accuracy
-        )),
-        TrainEvent::Checkpoint(c) => {
-            bar.println(format!("step {}: checkpoint {}", c.step, c.path.display()))
-        }
-        TrainEvent::Log { level, message } => {
-            let tag = match level {
-                Level::Info => "info",
-                Level::Warn => "warn",
-                Level::Error => "error",
-            };
-            bar.println(format!("{tag}: {message}"));
-        }
-    })?;
-    bar.finish();
-    match outcome {
+    let outcome = trainer::run(&job, &control, &mut |ev| report.event(ev))?;
+    report.finish(match outcome {
         Outcome::Completed {
             adapter_dir,
             steps,
             trained_tokens,
-        } => println!(
+        } => format!(
             "done: {steps} steps, {trained_tokens} tokens; adapter in {}",
             adapter_dir.display()
         ),
         Outcome::Suspended { checkpoint, step } => {
-            println!(
+            format!(
                 "suspended at step {step}; checkpoint {}",
                 checkpoint.display()
             )
         }
-        Outcome::Cancelled { step } => println!("cancelled at step {step}"),
-    }
+        Outcome::Cancelled { step } => format!("cancelled at step {step}"),
+    });
     Ok(())
 }
 

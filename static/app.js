@@ -156,6 +156,7 @@ function route() {
   const main = $('#main');
   main.replaceChildren();
   const hash = location.hash || '#/';
+  document.title = hash.startsWith('#/new') ? 'New job · sftd' : 'sftd';
   const m = hash.match(/^#\/jobs\/([^/?#]+)/);
   if (m) { setNav(null); teardown = jobView(main, decodeURIComponent(m[1])); }
   else if (hash.startsWith('#/new')) { setNav('new'); teardown = newJobView(main); }
@@ -336,7 +337,7 @@ function jobsView(root) {
 /** The recipe (DESIGN.md). Only fields changed from these are sent; the server fills in the rest. */
 const MAIN_FIELDS = [
   { name: 'n_epochs', label: 'Epochs', def: 3, int: true, min: 1 },
-  { name: 'learning_rate', label: 'Learning rate', def: 2e-4, min: 0, hint: 'peak, cosine with warmup' },
+  { name: 'learning_rate', label: 'Learning rate', def: 2e-4, display: '2e-4', min: 0, hint: 'peak, cosine with warmup' },
   { name: 'batch_size', label: 'Batch size', def: 4, int: true, min: 1 },
   { name: 'gradient_accumulation_steps', label: 'Gradient accumulation', def: 4, int: true, min: 1 },
   { name: 'max_seq_len', label: 'Max sequence length', def: 2048, int: true, min: 8 },
@@ -377,7 +378,7 @@ function fieldInput(f) {
     input = h('input', {
       ...common, type: 'number', inputmode: f.int ? 'numeric' : 'decimal', step: f.int ? '1' : 'any',
       min: f.min !== undefined ? String(f.min) : undefined, max: f.max !== undefined ? String(f.max) : undefined,
-      value: f.def === '' ? '' : String(f.def), placeholder: f.def === '' ? 'auto' : undefined,
+      value: f.def === '' ? '' : (f.display ?? String(f.def)), placeholder: f.def === '' ? 'auto' : undefined,
     });
   }
   return h('div', { class: 'field' }, h('label', { for: id }, f.label), input,
@@ -440,9 +441,28 @@ function uploadField(label, key, required) {
     });
     state.pending = p;
   });
-  const el = h('div', { class: 'field' }, h('label', { for: id }, label), input, statusEl);
+  // Or reuse a file uploaded earlier.
+  const existing = h('select', { id: `${key}-existing`, 'data-testid': `${key}-existing`, 'aria-label': `${label}: or reuse an uploaded file`, hidden: true },
+    h('option', { value: '' }, '… or reuse an uploaded file'));
+  existing.addEventListener('change', () => {
+    if (!existing.value) return;
+    input.value = '';
+    input.removeAttribute('aria-invalid');
+    state.pending = null; state.error = null; state.fileId = existing.value;
+    statusEl.className = 'filestatus ok';
+    statusEl.replaceChildren('✓ using ', h('code', { 'data-testid': `${key}-id` }, existing.value));
+  });
+  input.addEventListener('change', () => { existing.value = ''; });
+  api('v1/files?purpose=fine-tune&limit=100').then((list) => {
+    const files = (Array.isArray(list?.data) ? list.data : []).filter((f) => f && f.id && (!f.purpose || f.purpose === 'fine-tune'));
+    if (!files.length) return;
+    existing.append(...files.map((f) => h('option', { value: f.id }, `${f.filename || f.id} · ${fmtBytes(f.bytes)} · ${fmtTime(f.created_at)}`)));
+    existing.hidden = false;
+  }).catch(() => {});
+  const el = h('div', { class: 'field' }, h('label', { for: id }, label), input, existing, statusEl);
   return {
     el, input,
+    has: () => !!(input.files?.length || existing.value),
     async id() {
       if (state.pending) await state.pending;
       if (state.error) throw Object.assign(new Error(`${label}: ${state.error.message}`), { param: key });
@@ -462,7 +482,7 @@ function newJobView(root) {
   const errorBox = h('div', { class: 'formerror', role: 'alert', 'data-testid': 'form-error' });
   const submit = h('button', { type: 'submit', class: 'primary', 'data-testid': 'submit-job' }, 'Start fine-tuning');
   const form = h('form', { class: 'newjob', 'data-testid': 'new-job-form', novalidate: true },
-    h('fieldset', {}, h('legend', {}, 'Data'), h('div', { class: 'fields' }, train.el, valid.el),
+    h('fieldset', {}, h('legend', {}, 'Data'), h('div', { class: 'fields wide' }, train.el, valid.el),
       h('p', { class: 'hint muted' }, 'Rows: {"messages":[…],"tools":[…]}, {"prompt","completion"} or {"text"}. Every line is checked on upload.')),
     h('fieldset', {}, h('legend', {}, 'Model'),
       h('div', { class: 'field' }, h('label', { for: 'model' }, 'Base model'), model, modelList, modelHint)),
@@ -503,9 +523,9 @@ function newJobView(root) {
     const oldLabel = submit.textContent;
     submit.textContent = 'Submitting…';
     try {
-      if (!train.input.files?.length) throw Object.assign(new Error('Choose a training file.'), { param: 'training_file' });
+      if (!train.has()) throw Object.assign(new Error('Choose a training file.'), { param: 'training_file' });
       const trainingFile = await train.id();
-      const validationFile = valid.input.files?.length ? await valid.id() : null;
+      const validationFile = valid.has() ? await valid.id() : null;
       const hp = {};
       const top = {};
       for (const f of [...MAIN_FIELDS, ...ADVANCED_FIELDS, ...TOP_FIELDS]) {
@@ -614,6 +634,12 @@ function jobView(root, id) {
     h('dl', { class: 'stats' }, Object.values(rows).map((r) => r.nodes)));
   const filesList = h('ul', { class: 'files', 'data-testid': 'result-files' });
   const filesCard = h('section', { class: 'card', 'aria-label': 'Results', hidden: true }, h('h2', {}, 'Results'), filesList);
+  const ckptBody = h('tbody');
+  const ckptCard = h('section', { class: 'card', 'aria-label': 'Checkpoints', hidden: true },
+    h('h2', {}, 'Checkpoints'),
+    h('table', { class: 'ckpts', 'data-testid': 'checkpoints' },
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Step'), h('th', { scope: 'col' }, 'Train loss'), h('th', { scope: 'col' }, 'Eval loss'))),
+      ckptBody));
   const hpList = h('dl', { class: 'hp', 'data-testid': 'job-hyperparameters' });
   const hpCard = h('section', { class: 'card', 'aria-label': 'Settings' },
     h('details', {}, h('summary', {}, 'Settings'), hpList));
@@ -624,7 +650,7 @@ function jobView(root, id) {
   chartCard.classList.add('area-chart');
   logCard.classList.add('area-log');
   root.append(errorBanner, h('div', { class: 'jobgrid' },
-    chartCard, h('div', { class: 'side area-side' }, statsCard, filesCard, hpCard), logCard));
+    chartCard, h('div', { class: 'side area-side' }, statsCard, filesCard, ckptCard, hpCard), logCard));
 
   // --- status
 
@@ -643,8 +669,16 @@ function jobView(root, id) {
     }
     cancelBtn.hidden = TERMINAL.has(s);
     window.__sftd.status = s;
+    updateTitle();
     if (s === 'succeeded' && progress.max > 0 && !series.latest) progress.value = progress.max;
     if (TERMINAL.has(s)) loadResults();
+  }
+
+  function updateTitle() {
+    const s = shownStatus();
+    const m = series.latest;
+    const prog = m && m.total_steps ? ` ${m.step}/${m.total_steps}` : '';
+    document.title = `${s ? `${s}${s === 'running' ? prog : ''} · ` : ''}${id} · sftd`;
   }
 
   // --- event log
@@ -744,6 +778,31 @@ function jobView(root, id) {
     }));
   }
 
+  // --- checkpoints (step, train and eval loss of each saved adapter: which one to keep)
+
+  function scheduleCheckpoints() {
+    if (st.ckptTimer) return;
+    st.ckptTimer = setTimeout(loadCheckpoints, 1500);
+  }
+  async function loadCheckpoints() {
+    st.ckptTimer = null;
+    try {
+      const list = await api(`${jobPath(id)}/checkpoints?limit=100`);
+      if (!st.alive) return;
+      const data = (Array.isArray(list?.data) ? list.data : []).slice()
+        .sort((a, b) => (b.step_number ?? 0) - (a.step_number ?? 0));
+      ckptCard.hidden = data.length === 0;
+      ckptBody.replaceChildren(...data.map((c) => {
+        const m = c.metrics || {};
+        const step = typeof c.step_number === 'number' ? c.step_number : pickNum('step', m);
+        return h('tr', { 'data-step': step ?? '' },
+          h('td', {}, step ?? DASH), h('td', {}, fmtNum(pickNum('train_loss', m))),
+          h('td', {}, fmtNum(pickNum('eval_loss', m))));
+      }));
+    } catch { /* older server without the route: keep the card hidden */ }
+  }
+  loadCheckpoints();
+
   // --- stream
 
   function setStreamState(text, warn = false) {
@@ -771,7 +830,7 @@ function jobView(root, id) {
       if (pickNum('eval_loss', ev.data) !== null) HANDLERS.eval(ev); // OpenAI-style combined record
     },
     eval: (ev) => { if (series.addEval(ev.data)) scheduleDraw(); addLog(ev); },
-    checkpoint: (ev) => { st.lastCheckpoint = pickNum('step', ev.data); addLog(ev); },
+    checkpoint: (ev) => { st.lastCheckpoint = pickNum('step', ev.data); addLog(ev); scheduleCheckpoints(); },
     log: (ev) => { addLog(ev); },
     heartbeat: () => {},
     status: (ev) => {
@@ -787,6 +846,8 @@ function jobView(root, id) {
         setStreamState('complete');
         scheduleDraw();
         refreshJob();
+        clearTimeout(st.ckptTimer); st.ckptTimer = null;
+        scheduleCheckpoints(); // the final adapter's checkpoint may be recorded with the last status
       }
     },
   };
@@ -934,6 +995,7 @@ function jobView(root, id) {
     }
     if (!st.chart && TERMINAL.has(shownStatus())) chartEmpty.textContent = 'No training steps were recorded for this job.';
     updateStats(cols);
+    updateTitle();
     window.__sftd.points = points;
     window.__sftd.evalPoints = series.evals.size;
     window.__sftd.steps = series.steps();
@@ -1025,6 +1087,7 @@ function jobView(root, id) {
     closeStream();
     clearTimeout(st.pollTimer);
     clearTimeout(st.resultsTimer);
+    clearTimeout(st.ckptTimer);
     ro.disconnect();
     if (st.chart) st.chart.destroy();
   };

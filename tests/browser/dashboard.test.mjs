@@ -94,6 +94,15 @@ test('an API error on submit is shown with the field it names', async (t) => {
   assert.match(text, /lora\.r/, 'the error names the field');
   assert.equal(await page.getByTestId('hp-lora-r').getAttribute('aria-invalid'), 'true', 'the field is marked');
   assert.match(page.url(), /#\/new$/, 'still on the form');
+
+  // A file uploaded earlier can be picked again instead of re-uploading.
+  await page.reload();
+  const existing = page.getByTestId('training-file-existing');
+  await existing.waitFor({ state: 'visible', timeout: 10_000 });
+  const values = await existing.locator('option').evaluateAll((os) => os.map((o) => o.value).filter(Boolean));
+  assert.ok(values.length >= 1, 'earlier uploads are offered');
+  await existing.selectOption(values[0]);
+  assert.equal(await page.getByTestId('training-file-id').innerText(), values[0]);
   assert.deepEqual(page.jsErrors(), []);
 });
 
@@ -140,6 +149,11 @@ test('a demo job submitted through the form draws every step live and ends succe
     assert.equal(r.status, 200, `${f.name} downloads`);
     assert.ok(r.size > 0, `${f.name} is not empty`);
   }
+
+  // The checkpoints table lists the final adapter's step.
+  const ckpts = page.locator('[data-testid=checkpoints] tbody tr');
+  await waitFor(async () => (await ckpts.count()) >= 1, { timeoutMs: 15_000, what: 'the checkpoints table' });
+  assert.equal(await ckpts.first().getAttribute('data-step'), String(total), 'newest checkpoint first, at the last step');
 
   // The jobs list shows it finished.
   await page.getByTestId('nav-jobs').click();

@@ -22,6 +22,7 @@ try {
     return s && ['succeeded', 'failed', 'cancelled'].includes(s.status) && s.stream === 'complete' ? s : null;
   }, { timeoutMs: 900_000, intervalMs: 250, what: 'the job to finish' });
   await page.getByTestId('result-file').first().waitFor({ timeout: 20_000 }).catch(() => {});
+  await page.locator(`[data-testid=checkpoints] tbody tr[data-step="${state.points}"]`).waitFor({ timeout: 10_000 }).catch(() => {});
   await sleep(800);
   // Hover two thirds along the chart so the readout shows one step's values.
   const box = await page.getByTestId('chart').locator('.u-over').boundingBox();
