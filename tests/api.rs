@@ -67,8 +67,25 @@ async fn bad_uploads_are_rejected_with_every_line_and_nothing_stored() {
             .iter()
             .all(|d| !d["message"].as_str().unwrap().is_empty()));
     }
-    // Over the size limit: 413, in the error shape.
-    let (st, v) = s.upload_bytes("big.jsonl", vec![b' '; 10_000_001]).await;
+    // Over the size limit: 413, in the error shape. The server answers before reading the rest
+    // of the body and closes the connection, so send it on a connection of its own.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![b' '; 10_000_001]).file_name("big.jsonl"),
+        );
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let r = fresh
+        .post(s.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = common::status_json(r).await;
     assert_eq!(st, 413, "{v}");
     assert_eq!(v["error"]["code"], "file_too_large");
     // Wrong or missing purpose.
@@ -254,6 +271,41 @@ async fn bad_job_bodies_are_4xx_naming_the_field_and_nothing_stored() {
         .await
         .unwrap();
     assert!(r.status().is_client_error());
+    // Raw bodies no parser should choke on: non-UTF-8, absurd nesting, an oversized body.
+    let raw: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "non-utf8",
+            b"{\"model\": \"\xff\xfe\", \"training_file\": \"f\"}".to_vec(),
+            400,
+        ),
+        (
+            "deep nesting",
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
+            400,
+        ),
+        (
+            "3 MB body",
+            format!("{{\"model\": \"{}\"}}", "m".repeat(3 << 20)).into_bytes(),
+            413,
+        ),
+    ];
+    // A server that answers 413 early closes the connection: do not reuse it.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for (name, body, status) in raw {
+        let r = fresh
+            .post(s.url("/v1/fine_tuning/jobs"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (st, v) = common::status_json(r).await;
+        assert_eq!(st, status, "{name}: {v}");
+        assert!(v["error"]["message"].is_string(), "{name}: {v}");
+    }
     // Bad paths and queries are 4xx too.
     let (st, _) = s.get("/v1/fine_tuning/jobs?limit=0").await;
     assert_eq!(st, 400);
@@ -473,4 +525,43 @@ async fn files_crud_and_pagination() {
     assert_eq!(st, 404);
     let (st, _) = s.get(&format!("/v1/files/{}/content", ids[0])).await;
     assert_eq!(st, 404);
+}
+
+#[tokio::test]
+async fn jobs_list_filters_by_metadata() {
+    let env = Env::new();
+    let s = env.start();
+    let file = s.upload(&example("text.jsonl")).await;
+    let mut ids = Vec::new();
+    for (team, run) in [("a", "1"), ("b", "1"), ("a", "2")] {
+        let body = json!({"model": "sftd-demo", "training_file": file, "metadata": {"team": team, "run": run}});
+        ids.push(
+            s.create_job(&body).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let ids_of = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, v) = s.get("/v1/fine_tuning/jobs?metadata[team]=a").await;
+    assert_eq!(ids_of(&v), [ids[2].clone(), ids[0].clone()]);
+    assert_eq!(v["data"][0]["metadata"], json!({"run": "2", "team": "a"}));
+    let (_, v) = s
+        .get("/v1/fine_tuning/jobs?metadata%5Bteam%5D=a&metadata%5Brun%5D=1")
+        .await;
+    assert_eq!(ids_of(&v), [ids[0].clone()]);
+    let (_, v) = s.get("/v1/fine_tuning/jobs?metadata[team]=c").await;
+    assert_eq!(ids_of(&v), Vec::<String>::new());
+    let (_, v) = s
+        .get(&format!("/v1/fine_tuning/jobs?limit=1&after={}", ids[2]))
+        .await;
+    assert_eq!(ids_of(&v), [ids[1].clone()]);
+    assert_eq!(v["has_more"], true);
 }

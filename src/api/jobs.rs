@@ -42,12 +42,17 @@ async fn create(
     Ok(resp)
 }
 
+/// `?after=&limit=` and OpenAI's `metadata[key]=value` filters.
 async fn list(
     State(s): State<AppState>,
-    AppQuery(p): AppQuery<Pagination>,
+    AppQuery(q): AppQuery<Vec<(String, String)>>,
 ) -> Result<Json<List<JobObject>>, AppError> {
+    let (p, metadata) = list_query(q)?;
     let limit = p.limit(1000)?;
-    let rows = s.store.list_jobs(p.after.as_deref(), limit + 1).await?;
+    let rows = s
+        .store
+        .list_jobs(p.after.as_deref(), limit + 1, &metadata)
+        .await?;
     let mut items = Vec::with_capacity(rows.len());
     for row in rows {
         items.push(job_object(&s, row).await?);
@@ -100,6 +105,32 @@ async fn checkpoints(
         .map(|c| CheckpointObject::from_row(c, &name))
         .collect();
     Ok(Json(List::page(items, limit, |c| c.id.clone())))
+}
+
+/// Splits the list query into pagination and `metadata[key]=value` pairs.
+fn list_query(q: Vec<(String, String)>) -> Result<(Pagination, Vec<(String, String)>), AppError> {
+    let mut p = Pagination::default();
+    let mut metadata = Vec::new();
+    for (k, v) in q {
+        match k.as_str() {
+            "after" => p.after = Some(v),
+            "limit" => {
+                p.limit = Some(v.parse().map_err(|_| {
+                    AppError::bad_request(format!("limit must be an integer, got {v:?}"))
+                        .param("limit")
+                })?)
+            }
+            _ => {
+                if let Some(key) = k
+                    .strip_prefix("metadata[")
+                    .and_then(|r| r.strip_suffix(']'))
+                {
+                    metadata.push((key.to_string(), v));
+                }
+            }
+        }
+    }
+    Ok((p, metadata))
 }
 
 pub(super) fn no_such_job(id: &str) -> AppError {

@@ -197,17 +197,34 @@ impl Store {
         )
     }
 
-    /// Newest first; `after` is the id of the last job of the previous page.
-    pub async fn list_jobs(&self, after: Option<&str>, limit: i64) -> Result<Vec<JobRow>> {
-        Ok(sqlx::query_as::<_, JobRow>(&format!(
+    /// Newest first; `after` is the id of the last job of the previous page. Only jobs whose
+    /// metadata has every `(key, value)` of `metadata`.
+    pub async fn list_jobs(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        metadata: &[(String, String)],
+    ) -> Result<Vec<JobRow>> {
+        let filters: String = (0..metadata.len())
+            .map(|i| {
+                format!(
+                    " AND EXISTS (SELECT 1 FROM json_each(jobs.metadata) m \
+                     WHERE m.key = ?{} AND m.value = ?{})",
+                    3 + 2 * i,
+                    4 + 2 * i
+                )
+            })
+            .collect();
+        let sql = format!(
             "SELECT {COLUMNS} FROM jobs \
-             WHERE (?1 IS NULL OR n < (SELECT n FROM jobs WHERE id = ?1)) \
+             WHERE (?1 IS NULL OR n < (SELECT n FROM jobs WHERE id = ?1)){filters} \
              ORDER BY n DESC LIMIT ?2"
-        ))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        );
+        let mut q = sqlx::query_as::<_, JobRow>(&sql).bind(after).bind(limit);
+        for (k, v) in metadata {
+            q = q.bind(k).bind(v);
+        }
+        Ok(q.fetch_all(&self.pool).await?)
     }
 
     /// Runs a guarded status change `from → to` with `extra_set` (SQL assignments, binding
