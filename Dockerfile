@@ -1,4 +1,4 @@
-# sftd container image: one static-ish binary on Debian slim, running as a non-root user.
+# sftd container image: the one `sftd` binary on Debian slim, running as a non-root user.
 #
 #   docker build -t sftd .                       CPU image (the default)
 #   docker build -t sftd:cuda \                  CUDA image (see docs/container.md)
