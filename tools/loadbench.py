@@ -240,11 +240,19 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
             if got != list(range(live_from + 1, n_events + 1)):
                 bad += 1
             lags += [(t - first[s]) * 1000 for s, t in seqs if s > measured_from]
-        tps = [(e["data"]["step"], e["data"]["tokens_per_second"]) for e in events
-               if e["type"] == "metrics" and "tokens_per_second" in (e["data"] or {})]
-        # Skip the first steps (warm-up) and the attach transition.
-        without = [v for s, v in tps if 3 < s <= attach_step]
-        with_subs = [v for s, v in tps if s > attach_step + 2]
+        # Per-step throughput from consecutive metrics events (the trainer's own tokens_per_second
+        # is a run average, which would smear the attach transition over the whole run).
+        steps = [(i + 1, e["data"]) for i, e in enumerate(events)
+                 if e["type"] == "metrics" and "num_tokens" in (e["data"] or {})]
+        rates = []
+        for (_, a), (seq, b) in zip(steps, steps[1:]):
+            dt = b["elapsed_seconds"] - a["elapsed_seconds"]
+            if dt > 0:
+                rates.append((b["step"], seq, (b["num_tokens"] - a["num_tokens"]) / dt))
+        # Skip the first steps (warm-up); "with" counts only steps committed after every
+        # subscriber had attached and caught up.
+        without = [v for step, _, v in rates if 3 < step <= attach_step]
+        with_subs = [v for _, seq, v in rates if seq > measured_from]
         return {"subscribers": subscribers, "events_per_subscriber": n_events - live_from,
                 "events_measured": n_events - measured_from, "subscribers_with_gap_or_dup": bad,
                 "lag_p50_ms": pct(lags, 50), "lag_p99_ms": pct(lags, 99), "lag_max_ms": max(lags),
