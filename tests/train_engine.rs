@@ -38,24 +38,20 @@ fn examples(model_dir: &Path, n: usize, max_len: usize) -> Vec<Example> {
         .collect()
 }
 
-/// LoRA with random non-zero A and B, so every gradient is informative.
+/// LoRA with random non-zero A and B (drawn from `seed`), so every gradient is informative.
 fn random_lora(model: &mut Qwen3, seed: u64) {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
     let dev = model.device.clone();
     let dtype = model.dtype;
-    let mut k = seed;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0f32, 0.3).unwrap();
+    let targets = sftd::train::spec::ALL_LINEAR.map(String::from);
     model
-        .attach_lora(
-            &sftd::train::spec::ALL_LINEAR.map(String::from),
-            4,
-            2.0,
-            0.0,
-            |_, shape| {
-                k += 1;
-                let t = Tensor::randn(0f32, 0.3, shape, &dev)?.to_dtype(dtype)?;
-                let _ = k;
-                Ok(t)
-            },
-        )
+        .attach_lora(&targets, 4, 2.0, 0.0, |_, (rows, cols)| {
+            let data: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
+            Ok(Tensor::from_vec(data, (rows, cols), &dev)?.to_dtype(dtype)?)
+        })
         .unwrap();
 }
 

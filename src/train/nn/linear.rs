@@ -3,7 +3,7 @@
 //! Shapes: N tokens, I in-features, O out-features, r LoRA rank.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, Var};
 
 /// `y = x Wᵀ` with `W` captured as a constant: candle's own matmul backward would also compute
 /// `xᵀ·g` for `W` (a weight-sized GEMM and buffer per layer) even though `W` is never trained.
@@ -298,15 +298,3 @@ pub fn kaiming_uniform_a(rows: usize, fan_in: usize, rng: &mut impl rand::Rng) -
         .map(|_| rng.random_range(-bound..bound))
         .collect()
 }
-
-/// Plain frozen projection used where no LoRA may attach (the LM head).
-pub struct Frozen(pub Tensor);
-
-impl Module for Frozen {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_linear(x, &self.0)
-    }
-}
-
-/// Dim helper kept here so callers don't import `D` just for the last axis.
-pub const LAST: D = D::Minus1;
