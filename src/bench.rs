@@ -91,7 +91,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 fn run(args: &BenchArgs) -> Result<BenchReport> {
     let dev = Device::Cpu;
     let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
-        crate::cli::ensure_demo_model(&args.data_dir)?
+        crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {
         PathBuf::from(&args.model)
     };

@@ -4,7 +4,6 @@
 use crate::train::checkpoint::{self, ADAPTER_CONFIG};
 use crate::train::events::{Control, Level, Outcome, TrainEvent};
 use crate::train::model::qwen3::weight_files;
-use crate::train::nn::Pass;
 use crate::train::spec::{JobSpec, DEMO_MODEL};
 use crate::train::trainer::{self, TrainJob};
 use anyhow::{anyhow, bail, Context, Result};
@@ -195,7 +194,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// or a Hugging Face repo id (downloaded through the hub cache, honouring HF_TOKEN/HF_HOME/HF_ENDPOINT).
 fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     if model == DEMO_MODEL {
-        return ensure_demo_model(data_dir);
+        return crate::train::demo::ensure_demo_model(data_dir);
     }
     let p = PathBuf::from(model);
     if p.join("config.json").exists() {
@@ -214,19 +213,6 @@ fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
     let hub = crate::hub::Hub::new(&config);
     eprintln!("fetching {model} from the Hugging Face hub…");
     Ok(tokio::runtime::Runtime::new()?.block_on(hub.resolve(model))?)
-}
-
-/// The demo model's directory under `data_dir`, generated on first use.
-pub fn ensure_demo_model(data_dir: &Path) -> Result<PathBuf> {
-    let dir = data_dir.join("models").join(DEMO_MODEL);
-    if !dir.join("model.safetensors").exists() {
-        let tmp = dir.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&tmp);
-        crate::train::demo::write_demo_model(&tmp)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)?;
-    }
-    Ok(dir)
 }
 
 #[derive(Debug, Args)]
@@ -310,16 +296,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?
         .get_ids()
         .to_vec();
-    let packed = model.pack(&[&ids])?;
-    let pass = Pass {
-        track: false,
-        dropout_key: None,
-    };
-    let mut h = model.embed(&packed)?;
-    for i in 0..model.layers.len() {
-        h = model.layer_forward(i, &h, &packed, pass)?;
-    }
-    let logits = crate::train::nn::frozen_linear(&model.final_norm(&h)?, &model.lm_head)?;
+    let logits = model.logits(&model.pack(&[&ids])?)?;
     let n = ids.len();
     let out = HashMap::from([
         ("input_ids".to_string(), Tensor::from_vec(ids, n, &dev)?),

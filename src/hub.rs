@@ -180,23 +180,13 @@ impl Hub {
         if dir.join("config.json").is_file() {
             return Ok(dir);
         }
-        let models = self.data_dir.join("models");
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            std::fs::create_dir_all(&models)?;
-            // Build aside and rename, so a crash never leaves a half-written model.
-            let tmp = models.join(format!(".demo-{}", uuid::Uuid::new_v4().simple()));
-            let built =
-                engine::write_demo_model(&tmp).and_then(|()| Ok(std::fs::rename(&tmp, &d)?));
-            if built.is_err() {
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
-            built?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| HubError::Unavailable(format!("demo model generation panicked: {e}")))?
-        .map_err(|e| HubError::Unavailable(format!("could not generate the demo model: {e:#}")))?;
+        let data_dir = self.data_dir.clone();
+        let dir = tokio::task::spawn_blocking(move || engine::ensure_demo_model(&data_dir))
+            .await
+            .map_err(|e| HubError::Unavailable(format!("demo model generation panicked: {e}")))?
+            .map_err(|e| {
+                HubError::Unavailable(format!("could not generate the demo model: {e:#}"))
+            })?;
         tracing::info!(dir = %dir.display(), "generated the demo model");
         Ok(dir)
     }

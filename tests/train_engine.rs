@@ -465,16 +465,7 @@ fn cancel_stops_within_one_micro_batch() {
 
 /// Logits of the whole sequence through the model's own forward pass.
 fn forward_logits(model: &Qwen3, ids: &[u32]) -> Tensor {
-    let p = model.pack(&[ids]).unwrap();
-    let pass = sftd::train::nn::Pass {
-        track: false,
-        dropout_key: None,
-    };
-    let mut h = model.embed(&p).unwrap();
-    for i in 0..model.layers.len() {
-        h = model.layer_forward(i, &h, &p, pass).unwrap();
-    }
-    sftd::train::nn::frozen_linear(&model.final_norm(&h).unwrap(), &model.lm_head).unwrap()
+    model.logits(&model.pack(&[ids]).unwrap()).unwrap()
 }
 
 #[test]

@@ -83,6 +83,24 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
     write_model(dir, DemoSize::DEMO, 0)
 }
 
+/// `DATA_DIR/models/sftd-demo`, generated on first use. It is built in a uniquely named sibling
+/// and renamed into place, so a crash never leaves a half-written model behind.
+pub fn ensure_demo_model(data_dir: &Path) -> Result<std::path::PathBuf> {
+    let models = data_dir.join("models");
+    let dir = models.join(crate::train::spec::DEMO_MODEL);
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&models)?;
+    let tmp = models.join(format!(".demo-{}", uuid::Uuid::new_v4().simple()));
+    let built = write_demo_model(&tmp).and_then(|()| Ok(std::fs::rename(&tmp, &dir)?));
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built?;
+    Ok(dir)
+}
+
 /// Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json into `dir`.
 pub fn write_model(dir: &Path, size: DemoSize, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

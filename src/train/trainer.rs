@@ -283,10 +283,7 @@ pub fn micro_step(
             track: true,
             dropout_key,
         };
-        let mut h = x;
-        for i in 0..model.layers.len() {
-            h = model.layer_forward(i, &h, &b.packed, pass)?;
-        }
+        let h = model.forward(&b.packed, pass)?;
         let (stats, grads) = head_loss(model, &h, b, Some(scale))?;
         let grads = grads.expect("scaled");
         for i in 0..model.layers.len() {
@@ -343,10 +340,7 @@ pub fn evaluate(model: &Qwen3, examples: &[Example], batch_size: usize) -> Resul
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = make_batch(model, &refs)?;
-        let mut h = model.embed(&b.packed)?;
-        for i in 0..model.layers.len() {
-            h = model.layer_forward(i, &h, &b.packed, pass)?;
-        }
+        let h = model.forward(&b.packed, pass)?;
         let (s, _) = head_loss(model, &h, &b, None)?;
         loss += s.loss_sum;
         correct += s.correct;

@@ -286,6 +286,26 @@ impl Qwen3 {
         Ok((x + mlp)?)
     }
 
+    /// Every decoder layer over a packed batch: `(N,)` ids -> `(N, H)` hidden states before the
+    /// final norm.
+    pub fn forward(&self, p: &Packed, pass: Pass) -> Result<Tensor> {
+        let mut h = self.embed(p)?;
+        for i in 0..self.layers.len() {
+            h = self.layer_forward(i, &h, p, pass)?;
+        }
+        Ok(h)
+    }
+
+    /// Logits at every position, `(N, V)`, without dropout or autograd (inspection, parity checks).
+    pub fn logits(&self, p: &Packed) -> Result<Tensor> {
+        let pass = Pass {
+            track: false,
+            dropout_key: None,
+        };
+        let h = self.final_norm(&self.forward(p, pass)?)?;
+        Ok(crate::train::nn::frozen_linear(&h, &self.lm_head)?)
+    }
+
     /// The final RMSNorm, `(N, H) -> (N, H)`.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         Ok(rms_norm(x, &self.final_norm, self.cfg.rms_norm_eps)?)
