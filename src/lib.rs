@@ -1,5 +1,6 @@
 //! sftd: a self-hostable LoRA SFT service for Qwen3 models.
 
+pub mod alloc;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -39,6 +39,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    sftd::alloc::keep_freed_buffers();
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve),

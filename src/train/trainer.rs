@@ -12,8 +12,8 @@ use crate::train::events::{
 };
 use crate::train::model::{Packed, Qwen3};
 use crate::train::nn::linear::kaiming_uniform_a;
-use crate::train::nn::ops::cross_entropy_sum;
-use crate::train::nn::{frozen_linear, Pass};
+use crate::train::nn::ops::softmax_xent;
+use crate::train::nn::{frozen_linear, frozen_linear_grad, Pass};
 use crate::train::optim::{clip_grad_norm, lr_at, warmup_steps, AdamW};
 use crate::train::spec::{LoraConfig, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
@@ -226,22 +226,13 @@ fn head_loss(
         let c = rows.min(b.n_targets - start);
         let chunk = sel_detached.narrow(0, start, c)?;
         let tgt = b.targets.narrow(0, start, c)?;
-        let chunk = if scale.is_some() {
-            Var::from_tensor(&chunk)?.into_inner()
-        } else {
-            chunk
-        };
         let logits = frozen_linear(&chunk, &model.lm_head)?; // (C, V)
-        let (loss, correct) = cross_entropy_sum(&logits, &tgt)?;
-        stats.loss_sum += loss.to_scalar::<f64>()?;
-        stats.correct += correct;
-        if let Some(s) = scale {
-            let g = (loss * s)?.backward()?;
-            sel_grads.push(
-                g.get(&chunk)
-                    .context("loss chunk gradient missing")?
-                    .clone(),
-            );
+        let (s, dlogits) = softmax_xent(logits, &tgt, scale)?;
+        stats.loss_sum += s.loss_sum;
+        stats.correct += s.correct;
+        if let Some(g) = dlogits {
+            let g = g.to_dtype(model.lm_head.dtype())?;
+            sel_grads.push(frozen_linear_grad(&g, &model.lm_head)?); // (C, H)
         }
         start += c;
     }

@@ -69,15 +69,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dx = g W : (..., O) @ (O, I) -> (..., I)
-        #[cfg(feature = "openblas")]
-        if g.device().is_cpu() && g.dtype() == DType::F32 && self.w.dtype() == DType::F32 {
-            return Ok(Some(
-                g.contiguous()?
-                    .apply_op1_no_bwd(&blas::GradInput { w: self.w.clone() })?,
-            ));
-        }
-        Ok(Some(g.broadcast_matmul(&self.w)?))
+        frozen_linear_grad(g, &self.w).map(Some)
     }
 }
 
@@ -210,6 +202,17 @@ mod blas {
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+/// The input gradient of [`frozen_linear`]: `g (..., O) -> g W (..., I)`.
+pub fn frozen_linear_grad(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    if g.device().is_cpu() && g.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return g
+            .contiguous()?
+            .apply_op1_no_bwd(&blas::GradInput { w: w.clone() });
+    }
+    g.broadcast_matmul(w)
 }
 
 /// A frozen base projection, optionally wrapped with a trainable LoRA pair.

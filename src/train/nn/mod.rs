@@ -3,4 +3,4 @@
 pub mod linear;
 pub mod ops;
 
-pub use linear::{frozen_linear, Lora, LoraLinear, Pass};
+pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};

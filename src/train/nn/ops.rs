@@ -122,33 +122,235 @@ fn causal_mask(t: usize, dev: &candle_core::Device) -> Result<Tensor> {
     Tensor::from_vec(m, (t, t), dev)
 }
 
-/// Sum of token cross-entropies and count of correct argmaxes for one chunk.
-/// `logits (C, V)` f32, `targets (C,)` u32 -> (scalar loss sum, correct count).
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, u64)> {
+/// Loss sum and correct-argmax count of one chunk of label positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct XentStats {
+    pub loss_sum: f64,
+    pub correct: u64,
+}
+
+/// Token cross-entropy fused with its own gradient. `logits (C, V)`, `targets (C,)` u32.
+/// Returns the summed loss, the argmax hits and, with `grad_scale = Some(s)`, the gradient of
+/// `s · Σ loss` with respect to the logits, `s · (softmax − onehot)`, as a `(C, V)` tensor.
+///
+/// Why not autograd: the decomposed graph (max, sub, exp, sum, log, gather and their backward)
+/// allocates and walks about ten `(C, V)` temporaries per chunk, and at a 151936-token vocabulary
+/// those passes cost as much as the LM-head GEMMs. On CPU this walks each row three times in place
+/// and the returned gradient is the logits' own buffer.
+pub fn softmax_xent(
+    logits: Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<(XentStats, Option<Tensor>)> {
+    let logits = logits.detach().to_dtype(upcast(logits.dtype()))?;
+    if logits.device().is_cpu() {
+        let op = XentCpu {
+            targets: targets.to_vec1::<u32>()?,
+            grad_scale,
+            stats: std::sync::Mutex::new(XentStats::default()),
+        };
+        let logits = logits.contiguous()?;
+        logits.inplace_op1(&op)?;
+        let stats = *op.stats.lock().expect("xent stats");
+        return Ok((stats, grad_scale.map(|_| logits)));
+    }
+    softmax_xent_ops(&logits, targets, grad_scale)
+}
+
+/// [`softmax_xent`] from tensor ops, for devices without the fused kernel (and as its test oracle).
+pub fn softmax_xent_ops(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<(XentStats, Option<Tensor>)> {
     let logits = logits.to_dtype(upcast(logits.dtype()))?;
-    let m = logits.max_keepdim(D::Minus1)?.detach(); // (C, 1)
-    let lse = logits
-        .broadcast_sub(&m)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&m)?; // (C, 1)
+    let (c, v) = logits.dims2()?;
+    let m = logits.max_keepdim(D::Minus1)?; // (C, 1)
+    let e = logits.broadcast_sub(&m)?.exp()?; // (C, V)
+    let sum = e.sum_keepdim(D::Minus1)?; // (C, 1)
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?; // (C, 1)
-    let loss = (lse - picked)?.sum_all()?.to_dtype(DType::F64)?;
+    let loss = ((sum.log()? + m)? - picked)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     let correct = logits
-        .detach()
         .argmax(D::Minus1)?
         .eq(targets)?
         .to_dtype(DType::U32)?
         .sum_all()?
         .to_scalar::<u32>()? as u64;
-    Ok((loss, correct))
+    let grad = match grad_scale {
+        None => None,
+        Some(s) => {
+            let onehot = Tensor::zeros((c, v), logits.dtype(), logits.device())?.scatter_add(
+                &targets.unsqueeze(1)?,
+                &Tensor::ones((c, 1), logits.dtype(), logits.device())?,
+                1,
+            )?;
+            Some(((e.broadcast_div(&sum)? - onehot)? * s)?)
+        }
+    };
+    let stats = XentStats {
+        loss_sum: loss,
+        correct,
+    };
+    Ok((stats, grad))
+}
+
+struct XentCpu {
+    targets: Vec<u32>,
+    grad_scale: Option<f64>,
+    stats: std::sync::Mutex<XentStats>,
+}
+
+impl candle_core::InplaceOp1 for XentCpu {
+    fn name(&self) -> &'static str {
+        "softmax-xent"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        use candle_core::CpuStorage;
+        let (c, v) = l.shape().dims2()?;
+        if !l.is_contiguous() || c != self.targets.len() {
+            candle_core::bail!("softmax-xent: contiguous (C, V) logits and C targets expected")
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("softmax-xent: target {t} outside the vocabulary of {v}")
+        }
+        let o = l.start_offset();
+        let stats = match s {
+            CpuStorage::F32(x) => {
+                xent_rows(&mut x[o..o + c * v], v, &self.targets, self.grad_scale)
+            }
+            CpuStorage::F64(x) => {
+                xent_rows(&mut x[o..o + c * v], v, &self.targets, self.grad_scale)
+            }
+            _ => candle_core::bail!("softmax-xent: f32 or f64 logits expected"),
+        };
+        *self.stats.lock().expect("xent stats") = stats;
+        Ok(())
+    }
+}
+
+/// The float types the fused kernel runs in.
+trait Real: Copy + PartialOrd + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> {
+    fn exp(self) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+/// Splits the rows `x (C, V)` over candle's CPU threads.
+fn xent_rows<T: Real + Send>(
+    x: &mut [T],
+    v: usize,
+    targets: &[u32],
+    scale: Option<f64>,
+) -> XentStats {
+    let threads = candle_core::utils::get_num_threads().clamp(1, targets.len().max(1));
+    let per = targets.len().div_ceil(threads).max(1);
+    let part = |(rows, tg): (&mut [T], &[u32])| {
+        let mut st = XentStats::default();
+        for (row, &t) in rows.chunks_mut(v).zip(tg) {
+            let (loss, hit) = xent_row(row, t as usize, scale);
+            st.loss_sum += loss;
+            st.correct += hit as u64;
+        }
+        st
+    };
+    let parts: Vec<XentStats> = std::thread::scope(|sc| {
+        let handles: Vec<_> = x
+            .chunks_mut(per * v)
+            .zip(targets.chunks(per))
+            .map(|job| sc.spawn(move || part(job)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("xent worker"))
+            .collect()
+    });
+    parts.iter().fold(XentStats::default(), |a, p| XentStats {
+        loss_sum: a.loss_sum + p.loss_sum,
+        correct: a.correct + p.correct,
+    })
+}
+
+/// One row: returns `(lse − x[t], argmax == t)`; with `scale`, rewrites the row as
+/// `scale · (softmax − onehot(t))`. A NaN anywhere in the row makes the loss NaN.
+fn xent_row<T: Real>(row: &mut [T], t: usize, scale: Option<f64>) -> (f64, bool) {
+    let (mut arg, mut max) = (0, row[0]);
+    for (j, &x) in row.iter().enumerate() {
+        if x > max {
+            (arg, max) = (j, x);
+        }
+    }
+    let picked = row[t].to_f64();
+    let mut sum = 0f64;
+    match scale {
+        None => row.iter().for_each(|&x| sum += (x - max).exp().to_f64()),
+        Some(s) => {
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += x.to_f64();
+            }
+            let k = T::from_f64(s / sum);
+            row.iter_mut().for_each(|x| *x = *x * k);
+            row[t] = row[t] - T::from_f64(s);
+        }
+    }
+    (sum.ln() + max.to_f64() - picked, arg == t)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_xent_equals_tensor_ops() {
+        let dev = Device::Cpu;
+        let logits = (Tensor::randn(0f32, 3., (9, 50), &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let targets = Tensor::new(&[0u32, 49, 3, 3, 17, 25, 8, 1, 40], &dev).unwrap();
+        for scale in [None, Some(0.25)] {
+            let (want, want_g) = softmax_xent_ops(&logits, &targets, scale).unwrap();
+            let (got, got_g) = softmax_xent(logits.copy().unwrap(), &targets, scale).unwrap();
+            assert!((want.loss_sum - got.loss_sum).abs() < 1e-4 * want.loss_sum.abs());
+            assert_eq!(want.correct, got.correct);
+            if let (Some(w), Some(g)) = (want_g, got_g) {
+                let diff = (w - g).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+            }
+        }
+        // The hits: make every row's argmax its target.
+        let peaked = candle_nn::encoding::one_hot(targets.clone(), 50, 100f32, 0f32).unwrap();
+        let (s, _) = softmax_xent(peaked, &targets, None).unwrap();
+        assert_eq!(s.correct, 9);
+    }
 
     #[test]
     fn softmax_matches_candle_and_keeps_gradient() {
