@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// LoRA rank (alpha = 2r, all-linear, dropout 0, as in compare.py).
     #[arg(long, default_value_t = 16)]
     pub rank: u32,
+    /// Which tokens carry the loss: `assistant` (the training default, and compare.py's) or `all`.
+    /// sftd runs the LM head only on labelled positions, so `all` is its slowest setting;
+    /// transformers computes every position's logits either way.
+    #[arg(long, default_value = "assistant", value_parser = ["assistant", "all"])]
+    pub loss_on: String,
     /// Disable per-layer gradient checkpointing.
     #[arg(long)]
     pub no_checkpointing: bool,
@@ -51,6 +56,7 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
+    pub loss_on: String,
     pub threads: usize,
     pub tokens_per_second: f64,
     pub ms_per_step: f64,
@@ -66,13 +72,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("| engine | batch | seq_len | ckpt | tok/s | ms/step | peak RSS MB | MFU | GEMM peak GFLOP/s |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| engine | batch | seq_len | loss on | ckpt | tok/s | ms/step | peak RSS MB | MFU | GEMM peak GFLOP/s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.0} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.0} |",
             report.engine,
             report.batch_size,
             report.seq_len,
+            report.loss_on,
             if report.gradient_checkpointing {
                 "on"
             } else {
@@ -110,7 +117,11 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let enc = Encoder {
         tokenizer: &tok,
         template: &template,
-        loss_on: LossOn::All,
+        loss_on: if args.loss_on == "all" {
+            LossOn::All
+        } else {
+            LossOn::Assistant
+        },
         max_seq_len: args.seq_len,
     };
     let needed = args.batch_size * (args.steps + 1);
@@ -162,6 +173,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         batch_size: args.batch_size,
         seq_len: args.seq_len,
         gradient_checkpointing: !args.no_checkpointing,
+        loss_on: args.loss_on.clone(),
         threads: candle_core::utils::get_num_threads(),
         tokens_per_second,
         ms_per_step: timed * 1000.0 / args.steps as f64,

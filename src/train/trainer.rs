@@ -49,7 +49,11 @@ pub use checkpoint::latest_checkpoint;
 
 /// Logits rows per loss chunk: about 16M f32 logits (64 MB) at a time whatever the vocabulary.
 fn loss_chunk_rows(vocab: usize) -> usize {
-    ((16 << 20) / vocab).clamp(16, 8192)
+    let e: usize = std::env::var("XE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    ((e << 20) / vocab).clamp(16, 8192)
 }
 
 /// Loads the tokenizer, template and rows of a file and tokenizes them.
