@@ -1,5 +1,6 @@
 //! Neural-network building blocks that keep gradients flowing where candle's fused ops would not.
 
+pub mod fused;
 pub mod linear;
 pub mod ops;
 

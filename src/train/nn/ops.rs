@@ -1,9 +1,11 @@
 //! Differentiable forms of the ops whose fused candle kernels silently cut the gradient
-//! (rms_norm, softmax_last_dim, rope), and causal attention over packed sequences.
+//! (rms_norm, softmax, rope): our one-pass kernels from `fused` on the CPU, composed tensor ops
+//! elsewhere; causal attention over packed sequences; the LM-head cross-entropy.
 //!
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length.
 
+use super::fused;
 use candle_core::{DType, Result, Tensor, D};
 
 /// The precision reductions run in: f32, or f64 when the model itself is f64 (gradient checks).
@@ -15,9 +17,22 @@ pub fn upcast(dtype: DType) -> DType {
     }
 }
 
-/// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`.
+/// Whether the one-pass CPU kernels of [`fused`] serve this tensor.
+fn fused_kernels(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`, `w` frozen.
 /// `x (..., C)`, `w (C,)` -> `(..., C)` in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_kernels(x) {
+        return fused::rms_norm(x, w, eps);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// [`rms_norm`] from tensor ops (other devices; the fused kernel's test oracle).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(upcast(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -38,6 +53,14 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// Rotary embedding, half-split (GPT-NeoX) layout as in HF Qwen3.
 /// `x (N, H, D)`, `cos`/`sin (N, D/2)` gathered at each token's position.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_kernels(x) {
+        return fused::rope(x, cos, sin);
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// [`rope`] from tensor ops (other devices; the fused kernel's test oracle).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, _, d) = x.dims3()?;
     let half = d / 2;
     let cos = cos.unsqueeze(1)?.to_dtype(x.dtype())?; // (N, 1, D/2)
@@ -92,11 +115,8 @@ pub fn packed_causal_attention(
         let ks = k.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
         let vs = v.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
                                                                         // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
-        let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let scores = scores
-            .reshape((hkv, g, t, t))?
-            .broadcast_add(&causal_mask(t, q.device())?.to_dtype(scores.dtype())?)?;
-        let p = softmax_last(&scores)?.to_dtype(vs.dtype())?;
+        let scores = (qs.matmul(&ks.t()?)? * scale)?.reshape((hkv, g, t, t))?;
+        let p = causal_softmax(&scores)?.to_dtype(vs.dtype())?;
         // (Hkv, G·T, T) @ (Hkv, T, D) -> (Hkv, G·T, D) -> (Hq, T, D) -> (T, Hq·D)
         let o = p.reshape((hkv, g * t, t))?.matmul(&vs)?;
         let o = o
@@ -112,6 +132,21 @@ pub fn packed_causal_attention(
     };
     debug_assert_eq!(out.dim(0)?, n);
     Ok(out)
+}
+
+/// Softmax over the last axis of `scores (..., T, T)` with row i seeing columns 0..=i only.
+pub fn causal_softmax(scores: &Tensor) -> Result<Tensor> {
+    if fused_kernels(scores) {
+        return fused::causal_softmax(scores);
+    }
+    causal_softmax_composed(scores)
+}
+
+/// [`causal_softmax`] from tensor ops: an additive -inf mask, then [`softmax_last`].
+pub fn causal_softmax_composed(scores: &Tensor) -> Result<Tensor> {
+    let t = scores.dim(D::Minus1)?;
+    let mask = causal_mask(t, scores.device())?.to_dtype(scores.dtype())?;
+    softmax_last(&scores.broadcast_add(&mask)?)
 }
 
 /// `(T, T)` additive mask: 0 on and below the diagonal, -inf above.
