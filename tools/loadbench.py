@@ -15,7 +15,7 @@ It starts its own server (fresh temporary data dir, loopback, CPU) for each part
    training step it reports (p50/p99/max of each), events lost or
    duplicated (expected 0), server RSS before and with the subscribers, the training
    tokens/s reported by the trainer without and with subscribers, and the cores used in each
-   window by the server's training thread(s), the rest of the server, and this client.
+   window by the server's training thread, its other threads, and this client.
 """
 import argparse
 import asyncio
@@ -63,9 +63,10 @@ def thread_cpu(pid):
 
 
 class CpuMeter:
-    """Cores used over a window by the server's training thread(s) (named sftd-worker; candle's
-    helper threads inherit the name), by every other server thread (HTTP, the event fan-out,
-    SQLite) and by this client."""
+    """Cores used over a window by the server's training thread (sftd-worker), by its other
+    threads (HTTP and the event fan-out on tokio's, SQLite's, and any further training threads
+    of candle's pool, which take the name of whichever thread started them) and by this client.
+    With CANDLE_NUM_THREADS=1 the first is all of the training."""
 
     def __init__(self, pid):
         self.pid = pid
@@ -81,7 +82,7 @@ class CpuMeter:
         end = self._sample()
         wall = end[0] - self.start[0]
         return {name: (b - a) / wall for name, a, b in
-                zip(("server_training", "server_other", "client"), self.start[1:], end[1:])}
+                zip(("worker_thread", "other_server_threads", "client"), self.start[1:], end[1:])}
 
 
 class Server:
