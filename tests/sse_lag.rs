@@ -33,6 +33,7 @@ async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutd
         store: store.clone(),
         worker,
         sse_clients: Default::default(),
+        fanout: sftd::api::events::Fanout::start(&store),
         shutdown,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,9 +11,11 @@ It starts its own server (fresh temporary data dir, loopback, CPU) for each part
    (no coordinated omission). Reports p50/p90/p99/max.
 2. Stream fan-out: one training job on the demo model; after a baseline window without
    subscribers, --subscribers SSE clients follow it. Reports, per delivered event, the lag
-   behind the first subscriber that received the same event (p50/p99/max), events lost or
-   duplicated (expected 0), server RSS before and with the subscribers, and the training
-   tokens/s reported by the trainer without and with subscribers.
+   behind the first subscriber that received the same event and behind the end of the
+   training step it reports (p50/p99/max of each), events lost or
+   duplicated (expected 0), server RSS before and with the subscribers, the training
+   tokens/s reported by the trainer without and with subscribers, and the cores used in each
+   window by the server's training thread, its other threads, and this client.
 """
 import argparse
 import asyncio
@@ -43,6 +45,44 @@ def rss_mb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def thread_cpu(pid):
+    """CPU seconds used so far by a process's live threads, by thread name."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[comm] = out.get(comm, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+class CpuMeter:
+    """Cores used over a window by the server's training thread (sftd-worker), by its other
+    threads (HTTP and the event fan-out on tokio's, SQLite's, and any further training threads
+    of candle's pool, which take the name of whichever thread started them) and by this client.
+    With CANDLE_NUM_THREADS=1 the first is all of the training."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.start = self._sample()
+
+    def _sample(self):
+        threads = thread_cpu(self.pid)
+        training = sum(v for k, v in threads.items() if k.startswith("sftd-worker"))
+        t = os.times()
+        return time.perf_counter(), training, sum(threads.values()) - training, t.user + t.system
+
+    def stop(self):
+        end = self._sample()
+        wall = end[0] - self.start[0]
+        return {name: (b - a) / wall for name, a, b in
+                zip(("worker_thread", "other_server_threads", "client"), self.start[1:], end[1:])}
 
 
 class Server:
@@ -204,9 +244,11 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
         while await last_step() < 3:
             await asyncio.sleep(0.2)
         rss_before = rss_mb(srv.proc.pid)
+        cpu = CpuMeter(srv.proc.pid)
         while await last_step() < baseline_steps:
             await asyncio.sleep(0.2)
         attach_step = await last_step()
+        cpu_without = cpu.stop()
         live_from = len(await metrics_events(srv, job_id))
         received, tasks = [], []
         for _ in range(subscribers):
@@ -218,6 +260,7 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
         measured_from = len(await metrics_events(srv, job_id))
         rss_with = rss_mb(srv.proc.pid)
         rss_peak = rss_with
+        cpu = CpuMeter(srv.proc.pid)
 
         async def watch_rss():
             nonlocal rss_peak
@@ -227,6 +270,7 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
 
         watcher = asyncio.create_task(watch_rss())
         await asyncio.gather(*tasks)
+        cpu_with = cpu.stop()
         watcher.cancel()
         events = await metrics_events(srv, job_id)
         n_events = len(events)
@@ -240,6 +284,14 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
             if got != list(range(live_from + 1, n_events + 1)):
                 bad += 1
             lags += [(t - first[s]) * 1000 for s, t in seqs if s > measured_from]
+        # Delivery behind the end of the step itself: receive time minus the trainer's
+        # elapsed_seconds for that step, less the smallest such difference over all deliveries
+        # (the unknown offset between the two clocks; so this slightly understates the lag).
+        step_end = {i + 1: e["data"]["elapsed_seconds"] for i, e in enumerate(events)
+                    if e["type"] == "metrics" and "elapsed_seconds" in (e["data"] or {})}
+        behind = [t - step_end[s] for seqs in received for s, t in seqs if s > measured_from and s in step_end]
+        offset = min(behind)
+        behind = [(d - offset) * 1000 for d in behind]
         # Per-step throughput from consecutive metrics events (the trainer's own tokens_per_second
         # is a run average, which would smear the attach transition over the whole run).
         steps = [(i + 1, e["data"]) for i, e in enumerate(events)
@@ -256,8 +308,12 @@ async def bench_fanout(binary, subscribers, steps, baseline_steps):
         return {"subscribers": subscribers, "events_per_subscriber": n_events - live_from,
                 "events_measured": n_events - measured_from, "subscribers_with_gap_or_dup": bad,
                 "lag_p50_ms": pct(lags, 50), "lag_p99_ms": pct(lags, 99), "lag_max_ms": max(lags),
+                "lag_behind_step_p50_ms": pct(behind, 50), "lag_behind_step_p99_ms": pct(behind, 99),
+                "lag_behind_step_max_ms": max(behind),
                 "rss_before_mb": rss_before, "rss_with_subscribers_mb": rss_with, "rss_peak_mb": rss_peak,
-                "tokens_per_s_without": statistics.median(without), "tokens_per_s_with": statistics.median(with_subs)}
+                "tokens_per_s_without": statistics.median(without), "tokens_per_s_with": statistics.median(with_subs),
+                **{f"cores_{k}_without": v for k, v in cpu_without.items()},
+                **{f"cores_{k}_with": v for k, v in cpu_with.items()}}
     finally:
         srv.stop()
 
@@ -268,8 +324,8 @@ async def main():
     ap.add_argument("--rate", type=float, default=200)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--subscribers", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--baseline-steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--baseline-steps", type=int, default=200)
     ap.add_argument("--skip-create", action="store_true")
     ap.add_argument("--skip-fanout", action="store_true")
     args = ap.parse_args()

@@ -28,6 +28,8 @@ pub struct AppState {
     pub worker: Worker,
     /// Open SSE streams (for `/metrics`).
     pub sse_clients: Arc<AtomicI64>,
+    /// The live side of every SSE stream (one relay for all of them).
+    pub fanout: events::Fanout,
     /// Flips to `true` when the server shuts down; open streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -84,6 +86,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = AppState {
         config: Arc::new(config),
+        fanout: events::Fanout::start(&store),
         store,
         worker: worker.clone(),
         sse_clients: Default::default(),

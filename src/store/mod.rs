@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -33,12 +33,11 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A committed event as broadcast to every subscriber, with a slot where the first subscriber
-/// to need it leaves its wire form, so a thousand streams serialize each event once.
+/// A committed event as broadcast after its commit (to the API's stream fan-out, which renders
+/// it once for every subscriber).
 #[derive(Debug)]
 pub struct Published {
     pub row: EventRow,
-    pub rendered: OnceLock<String>,
 }
 
 /// Capacity of the event broadcast shared by every stream subscriber. A subscriber that falls
@@ -51,6 +50,7 @@ pub struct Store {
     pool: SqlitePool,
     data_dir: PathBuf,
     events_tx: broadcast::Sender<Arc<Published>>,
+    broadcast_capacity: usize,
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -86,6 +86,7 @@ impl Store {
             pool,
             data_dir: data_dir.to_path_buf(),
             events_tx,
+            broadcast_capacity,
             write_lock: Default::default(),
         })
     }
@@ -103,14 +104,16 @@ impl Store {
         self.events_tx.subscribe()
     }
 
+    /// How many events the broadcast holds for a subscriber that has not read them yet.
+    pub fn broadcast_capacity(&self) -> usize {
+        self.broadcast_capacity
+    }
+
     /// Broadcasts events that are already committed. Called only after `COMMIT`.
     fn publish(&self, events: impl IntoIterator<Item = EventRow>) {
         for e in events {
             // No receivers is fine: nobody is watching.
-            let _ = self.events_tx.send(Arc::new(Published {
-                row: e,
-                rendered: OnceLock::new(),
-            }));
+            let _ = self.events_tx.send(Arc::new(Published { row: e }));
         }
     }
 
