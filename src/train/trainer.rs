@@ -47,13 +47,13 @@ pub struct TrainJob {
 
 pub use checkpoint::latest_checkpoint;
 
-/// Logits rows per loss chunk: about 16M f32 logits (64 MB) at a time whatever the vocabulary.
-fn loss_chunk_rows(vocab: usize) -> usize {
-    let e: usize = std::env::var("XE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
-    ((e << 20) / vocab).clamp(16, 8192)
+/// Logits rows per loss chunk for `m` label positions: equal chunks of at most 64M f32 logits
+/// (256 MB) whatever the vocabulary. Each chunk streams the whole LM-head matrix through the GEMM
+/// twice (logits, then input gradient), so few, large and even chunks are fastest; at Qwen3's
+/// vocabulary a 441-token micro-batch is one chunk.
+fn loss_chunk_rows(vocab: usize, m: usize) -> usize {
+    let max_rows = ((64 << 20) / vocab).clamp(16, 8192);
+    m.div_ceil(m.div_ceil(max_rows).max(1)).max(1)
 }
 
 /// Loads the tokenizer, template and rows of a file and tokenizes them.
@@ -218,7 +218,7 @@ fn head_loss(
     let normed = model.final_norm(h)?;
     let sel = normed.index_select(&b.positions, 0)?; // (M, H)
     let sel_detached = sel.detach();
-    let rows = loss_chunk_rows(model.cfg.vocab_size);
+    let rows = loss_chunk_rows(model.cfg.vocab_size, b.n_targets);
     let mut stats = MicroStats {
         loss_sum: 0.0,
         correct: 0,

@@ -13,11 +13,30 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 /// The float types the kernels run in (f32 for training, f64 for gradient checks).
 pub(crate) trait Real: WithDType {
     fn exp(self) -> Self;
+    /// `Σ xs` in f64 precision.
+    fn sum(xs: &[Self]) -> f64;
 }
 
 impl Real for f32 {
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
+    }
+
+    fn sum(xs: &[Self]) -> f64 {
+        // Eight f32 lanes per block of 256 (vectorizable), blocks added in f64.
+        xs.chunks(256)
+            .map(|block| {
+                let mut lanes = [0f32; 8];
+                let mut it = block.chunks_exact(8);
+                for c in &mut it {
+                    for (l, v) in lanes.iter_mut().zip(c) {
+                        *l += v;
+                    }
+                }
+                let rest: f32 = it.remainder().iter().sum();
+                lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
+            })
+            .sum()
     }
 }
 
@@ -25,6 +44,34 @@ impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
+
+    fn sum(xs: &[Self]) -> f64 {
+        xs.iter().sum()
+    }
+}
+
+/// `e^x` in f32 without a libm call, so that loops over it vectorize: `x = n·ln2 + r` with
+/// `|r| ≤ ln2/2`, `e^r` by Cephes' degree-7 polynomial, `2^n` built in the exponent bits. Within
+/// 2 ulp of `f32::exp` on [-87, 88]; NaN stays NaN; below -87.3 (never reached after a max shift
+/// by more than a float can resolve) it flushes to the smallest normal.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_2e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// The contiguous elements of a storage under its layout.
@@ -33,6 +80,28 @@ fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("fused kernel: contiguous input expected"),
     }
+}
+
+/// Fills `out` block by block of whole rows, `f(first_row, block)`, one block per CPU thread when
+/// there is enough work to pay for starting them.
+fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
+    if threads == 1 || out.len() < 1 << 15 {
+        return f(0, out);
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut blocks = out.chunks_mut(per * row_len).enumerate();
+        let first = blocks.next();
+        for (i, block) in blocks {
+            let f = &f;
+            scope.spawn(move || f(i * per, block));
+        }
+        if let Some((_, block)) = first {
+            f(0, block);
+        }
+    });
 }
 
 /// Runs `$f::<T>` for the f32 or f64 storage `$s`, passing the remaining arguments through.
@@ -74,11 +143,17 @@ fn rms_norm_fwd<T: WithDType>(
 ) -> Result<(CpuStorage, Shape)> {
     let x = elems::<T>(x, xl)?;
     let w = w.to_vec1::<T>()?;
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks(w.len()) {
-        let r = T::from_f64(inv_rms(row, eps));
-        y.extend(row.iter().zip(&w).map(|(&v, &wj)| wj * (v * r)));
-    }
+    let c = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    par_rows(&mut y, c, |r0, ys| {
+        for (i, yr) in ys.chunks_mut(c).enumerate() {
+            let xr = &x[(r0 + i) * c..][..c];
+            let r = T::from_f64(inv_rms(xr, eps));
+            for ((yv, &xv), &wj) in yr.iter_mut().zip(xr).zip(&w) {
+                *yv = wj * (xv * r);
+            }
+        }
+    });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
 
@@ -117,13 +192,18 @@ fn rms_norm_bwd<T: WithDType>(
     let (x, g) = (elems::<T>(x, xl)?, elems::<T>(g, gl)?);
     let w = w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
     let c = w.len();
-    let mut dx = Vec::with_capacity(x.len());
-    for (xr, gr) in x.chunks(c).zip(g.chunks(c)) {
-        let r = inv_rms(xr, eps);
-        let dot: f64 = (0..c).map(|j| gr[j].to_f64() * w[j] * xr[j].to_f64()).sum();
-        let k = r * r * r / c as f64 * dot;
-        dx.extend((0..c).map(|j| T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64())));
-    }
+    let mut dx = vec![T::zero(); x.len()];
+    par_rows(&mut dx, c, |r0, dxs| {
+        for (i, dr) in dxs.chunks_mut(c).enumerate() {
+            let (xr, gr) = (&x[(r0 + i) * c..][..c], &g[(r0 + i) * c..][..c]);
+            let r = inv_rms(xr, eps);
+            let dot: f64 = (0..c).map(|j| gr[j].to_f64() * w[j] * xr[j].to_f64()).sum();
+            let k = r * r * r / c as f64 * dot;
+            for j in 0..c {
+                dr[j] = T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64());
+            }
+        }
+    });
     Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
 }
 
@@ -185,19 +265,21 @@ fn rope_fwd<T: WithDType>(
     );
     let sign = if inverse { -1.0 } else { 1.0 };
     let mut y = vec![T::zero(); x.len()];
-    for t in 0..n {
-        let (ct, st) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-        for head in 0..h {
-            let o = (t * h + head) * d;
-            let (xs, ys) = (&x[o..o + d], &mut y[o..o + d]);
-            for i in 0..half {
-                let (c, s) = (T::from_f64(ct[i] as f64), T::from_f64(sign * st[i] as f64));
-                let (x1, x2) = (xs[i], xs[i + half]);
-                ys[i] = x1 * c - x2 * s;
-                ys[i + half] = x2 * c + x1 * s;
+    par_rows(&mut y, h * d, |t0, ys| {
+        for (i, yt) in ys.chunks_mut(h * d).enumerate() {
+            let t = t0 + i;
+            let (ct, st) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for (head, yh) in yt.chunks_mut(d).enumerate() {
+                let xh = &x[(t * h + head) * d..][..d];
+                for j in 0..half {
+                    let (c, s) = (T::from_f64(ct[j] as f64), T::from_f64(sign * st[j] as f64));
+                    let (x1, x2) = (xh[j], xh[j + half]);
+                    yh[j] = x1 * c - x2 * s;
+                    yh[j + half] = x2 * c + x1 * s;
+                }
             }
         }
-    }
+    });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
 
@@ -228,31 +310,40 @@ impl CustomOp1 for Rope {
 // Causal softmax over the last axis of `(..., T, T)` scores: row i sees columns 0..=i, the rest
 // are exactly 0. Backward: dx = y ⊙ (g − Σ g⊙y), which is 0 wherever y is.
 
-/// `scores (..., T, T)` -> causal softmax probabilities `(..., T, T)`.
-pub fn causal_softmax(scores: &Tensor) -> Result<Tensor> {
-    scores.contiguous()?.apply_op1(CausalSoftmax)
+/// `scores (..., T, T)` -> causal softmax probabilities of `scale · scores`, `(..., T, T)`.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale })
 }
 
-struct CausalSoftmax;
+struct CausalSoftmax {
+    scale: f64,
+}
 
-fn causal_softmax_fwd<T: Real>(x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn causal_softmax_fwd<T: Real>(
+    x: &CpuStorage,
+    xl: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
     let t = xl.dims().last().copied().unwrap_or(0);
     let x = elems::<T>(x, xl)?;
+    let scale = T::from_f64(scale);
     let mut y = vec![T::zero(); x.len()];
-    for (r, (xs, ys)) in x.chunks(t).zip(y.chunks_mut(t)).enumerate() {
-        let seen = r % t + 1;
-        let max = xs[..seen]
-            .iter()
-            .copied()
-            .fold(xs[0], |m, v| if v > m { v } else { m });
-        let mut sum = 0f64;
-        for (yv, &xv) in ys[..seen].iter_mut().zip(&xs[..seen]) {
-            *yv = (xv - max).exp();
-            sum += yv.to_f64();
+    par_rows(&mut y, t, |r0, ys| {
+        for (i, yr) in ys.chunks_mut(t).enumerate() {
+            let r = r0 + i;
+            let seen = r % t + 1;
+            let xs = &x[r * t..][..seen];
+            let max = xs
+                .iter()
+                .copied()
+                .fold(xs[0], |m, v| if v > m { v } else { m });
+            for (yv, &xv) in yr[..seen].iter_mut().zip(xs) {
+                *yv = ((xv - max) * scale).exp();
+            }
+            let inv = T::from_f64(1.0 / T::sum(&yr[..seen]));
+            yr[..seen].iter_mut().for_each(|v| *v *= inv);
         }
-        let inv = T::from_f64(1.0 / sum);
-        ys[..seen].iter_mut().for_each(|v| *v *= inv);
-    }
+    });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
 
@@ -262,34 +353,45 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(self.name(), s, causal_softmax_fwd(s, l))
+        by_dtype!(self.name(), s, causal_softmax_fwd(s, l, self.scale))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+        let op = SoftmaxGrad { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &op)?))
     }
 }
 
-struct SoftmaxGrad;
+/// `dx = scale · y ⊙ (g − Σ g⊙y)`, row by row.
+struct SoftmaxGrad {
+    scale: f64,
+}
 
 fn softmax_bwd<T: WithDType>(
     y: &CpuStorage,
     yl: &Layout,
     g: &CpuStorage,
     gl: &Layout,
+    scale: f64,
 ) -> Result<(CpuStorage, Shape)> {
     let t = yl.dims().last().copied().unwrap_or(0);
     let (y, g) = (elems::<T>(y, yl)?, elems::<T>(g, gl)?);
-    let mut dx = Vec::with_capacity(y.len());
-    for (ys, gs) in y.chunks(t).zip(g.chunks(t)) {
-        let dot: f64 = ys
-            .iter()
-            .zip(gs)
-            .map(|(a, b)| a.to_f64() * b.to_f64())
-            .sum();
-        let dot = T::from_f64(dot);
-        dx.extend(ys.iter().zip(gs).map(|(&a, &b)| a * (b - dot)));
-    }
+    let scale = T::from_f64(scale);
+    let mut dx = vec![T::zero(); y.len()];
+    par_rows(&mut dx, t, |r0, dxs| {
+        for (i, dr) in dxs.chunks_mut(t).enumerate() {
+            let (ys, gs) = (&y[(r0 + i) * t..][..t], &g[(r0 + i) * t..][..t]);
+            let dot: f64 = ys
+                .iter()
+                .zip(gs)
+                .map(|(a, b)| a.to_f64() * b.to_f64())
+                .sum();
+            let dot = T::from_f64(dot);
+            for ((d, &a), &b) in dr.iter_mut().zip(ys).zip(gs) {
+                *d = scale * a * (b - dot);
+            }
+        }
+    });
     Ok((T::to_cpu_storage_owned(dx), yl.shape().clone()))
 }
 
@@ -305,7 +407,7 @@ impl CustomOp2 for SoftmaxGrad {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(self.name(), y, softmax_bwd(y, yl, g, gl))
+        by_dtype!(self.name(), y, softmax_bwd(y, yl, g, gl, self.scale))
     }
 }
 
@@ -373,6 +475,24 @@ mod tests {
     }
 
     #[test]
+    fn fast_exp_is_within_two_ulp_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (want, got) = (x.exp(), exp_f32(x));
+            assert!(
+                (want - got).abs() <= 2.0 * f32::EPSILON * want,
+                "exp({x}) = {got}, libm {want}"
+            );
+            x += 0.0137;
+        }
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: f64 = xs.iter().map(|&v| v as f64).sum();
+        assert!((<f32 as Real>::sum(&xs) - want).abs() < 1e-4);
+    }
+
+    #[test]
     fn rms_norm_equals_composed_ops_with_gradient() {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
@@ -426,9 +546,17 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
-            check(causal_softmax, ops::causal_softmax_composed, &x, tol);
+            check(
+                |x| causal_softmax(x, 0.3),
+                |x| ops::causal_softmax_composed(x, 0.3),
+                &x,
+                tol,
+            );
             // Above the diagonal is exactly zero.
-            let y = causal_softmax(&x).unwrap().to_dtype(DType::F64).unwrap();
+            let y = causal_softmax(&x, 0.3)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
             assert_eq!(
                 y.get(1)
                     .unwrap()

@@ -5,7 +5,7 @@
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length.
 
-use super::fused;
+use super::fused::{self, Real};
 use candle_core::{DType, Result, Tensor, D};
 
 /// The precision reductions run in: f32, or f64 when the model itself is f64 (gradient checks).
@@ -115,8 +115,8 @@ pub fn packed_causal_attention(
         let ks = k.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
         let vs = v.narrow(0, start, t)?.transpose(0, 1)?.contiguous()?; // (Hkv, T, D)
                                                                         // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv, G·T, T)
-        let scores = (qs.matmul(&ks.t()?)? * scale)?.reshape((hkv, g, t, t))?;
-        let p = causal_softmax(&scores)?.to_dtype(vs.dtype())?;
+        let scores = qs.matmul(&ks.t()?)?.reshape((hkv, g, t, t))?;
+        let p = causal_softmax(&scores, scale)?.to_dtype(vs.dtype())?;
         // (Hkv, G·T, T) @ (Hkv, T, D) -> (Hkv, G·T, D) -> (Hq, T, D) -> (T, Hq·D)
         let o = p.reshape((hkv, g * t, t))?.matmul(&vs)?;
         let o = o
@@ -134,19 +134,20 @@ pub fn packed_causal_attention(
     Ok(out)
 }
 
-/// Softmax over the last axis of `scores (..., T, T)` with row i seeing columns 0..=i only.
-pub fn causal_softmax(scores: &Tensor) -> Result<Tensor> {
+/// Softmax of `scale · scores` over the last axis of `scores (..., T, T)`, row i seeing columns
+/// 0..=i only.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     if fused_kernels(scores) {
-        return fused::causal_softmax(scores);
+        return fused::causal_softmax(scores, scale);
     }
-    causal_softmax_composed(scores)
+    causal_softmax_composed(scores, scale)
 }
 
-/// [`causal_softmax`] from tensor ops: an additive -inf mask, then [`softmax_last`].
-pub fn causal_softmax_composed(scores: &Tensor) -> Result<Tensor> {
+/// [`causal_softmax`] from tensor ops: scale, an additive -inf mask, then [`softmax_last`].
+pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
     let mask = causal_mask(t, scores.device())?.to_dtype(scores.dtype())?;
-    softmax_last(&scores.broadcast_add(&mask)?)
+    softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
 }
 
 /// `(T, T)` additive mask: 0 on and below the diagonal, -inf above.
@@ -267,37 +268,6 @@ impl candle_core::InplaceOp1 for XentCpu {
     }
 }
 
-/// The float types the fused kernel runs in.
-trait Real: Copy + PartialOrd + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> {
-    fn exp(self) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_f64(x: f64) -> Self;
-}
-
-impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-}
-
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-}
-
 /// Splits the rows `x (C, V)` over candle's CPU threads.
 fn xent_rows<T: Real + Send>(
     x: &mut [T],
@@ -336,25 +306,21 @@ fn xent_rows<T: Real + Send>(
 /// One row: returns `(lse − x[t], argmax == t)`; with `scale`, rewrites the row as
 /// `scale · (softmax − onehot(t))`. A NaN anywhere in the row makes the loss NaN.
 fn xent_row<T: Real>(row: &mut [T], t: usize, scale: Option<f64>) -> (f64, bool) {
-    let (mut arg, mut max) = (0, row[0]);
-    for (j, &x) in row.iter().enumerate() {
-        if x > max {
-            (arg, max) = (j, x);
-        }
-    }
+    let max = row
+        .iter()
+        .copied()
+        .fold(row[0], |m, v| if v > m { v } else { m });
+    let arg = row.iter().position(|&v| v == max).unwrap_or(0);
     let picked = row[t].to_f64();
-    let mut sum = 0f64;
-    match scale {
-        None => row.iter().for_each(|&x| sum += (x - max).exp().to_f64()),
-        Some(s) => {
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += x.to_f64();
-            }
-            let k = T::from_f64(s / sum);
-            row.iter_mut().for_each(|x| *x = *x * k);
-            row[t] = row[t] - T::from_f64(s);
-        }
+    // In place: the logits buffer is ours, and the gradient is built in it.
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let sum = T::sum(row);
+    if let Some(s) = scale {
+        let k = T::from_f64(s / sum);
+        row.iter_mut().for_each(|x| *x *= k);
+        row[t] -= T::from_f64(s);
     }
     (sum.ln() + max.to_f64() - picked, arg == t)
 }
