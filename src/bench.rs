@@ -61,6 +61,8 @@ pub struct BenchReport {
     pub tokens_per_second: f64,
     pub ms_per_step: f64,
     pub mean_tokens_per_step: f64,
+    /// Share of the tokens that carry a label (the positions the LM head runs on).
+    pub labelled_fraction: f64,
     pub peak_rss_mb: f64,
     pub model_flops_per_token: f64,
     pub gemm_peak_gflops: f64,
@@ -136,7 +138,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     }
     let mut opt = AdamW::new(model.lora_vars(), 0.0)?;
     let mut timed = 0.0;
-    let mut tokens = 0usize;
+    let (mut tokens, mut targets) = (0usize, 0usize);
     for (step, batch) in examples.chunks(args.batch_size).enumerate() {
         let refs: Vec<&Example> = batch.iter().collect();
         let start = Instant::now();
@@ -159,14 +161,21 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         if step > 0 {
             timed += start.elapsed().as_secs_f64();
             tokens += b.n_tokens;
+            targets += b.n_targets;
         }
     }
     let tokens_per_second = tokens as f64 / timed;
     let mean_len = tokens as f64 / (args.steps * args.batch_size) as f64;
     let cfg = &model.cfg;
     let d_attn = (cfg.num_attention_heads * cfg.head_dim()) as f64;
-    let flops_per_token =
-        4.0 * cfg.linear_params() as f64 + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
+    // Forward and input-gradient GEMMs (2 + 2 FLOPs per weight per token; no weight gradients),
+    // the LM head only at the labelled positions it runs on, and attention's score and value
+    // products over the mean sequence.
+    let head_params = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let labelled = targets as f64 / tokens as f64;
+    let flops_per_token = 4.0 * (cfg.linear_params() as f64 - head_params)
+        + 4.0 * head_params * labelled
+        + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
     let gemm = gemm_peak(&dev)?;
     Ok(BenchReport {
         engine: "sftd (candle)",
@@ -178,6 +187,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         tokens_per_second,
         ms_per_step: timed * 1000.0 / args.steps as f64,
         mean_tokens_per_step: tokens as f64 / args.steps as f64,
+        labelled_fraction: labelled,
         peak_rss_mb: peak_rss_mb(),
         model_flops_per_token: flops_per_token,
         gemm_peak_gflops: gemm / 1e9,
