@@ -393,7 +393,7 @@ impl Drop for ClientGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::jobs::NewJob;
+    use crate::store::testing::{new_job, temp_store};
     use crate::store::NewEvent;
 
     #[test]
@@ -409,25 +409,9 @@ mod tests {
     /// wake-up and write per event), in order, and every stream gets the same rendered bytes.
     #[tokio::test]
     async fn a_burst_reaches_every_stream_in_few_shared_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = Store::open(&url, dir.path()).await.unwrap();
+        let (_dir, store) = temp_store().await;
         let id = "ftjob-burst";
-        store
-            .create_job(&NewJob {
-                id: id.into(),
-                model: "sftd-demo".into(),
-                training_file: "file-x".into(),
-                validation_file: None,
-                spec: "{}".into(),
-                config: "{}".into(),
-                seed: 0,
-                suffix: None,
-                metadata: None,
-                idempotency_key: None,
-            })
-            .await
-            .unwrap();
+        store.create_job(&new_job(id, None)).await.unwrap();
         store.mark_queued(id).await.unwrap();
         store.claim_next_job().await.unwrap().unwrap();
         let fanout = Fanout::start(&store);

@@ -148,19 +148,22 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", &u[..24])
 }
 
+/// Fixtures shared by the unit tests of the store and of the modules that use it.
 #[cfg(test)]
-mod tests {
-    use super::jobs::{Created, JobError, NewJob};
-    use super::*;
+pub(crate) mod testing {
+    use super::jobs::NewJob;
+    use super::Store;
 
-    async fn store() -> (tempfile::TempDir, Store) {
+    /// A store in a fresh temporary directory (kept alive by the returned guard).
+    pub async fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let s = Store::open(&url, dir.path()).await.unwrap();
         (dir, s)
     }
 
-    fn job(id: &str, key: Option<&str>) -> NewJob {
+    /// A job on the demo model, optionally with an idempotency key.
+    pub fn new_job(id: &str, key: Option<&str>) -> NewJob {
         NewJob {
             id: id.into(),
             model: "sftd-demo".into(),
@@ -174,6 +177,14 @@ mod tests {
             idempotency_key: key.map(String::from),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jobs::{Created, JobError};
+    use super::*;
+
+    use super::testing::{new_job as job, temp_store as store};
 
     fn statuses(events: &[EventRow]) -> Vec<String> {
         events
