@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod events;
 pub mod model;
 pub mod nn;
