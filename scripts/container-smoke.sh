@@ -11,8 +11,11 @@
 #
 # Usage: scripts/container-smoke.sh          full smoke test
 #        scripts/container-smoke.sh base     only make the local base images
+#        scripts/container-smoke.sh mirror   print the Debian mirror debootstrap would use
 # Env:   SMOKE_PORT (default: a free port from 18080), SMOKE_JOB_TIMEOUT (seconds, default 600),
-#        SMOKE_REBUILD_BASE=1 rebuilds the base images even when present.
+#        SMOKE_REBUILD_BASE=1 rebuilds the base images even when present,
+#        SMOKE_DEBIAN_MIRROR overrides the mirror read from the host's apt sources,
+#        SMOKE_APT_SOURCES (space-separated files) replaces the host's apt source files.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,6 +30,78 @@ fail() {
   [ -z "${WORK:-}" ] || [ -s "$WORK/reason" ] || printf '%s' "$*" >"$WORK/reason" 2>/dev/null || true
   exit 1
 }
+
+# --- the Debian mirror: whatever the host's apt already uses ---------------------------------------
+SUITE=bookworm
+# Release names and aliases of the Debian archive itself (a third-party repository such as
+# `nodistro` or `cloud-sdk-bookworm` must not be taken for it).
+DEBIAN_SUITES=" buster bullseye bookworm trixie forky duke sid oldoldstable oldstable stable testing unstable "
+
+# The host's apt source files, in apt's own order: sources.list, then sources.list.d/*.list and
+# *.sources (other names, e.g. `*.disabled`, apt ignores too).
+apt_source_files() {
+  local f
+  [ -f /etc/apt/sources.list ] && echo /etc/apt/sources.list
+  for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] && echo "$f"
+  done
+  return 0
+}
+
+# One line `URI SUITE…` per enabled binary (`deb`) source in FILE, one-line or deb822 format.
+apt_entries() {
+  case "$1" in
+    *.sources)
+      awk '
+        function flush(  i, n, u) {
+          if (types ~ /(^| )deb( |$)/ && enabled != "no" && uris != "") {
+            n = split(uris, u, " ")
+            for (i = 1; i <= n; i++) print u[i], suites
+          }
+          types = ""; uris = ""; suites = ""; enabled = ""
+        }
+        /^[ \t]*#/ { next }
+        /^[ \t]*$/ { flush(); next }
+        {
+          key = tolower($1); sub(/:$/, "", key)
+          val = $0; sub(/^[^:]*:[ \t]*/, "", val); gsub(/[ \t]+/, " ", val); sub(/ $/, "", val)
+          if (key == "types") types = val
+          else if (key == "uris") uris = val
+          else if (key == "suites") suites = val
+          else if (key == "enabled") enabled = tolower(val)
+        }
+        END { flush() }' "$1"
+      ;;
+    *)
+      # deb [options] URI SUITE [COMPONENT…]
+      sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$1" | awk '$1 == "deb" && NF >= 3 { print $2, $3 }'
+      ;;
+  esac
+}
+
+# The mirror for debootstrap: the host's source serving $SUITE itself, else its source for any
+# Debian release (the same archive root serves them all), else deb.debian.org.
+debian_mirror() {
+  local files entries uri suites s
+  if [ -n "${SMOKE_DEBIAN_MIRROR:-}" ]; then echo "$SMOKE_DEBIAN_MIRROR"; return; fi
+  files=${SMOKE_APT_SOURCES:-$(apt_source_files)}
+  entries=$(for f in $files; do apt_entries "$f" 2>/dev/null || true; done)
+  while read -r uri suites; do
+    for s in $suites; do [ "$s" = "$SUITE" ] && { echo "${uri%/}"; return; }; done
+  done <<<"$entries"
+  while read -r uri suites; do
+    case "$uri" in *security*) continue ;; esac
+    for s in $suites; do
+      case "$DEBIAN_SUITES" in *" $s "*) echo "${uri%/}"; return ;; esac
+    done
+  done <<<"$entries"
+  echo http://deb.debian.org/debian
+}
+
+if [ "${1:-}" = mirror ]; then
+  debian_mirror
+  exit 0
+fi
 
 for tool in podman runc debootstrap podman-compose docker-compose curl jq rustc; do
   command -v "$tool" >/dev/null || fail "$tool is not installed (run scripts/ci-setup-containers.sh)"
@@ -52,11 +127,10 @@ have_image() { podman image exists "$1"; }
 
 make_debian_base() {
   local mirror rootfs
-  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  mirror=$(debian_mirror)
   rootfs=$WORK/rootfs
-  say "debootstrap minbase bookworm from $mirror"
-  nice -n 15 debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 ||
+  say "debootstrap minbase $SUITE from $mirror"
+  nice -n 15 debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 ||
     { tail -20 "$WORK/debootstrap.log" >&2; fail "debootstrap"; }
   # Same apt sources as the host (and as the real image: bookworm, -updates, -security).
   if [ -f /etc/apt/sources.list.d/debian.sources ]; then
