@@ -1,6 +1,7 @@
 //! The dashboard: the files under `static/`, embedded in the binary and served at `/` (the page)
-//! and `/static/*` (its scripts, styles and the vendored uPlot). No build step, no CDN: the page
-//! works offline. Merge [`routes`] into the app's router; it needs no state.
+//! and `/static/*` (its ES modules, styles and the vendored uPlot), each with its content type.
+//! No build step, no CDN: the page works offline. Merge [`routes`] into the app's router; it
+//! needs no state.
 
 use axum::{
     body::Body,
@@ -62,8 +63,19 @@ macro_rules! asset {
 static ASSETS: &[Asset] = &[
     asset!("index.html", HTML, REVALIDATE),
     asset!("app.js", JS, REVALIDATE),
+    asset!("api.js", JS, REVALIDATE),
+    asset!("chart.js", JS, REVALIDATE),
+    asset!("dom.js", JS, REVALIDATE),
+    asset!("form.js", JS, REVALIDATE),
     asset!("format.js", JS, REVALIDATE),
+    asset!("job.js", JS, REVALIDATE),
+    asset!("jobs.js", JS, REVALIDATE),
+    asset!("results.js", JS, REVALIDATE),
+    asset!("router.js", JS, REVALIDATE),
     asset!("series.js", JS, REVALIDATE),
+    asset!("stream.js", JS, REVALIDATE),
+    asset!("upload.js", JS, REVALIDATE),
+    asset!("vocabulary.js", JS, REVALIDATE),
     asset!("app.css", CSS, REVALIDATE),
     asset!("vendor/uPlot.iife.min.js", JS, VENDOR),
     asset!("vendor/uPlot.min.css", CSS, VENDOR),
@@ -165,8 +177,12 @@ mod tests {
         assert_eq!(header_of(&r, header::CONTENT_TYPE), HTML);
         assert_eq!(header_of(&r, header::CACHE_CONTROL), "no-cache");
         assert!(header_of(&r, header::CONTENT_SECURITY_POLICY).contains("script-src 'self'"));
-        let r = get("app.js", None);
-        assert_eq!(header_of(&r, header::CONTENT_TYPE), JS);
+        // Every ES module of the page, or the browser refuses to run it.
+        for a in ASSETS.iter().filter(|a| a.path.ends_with(".js")) {
+            let r = get(a.path, None);
+            assert_eq!(r.status(), StatusCode::OK, "{}", a.path);
+            assert_eq!(header_of(&r, header::CONTENT_TYPE), JS, "{}", a.path);
+        }
         let r = get("app.css", None);
         assert_eq!(header_of(&r, header::CONTENT_TYPE), CSS);
         let r = get("vendor/uPlot.iife.min.js", None);

@@ -4,7 +4,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, EXAMPLE, MODEL } from './harness.mjs';
+import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, jobPageState, EXAMPLE, MODEL } from './harness.mjs';
 
 const JOB_TIMEOUT = Number(process.env.SFTD_JOB_TIMEOUT_MS || 300_000);
 const RESTART_STEPS = Number(process.env.SFTD_RESTART_STEPS || 16);
@@ -35,13 +35,12 @@ async function newPage(t) {
   return page;
 }
 
-const sftdState = (page) => page.evaluate(() => window.__sftd && { ...window.__sftd });
 
 /** Follow the job page until a terminal status, recording every point count it showed. */
 async function followJob(page, { timeoutMs = JOB_TIMEOUT, onTick, srv = server } = {}) {
   const seen = [];
   const state = await waitFor(async () => {
-    const s = await sftdState(page);
+    const s = await jobPageState(page);
     if (s && (seen.length === 0 || seen[seen.length - 1] !== s.points)) seen.push(s.points);
     if (onTick) await onTick(s);
     return s && ['succeeded', 'failed', 'cancelled'].includes(s.status) && s.stream === 'complete' ? s : null;
@@ -51,7 +50,7 @@ async function followJob(page, { timeoutMs = JOB_TIMEOUT, onTick, srv = server }
   });
   // Let the last frame draw.
   await sleep(400);
-  return { state: await sftdState(page), seen };
+  return { state: await jobPageState(page), seen };
 }
 
 function assertContiguous(steps, total, msg) {
@@ -189,8 +188,8 @@ for (const signal of ['SIGTERM', 'SIGKILL']) test(`a server restart mid-run (${s
   const page = await newPage(t);
   const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: RESTART_STEPS, save_steps: 2 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
-  await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 3, { timeoutMs: JOB_TIMEOUT, what: 'three points before the restart' });
-  const before = await sftdState(page);
+  await waitFor(async () => ((await jobPageState(page))?.points ?? 0) >= 3, { timeoutMs: JOB_TIMEOUT, what: 'three points before the restart' });
+  const before = await jobPageState(page);
   if (before.status === 'succeeded') t.diagnostic('job finished before the restart; the restart still has to keep the history intact');
   await server.stop(signal);
   t.diagnostic(`server stopped (${signal}) at ${before.points} points (seq ${before.lastSeq})`);
@@ -212,7 +211,7 @@ test('cancel from the job page stops the run and the page shows it', async (t) =
   const page = await newPage(t);
   const job = await server.submitDemoJob({ batch_size: 1, gradient_accumulation_steps: 1, max_steps: 5000 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
-  await waitFor(async () => ((await sftdState(page))?.points ?? 0) >= 1, { timeoutMs: JOB_TIMEOUT, what: 'a first point' });
+  await waitFor(async () => ((await jobPageState(page))?.points ?? 0) >= 1, { timeoutMs: JOB_TIMEOUT, what: 'a first point' });
   const cancel = page.getByTestId('job-cancel');
   await cancel.click();
   assert.match(await cancel.innerText(), /confirm/i, 'the first press asks for confirmation');

@@ -163,6 +163,35 @@ export async function waitFor(fn, { timeoutMs = 60_000, intervalMs = 100, what =
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
 }
 
+/** "1-3,5" → [1, 2, 3, 5]. */
+export function parseRanges(text) {
+  const out = [];
+  for (const part of String(text || '').split(',').filter(Boolean)) {
+    const [a, b = a] = part.split('-').map(Number);
+    for (let i = a; i <= b; i++) out.push(i);
+  }
+  return out;
+}
+
+/**
+ * What a job page shows, read from its DOM: the status badge, the stream state, the chart's
+ * distinct loss points and their steps, the last seq processed and the replayed events dropped.
+ * Null until the page has them.
+ */
+export async function jobPageState(page) {
+  const raw = await page.evaluate(() => {
+    const byId = (id) => document.querySelector(`[data-testid="${id}"]`);
+    const chart = byId('chart'); const status = byId('job-status'); const stream = byId('stream-state');
+    if (!chart || !status || !stream) return null;
+    return {
+      points: Number(chart.dataset.points), steps: chart.dataset.steps, status: status.dataset.status ?? null,
+      stream: stream.dataset.state, lastSeq: stream.dataset.seq ? Number(stream.dataset.seq) : null,
+      duplicates: Number(stream.dataset.duplicates ?? 0),
+    };
+  });
+  return raw && { ...raw, steps: parseRanges(raw.steps) };
+}
+
 /** Distinct metrics steps in a job's events, as the server recorded them. */
 export function metricSteps(events) {
   const steps = new Set();

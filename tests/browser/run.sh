@@ -8,5 +8,5 @@ if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 npm ci --no-audit --no-fund --loglevel=error
-node --test unit.test.mjs
+node --test unit.test.mjs contract.test.mjs
 node --test --test-concurrency=1 dashboard.test.mjs

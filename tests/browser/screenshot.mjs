@@ -2,7 +2,7 @@
 //   cd tests/browser && npm ci && SFTD_BIN=../../target/debug/sftd node screenshot.mjs [out.png]
 // SCREENSHOT_WIDTH/SCREENSHOT_HEIGHT change the viewport (e.g. 390×844 for a phone).
 import path from 'node:path';
-import { Server, launchBrowser, waitFor, sleep, ROOT, EXAMPLE_VAL } from './harness.mjs';
+import { Server, launchBrowser, waitFor, sleep, jobPageState, ROOT, EXAMPLE_VAL } from './harness.mjs';
 import fs from 'node:fs';
 
 const out = path.resolve(process.argv[2] || path.join(ROOT, 'docs/dashboard.png'));
@@ -18,7 +18,7 @@ try {
   const page = await browser.newPage({ viewport: { width, height }, deviceScaleFactor: 1 });
   await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
   const state = await waitFor(async () => {
-    const s = await page.evaluate(() => window.__sftd && { ...window.__sftd });
+    const s = await jobPageState(page);
     return s && ['succeeded', 'failed', 'cancelled'].includes(s.status) && s.stream === 'complete' ? s : null;
   }, { timeoutMs: 900_000, intervalMs: 250, what: 'the job to finish' });
   await page.getByTestId('result-file').first().waitFor({ timeout: 20_000 }).catch(() => {});

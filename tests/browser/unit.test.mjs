@@ -1,4 +1,4 @@
-// Unit tests of the dashboard's pure modules (formatting, event normalisation, de-duplication,
+// Unit tests of the dashboard's pure modules (formatting, the event vocabulary, de-duplication,
 // smoothing). No browser, no server: `node --test unit.test.mjs`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -6,10 +6,21 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT } from './harness.mjs';
 
-// static/*.js are browser ES modules beside no package.json: load them as data: URLs.
-const load = (name) => import(`data:text/javascript;base64,${fs.readFileSync(path.join(ROOT, 'static', name)).toString('base64')}`);
+// static/*.js are browser ES modules beside no package.json: load each as a data: URL, its
+// relative imports rewritten to data: URLs of the modules they name.
+const sources = new Map();
+function moduleUrl(name) {
+  if (!sources.has(name)) {
+    const src = fs.readFileSync(path.join(ROOT, 'static', name), 'utf8')
+      .replace(/from '\.\/([\w.-]+\.js)'/g, (_, dep) => `from '${moduleUrl(dep)}'`);
+    sources.set(name, `data:text/javascript;base64,${Buffer.from(src).toString('base64')}`);
+  }
+  return sources.get(name);
+}
+const load = (name) => import(moduleUrl(name));
 const F = await load('format.js');
 const S = await load('series.js');
+const V = await load('vocabulary.js');
 
 test('numbers read like people write them', () => {
   assert.equal(F.fmtLR(2e-4), '2e-4');
@@ -55,62 +66,55 @@ test('debiased EMA matches TensorBoard', () => {
 });
 
 const metricsEvent = (seq, step, extra = {}) => ({
-  name: 'metrics', id: String(seq),
-  raw: { id: `ftevent-${seq}`, object: 'fine_tuning.job.event', created_at: 1, level: 'info', message: `step ${step}`, type: 'metrics',
+  id: String(seq),
+  raw: { id: `ftevent-${seq}`, object: 'fine_tuning.job.event', seq, created_at: 1, level: 'info', message: `step ${step}`, type: 'metrics',
     data: { step, total_steps: 10, epoch: step / 10, train_loss: 3 - step / 10, learning_rate: 2e-4, grad_norm: 1, ...extra } },
 });
 
-test('events normalise whatever their SSE name or payload spelling', () => {
-  const e = metricsEvent(7, 3);
-  let n = S.normalizeEvent(e.name, e.raw, e.id);
-  assert.equal(n.kind, 'metrics'); assert.equal(n.seq, 7); assert.equal(n.data.step, 3);
-  // unnamed SSE message: kind from the payload's type, or from its fields
-  n = S.normalizeEvent('message', e.raw, '8');
-  assert.equal(n.kind, 'metrics');
-  n = S.normalizeEvent('message', { step: 4, loss: 1.5, lr: 1e-4 }, '9');
-  assert.equal(n.kind, 'metrics');
-  const rs = new S.RunSeries();
-  rs.addMetrics(n.data);
-  assert.equal(rs.latest.train_loss, 1.5); assert.equal(rs.latest.learning_rate, 1e-4);
-  n = S.normalizeEvent('status', { type: 'status', message: 'Job succeeded', data: { status: 'succeeded' } }, '10');
-  assert.equal(n.kind, 'status'); assert.equal(n.status, 'succeeded');
-  n = S.normalizeEvent('message', { object: 'fine_tuning.job.event', type: 'message', message: 'Job started', data: {} }, '11');
-  assert.equal(n.kind, 'log');
-  n = S.normalizeEvent('eval', { type: 'eval', data: { step: 5, valid_loss: 1.2 } }, '12');
-  assert.equal(n.kind, 'eval');
-  assert.equal(S.pickNum('eval_loss', n.data), 1.2);
-  assert.equal(S.parseSeq('abc'), null);
-  assert.equal(S.parseSeq('42'), 42);
-  assert.ok(S.SSE_EVENT_NAMES.includes('metrics') && S.SSE_EVENT_NAMES.includes('status'));
-});
-
-test("the server's OpenAI-style events (types message/metrics, no SSE names) are classified", () => {
+test("the server's events are classified by their type and data, in its own words only", () => {
   const ev = (type, data, message = '') => ({ id: 'ftevent-x-1', object: 'fine_tuning.job.event', seq: 1, created_at: 1, level: 'info', message, type, data });
-  let n = S.normalizeEvent('message', ev('message', { status: 'running' }, 'Job started'), '3');
+  const e = metricsEvent(7, 3);
+  let n = V.classify(e.raw, e.id);
+  assert.equal(n.kind, 'metrics'); assert.equal(n.seq, 7); assert.equal(n.data.step, 3);
+  n = V.classify(ev('message', { status: 'running' }, 'Job started'), '3');
   assert.equal(n.kind, 'status'); assert.equal(n.status, 'running');
-  n = S.normalizeEvent('message', ev('message', { checkpoint_id: 'ftckpt-1', step: 4 }, 'Checkpoint saved at step 4'), '4');
+  n = V.classify(ev('message', { checkpoint_id: 'ftckpt-1', step: 4 }, 'Checkpoint saved at step 4'), '4');
   assert.equal(n.kind, 'checkpoint');
-  n = S.normalizeEvent('message', ev('message', null, 'Loading model'), '5');
+  n = V.classify(ev('message', null, 'Loading model'), '5');
   assert.equal(n.kind, 'log'); assert.equal(n.message, 'Loading model');
-  n = S.normalizeEvent('message', ev('metrics', { step: 4, valid_loss: 1.1, valid_mean_token_accuracy: 0.5 }), '6');
+  n = V.classify(ev('metrics', { step: 4, valid_loss: 1.1, valid_mean_token_accuracy: 0.5, eval_tokens: 10 }), '6');
   assert.equal(n.kind, 'eval');
-  n = S.normalizeEvent('message', ev('metrics', { step: 4, train_loss: 1.3, learning_rate: 1e-4 }), '7');
+  n = V.classify(ev('metrics', { step: 4, train_loss: 1.3, learning_rate: 1e-4 }), '7');
   assert.equal(n.kind, 'metrics');
   // seq from the payload when the SSE id is missing
-  n = S.normalizeEvent('message', { ...ev('metrics', { step: 5, train_loss: 1 }), seq: 9 }, '');
+  n = V.classify({ ...ev('metrics', { step: 5, train_loss: 1 }), seq: 9 }, '');
   assert.equal(n.seq, 9);
-  // an eval record for a step never erases that step's training loss
+  assert.equal(V.parseSeq('abc'), null);
+  assert.equal(V.parseSeq('42'), 42);
+  // Other spellings are not the server's: they are not metrics, and no field is read through an alias.
+  n = V.classify({ type: 'metrics', data: { step: 4, loss: 1.5, lr: 1e-4 } }, '9');
+  assert.equal(n.kind, 'log');
+  n = V.classify({ type: 'status', data: { status: 'succeeded' } }, '10');
+  assert.equal(n.kind, 'log');
+  n = V.classify({ type: 'metrics', data: { step: 5, eval_loss: 1.2 } }, '12');
+  assert.equal(n.kind, 'log');
   const rs = new S.RunSeries();
+  assert.equal(rs.addMetrics({ step: 4, loss: 1.5 }), null);
+  assert.equal(rs.addEval({ step: 4, eval_loss: 1.5 }), null);
+  // an eval record for a step never erases that step's training loss
   rs.addMetrics({ step: 4, train_loss: 1.3 });
   rs.addMetrics({ step: 4, valid_loss: 1.1 });
   assert.equal(rs.metrics.get(4).train_loss, 1.3);
+  // mixed-precision fields travel with the step
+  rs.addMetrics({ step: 5, train_loss: 1.2, loss_scale: 65536, skipped_steps: 2 });
+  assert.equal(rs.latest.loss_scale, 65536); assert.equal(rs.latest.skipped_steps, 2);
 });
 
 test('replays and reconnects never duplicate or drop a point', () => {
   const rs = new S.RunSeries();
   const feed = (list) => {
     for (const e of list) {
-      const n = S.normalizeEvent(e.name, e.raw, e.id);
+      const n = V.classify(e.raw, e.id);
       if (!rs.acceptSeq(n.seq)) continue;
       if (n.kind === 'metrics') rs.addMetrics(n.data);
     }
@@ -137,8 +141,8 @@ test('eval points share the x axis with the loss', () => {
   const rs = new S.RunSeries();
   rs.addMetrics({ step: 1, train_loss: 2 });
   rs.addMetrics({ step: 2, train_loss: 1.5 });
-  rs.addEval({ step: 0, eval_loss: 2.5 });
-  rs.addEval({ step: 2, eval_loss: 1.7 });
+  rs.addEval({ step: 0, valid_loss: 2.5 });
+  rs.addEval({ step: 2, valid_loss: 1.7 });
   const [xs, raw, smooth, ev] = rs.columns(0.5);
   assert.deepEqual(xs, [0, 1, 2]);
   assert.deepEqual(raw, [null, 2, 1.5]);
@@ -148,4 +152,10 @@ test('eval points share the x axis with the loss', () => {
   // log scale drops non-positive values instead of breaking the axis
   rs.addMetrics({ step: 3, train_loss: 0 });
   assert.equal(rs.columns(0.5, { positiveOnly: true })[1][3], null);
+});
+
+test('the chart reports its steps as ranges', () => {
+  assert.equal(S.stepRanges([]), '');
+  assert.equal(S.stepRanges([1, 2, 3, 4]), '1-4');
+  assert.equal(S.stepRanges([1, 2, 4, 6, 7]), '1-2,4,6-7');
 });
