@@ -4,7 +4,7 @@
 use crate::train::checkpoint::{self, ADAPTER_CONFIG};
 use crate::train::events::{Control, Level, Outcome, TrainEvent};
 use crate::train::model::qwen3::weight_files;
-use crate::train::spec::{JobSpec, DEMO_MODEL};
+use crate::train::spec::{JobSpec, LoraConfig, DEMO_MODEL};
 use crate::train::trainer::{self, TrainJob};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -324,11 +324,15 @@ pub struct MergeArgs {
 pub fn merge(args: MergeArgs) -> Result<()> {
     let dev = Device::Cpu;
     let adapter = checkpoint::load_adapter(&args.adapter, &dev)?;
-    let scaling = if adapter.use_rslora {
-        adapter.alpha / (adapter.r as f64).sqrt()
-    } else {
-        adapter.alpha / adapter.r as f64
-    };
+    // The adapter's own r, alpha and rsLoRA flag (dropout plays no part in a merge).
+    let scaling = LoraConfig {
+        r: adapter.r as u32,
+        alpha: adapter.alpha,
+        dropout: 0.0,
+        target_modules: adapter.target_modules.clone(),
+        use_rslora: adapter.use_rslora,
+    }
+    .scaling();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in weight_files(&args.model)? {
         for (k, t) in candle_core::safetensors::load(&f, &dev)? {

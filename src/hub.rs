@@ -2,8 +2,8 @@
 //! Hugging Face repo ids downloaded through `hf-hub` into `HF_HOME`.
 
 use crate::config::Config;
+use crate::train::demo::ensure_demo_model;
 use crate::train::spec::DEMO_MODEL;
-use crate::worker::engine;
 use hf_hub::api::tokio::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo};
 use std::path::{Path, PathBuf};
@@ -181,7 +181,7 @@ impl Hub {
             return Ok(dir);
         }
         let data_dir = self.data_dir.clone();
-        let dir = tokio::task::spawn_blocking(move || engine::ensure_demo_model(&data_dir))
+        let dir = tokio::task::spawn_blocking(move || ensure_demo_model(&data_dir))
             .await
             .map_err(|e| HubError::Unavailable(format!("demo model generation panicked: {e}")))?
             .map_err(|e| {

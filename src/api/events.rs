@@ -76,11 +76,7 @@ async fn events(
         })?,
     };
     if !wants_stream {
-        let limit = super::types::Pagination {
-            after: None,
-            limit: q.limit,
-        }
-        .limit(10_000)?;
+        let limit = super::types::page_limit(q.limit, 10_000)?;
         let rows = s.store.list_events(&id, after, limit + 1).await?;
         let items = rows.iter().map(EventObject::from).collect();
         return Ok(Json(List::page(items, limit, |e: &EventObject| e.id.clone())).into_response());

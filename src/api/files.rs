@@ -6,7 +6,7 @@ use super::types::{DeletedObject, FileListQuery, FileObject, List};
 use super::AppState;
 use crate::store::files::{DeleteFile, NewFile, PURPOSE_FINE_TUNE};
 use crate::store::{new_id, Store};
-use crate::worker::engine;
+use crate::train::data::{validate_jsonl, RowError};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::header;
@@ -46,11 +46,7 @@ async fn list(
     State(s): State<AppState>,
     AppQuery(q): AppQuery<FileListQuery>,
 ) -> Result<Json<List<FileObject>>, AppError> {
-    let limit = super::types::Pagination {
-        after: None,
-        limit: q.limit,
-    }
-    .limit(10_000)?;
+    let limit = super::types::page_limit(q.limit, 10_000)?;
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
@@ -210,7 +206,7 @@ async fn store_upload(
     let path = upload.tmp.0.clone();
     let summary = tokio::task::spawn_blocking(move || {
         let bytes = std::fs::read(&path)?;
-        Ok::<_, std::io::Error>(engine::validate_jsonl(&bytes))
+        Ok::<_, std::io::Error>(validate_jsonl(&bytes))
     })
     .await
     .map_err(AppError::internal)?
@@ -266,7 +262,7 @@ fn clean_filename(name: Option<&str>) -> String {
 /// Lines reported in an error (the message says how many there were in all).
 const MAX_REPORTED_LINES: usize = 1000;
 
-fn invalid_dataset(rows: &[engine::RowError]) -> AppError {
+fn invalid_dataset(rows: &[RowError]) -> AppError {
     let details: Vec<_> = rows
         .iter()
         .take(MAX_REPORTED_LINES)

@@ -63,7 +63,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     config.data_dir = config.data_dir.canonicalize()?;
     tracing::info!(config = ?config, "starting sftd");
     // A device that cannot be opened is a configuration error: fail now, not in a silent worker.
-    crate::worker::engine::device_from_str(&config.device)
+    crate::train::device_from_str(&config.device)
         .map_err(|e| anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device))?;
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
     remove_orphans(&store).await?;

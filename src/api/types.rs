@@ -227,15 +227,20 @@ pub struct Pagination {
 }
 
 impl Pagination {
-    /// The page size: 20 by default, between 1 and `max`.
+    /// The page size: see [`page_limit`].
     pub fn limit(&self, max: i64) -> Result<i64, super::error::AppError> {
-        match self.limit.unwrap_or(20) {
-            n if (1..=max).contains(&n) => Ok(n),
-            n => Err(super::error::AppError::bad_request(format!(
-                "limit must be between 1 and {max}, got {n}"
-            ))
-            .param("limit")),
-        }
+        page_limit(self.limit, max)
+    }
+}
+
+/// A list route's `?limit=`: 20 by default, between 1 and `max`.
+pub fn page_limit(limit: Option<i64>, max: i64) -> Result<i64, super::error::AppError> {
+    match limit.unwrap_or(20) {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(super::error::AppError::bad_request(format!(
+            "limit must be between 1 and {max}, got {n}"
+        ))
+        .param("limit")),
     }
 }
 

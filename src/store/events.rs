@@ -1,7 +1,8 @@
 //! The `events` table: each job's log, numbered 1, 2, 3, … by `seq`, assigned inside the
 //! inserting transaction so a committed event's `seq` never repeats and never skips.
 
-use super::{now, JobStatus, Result, Store};
+use super::status::{in_list, JobStatus};
+use super::{now, Result, Store};
 use sqlx::{FromRow, SqliteConnection};
 
 #[derive(Debug, Clone, FromRow, PartialEq)]
@@ -79,7 +80,7 @@ pub(super) async fn insert(
         None => String::new(),
         Some(statuses) => format!(
             "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status IN ({}))",
-            super::jobs::in_list(statuses)
+            in_list(statuses)
         ),
     };
     let sql = format!(

@@ -5,6 +5,7 @@ pub mod checkpoints;
 pub mod events;
 pub mod files;
 pub mod jobs;
+pub mod status;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 pub use events::{EventRow, NewEvent};
-pub use jobs::{JobRow, JobStatus};
+pub use jobs::JobRow;
+pub use status::JobStatus;
 
 /// Store failures. Constraint and guard failures are reported by the functions' return values,
 /// so what reaches this type is an infrastructure error (disk, corruption, a bug).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-/// Metrics of one optimizer step (field names are the event-stream contract in DESIGN.md).
+/// Metrics of one optimizer step (field names are the event-stream contract: docs/architecture.md, openapi.yaml).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepMetrics {
     pub step: u64,

@@ -1,5 +1,6 @@
 //! The job specification: the body of `POST /v1/fine_tuning/jobs` (also the `sftd train` JOB.json),
-//! its defaults (the DESIGN.md recipe) and the range checks that turn it into a [`TrainConfig`].
+//! its defaults (the recipe in docs/architecture.md) and the range checks that turn it into a
+//! [`TrainConfig`].
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -214,7 +215,7 @@ impl LoraConfig {
 }
 
 impl Default for TrainConfig {
-    /// The DESIGN.md recipe (TRL + PEFT on Qwen3-1.7B).
+    /// The recipe in docs/architecture.md (TRL + PEFT on Qwen3-1.7B).
     fn default() -> Self {
         Self {
             seed: 42,

@@ -2,7 +2,6 @@
 //! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
 //! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
 
-pub mod engine;
 mod run;
 mod submit;
 
@@ -12,7 +11,7 @@ pub use submit::SubmitError;
 use crate::hub::Hub;
 use crate::store::jobs::JobError;
 use crate::store::{JobRow, JobStatus, Store};
-use engine::Control;
+use crate::train::events::Control;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -188,7 +187,7 @@ async fn validation_loop(
 }
 
 fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
-    let device = match engine::device_from_str(&ctx.device) {
+    let device = match crate::train::device_from_str(&ctx.device) {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(device = %ctx.device, error = %e, "cannot open the training device; the worker is not running");

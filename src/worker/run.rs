@@ -1,13 +1,15 @@
 //! Running one job on the worker thread: resolve its inputs, drive the engine, turn each
 //! engine event into a persisted (then broadcast) event, and record how the run ended.
 
-use super::engine::{self, Control, Outcome, TrainEvent};
 use crate::hub::{Hub, HubError};
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
 use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
-use crate::train::events::{CheckpointInfo, EvalMetrics, Level, StepMetrics};
+use crate::train::events::{
+    CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent,
+};
 use crate::train::spec::{JobSpec, TrainConfig};
+use crate::train::trainer as engine;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
