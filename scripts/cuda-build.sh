@@ -34,7 +34,7 @@ esac
 caps=("$@")
 [ "${#caps[@]}" -gt 0 ] || caps=(75 80)
 for cap in "${caps[@]}"; do
-  [[ "$cap" =~ ^[0-9]{2,3}$ ]] || { echo "cuda-build: bad compute capability '$cap' (e.g. 75, 80, 90)" >&2; exit 2; }
+  [[ "$cap" =~ ^[0-9]{2,3}[af]?$ ]] || { echo "cuda-build: bad compute capability '$cap' (e.g. 75, 80, 90)" >&2; exit 2; }
 done
 
 CACHE=${SFTD_CACHE:-/var/cache/sftd}
