@@ -10,7 +10,7 @@
 #                    toolchain wheels, no GPU, no driver.
 #   build            `cargo build --release --locked --features cuda`: a linked binary, for a GPU
 #                    host (NVIDIA driver R580+ for CUDA 13.0 PTX). Links against the driver's
-#                    libcuda.so.1; cuBLAS and cuRAND come as wheels too (about 480 MB more), unless
+#                    libcuda.so.1; cuBLAS and cuRAND come as wheels too (697 MB installed), unless
 #                    SFTD_CUDA_HOME names a CUDA 13 toolkit that has them.
 #   CAP...           compute capabilities, default "75 80": 75 T4, 80 A100, 86 A10G, 89 L4/L40S,
 #                    90 H100/H200.
