@@ -148,6 +148,30 @@ impl Hub {
         }
     }
 
+    /// A directory holding `model`'s `config.json`, fetching only that file for a hub model
+    /// that is not cached (what the memory estimate needs before the weights are downloaded).
+    pub async fn config_dir(&self, model: &str) -> Result<PathBuf, HubError> {
+        let ModelRef::Hub(id) = self.check(model).await? else {
+            return self.resolve(model).await;
+        };
+        let repo = Cache::new(self.cache.clone()).repo(Repo::model(id.clone()));
+        let config = match repo.get("config.json") {
+            Some(path) => path,
+            None => self
+                .api()?
+                .model(id.clone())
+                .get("config.json")
+                .await
+                .map_err(|e| {
+                    HubError::Unavailable(format!("fetching {id:?}'s config.json failed: {e}"))
+                })?,
+        };
+        Ok(config
+            .parent()
+            .expect("a cached file lives in a snapshot directory. This is a bug.")
+            .to_path_buf())
+    }
+
     /// Checks that `path` is an existing directory under an allowed root; `param` names the
     /// field in errors. Returns the canonical path.
     pub fn allowed_dir(&self, path: &str, param: &str) -> Result<PathBuf, HubError> {

@@ -36,6 +36,8 @@ enum Command {
     Merge(cli::MergeArgs),
     /// Measure training throughput, step time, peak memory and MFU on this machine.
     Bench(sftd::bench::BenchArgs),
+    /// Estimate a job's peak memory and whether it fits a device (this machine or a named GPU).
+    Estimate(sftd::estimate::EstimateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Logits(a)) => cli::logits(a),
         Some(Command::Merge(a)) => cli::merge(a),
         Some(Command::Bench(a)) => sftd::bench::bench(a),
+        Some(Command::Estimate(a)) => sftd::estimate::estimate(a),
     }
 }
 

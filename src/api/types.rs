@@ -77,6 +77,8 @@ pub struct JobObject {
     pub metadata: Option<Value>,
     pub integrations: Vec<Value>,
     pub init_adapter: Option<String>,
+    /// sftd extension: the estimated peak memory of the run on the worker's device, in bytes.
+    pub estimated_peak_memory_bytes: Option<i64>,
 }
 
 impl JobObject {
@@ -123,6 +125,7 @@ impl JobObject {
                 .get("init_adapter")
                 .and_then(|v| v.as_str())
                 .map(String::from),
+            estimated_peak_memory_bytes: j.estimated_peak_memory_bytes,
             id: j.id,
         }
     }

@@ -33,6 +33,8 @@ pub struct JobRow {
     pub error_param: Option<String>,
     pub attempts: i64,
     pub idempotency_key: Option<String>,
+    /// Estimated peak memory of a training run (`train::memory`), once known.
+    pub estimated_peak_memory_bytes: Option<i64>,
 }
 
 impl JobRow {
@@ -72,7 +74,7 @@ pub struct JobError {
 const COLUMNS: &str = "n, id, created_at, started_at, finished_at, model, training_file, \
     validation_file, status, spec, config, seed, suffix, metadata, fine_tuned_model, \
     trained_tokens, estimated_finish, error_code, error_message, error_param, attempts, \
-    idempotency_key";
+    idempotency_key, estimated_peak_memory_bytes";
 
 use JobStatus::*;
 
@@ -190,6 +192,20 @@ impl Store {
         tx.commit().await?;
         self.publish([ev.clone()]);
         Ok(Some((row, ev)))
+    }
+
+    /// Records a job's estimated peak memory; returns the updated row.
+    pub async fn set_estimated_memory(&self, id: &str, bytes: u64) -> Result<Option<JobRow>> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let row = sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE jobs SET estimated_peak_memory_bytes = ? WHERE id = ? RETURNING {COLUMNS}"
+        ))
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// `validating_files → queued`.

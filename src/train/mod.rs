@@ -5,6 +5,7 @@ pub mod data;
 pub mod demo;
 pub mod device;
 pub mod events;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod optim;

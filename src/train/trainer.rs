@@ -51,7 +51,7 @@ pub use checkpoint::latest_checkpoint;
 /// (256 MB) whatever the vocabulary. Each chunk streams the whole LM-head matrix through the GEMM
 /// twice (logits, then input gradient), so few, large and even chunks are fastest; at Qwen3's
 /// vocabulary a 441-token micro-batch is one chunk.
-fn loss_chunk_rows(vocab: usize, m: usize) -> usize {
+pub fn loss_chunk_rows(vocab: usize, m: usize) -> usize {
     let max_rows = ((64 << 20) / vocab).clamp(16, 8192);
     m.div_ceil(m.div_ceil(max_rows).max(1)).max(1)
 }

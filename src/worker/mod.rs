@@ -6,7 +6,7 @@ mod run;
 mod submit;
 
 pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
-pub use submit::SubmitError;
+pub use submit::{MemoryBudget, SubmitError};
 
 use crate::hub::Hub;
 use crate::store::jobs::JobError;
@@ -45,6 +45,8 @@ pub struct Worker {
     store: Store,
     hub: Hub,
     validations: tokio::sync::mpsc::UnboundedSender<JobRow>,
+    /// The device's memory, for the creation-time check (`None`: no device, no check).
+    memory: Option<MemoryBudget>,
 }
 
 impl Worker {
@@ -58,11 +60,13 @@ impl Worker {
             alive: AtomicBool::new(true),
         });
         let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
+        let memory = MemoryBudget::probe(&device);
         tokio::spawn(validation_loop(
             store.clone(),
             hub.clone(),
             tx.clone(),
             pending,
+            memory.clone(),
         ));
         let worker = Self {
             validations,
@@ -71,6 +75,7 @@ impl Worker {
             thread: Arc::new(Mutex::new(None)),
             store: store.clone(),
             hub: hub.clone(),
+            memory,
         };
         for job in store.interrupted_jobs().await? {
             match job.status()? {
@@ -163,6 +168,7 @@ async fn validation_loop(
     hub: Hub,
     wake: mpsc::Sender<Command>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<JobRow>,
+    memory: Option<MemoryBudget>,
 ) {
     while let Some(job) = jobs.recv().await {
         // Cancelled while waiting its turn: nothing to do.
@@ -170,8 +176,18 @@ async fn validation_loop(
             Ok(Some(j)) if j.status == JobStatus::ValidatingFiles.as_str() => {}
             _ => continue,
         }
-        let outcome = match run::prepare(&store, &hub, &job).await {
-            Ok(_) => store.mark_queued(&job.id).await.map(|_| ()),
+        let prepared = run::prepare(&store, &hub, &job).await.and_then(|inputs| {
+            submit::memory_estimate(memory.as_ref(), &inputs.model_dir, &inputs.config)
+        });
+        let outcome = match prepared {
+            Ok(estimate) => {
+                if let Some(bytes) = estimate {
+                    if let Err(e) = store.set_estimated_memory(&job.id, bytes).await {
+                        tracing::error!(job = %job.id, error = %e, "could not record the memory estimate");
+                    }
+                }
+                store.mark_queued(&job.id).await.map(|_| ())
+            }
             Err(err) => store
                 .fail_job(&job.id, &[JobStatus::ValidatingFiles], &err)
                 .await

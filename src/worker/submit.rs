@@ -1,12 +1,16 @@
 //! Accepting and cancelling jobs: every check that can be answered before anything is stored,
 //! then the insert, then the asynchronous `validating_files → queued` step.
 
+use crate::train::device::DeviceInfo;
+use crate::train::memory::{self, InsufficientMemory, ModelDims, Recipe, Target};
+use crate::train::{device_from_str, trainer::compute_dtype};
 use super::{run, Worker};
-use crate::hub::HubError;
+use crate::hub::{HubError, ModelRef};
 use crate::store::files::PURPOSE_FINE_TUNE;
-use crate::store::jobs::{Created, NewJob};
+use crate::store::jobs::{Created, JobError, NewJob};
 use crate::store::{new_id, JobRow, StoreError};
-use crate::train::spec::JobSpec;
+use crate::train::spec::{JobSpec, TrainConfig, DEMO_MODEL};
+use std::path::Path;
 
 /// Why a job was not accepted; `param` names the offending field.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +59,7 @@ impl Worker {
         if let Some(v) = &spec.validation_file {
             self.check_dataset(v, "validation_file").await?;
         }
-        self.hub.check(&spec.model).await.map_err(|e| match e {
+        let model = self.hub.check(&spec.model).await.map_err(|e| match e {
             HubError::NotFound(message) => SubmitError::NotFound {
                 param: "model".into(),
                 code: "model_not_found",
@@ -65,6 +69,7 @@ impl Worker {
                 invalid("model", "invalid_model", message)
             }
         })?;
+        let estimate = self.estimate_memory(&model, &config).await?;
         if let Some(a) = &spec.init_adapter {
             run::init_adapter_dir(&self.store, &self.hub, a)
                 .await
@@ -88,8 +93,15 @@ impl Worker {
             idempotency_key: idempotency_key.clone(),
         };
         match self.store.create_job(&new).await? {
-            Created::New(row) => {
+            Created::New(mut row) => {
                 tracing::info!(job = %row.id, model = %row.model, "job created");
+                if let Some(bytes) = estimate {
+                    row = self
+                        .store
+                        .set_estimated_memory(&row.id, bytes)
+                        .await?
+                        .unwrap_or(row);
+                }
                 self.validate(row.clone());
                 Ok((row, false))
             }
@@ -98,6 +110,30 @@ impl Worker {
                 idempotency_key.unwrap_or_default(),
             )),
         }
+    }
+
+    /// The job's peak memory on the worker's device when the model's config is at hand (the
+    /// demo model, a local directory); a hub model is estimated once the worker has fetched it.
+    async fn estimate_memory(
+        &self,
+        model: &ModelRef,
+        config: &TrainConfig,
+    ) -> Result<Option<u64>, SubmitError> {
+        let Some(budget) = &self.memory else {
+            return Ok(None);
+        };
+        let dir = match model {
+            ModelRef::Demo => self
+                .hub
+                .resolve(DEMO_MODEL)
+                .await
+                .map_err(|e| invalid("model", "invalid_model", e.to_string()))?,
+            ModelRef::Local(dir) => dir.clone(),
+            ModelRef::Hub(_) => return Ok(None),
+        };
+        budget
+            .check(&dir, config)
+            .map_err(|e| invalid(MEMORY_PARAM, "insufficient_memory", e.message()))
     }
 
     async fn check_dataset(&self, id: &str, param: &str) -> Result<(), SubmitError> {
@@ -129,4 +165,64 @@ impl Worker {
             None => Ok(self.store.get_job(id).await?.map(Err)),
         }
     }
+}
+
+/// Where a memory error points: the recipe's knobs.
+pub(super) const MEMORY_PARAM: &str = "method.supervised.hyperparameters";
+
+/// The device jobs are checked against, probed once when the worker starts (so a job is judged
+/// against the memory it will have when it runs, not what a running job leaves free).
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    info: DeviceInfo,
+    target: Target,
+}
+
+impl MemoryBudget {
+    /// `None` when the device cannot be opened (the worker reports that itself).
+    pub fn probe(device: &str) -> Option<Self> {
+        let d = device_from_str(device).ok()?;
+        let info = DeviceInfo::probe(&d).ok()?;
+        let target = Target {
+            cuda: d.is_cuda(),
+            weight_dtype: compute_dtype(&d),
+        };
+        Some(Self { info, target })
+    }
+
+    /// Estimates a job on this device. `Ok(None)`: the model's config cannot be read (loading
+    /// the model reports that).
+    pub fn check(
+        &self,
+        model_dir: &Path,
+        config: &TrainConfig,
+    ) -> Result<Option<u64>, InsufficientMemory> {
+        let Ok(dims) = ModelDims::from_dir(model_dir) else {
+            return Ok(None);
+        };
+        let recipe = Recipe::from_config(config);
+        let e = memory::check(
+            &dims,
+            &recipe,
+            self.target,
+            &self.info.id,
+            self.info.available_memory_bytes,
+        )?;
+        Ok(Some(e.estimated_peak_memory_bytes))
+    }
+}
+
+/// The validation-time check (the model is resolved by now, hub models included): the same
+/// estimate and message as at creation, as the job's error.
+pub(super) fn memory_estimate(
+    budget: Option<&MemoryBudget>,
+    model_dir: &Path,
+    config: &TrainConfig,
+) -> Result<Option<u64>, JobError> {
+    let Some(budget) = budget else {
+        return Ok(None);
+    };
+    budget
+        .check(model_dir, config)
+        .map_err(|e| JobError::new("insufficient_memory", e.message(), Some(MEMORY_PARAM)))
 }
