@@ -48,6 +48,13 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Benchmark generation instead (prefill and decode tokens/s, greedy, KV cache, batch 1):
+    /// the prompt is the data's first chat row up to its first assistant turn.
+    #[arg(long)]
+    pub generate: bool,
+    /// Tokens generated per run with `--generate`.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +77,9 @@ pub struct BenchReport {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.generate {
+        return crate::bench_generate::bench(&args);
+    }
     let report = run(&args)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -152,7 +152,7 @@ async fn every_operation_is_served() {
         assert!(st < 500, "{method} {path}: {st} {v}");
     }
     // And something undocumented is not.
-    let (st, v) = s.get("/v1/models").await;
+    let (st, v) = s.get("/v1/embeddings").await;
     assert_eq!(
         (st, v["error"]["code"].as_str()),
         (404, Some("unknown_route"))

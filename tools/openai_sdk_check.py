@@ -6,10 +6,13 @@
 Uploads examples/text.jsonl, creates a tiny job on the demo model (sftd's extra knobs go through
 the SDK's `method` dict and `extra_body`), follows it to the end with retrieve/list_events,
 lists checkpoints and jobs, downloads the adapter, cancels a second job and checks that a bad
-hyperparameter raises BadRequestError naming the field. Exits non-zero on the first mismatch.
+hyperparameter raises BadRequestError naming the field; then calls the fine-tuned model with
+chat.completions.create (plain, streamed with usage, with tools), lists it with models.list/
+retrieve, and checks that n=2 raises BadRequestError. Exits non-zero on the first mismatch.
 Not part of CI (it needs the SDK from PyPI).
 """
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -90,8 +93,50 @@ def main() -> int:
         print("BadRequestError:", e.body["param"], "-", e.body["message"])
     else:
         raise AssertionError("batch_size 0 was accepted")
+    chat_checks(client, job.fine_tuned_model, ckpts[-1].fine_tuned_model_checkpoint)
     print("OK: the openai SDK works against sftd")
     return 0
+
+
+def chat_checks(client, model, checkpoint):
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    c = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_completion_tokens=8)
+    assert c.object == "chat.completion" and c.model == model, c
+    assert c.choices[0].message.role == "assistant", c
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens, c.usage
+    print("chat.completions.create:", c.choices[0].finish_reason, repr(c.choices[0].message.content), c.usage)
+
+    stream = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_completion_tokens=8,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == (c.choices[0].message.content or ""), (text, c.choices[0].message.content)
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == c.usage.total_tokens, chunks[-1]
+    print("chat.completions.create(stream=True):", len(chunks), "chunks, text equal to the plain call")
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    t = client.chat.completions.create(model=checkpoint, messages=msgs, tools=tools, temperature=0,
+                                       max_completion_tokens=48)
+    choice = t.choices[0]
+    for call in choice.message.tool_calls or []:
+        assert call.type == "function" and call.id.startswith("call_"), call
+        json.loads(call.function.arguments)
+    assert (choice.finish_reason == "tool_calls") == bool(choice.message.tool_calls), choice
+    print("chat.completions.create(tools=...):", choice.finish_reason,
+          [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] or repr(choice.message.content))
+
+    ids = [m.id for m in client.models.list()]
+    assert model in ids and checkpoint in ids, ids
+    assert client.models.retrieve(model).id == model
+    print("models.list:", len(ids), "models; models.retrieve:", model)
+    try:
+        client.chat.completions.create(model=model, messages=msgs, n=2)
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "n", e.body
+        print("BadRequestError:", e.body["param"], "-", e.body["message"])
+    else:
+        raise AssertionError("n=2 was accepted")
 
 
 if __name__ == "__main__":

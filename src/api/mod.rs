@@ -2,11 +2,13 @@
 //! and `serve`, which runs the server and the worker until SIGTERM/ctrl-c.
 
 pub mod auth;
+pub mod chat;
 pub mod error;
 pub mod events;
 pub mod files;
 pub mod health;
 pub mod jobs;
+pub mod models;
 pub mod types;
 pub mod ui;
 
@@ -37,7 +39,10 @@ pub struct AppState {
 /// The whole API. Public: the dashboard, `/healthz`, `/readyz`; `/metrics` and everything under
 /// `/v1` need the API key when one is configured.
 pub fn router(state: AppState) -> Router {
+    let models = models::Models::new(&state.config);
     let protected = Router::new()
+        .merge(chat::routes(models.clone()))
+        .merge(models::routes(models))
         .merge(health::metrics_routes())
         .merge(files::routes(state.config.max_upload_bytes))
         .merge(jobs::routes())

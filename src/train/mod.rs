@@ -5,11 +5,13 @@ pub mod data;
 pub mod demo;
 pub mod device;
 pub mod events;
+pub mod generate;
 pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod spec;
+pub mod tool_calls;
 pub mod trainer;
 
 use anyhow::{bail, Result};

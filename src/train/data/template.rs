@@ -92,6 +92,35 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Renders a conversation as a generation prompt, as transformers'
+    /// `apply_chat_template(..., add_generation_prompt=...)` does; `enable_thinking` is passed to
+    /// the template only when given (Qwen3's template tests whether it is defined).
+    pub fn render_prompt(
+        &self,
+        messages: &[Json],
+        tools: Option<&[Json]>,
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
+        let Ok(tmpl) = self.env.get_template("chat") else {
+            bail!("the model has no chat_template, so messages cannot be rendered");
+        };
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("messages".into(), Json::from(messages.to_vec()));
+        if let Some(t) = tools {
+            ctx.insert("tools".into(), Json::from(t.to_vec()));
+        }
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        if let Some(e) = enable_thinking {
+            ctx.insert("enable_thinking".into(), e.into());
+        }
+        tmpl.render(Value::from_serialize(&ctx))
+            .map_err(|e| anyhow!("chat template failed: {e:#}"))
+    }
+}
+
 /// Python's `json.dumps(x, ensure_ascii=False)`: insertion order, `", "` and `": "` separators,
 /// raw non-ASCII, no HTML escaping, Python float repr.
 fn tojson(value: Value) -> Result<Value, Error> {

@@ -11,6 +11,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+mod cached;
+pub use cached::{AdapterWeights, KvCache};
+
 /// The fields of a Qwen3 `config.json` this model uses.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Qwen3Config {

@@ -1,0 +1,520 @@
+//! `POST /v1/chat/completions` in OpenAI's shape: the request is validated here, the prompt is
+//! rendered with the model's own chat template (as in training), generation runs on a blocking
+//! thread, and `<tool_call>` blocks come back as OpenAI `tool_calls`, whole or streamed as
+//! `chat.completion.chunk` server-sent events ending in `data: [DONE]`.
+
+use super::error::{AppError, AppJson};
+use super::models::{resolve, Models};
+use super::AppState;
+use crate::train::generate::{ContextExceeded, FinishReason, Generation, SamplingParams};
+use crate::train::tool_calls::{parse_assistant, AssistantTurn};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+pub fn routes(models: Models) -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(create))
+        .layer(Extension(models))
+}
+
+/// The request fields sftd reads; others the SDKs send (`user`, `metadata`, …) are ignored.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<Value>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    n: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    /// sftd: a PEFT adapter directory under `SFTD_MODEL_DIRS`, applied to the base `model`.
+    adapter: Option<String>,
+    /// sftd / Qwen3: passed to the chat template (`false` adds an empty thinking block).
+    enable_thinking: Option<bool>,
+    /// vLLM's spelling of template arguments; `enable_thinking` is read from it too.
+    chat_template_kwargs: Option<Value>,
+    /// sftd: end the prompt with the assistant header (default true).
+    add_generation_prompt: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// What the request asks of the engine, after validation.
+struct Plan {
+    messages: Vec<Value>,
+    /// Tools offered to the model (none with `tool_choice: "none"`).
+    tools: Option<Vec<Value>>,
+    params: SamplingParams,
+    add_generation_prompt: bool,
+    enable_thinking: Option<bool>,
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> AppError {
+    AppError::bad_request(message).param(param)
+}
+
+fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(invalid("n", "only n = 1 is supported"));
+    }
+    if r.logprobs == Some(true) {
+        return Err(invalid("logprobs", "logprobs are not supported"));
+    }
+    let temperature = r.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid(
+            "temperature",
+            "temperature must be between 0 and 2",
+        ));
+    }
+    let top_p = r.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("top_p", "top_p must be in (0, 1]"));
+    }
+    let max_new_tokens = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(0), _) => return Err(invalid("max_completion_tokens", "must be at least 1")),
+        (None, Some(0)) => return Err(invalid("max_tokens", "must be at least 1")),
+        (a, b) => a.or(b).map(|n| n as usize),
+    };
+    let stop = match &r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+        Some(Stop::Many(_)) => return Err(invalid("stop", "at most 4 stop sequences")),
+    };
+    if r.stream_options.is_some() && r.stream != Some(true) {
+        return Err(invalid(
+            "stream_options",
+            "stream_options is only allowed with stream: true",
+        ));
+    }
+    let tools = match r.tool_choice.as_ref() {
+        None => r.tools.clone(),
+        Some(Value::String(c)) if c == "auto" => r.tools.clone(),
+        Some(Value::String(c)) if c == "none" => None,
+        Some(_) => {
+            return Err(invalid(
+                "tool_choice",
+                "only tool_choice \"auto\" and \"none\" are supported",
+            ))
+        }
+    };
+    let tools = tools.filter(|t| !t.is_empty());
+    let enable_thinking = r.enable_thinking.or_else(|| {
+        r.chat_template_kwargs
+            .as_ref()
+            .and_then(|k| k["enable_thinking"].as_bool())
+    });
+    Ok(Plan {
+        messages: template_messages(&r.messages)?,
+        tools,
+        params: SamplingParams {
+            temperature,
+            top_p,
+            seed: r.seed.map(|s| s as u64),
+            max_new_tokens,
+            stop,
+        },
+        add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
+        enable_thinking,
+    })
+}
+
+/// OpenAI messages in the form the chat template reads: `developer` is `system`, content parts
+/// are joined into one string, a null content is empty.
+fn template_messages(messages: &[Value]) -> Result<Vec<Value>, AppError> {
+    if messages.is_empty() {
+        return Err(invalid("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let bad = |what: &str| invalid(&format!("messages[{i}]"), what.to_string());
+            let mut m = m
+                .as_object()
+                .cloned()
+                .ok_or_else(|| bad("must be an object"))?;
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some("developer") => "system".to_string(),
+                Some(r @ ("system" | "user" | "assistant" | "tool")) => r.to_string(),
+                _ => {
+                    return Err(bad(
+                        "role must be system, developer, user, assistant or tool",
+                    ))
+                }
+            };
+            m.insert("role".into(), role.into());
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                        (Some("text"), Some(t)) => Ok(t),
+                        _ => Err(bad("only text content parts are supported")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat(),
+                Some(_) => return Err(bad("content must be a string or a list of parts")),
+            };
+            m.insert("content".into(), content.into());
+            Ok(Value::Object(m))
+        })
+        .collect()
+}
+
+async fn create(
+    State(s): State<AppState>,
+    Extension(models): Extension<Models>,
+    AppJson(req): AppJson<ChatRequest>,
+) -> Result<Response, AppError> {
+    let plan = plan(&req)?;
+    let resolved = resolve(&s, &models, &req.model, req.adapter.as_deref()).await?;
+    let meta = Meta {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: crate::store::now(),
+        model: req.model.clone(),
+        tools: plan.tools.is_some(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = tokio::task::spawn_blocking(move || run(&models, resolved, plan, tx));
+    if req.stream == Some(true) {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return stream(meta, job, rx, include_usage).await;
+    }
+    let generation = job.await.map_err(AppError::internal)??;
+    let turn = parse(&meta, &generation.text);
+    Ok(Json(completion(&meta, &turn, &generation)).into_response())
+}
+
+/// What the blocking side sends while it runs.
+enum Piece {
+    /// The prompt was accepted; generation has begun.
+    Started,
+    Text(String),
+}
+
+/// Loads (or reuses) the model and generates, one request at a time. Blocking.
+fn run(
+    models: &Models,
+    resolved: super::models::Resolved,
+    plan: Plan,
+    tx: mpsc::UnboundedSender<Piece>,
+) -> Result<Generation, AppError> {
+    let _turn = models.gate.lock().unwrap_or_else(|e| e.into_inner());
+    let base = models
+        .cache
+        .base(&resolved.base_dir)
+        .map_err(AppError::internal)?;
+    let adapter = match &resolved.adapter_dir {
+        Some(dir) => Some(models.cache.adapter(&base, dir).map_err(|e| {
+            AppError::bad_request(format!("the adapter cannot be used with this model: {e:#}"))
+                .code("invalid_adapter")
+        })?),
+        None => None,
+    };
+    let prompt = base
+        .template
+        .render_prompt(
+            &plan.messages,
+            plan.tools.as_deref(),
+            plan.add_generation_prompt,
+            plan.enable_thinking,
+        )
+        .map_err(|e| invalid("messages", format!("{e:#}")))?;
+    let ids = base.encode(&prompt).map_err(AppError::internal)?;
+    let refused = |e: anyhow::Error| match e.downcast::<ContextExceeded>() {
+        Ok(c) => invalid("messages", c.0).code("context_length_exceeded"),
+        Err(e) => AppError::internal(format!("{e:#}")),
+    };
+    // Checked before the stream starts, so a prompt that does not fit is an ordinary 400.
+    base.budget(ids.len(), plan.params.max_new_tokens)
+        .map_err(refused)?;
+    let _ = tx.send(Piece::Started);
+    base.generate(adapter.as_deref(), &ids, &plan.params, |t| {
+        tx.send(Piece::Text(t.to_string())).is_ok()
+    })
+    .map_err(refused)
+}
+
+struct Meta {
+    id: String,
+    created: i64,
+    model: String,
+    tools: bool,
+}
+
+fn parse(meta: &Meta, text: &str) -> AssistantTurn {
+    let turn = parse_assistant(text);
+    if meta.tools || turn.tool_calls.is_empty() {
+        return turn;
+    }
+    // No tools were offered: calls the model writes anyway stay text.
+    let rest = match text.trim_start().strip_prefix("<think>") {
+        Some(b) => b.split_once("</think>").map_or(text, |(_, r)| r),
+        None => text,
+    };
+    AssistantTurn {
+        content: Some(rest.trim().to_string()).filter(|c| !c.is_empty()),
+        reasoning: turn.reasoning,
+        tool_calls: Vec::new(),
+    }
+}
+
+fn finish_reason(turn: &AssistantTurn, g: &Generation) -> &'static str {
+    match (turn.tool_calls.is_empty(), g.finish) {
+        (false, _) => "tool_calls",
+        (true, FinishReason::Stop) => "stop",
+        (true, FinishReason::Length) => "length",
+    }
+}
+
+fn tool_calls_json(turn: &AssistantTurn, with_index: bool) -> Vec<Value> {
+    turn.tool_calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({
+                "id": format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if with_index {
+                v["index"] = i.into();
+            }
+            v
+        })
+        .collect()
+}
+
+fn usage(g: &Generation) -> Value {
+    let completion = g.completion_ids.len();
+    json!({
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": g.prompt_tokens + completion,
+    })
+}
+
+fn completion(meta: &Meta, turn: &AssistantTurn, g: &Generation) -> Value {
+    let mut message = json!({"role": "assistant", "content": turn.content, "refusal": null});
+    if !turn.tool_calls.is_empty() {
+        message["tool_calls"] = tool_calls_json(turn, false).into();
+    }
+    if let Some(r) = &turn.reasoning {
+        message["reasoning_content"] = r.clone().into();
+    }
+    json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason(turn, g),
+        }],
+        "usage": usage(g),
+    })
+}
+
+fn chunk(meta: &Meta, delta: Value, finish: Option<&str>) -> Value {
+    json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": null,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    })
+}
+
+fn sse(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+/// The content a partial completion can already show: after a closed thinking block, before
+/// any `<tool_call>` (when tools were offered), without trailing whitespace or a tail that may
+/// still become a tag. Only ever grows as the text grows.
+fn visible_content(text: &str, tools: bool) -> &str {
+    let t = text.trim_start();
+    let rest = if "<think>".starts_with(t) {
+        return "";
+    } else if let Some(body) = t.strip_prefix("<think>") {
+        match body.split_once("</think>") {
+            Some((_, rest)) => rest.trim_start(),
+            None => return "",
+        }
+    } else {
+        t
+    };
+    let mut end = rest.len();
+    if tools {
+        if let Some(i) = rest.find("<tool_call>") {
+            end = i;
+        } else if let Some(i) = rest.rfind('<') {
+            if "<tool_call>".starts_with(&rest[i..]) {
+                end = i;
+            }
+        }
+    }
+    rest[..end].trim_end()
+}
+
+/// Streams chunks as the text arrives: role first, content deltas, then the tool calls (once
+/// the whole turn is known), the finish reason, usage when asked, and `[DONE]`. Errors before
+/// the first token are ordinary error responses.
+async fn stream(
+    meta: Meta,
+    job: tokio::task::JoinHandle<Result<Generation, AppError>>,
+    mut rx: mpsc::UnboundedReceiver<Piece>,
+    include_usage: bool,
+) -> Result<Response, AppError> {
+    if rx.recv().await.is_none() {
+        // The sender is gone before generation began: the job's error is the answer.
+        job.await.map_err(AppError::internal)??;
+        return Err(AppError::internal("generation ended before it started"));
+    }
+    let (out, body) = mpsc::channel::<Result<String, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let role = chunk(&meta, json!({"role": "assistant", "content": ""}), None);
+        let _ = out.send(Ok(sse(&role))).await;
+        let mut text = String::new();
+        let mut sent = String::new();
+        while let Some(piece) = rx.recv().await {
+            let Piece::Text(t) = piece else { continue };
+            text.push_str(&t);
+            let shown = visible_content(&text, meta.tools);
+            if shown.len() > sent.len() && shown.starts_with(sent.as_str()) {
+                let delta = chunk(&meta, json!({"content": &shown[sent.len()..]}), None);
+                sent = shown.to_string();
+                if out.send(Ok(sse(&delta))).await.is_err() {
+                    return; // The client left; the generator stops at its next token.
+                }
+            }
+        }
+        let g = match job.await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                // Already logged by AppError::internal; the stream ends in the error's shape.
+                let status = e.into_response().status();
+                let message = format!("generation failed (HTTP {status}); see the server log");
+                let _ = out
+                    .send(Ok(sse(&json!({"error": {"message": message,
+                        "type": "server_error", "param": null, "code": null}}))))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "generation task failed");
+                return;
+            }
+        };
+        let turn = parse(&meta, &g.text);
+        let mut tail = Vec::new();
+        let content = turn.content.clone().unwrap_or_default();
+        if let Some(rest) = content
+            .strip_prefix(sent.as_str())
+            .filter(|r| !r.is_empty())
+        {
+            tail.push(chunk(&meta, json!({"content": rest}), None));
+        }
+        if !turn.tool_calls.is_empty() {
+            let calls = tool_calls_json(&turn, true);
+            tail.push(chunk(&meta, json!({"tool_calls": calls}), None));
+        }
+        tail.push(chunk(&meta, json!({}), Some(finish_reason(&turn, &g))));
+        if include_usage {
+            let mut u = chunk(&meta, json!({}), None);
+            u["choices"] = json!([]);
+            u["usage"] = usage(&g);
+            tail.push(u);
+        }
+        for c in tail {
+            let _ = out.send(Ok(sse(&c))).await;
+        }
+        let _ = out.send(Ok("data: [DONE]\n\n".to_string())).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_content_grows_and_hides_tags() {
+        assert_eq!(visible_content("<thi", true), "");
+        assert_eq!(visible_content("<think>\nhm", true), "");
+        assert_eq!(visible_content("<think>\n\n</think>\n\nHel", true), "Hel");
+        assert_eq!(visible_content("Hello <tool_", true), "Hello");
+        assert_eq!(visible_content("Hello <tool_", false), "Hello <tool_");
+        assert_eq!(visible_content("Hi\n<tool_call>\n{\"name\"", true), "Hi");
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let req = |v: Value| -> ChatRequest { serde_json::from_value(v).unwrap() };
+        let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert!(plan(&req(base.clone())).is_ok());
+        for (field, value) in [
+            ("n", json!(2)),
+            ("temperature", json!(3)),
+            ("top_p", json!(0)),
+            ("max_completion_tokens", json!(0)),
+            ("tool_choice", json!("required")),
+            ("stop", json!(["a", "b", "c", "d", "e"])),
+        ] {
+            let mut b = base.clone();
+            b[field] = value;
+            let e = plan(&req(b)).err().expect(field);
+            assert_eq!(e.into_response().status(), 400, "{field}");
+        }
+        let parts = json!({"model": "m", "messages": [{"role": "developer",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        let p = plan(&req(parts)).unwrap();
+        assert_eq!(p.messages[0], json!({"role": "system", "content": "ab"}));
+    }
+}

@@ -1,0 +1,198 @@
+//! `/v1/chat/completions` and `/v1/models` over a real socket: plain and streamed completions
+//! on the demo model, request errors in OpenAI's shape, and a fine-tuned job's model ids.
+
+mod common;
+
+use common::{example, read_sse, tiny_job, Env, Server};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn hello(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "temperature": 0,
+        "max_completion_tokens": 6,
+    })
+}
+
+async fn chat(s: &Server, body: &Value) -> (u16, Value) {
+    s.post_json("/v1/chat/completions", body).await
+}
+
+#[tokio::test]
+async fn a_plain_completion_on_the_demo_model() {
+    let env = Env::new();
+    let s = env.start();
+    let (st, v) = chat(&s, &hello("sftd-demo")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["model"], "sftd-demo");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    let usage = &v["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=6).contains(&completion), "{usage}");
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion
+    );
+    let finish = choice["finish_reason"].as_str().unwrap();
+    assert!(["stop", "length"].contains(&finish), "{finish}");
+    if completion == 6 {
+        assert_eq!(finish, "length");
+    }
+    // Greedy decoding is deterministic: the same request, the same answer.
+    let (_, again) = chat(&s, &hello("sftd-demo")).await;
+    assert_eq!(again["choices"][0]["message"], choice["message"]);
+}
+
+#[tokio::test]
+async fn a_streamed_completion_ends_with_done_and_usage() {
+    let env = Env::new();
+    let s = env.start();
+    let (_, whole) = chat(&s, &hello("sftd-demo")).await;
+    let mut body = hello("sftd-demo");
+    body["stream"] = true.into();
+    body["stream_options"] = json!({"include_usage": true});
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let events = read_sse(r, |e| e.data == "[DONE]").await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let want = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("");
+    assert_eq!(text, want, "the streamed text is the whole completion's");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn request_errors_have_openai_shape() {
+    let env = Env::new();
+    let s = env.start();
+    let mut two = hello("sftd-demo");
+    two["n"] = 2.into();
+    let (st, v) = chat(&s, &two).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("n")), "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+
+    let (st, v) = chat(&s, &hello("no-such-model")).await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let (st, v) = chat(&s, &hello("ft:sftd-demo:x:ftjob-doesnotexist")).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+
+    // The demo model's context is 4096 positions.
+    let long = "weather ".repeat(5000);
+    let mut body = hello("sftd-demo");
+    body["messages"] = json!([{"role": "user", "content": long}]);
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let mut body = hello("sftd-demo");
+    body["max_completion_tokens"] = 100_000.into();
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded"))
+    );
+
+    let (st, v) = s.get("/v1/models/no-such-model").await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+}
+
+#[tokio::test]
+async fn a_fine_tuned_job_and_its_checkpoints_are_models() {
+    let env = Env::new();
+    let s = env.start();
+    let file = s.upload(&example("tool_calls.jsonl")).await;
+    let job = s.create_job(&tiny_job(&file, 4, 2)).await;
+    let id = job["id"].as_str().unwrap();
+    let done = s
+        .wait_status(id, "succeeded", Duration::from_secs(300))
+        .await;
+    let name = done["fine_tuned_model"].as_str().unwrap().to_string();
+
+    let (st, list) = s.get("/v1/models").await;
+    assert_eq!(st, 200, "{list}");
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let ckpt = format!("{name}:ckpt-step-2");
+    for want in ["sftd-demo", name.as_str(), ckpt.as_str()] {
+        assert!(ids.contains(&want), "{want} not in {ids:?}");
+    }
+    let (st, m) = s.get(&format!("/v1/models/{name}")).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(
+        (m["object"].as_str(), m["parent"].as_str()),
+        (Some("model"), Some("sftd-demo"))
+    );
+
+    let (st, v) = chat(&s, &hello(&name)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], name.as_str());
+    let (st, v) = chat(&s, &hello(&ckpt)).await;
+    assert_eq!(st, 200, "{v}");
+    // With tools offered, the response is either content or well-formed tool calls.
+    let mut body = hello(&name);
+    body["max_completion_tokens"] = 40.into();
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(st, 200, "{v}");
+    let msg = &v["choices"][0]["message"];
+    if let Some(calls) = msg["tool_calls"].as_array() {
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        for c in calls {
+            assert_eq!(c["type"], "function");
+            let args = c["function"]["arguments"].as_str().unwrap();
+            serde_json::from_str::<Value>(args).unwrap();
+        }
+    }
+    let (st, v) = chat(&s, &hello(&format!("{name}:ckpt-step-99"))).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+}

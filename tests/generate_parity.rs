@@ -1,0 +1,162 @@
+//! Greedy generation matches transformers + PEFT `generate` token for token (fixture written by
+//! `tools/parity/generate_parity.py`: a tiny Qwen3 with scaled weights so the logits are well
+//! apart, and a LoRA adapter with non-zero B), and the KV-cache path agrees with a full forward.
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use sftd::train::checkpoint::load_adapter;
+use sftd::train::generate::{BaseModel, FinishReason, SamplingParams};
+use sftd::train::model::qwen3::{AdapterWeights, KvCache};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The fixture model directory with the fixture tokenizer beside its weights.
+fn model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            fixtures().join("generate/model").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("tokenizer").join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+fn load() -> (tempfile::TempDir, BaseModel, AdapterWeights) {
+    let dir = model_dir();
+    let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+    let raw = load_adapter(&fixtures().join("generate/adapter"), &Device::Cpu).unwrap();
+    let adapter = AdapterWeights::new(&base.model, &raw).unwrap();
+    (dir, base, adapter)
+}
+
+#[test]
+fn greedy_output_is_token_identical_to_transformers_peft() {
+    let (_dir, base, adapter) = load();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("generate/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+    let stop: Vec<u32> = serde_json::from_value(expected["stop_ids"].clone()).unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let messages = case["messages"].as_array().unwrap();
+        let tools = case["tools"].as_array().map(|t| t.as_slice());
+        let text = base
+            .template
+            .render_prompt(messages, tools, true, case["enable_thinking"].as_bool())
+            .unwrap();
+        let ids = base.encode(&text).unwrap();
+        let want_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+        assert_eq!(ids, want_prompt, "prompt of {messages:?}");
+        for (key, lora) in [("base", None), ("adapter", Some(&adapter))] {
+            let mut want: Vec<u32> = serde_json::from_value(case[key]["ids"].clone()).unwrap();
+            let ended = want.last().is_some_and(|t| stop.contains(t));
+            if ended {
+                want.pop();
+            }
+            let g = base
+                .generate(lora, &ids, &SamplingParams::greedy(max_new), |_| true)
+                .unwrap();
+            assert_eq!(g.completion_ids, want, "{key} generation of {messages:?}");
+            let finish = if ended {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(g.finish, finish, "{key}");
+        }
+    }
+}
+
+#[test]
+fn the_adapter_changes_the_output() {
+    let (_dir, base, adapter) = load();
+    let ids = base
+        .encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let plain = base
+        .generate(None, &ids, &SamplingParams::greedy(8), |_| true)
+        .unwrap();
+    let tuned = base
+        .generate(Some(&adapter), &ids, &SamplingParams::greedy(8), |_| true)
+        .unwrap();
+    assert_ne!(plain.completion_ids, tuned.completion_ids);
+}
+
+/// Logits from the cache, fed one token or several at a time, equal a full forward's.
+#[test]
+fn cached_steps_match_a_full_forward() {
+    let (_dir, base, adapter) = load();
+    let ids: Vec<u32> = base
+        .encode("<|im_start|>user\nWhat is the weather?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let m = &base.model;
+    // Full forward without an adapter: logits at every position.
+    let full = m.logits(&m.pack(&[ids.as_slice()]).unwrap()).unwrap();
+    let mut cache = KvCache::new();
+    let split = ids.len() / 2;
+    let first = m.forward_cached(&ids[..split], &mut cache, None).unwrap();
+    assert_close(&first, &full.get(split - 1).unwrap());
+    let rest = m
+        .forward_cached(&ids[split..ids.len() - 1], &mut cache, None)
+        .unwrap();
+    assert_close(&rest, &full.get(ids.len() - 2).unwrap());
+    let last = m
+        .forward_cached(&ids[ids.len() - 1..], &mut cache, None)
+        .unwrap();
+    assert_close(&last, &full.get(ids.len() - 1).unwrap());
+    assert_eq!(cache.len(), ids.len());
+    // With the adapter, one step at a time against a single prefill.
+    let mut a = KvCache::new();
+    let whole = m.forward_cached(&ids, &mut a, Some(&adapter)).unwrap();
+    let mut b = KvCache::new();
+    let mut step = None;
+    for t in &ids {
+        step = Some(m.forward_cached(&[*t], &mut b, Some(&adapter)).unwrap());
+    }
+    assert_close(&whole, &step.unwrap());
+    let plain = m.forward_cached(&ids, &mut KvCache::new(), None).unwrap();
+    assert!(
+        max_diff(&plain, &whole) > 1e-2,
+        "the adapter must move the logits"
+    );
+}
+
+#[test]
+fn a_prompt_beyond_the_context_is_refused() {
+    let (_dir, base, _) = load();
+    let n = base.context_len();
+    let ids = vec![5u32; n];
+    let err = base
+        .generate(None, &ids, &SamplingParams::greedy(1), |_| true)
+        .unwrap_err();
+    assert!(err
+        .downcast_ref::<sftd::train::generate::ContextExceeded>()
+        .is_some());
+    let err = base
+        .generate(None, &ids[..n - 4], &SamplingParams::greedy(8), |_| true)
+        .unwrap_err();
+    assert!(err.to_string().contains("exceed"), "{err}");
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn assert_close(a: &Tensor, b: &Tensor) {
+    let worst = max_diff(a, b);
+    assert!(worst < 1e-4, "max |Δlogit| = {worst}");
+}
