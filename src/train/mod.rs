@@ -5,9 +5,11 @@ pub mod data;
 pub mod demo;
 pub mod device;
 pub mod events;
+pub mod loss_scale;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod precision;
 pub mod spec;
 pub mod trainer;
 

@@ -3,6 +3,7 @@
 
 pub use crate::train::data::{validate_jsonl, DatasetSummary, RowError};
 pub use crate::train::demo::ensure_demo_model;
+pub use crate::train::device::DeviceInfo;
 pub use crate::train::device_from_str;
 pub use crate::train::events::{Control, Outcome, TrainEvent};
 pub use crate::train::trainer::{latest_checkpoint, run, TrainJob};

@@ -46,6 +46,9 @@ pub struct Worker {
     store: Store,
     hub: Hub,
     validations: tokio::sync::mpsc::UnboundedSender<JobRow>,
+    /// The training device as job creation checks requests against it (precision); `None` when
+    /// it cannot be opened (the worker thread then reports why).
+    device_info: Option<engine::DeviceInfo>,
 }
 
 impl Worker {
@@ -65,7 +68,11 @@ impl Worker {
             tx.clone(),
             pending,
         ));
+        let device_info = engine::device_from_str(&device)
+            .and_then(|d| engine::DeviceInfo::probe(&d))
+            .ok();
         let worker = Self {
+            device_info,
             validations,
             tx,
             shared: shared.clone(),

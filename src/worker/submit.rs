@@ -50,6 +50,15 @@ impl Worker {
             code: "invalid_hyperparameter",
             message: e.message,
         })?;
+        if let Some(device) = &self.device_info {
+            config.precision.resolve(device).map_err(|e| {
+                invalid(
+                    "method.supervised.hyperparameters.precision",
+                    "unsupported_precision",
+                    e.to_string(),
+                )
+            })?;
+        }
         self.check_dataset(&spec.training_file, "training_file")
             .await?;
         if let Some(v) = &spec.validation_file {
