@@ -1,12 +1,15 @@
 //! `sftd bench`: training throughput, step time, peak RSS and MFU of the LoRA step on this
 //! machine, on the same model, data and batch that `tools/bench/compare.py` gives transformers + PEFT.
 
+use crate::bench_device::{dense_peak_flops, DeviceMemorySampler};
 use crate::train::data::encode::{Encoder, Example};
 use crate::train::data::parse_jsonl;
 use crate::train::data::template::ChatTemplate;
+use crate::train::device::DeviceInfo;
 use crate::train::optim::AdamW;
+use crate::train::precision::Precision;
 use crate::train::spec::{LossOn, TrainConfig};
-use crate::train::trainer::{build_model, make_batch, micro_step};
+use crate::train::trainer::{build_model_in, make_batch, micro_step};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
@@ -45,6 +48,12 @@ pub struct BenchArgs {
     pub no_checkpointing: bool,
     #[arg(long, env = "SFTD_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+    /// `cpu`, `cuda:N` or `auto`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Base-weight precision: `auto` (the device's best), `f32`, `bf16` or `f16`.
+    #[arg(long, default_value = "auto")]
+    pub precision: Precision,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +69,10 @@ pub struct BenchArgs {
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub engine: &'static str,
+    pub device: String,
+    pub device_name: String,
+    /// Base-weight dtype the step ran with.
+    pub precision: &'static str,
     pub batch_size: usize,
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
@@ -73,7 +86,13 @@ pub struct BenchReport {
     pub peak_rss_mb: f64,
     pub model_flops_per_token: f64,
     pub gemm_peak_gflops: f64,
+    /// Where `gemm_peak_gflops` comes from: `measured` (f32 GEMM on this device) or the vendor's
+    /// dense fp16/bf16 tensor-core figure for the GPU.
+    pub peak_source: String,
     pub mfu: f64,
+    /// GPU only: most device memory in use (total − free, sampled every 5 ms by the driver's
+    /// count, so it includes the allocator's cached blocks and other processes).
+    pub peak_device_memory_mb: Option<f64>,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -103,12 +122,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             report.mfu * 100.0,
             report.gemm_peak_gflops
         );
+        if let Some(mb) = report.peak_device_memory_mb {
+            println!(
+                "{} ({}), precision {}, peak device memory {mb:.0} MB, peak: {}",
+                report.device_name, report.device, report.precision, report.peak_source
+            );
+        }
     }
     Ok(())
 }
 
 fn run(args: &BenchArgs) -> Result<BenchReport> {
-    let dev = Device::Cpu;
+    let dev = crate::train::device_from_str(&args.device)?;
+    let info = DeviceInfo::probe(&dev)?;
+    let precision = args.precision.resolve(&info)?;
     let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
         crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {
@@ -118,7 +145,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     lora.r = args.rank;
     lora.alpha = 2.0 * args.rank as f64;
     lora.dropout = 0.0;
-    let (model, _) = build_model(&model_dir, &dev, &lora, None, 0)?;
+    let (model, _) = build_model_in(&model_dir, &dev, precision.base_dtype, &lora, None, 0)?;
     let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
     let template = ChatTemplate::from_model_dir(&model_dir)?;
@@ -147,6 +174,13 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         bail!("need {needed} rows");
     }
     let mut opt = AdamW::new(model.lora_vars(), 0.0)?;
+    // f16 runs scale the loss as training does (a constant here: the cost is the same).
+    let loss_scale = if precision.loss_scaling {
+        crate::train::loss_scale::INIT_SCALE
+    } else {
+        1.0
+    };
+    let sampler = info.is_cuda().then(|| DeviceMemorySampler::start(&dev));
     let mut timed = 0.0;
     let (mut tokens, mut targets) = (0usize, 0usize);
     for (step, batch) in examples.chunks(args.batch_size).enumerate() {
@@ -157,7 +191,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         micro_step(
             &model,
             &b,
-            1.0 / b.n_targets as f64,
+            loss_scale / b.n_targets as f64,
             None,
             !args.no_checkpointing,
             &mut acc,
@@ -165,9 +199,14 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         let grads: Vec<Tensor> = opt
             .params
             .iter()
-            .map(|(_, v)| acc.remove(&v.id()).expect("gradient"))
-            .collect();
+            .map(|(_, v)| {
+                acc.remove(&v.id())
+                    .expect("gradient")
+                    .affine(1.0 / loss_scale, 0.0)
+            })
+            .collect::<candle_core::Result<_>>()?;
         opt.step(&grads, 1e-4)?;
+        dev.synchronize()?;
         if step > 0 {
             timed += start.elapsed().as_secs_f64();
             tokens += b.n_tokens;
@@ -186,9 +225,16 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let flops_per_token = 4.0 * (cfg.linear_params() as f64 - head_params)
         + 4.0 * head_params * labelled
         + 12.0 * cfg.num_hidden_layers as f64 * mean_len * d_attn;
-    let gemm = gemm_peak(&dev)?;
+    let peak_device_memory_mb = sampler.map(|s| s.stop() as f64 / 1e6);
+    let (gemm, peak_source) = match dense_peak_flops(&info) {
+        Some((flops, gpu)) => (flops, format!("vendor dense fp16/bf16 peak of the {gpu}")),
+        None => (gemm_peak(&dev)?, "measured f32 GEMM".to_string()),
+    };
     Ok(BenchReport {
         engine: "sftd (candle)",
+        device: info.id.clone(),
+        device_name: info.name.clone(),
+        precision: precision.name(),
         batch_size: args.batch_size,
         seq_len: args.seq_len,
         gradient_checkpointing: !args.no_checkpointing,
@@ -201,7 +247,9 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         peak_rss_mb: peak_rss_mb(),
         model_flops_per_token: flops_per_token,
         gemm_peak_gflops: gemm / 1e9,
+        peak_source,
         mfu: tokens_per_second * flops_per_token / gemm,
+        peak_device_memory_mb,
     })
 }
 

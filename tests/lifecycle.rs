@@ -128,6 +128,9 @@ async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
     ] {
         assert!(step1["data"][key].is_number(), "{key} in {step1}");
     }
+    // f32 on the CPU: no loss scaling.
+    assert!(step1["data"]["loss_scale"].is_null(), "{step1}");
+    assert_eq!(step1["data"]["skipped_steps"], 0, "{step1}");
     assert!(events
         .iter()
         .any(|e| e["type"] == "metrics" && e["data"]["valid_loss"].is_number()));

@@ -166,6 +166,9 @@ pub struct TrainerState {
     pub config: Option<TrainConfig>,
     /// The effective LoRA settings (from `init_adapter` when given).
     pub lora: Option<LoraConfig>,
+    /// The f16 loss scaler after the last completed step (absent when the loss is not scaled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::train::loss_scale::LossScaler>,
 }
 
 /// Writes `dir` atomically (a temporary sibling renamed into place).

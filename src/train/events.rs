@@ -16,7 +16,9 @@ pub struct StepMetrics {
     pub train_loss: f64,
     /// The learning rate this step was taken with.
     pub learning_rate: f64,
-    /// Global L2 norm of the LoRA gradients before clipping.
+    /// Global L2 norm of the LoRA gradients before clipping (unscaled under loss scaling; not
+    /// finite, serialized as null, on a step skipped for overflow).
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// Unweighted mean over the window's micro-batches of (correct argmax ÷ label positions).
     pub train_mean_token_accuracy: f64,
@@ -25,6 +27,18 @@ pub struct StepMetrics {
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
     pub eta_seconds: f64,
+    /// The factor this step's loss was multiplied by before backward (f16 base weights only;
+    /// `None` when the loss is not scaled).
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// Optimizer steps skipped so far because the scaled gradients overflowed (0 without scaling).
+    #[serde(default)]
+    pub skipped_steps: u64,
+}
+
+/// serde_json writes a non-finite f64 as null; this reads it back (as NaN).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Loss and accuracy over the whole validation file.

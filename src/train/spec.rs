@@ -2,6 +2,7 @@
 //! its defaults (the recipe in docs/architecture.md) and the range checks that turn it into a
 //! [`TrainConfig`].
 
+pub use crate::train::precision::Precision;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -112,6 +113,9 @@ pub struct Hyperparameters {
     pub shuffle: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSpec>,
+    /// Dtype of the frozen base weights: `auto` (the device's best), `f32`, `bf16` or `f16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -192,6 +196,9 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     pub shuffle: bool,
     pub lora: LoraConfig,
+    /// Dtype of the frozen base weights, resolved against the device when the run starts.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -241,6 +248,7 @@ impl Default for TrainConfig {
                 target_modules: ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
                 use_rslora: false,
             },
+            precision: Precision::Auto,
         }
     }
 }
@@ -421,6 +429,7 @@ impl JobSpec {
                 target_modules,
                 use_rslora: l.use_rslora.unwrap_or(false),
             },
+            precision: hp.precision.unwrap_or_default(),
         })
     }
 }
@@ -487,6 +496,28 @@ mod tests {
             let e = spec(hp).resolve().unwrap_err();
             assert_eq!(e.param, format!("{HP}.{field}"), "{e}");
         }
+    }
+
+    #[test]
+    fn precision_defaults_to_auto_and_rejects_unknown_names() {
+        let c = spec(serde_json::json!({"precision": "f16"}))
+            .resolve()
+            .unwrap();
+        assert_eq!(c.precision, Precision::F16);
+        assert_eq!(
+            spec(serde_json::json!({})).resolve().unwrap().precision,
+            Precision::Auto
+        );
+        let bad: Result<JobSpec, _> = serde_json::from_value(serde_json::json!({
+            "model": "m", "training_file": "f",
+            "hyperparameters": {"precision": "fp8"}
+        }));
+        assert!(bad.is_err());
+        // Configs stored before the knob existed read back as `auto`.
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("precision");
+        let back: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(back, TrainConfig::default());
     }
 
     #[test]

@@ -7,14 +7,17 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::data::encode::{Encoder, Example};
 use crate::train::data::template::ChatTemplate;
 use crate::train::data::{parse_jsonl, RowError};
+use crate::train::device::DeviceInfo;
 use crate::train::events::{
     CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent,
 };
+use crate::train::loss_scale::{self, LossScaler};
 use crate::train::model::{Packed, Qwen3};
 use crate::train::nn::linear::kaiming_uniform_a;
 use crate::train::nn::ops::softmax_xent;
 use crate::train::nn::{frozen_linear, frozen_linear_grad, Pass};
 use crate::train::optim::{clip_grad_norm, lr_at, warmup_steps, AdamW};
+use crate::train::precision::{self, Precision, Resolved};
 use crate::train::spec::{LoraConfig, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -345,17 +348,12 @@ pub fn evaluate(model: &Qwen3, examples: &[Example], batch_size: usize) -> Resul
     Ok((loss / n, correct as f64 / n, targets))
 }
 
-/// Compute dtype for the base weights: f32 on CPU, bf16 on CUDA.
-pub fn compute_dtype(device: &Device) -> DType {
-    if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    }
+/// The precision policy of `requested` on `device`, from its compute capability.
+pub fn resolve_precision(device: &Device, requested: Precision) -> Result<Resolved> {
+    Ok(requested.resolve(&DeviceInfo::probe(device)?)?)
 }
 
-/// Loads the base model and attaches LoRA: from `init` when given, else PEFT's fresh init
-/// (A kaiming-uniform, B zeros) drawn from `seed`. Returns the effective LoRA settings.
+/// [`build_model_in`] with the device's default precision.
 pub fn build_model(
     model_dir: &Path,
     device: &Device,
@@ -363,7 +361,22 @@ pub fn build_model(
     init: Option<&Path>,
     seed: u64,
 ) -> Result<(Qwen3, LoraConfig)> {
-    let mut model = Qwen3::load(model_dir, compute_dtype(device), device)?;
+    let dtype = resolve_precision(device, Precision::Auto)?.base_dtype;
+    build_model_in(model_dir, device, dtype, lora, init, seed)
+}
+
+/// Loads the base model with its GEMM weights in `base_dtype` and attaches LoRA: from `init`
+/// when given, else PEFT's fresh init (A kaiming-uniform, B zeros) drawn from `seed`. Returns the
+/// effective LoRA settings.
+pub fn build_model_in(
+    model_dir: &Path,
+    device: &Device,
+    base_dtype: DType,
+    lora: &LoraConfig,
+    init: Option<&Path>,
+    seed: u64,
+) -> Result<(Qwen3, LoraConfig)> {
+    let mut model = Qwen3::load(model_dir, base_dtype, device)?;
     let mut lora = lora.clone();
     match init {
         Some(dir) => {
@@ -439,6 +452,9 @@ struct Session<'a> {
     lora: LoraConfig,
     params: Vec<(String, Var)>,
     opt: AdamW,
+    /// Base-weight dtype, and the loss scaler when it is f16.
+    precision: Resolved,
+    scaler: Option<LossScaler>,
     plan: Plan,
     train: Dataset,
     val: Option<Dataset>,
@@ -487,9 +503,11 @@ impl<'a> Session<'a> {
                 emit_log(on_event, Level::Warn, message);
             }
         }
-        let (model, lora) = build_model(
+        let precision = resolve_precision(&job.device, cfg.precision)?;
+        let (model, lora) = build_model_in(
             &job.model_dir,
             &job.device,
+            precision.base_dtype,
             &cfg.lora,
             job.init_adapter.as_deref(),
             cfg.seed,
@@ -522,9 +540,22 @@ impl<'a> Session<'a> {
                 }
             }
         };
+        let scaler = precision
+            .loss_scaling
+            .then(|| state.loss_scaler.unwrap_or_else(loss_scale::new_scaler));
+        if cfg.precision == Precision::Auto || precision.loss_scaling {
+            let scaling = match &scaler {
+                Some(s) => format!(", dynamic loss scaling at {}", s.scale),
+                None => String::new(),
+            };
+            let message = format!("precision {}{scaling}", precision.name());
+            emit_log(on_event, Level::Info, message);
+        }
         std::fs::create_dir_all(&job.output_dir)?;
         let metrics_file = open_metrics(&job.output_dir.join("metrics.jsonl"), state.step)?;
         Ok(Self {
+            precision,
+            scaler,
             job,
             order: plan.epoch_order(state.epoch),
             start: (state.step, state.elapsed_seconds, state.num_tokens),
@@ -589,7 +620,7 @@ impl<'a> Session<'a> {
             }
             let b = make_batch(&self.model, examples)?;
             let key = (cfg.lora.dropout > 0.0).then(|| mix(cfg.seed, step, m as u64));
-            let scale = 1.0 / n_targets as f64;
+            let scale = self.scaler.map_or(1.0, |s| s.scale) / n_targets as f64;
             let s = micro_step(
                 &self.model,
                 &b,
@@ -598,6 +629,9 @@ impl<'a> Session<'a> {
                 cfg.gradient_checkpointing,
                 &mut w.grads,
             )?;
+            if !s.loss_sum.is_finite() && self.precision.base_dtype != DType::F32 {
+                self.fail_on_forward_overflow(&b, key, step)?;
+            }
             w.loss_sum += s.loss_sum;
             w.accuracy_sum += s.correct as f64 / s.targets.max(1) as f64;
             w.tokens += b.n_tokens;
@@ -618,15 +652,36 @@ impl<'a> Session<'a> {
                     .with_context(|| format!("{k} got no gradient"))
             })
             .collect::<Result<_>>()?;
+        if let (true, Some(g)) = (
+            loss_scale::injected_overflow(self.state.step + 1),
+            grads.first_mut(),
+        ) {
+            *g = g.affine(f64::INFINITY, 0.0)?;
+        }
+        let loss_scale = self.scaler.map(|s| s.scale);
+        if let Some(s) = loss_scale {
+            for g in grads.iter_mut() {
+                *g = g.affine(1.0 / s, 0.0)?;
+            }
+        }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if !train_loss.is_finite() || !grad_norm.is_finite() {
+        // With loss scaling, overflowing gradients skip the step and lower the scale; without it
+        // they mean divergence.
+        let step_ok = match self.scaler.as_mut() {
+            Some(s) => s.update(grad_norm.is_finite()),
+            None => grad_norm.is_finite(),
+        };
+        if !train_loss.is_finite() || (!step_ok && self.scaler.is_none()) {
             bail!(
                 "training diverged at step {}: loss {train_loss}, grad norm {grad_norm}; lower the learning rate (now {})",
                 self.state.step + 1,
                 cfg.learning_rate
             );
         }
-        self.opt.step(&grads, w.lr)?;
+        if step_ok {
+            self.opt.step(&grads, w.lr)?;
+        }
+        self.state.loss_scaler = self.scaler;
 
         let (plan, st) = (&self.plan, &mut self.state);
         let accuracy = w.accuracy_sum / w.micro_batches as f64;
@@ -652,7 +707,30 @@ impl<'a> Session<'a> {
             elapsed_seconds: st.elapsed_seconds,
             eta_seconds: elapsed / (st.step - start_step) as f64
                 * (plan.total_steps - st.step) as f64,
+            loss_scale,
+            skipped_steps: self.scaler.map_or(0, |s| s.skipped_steps),
         })
+    }
+
+    /// A non-finite loss under f16/bf16 base weights: replays the micro-batch's forward pass,
+    /// checking every projection's GEMM output, and fails naming the first that overflowed. Loss
+    /// scaling cannot help there (the forward pass is not scaled), so torch's scaler would
+    /// only skip steps and shrink the scale forever. Without an overflowing projection, returns
+    /// and the step fails as a divergence.
+    fn fail_on_forward_overflow(&self, b: &Batch, key: Option<u64>, step: u64) -> Result<()> {
+        if let Some(name) = precision::locate_overflow(&self.model, &b.packed, key)? {
+            let dtype = self.precision.name();
+            let fix = if dtype == "f16" {
+                "use precision f32 or bf16"
+            } else {
+                "use precision f32"
+            };
+            bail!(
+                "{dtype} overflow in {name} output at step {}; {fix}",
+                step + 1
+            );
+        }
+        Ok(())
     }
 
     /// Logs the step, and evaluates and checkpoints when their intervals (or the end) come.

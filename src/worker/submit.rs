@@ -3,7 +3,7 @@
 
 use crate::train::device::DeviceInfo;
 use crate::train::memory::{self, InsufficientMemory, ModelDims, Recipe, Target};
-use crate::train::{device_from_str, trainer::compute_dtype};
+use crate::train::device_from_str;
 use super::{run, Worker};
 use crate::hub::{HubError, ModelRef};
 use crate::store::files::PURPOSE_FINE_TUNE;
@@ -54,6 +54,15 @@ impl Worker {
             code: "invalid_hyperparameter",
             message: e.message,
         })?;
+        if let Some(device) = self.memory.as_ref().map(|m| &m.info) {
+            config.precision.resolve(device).map_err(|e| {
+                invalid(
+                    "method.supervised.hyperparameters.precision",
+                    "unsupported_precision",
+                    e.to_string(),
+                )
+            })?;
+        }
         self.check_dataset(&spec.training_file, "training_file")
             .await?;
         if let Some(v) = &spec.validation_file {
@@ -174,8 +183,8 @@ pub(super) const MEMORY_PARAM: &str = "method.supervised.hyperparameters";
 /// against the memory it will have when it runs, not what a running job leaves free).
 #[derive(Debug, Clone)]
 pub struct MemoryBudget {
-    info: DeviceInfo,
-    target: Target,
+    pub info: DeviceInfo,
+    cuda: bool,
 }
 
 impl MemoryBudget {
@@ -183,11 +192,10 @@ impl MemoryBudget {
     pub fn probe(device: &str) -> Option<Self> {
         let d = device_from_str(device).ok()?;
         let info = DeviceInfo::probe(&d).ok()?;
-        let target = Target {
+        Some(Self {
+            info,
             cuda: d.is_cuda(),
-            weight_dtype: compute_dtype(&d),
-        };
-        Some(Self { info, target })
+        })
     }
 
     /// Estimates a job on this device. `Ok(None)`: the model's config cannot be read (loading
@@ -201,10 +209,18 @@ impl MemoryBudget {
             return Ok(None);
         };
         let recipe = Recipe::from_config(config);
+        // A precision this device cannot honour is rejected before the estimate is asked for.
+        let Ok(precision) = config.precision.resolve(&self.info) else {
+            return Ok(None);
+        };
+        let target = Target {
+            cuda: self.cuda,
+            weight_dtype: precision.base_dtype,
+        };
         let e = memory::check(
             &dims,
             &recipe,
-            self.target,
+            target,
             &self.info.id,
             self.info.available_memory_bytes,
         )?;

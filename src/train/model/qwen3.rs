@@ -3,7 +3,7 @@
 //!
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
 
-use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables};
+use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables, upcast};
 use crate::train::nn::{Lora, LoraLinear, Pass};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -145,6 +145,8 @@ pub struct Qwen3 {
     /// (max_pos, D/2) f32.
     cos: Tensor,
     sin: Tensor,
+    /// Dtype of the frozen GEMM weights (embedding, projections, LM head); everything else is
+    /// `upcast(dtype)`.
     pub dtype: DType,
     pub device: Device,
 }
@@ -174,6 +176,8 @@ impl Qwen3 {
     fn from_vb(cfg: Qwen3Config, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
         let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        // Norm weights and biases join the f32 residual stream; only GEMM weights take `dtype`.
+        let act = upcast(dtype);
         let m = vb.pp("model");
         let embed = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -199,7 +203,7 @@ impl Qwen3 {
                 let bias = if cfg.attention_bias
                     && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(name)
                 {
-                    Some(p.get(shape.0, "bias")?)
+                    Some(p.to_dtype(act).get(shape.0, "bias")?)
                 } else {
                     None
                 };
@@ -209,15 +213,16 @@ impl Qwen3 {
                     lora: None,
                 });
             }
+            let ln = l.to_dtype(act);
             layers.push(Layer {
-                input_norm: l.get(h, "input_layernorm.weight")?,
-                post_attn_norm: l.get(h, "post_attention_layernorm.weight")?,
-                q_norm: l.get(d, "self_attn.q_norm.weight")?,
-                k_norm: l.get(d, "self_attn.k_norm.weight")?,
+                input_norm: ln.get(h, "input_layernorm.weight")?,
+                post_attn_norm: ln.get(h, "post_attention_layernorm.weight")?,
+                q_norm: ln.get(d, "self_attn.q_norm.weight")?,
+                k_norm: ln.get(d, "self_attn.k_norm.weight")?,
                 proj,
             });
         }
-        let final_norm = m.get(h, "norm.weight")?;
+        let final_norm = m.to_dtype(act).get(h, "norm.weight")?;
         let (cos, sin) = rope_tables(d, cfg.max_position_embeddings, cfg.rope_theta, device)?;
         Ok(Self {
             cfg,
@@ -259,9 +264,13 @@ impl Qwen3 {
         })
     }
 
-    /// Token embeddings `(N, H)`; never part of the autograd graph (the table is frozen).
+    /// Token embeddings `(N, H)` in the residual stream's dtype (f32 whatever the base weights'
+    /// dtype); never part of the autograd graph (the table is frozen).
     pub fn embed(&self, p: &Packed) -> Result<Tensor> {
-        Ok(self.embed.index_select(&p.ids, 0)?)
+        Ok(self
+            .embed
+            .index_select(&p.ids, 0)?
+            .to_dtype(upcast(self.dtype))?)
     }
 
     /// One decoder layer: `x (N, H) -> (N, H)`.
@@ -380,6 +389,14 @@ impl Qwen3 {
             .flat_map(|l| [&l.a, &l.b])
             .collect()
     }
+}
+
+/// The Hugging Face name of the projection behind a `layer_forward` module key, e.g.
+/// `model.layers.3.mlp.down_proj`.
+pub fn projection_name(module_key: u64) -> String {
+    let (layer, m) = (module_key >> 8, (module_key & 0xff) as usize);
+    let module = MODULES.get(m).copied().unwrap_or("unknown_proj");
+    format!("model.layers.{layer}.{}.{module}", module_group(module))
 }
 
 /// PEFT's on-disk key, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.

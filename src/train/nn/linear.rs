@@ -199,9 +199,18 @@ mod blas {
 }
 
 /// `x (..., I) -> x Wᵀ (..., O)`; no gradient ever flows to `w`.
+///
+/// When `w` is stored narrower than `x` (f16/bf16 base weights under an f32 residual stream),
+/// only the GEMM runs in `w`'s dtype: `x` is cast down for it and the product cast back, and the
+/// input gradient returns through the same casts to `x`'s dtype.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op1(FrozenMatmul { w: w.clone() })
+    if x.dtype() == w.dtype() {
+        return x.apply_op1(FrozenMatmul { w: w.clone() });
+    }
+    x.to_dtype(w.dtype())?
+        .apply_op1(FrozenMatmul { w: w.clone() })?
+        .to_dtype(x.dtype())
 }
 
 /// The input gradient of [`frozen_linear`]: `g (..., O) -> g W (..., I)`.
@@ -246,6 +255,7 @@ impl LoraLinear {
     /// `x (N, I) -> (N, O)`.
     pub fn forward(&self, x: &Tensor, pass: Pass, module_key: u64) -> candle_core::Result<Tensor> {
         let mut y = frozen_linear(x, &self.weight)?;
+        overflow_probe::check(&y, module_key)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -276,7 +286,9 @@ impl LoraLinear {
     }
 }
 
-/// Inverted-dropout mask (values 0 or 1/(1-p)) drawn from a generator seeded by `key`.
+/// Inverted-dropout mask (values 0 or 1/(1-p)) drawn from a generator seeded by `key`, on the
+/// device that uses it: a GPU draws it with its own generator (reseeded with `key`, so the mask is
+/// still a pure function of it) instead of receiving it over the bus for every module and layer.
 pub fn dropout_mask(
     dtype: DType,
     shape: &Shape,
@@ -285,6 +297,13 @@ pub fn dropout_mask(
     device: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
+    if !device.is_cpu() {
+        // Unverified on a GPU (none was available): candle's CUDA `set_seed` recreates the
+        // cuRAND generator, so equal keys give equal masks.
+        device.set_seed(key)?;
+        let u = Tensor::rand(0f32, 1f32, shape, device)?;
+        return (u.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?.to_dtype(dtype);
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(key);
     let keep = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
@@ -300,4 +319,43 @@ pub fn kaiming_uniform_a(rows: usize, fan_in: usize, rng: &mut impl rand::Rng) -
     (0..rows * fan_in)
         .map(|_| rng.random_range(-bound..bound))
         .collect()
+}
+
+/// A diagnostic pass that finds the first projection whose base GEMM output is not finite (an
+/// f16 overflow), so a job can fail naming the layer. Off by default: the check reads a value back
+/// from the device for every projection, so it runs only when a loss has already come out
+/// non-finite. Scoped to the calling thread.
+pub mod overflow_probe {
+    use candle_core::{DType, Tensor};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// `None`: not probing. `Some(hit)`: probing, with the first non-finite module key.
+        static PROBE: Cell<Option<Option<u64>>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` with the probe on; returns its result and the module key of the first projection
+    /// whose output held inf or NaN.
+    pub fn run<T>(f: impl FnOnce() -> T) -> (T, Option<u64>) {
+        PROBE.with(|p| p.set(Some(None)));
+        let out = f();
+        let hit = PROBE.with(|p| p.replace(None)).flatten();
+        (out, hit)
+    }
+
+    pub(super) fn check(y: &Tensor, module_key: u64) -> candle_core::Result<()> {
+        if PROBE.with(|p| p.get()) != Some(None) {
+            return Ok(());
+        }
+        if !all_finite(y)? {
+            PROBE.with(|p| p.set(Some(Some(module_key))));
+        }
+        Ok(())
+    }
+
+    /// Whether every element is finite: their f32 sum is inf or NaN otherwise.
+    pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+        let s = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(s.is_finite())
+    }
 }

@@ -146,16 +146,41 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 /// [`causal_softmax`] from tensor ops: scale, an additive -inf mask, then [`softmax_last`].
 pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
-    let mask = causal_mask(t, scores.device())?.to_dtype(scores.dtype())?;
+    let mask = causal_mask(t, scores.device(), scores.dtype())?;
     softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
 }
 
-/// `(T, T)` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(m, (t, t), dev)
+/// `(T, T)` additive mask: 0 on and below the diagonal, -inf above. Built once per device and
+/// dtype at the longest length asked for so far (rounded up to 256), and handed out as a view
+/// of its top-left corner, which is the mask of every shorter length: no per-segment, per-layer
+/// upload to a GPU.
+pub fn causal_mask(t: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+    use std::sync::Mutex;
+    static CACHE: Mutex<Vec<(candle_core::Device, DType, Tensor)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().expect("causal mask cache");
+    let slot = cache
+        .iter()
+        .position(|(d, dt, _)| d.same_device(dev) && *dt == dtype);
+    let cached = slot.and_then(|i| {
+        let m = &cache[i].2;
+        (m.dim(0).ok()? >= t).then(|| m.clone())
+    });
+    let mask = match cached {
+        Some(m) => m,
+        None => {
+            let n = t.div_ceil(256) * 256;
+            let m: Vec<f32> = (0..n)
+                .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let m = Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?;
+            match slot {
+                Some(i) => cache[i].2 = m.clone(),
+                None => cache.push((dev.clone(), dtype, m.clone())),
+            }
+            m
+        }
+    };
+    mask.narrow(0, 0, t)?.narrow(1, 0, t)
 }
 
 /// Loss sum and correct-argmax count of one chunk of label positions.
@@ -414,6 +439,28 @@ mod tests {
         let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn cached_causal_mask_is_exact_at_every_length() {
+        let dev = Device::Cpu;
+        for t in [5usize, 3, 300, 7] {
+            let m = causal_mask(t, &dev, DType::F32).unwrap();
+            assert_eq!(m.dims(), [t, t]);
+            let rows = m.to_vec2::<f32>().unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    assert_eq!(v == f32::NEG_INFINITY, j > i, "t={t} ({i},{j})");
+                    assert!(v == 0.0 || j > i);
+                }
+            }
+        }
+        // The composed causal softmax on a view of the cache equals the fused kernel.
+        let scores = Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev).unwrap();
+        let a = causal_softmax_composed(&scores, 0.5).unwrap();
+        let b = fused::causal_softmax(&scores, 0.5).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One command for a GPU host: builds sftd with `cuda`, runs the CUDA tests (CUDA against the CPU:
+# forward and LoRA gradients of a fixture model in f32, f16 and, from compute capability 8.0,
+# bf16; dropout masks drawn on the device; the cached causal mask; a 20-step training run on the
+# GPU against the same run on the CPU), then `sftd bench --device cuda:0` on a random model shaped
+# like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on. Everything goes to one results
+# file. See docs/gpu.md.
+#
+# Usage: scripts/gpu-check.sh [RESULTS_FILE]     (default: gpu-check-<gpu>-<date>.txt)
+# Env:
+#   CUDA_COMPUTE_CAP   compute capability to compile for (default: read from nvidia-smi)
+#   SFTD_GPU_CHECK_DIR scratch directory for the 1.7B-shaped model (~7 GB) and data
+#                      (default: target/gpu-check)
+#   BENCH_STEPS        timed bench steps (default 5)
+# Needs: an NVIDIA driver, a CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc
+# supports, Rust, python3 (to write the long-sequence bench data). docs/cuda-build.md covers the
+# toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi: not a GPU host" >&2; exit 1; }
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 | head -1)
+cap=${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 | head -1 | tr -d .)}
+export CUDA_COMPUTE_CAP=$cap
+slug=$(echo "$gpu_name" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
+results=${1:-gpu-check-${slug}-$(date -u +%Y%m%dT%H%M%SZ).txt}
+scratch=${SFTD_GPU_CHECK_DIR:-target/gpu-check}
+mkdir -p "$scratch"
+: >"$results"
+log() { printf '%s\n' "$*" | tee -a "$results"; }
+step() { log ""; log "== $* ($(date -u +%H:%M:%S))"; }
+status=0
+
+step "host"
+log "gpu: $gpu_name, compute capability $cap"
+nvidia-smi --query-gpu=driver_version,memory.total --format=csv -i 0 | tee -a "$results"
+log "sftd: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+
+step "build (--release --features cuda, CUDA_COMPUTE_CAP=$cap)"
+start=$(date +%s)
+cargo build --release --features cuda 2>&1 | tail -3 | tee -a "$results"
+log "build: $(( $(date +%s) - start )) s"
+bin=target/release/sftd
+
+step "CUDA tests (tests/cuda.rs)"
+if ! SFTD_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda -- --nocapture --test-threads=1 \
+  2>&1 | tee -a "$results"; then
+  log "CUDA tests: FAILED"
+  status=1
+fi
+
+step "random Qwen3-1.7B-shaped model (28 layers, hidden 2048, intermediate 6144, 16/8 heads of 128, vocab 151936, tied)"
+model=$scratch/qwen3-1.7b-shape
+if [ ! -f "$model/config.json" ]; then
+  "$bin" demo-model "$model" --hidden 2048 --intermediate 6144 --layers 28 --heads 16 \
+    --kv-heads 8 --head-dim 128 --vocab 151936 2>&1 | tee -a "$results"
+fi
+# Rows long enough that every sequence is cut at 2048 tokens.
+data=$scratch/long.jsonl
+python3 - "$data" <<'PY'
+import json, sys
+words = "the model calls a tool and reads its answer before it replies to the user".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(64):
+        text = " ".join(words[(i + j) % len(words)] for j in range(6000))
+        f.write(json.dumps({"messages": [
+            {"role": "user", "content": f"Request {i}: summarise."},
+            {"role": "assistant", "content": text}]}) + "\n")
+PY
+
+step "sftd bench --device cuda:0, batch 4 × 2048, checkpointing on"
+# auto: bf16 from compute capability 8.0, f16 with loss scaling below; on 8.0+ also f16.
+precisions=(auto)
+[ "$cap" -ge 80 ] && precisions+=(f16)
+for precision in "${precisions[@]}"; do
+  if ! "$bin" bench --device cuda:0 --precision "$precision" --model "$model" --data "$data" \
+    --batch-size 4 --seq-len 2048 --steps "${BENCH_STEPS:-5}" --json 2>&1 | tee -a "$results"; then
+    log "bench ($precision): FAILED"
+    status=1
+  fi
+done
+
+step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"
+exit $status

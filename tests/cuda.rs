@@ -1,0 +1,288 @@
+//! CUDA against the CPU on a tiny generated Qwen3: forward loss and LoRA gradients in f32, f16
+//! and (compute capability 8.0+) bf16, dropout masks drawn on the device, the cached causal mask,
+//! and a 20-step training run. Built only with `--features cuda`; run by `scripts/gpu-check.sh`.
+//! Without a GPU each test says so and passes, unless `SFTD_REQUIRE_GPU=1` (as gpu-check sets).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use sftd::train::data::encode::{Encoder, Example};
+use sftd::train::data::parse_jsonl;
+use sftd::train::data::template::ChatTemplate;
+use sftd::train::demo::{write_model, DemoSize};
+use sftd::train::device::DeviceInfo;
+use sftd::train::events::{Control, StepMetrics, TrainEvent};
+use sftd::train::model::Qwen3;
+use sftd::train::spec::{JobSpec, LossOn};
+use sftd::train::trainer::{self, make_batch, micro_step, TrainJob};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn gpu() -> Option<(Device, DeviceInfo)> {
+    match Device::new_cuda(0) {
+        Ok(d) => {
+            let info = DeviceInfo::probe(&d).expect("probing cuda:0");
+            eprintln!(
+                "cuda:0 = {} (compute capability {:?})",
+                info.name, info.compute_capability
+            );
+            Some((d, info))
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("SFTD_REQUIRE_GPU").as_deref() != Ok("1"),
+                "SFTD_REQUIRE_GPU=1 but no CUDA device: {e}"
+            );
+            eprintln!("no CUDA device ({e}); skipped");
+            None
+        }
+    }
+}
+
+/// The base-weight dtypes this GPU runs: f32, f16, and bf16 from compute capability 8.0.
+fn dtypes(info: &DeviceInfo) -> Vec<DType> {
+    let mut v = vec![DType::F32, DType::F16];
+    if info.compute_capability.is_some_and(|cc| cc >= (8, 0)) {
+        v.push(DType::BF16);
+    }
+    v
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    write_model(&m, DemoSize::TINY, 13).unwrap();
+    m
+}
+
+fn examples(model_dir: &Path, n: usize, max_len: usize) -> Vec<Example> {
+    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
+    let tmpl = ChatTemplate::from_model_dir(model_dir).unwrap();
+    let rows = parse_jsonl(include_bytes!("../examples/tool_calls.jsonl")).unwrap();
+    let enc = Encoder {
+        tokenizer: &tok,
+        template: &tmpl,
+        loss_on: LossOn::All,
+        max_seq_len: max_len,
+    };
+    rows[..n]
+        .iter()
+        .map(|(l, r)| enc.encode(*l, r).unwrap())
+        .collect()
+}
+
+/// The model with the same random non-zero LoRA on `dev`.
+fn model_on(dir: &Path, dtype: DType, dev: &Device) -> Qwen3 {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut model = Qwen3::load(dir, dtype, dev).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let normal = rand_distr::Normal::new(0f32, 0.3).unwrap();
+    let targets = sftd::train::spec::ALL_LINEAR.map(String::from);
+    model
+        .attach_lora(&targets, 4, 2.0, 0.1, |_, (rows, cols)| {
+            let data: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
+            Ok(Tensor::from_vec(data, (rows, cols), dev)?)
+        })
+        .unwrap();
+    model
+}
+
+/// Mean loss and LoRA gradients (moved to the CPU) of one micro-batch.
+fn loss_and_grads(
+    model: &Qwen3,
+    exs: &[Example],
+    dropout_key: Option<u64>,
+) -> (f64, HashMap<String, Tensor>) {
+    let refs: Vec<&Example> = exs.iter().collect();
+    let b = make_batch(model, &refs).unwrap();
+    let mut acc = HashMap::new();
+    let s = micro_step(
+        model,
+        &b,
+        1.0 / b.n_targets as f64,
+        dropout_key,
+        true,
+        &mut acc,
+    )
+    .unwrap();
+    let grads = model
+        .lora_vars()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                acc.remove(&v.id())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    (s.loss_sum / b.n_targets as f64, grads)
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let sq = |t: Tensor| -> f64 {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    (sq((got - want).unwrap()) / sq(want.clone()).max(1e-30)).sqrt()
+}
+
+#[test]
+fn forward_and_gradients_match_the_cpu() {
+    let Some((dev, info)) = gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path());
+    let exs = examples(&dir, 3, 64);
+    for dtype in dtypes(&info) {
+        // Without dropout: the CPU and the GPU draw their masks from different generators.
+        let (l_cpu, g_cpu) = loss_and_grads(&model_on(&dir, dtype, &Device::Cpu), &exs, None);
+        let (l_gpu, g_gpu) = loss_and_grads(&model_on(&dir, dtype, &dev), &exs, None);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        let dl = (l_cpu - l_gpu).abs() / l_cpu.abs();
+        let worst = g_cpu
+            .iter()
+            .map(|(k, g)| rel_err(&g_gpu[k], g))
+            .fold(0f64, f64::max);
+        println!("{dtype:?}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.1e}); worst LoRA gradient rel L2 error {worst:.1e}");
+        assert!(dl < tol, "{dtype:?}: loss {l_gpu} vs {l_cpu}");
+        assert!(worst < 5.0 * tol, "{dtype:?}: gradients differ by {worst}");
+    }
+}
+
+#[test]
+fn dropout_masks_are_drawn_on_the_device_from_their_key() {
+    use sftd::train::nn::linear::dropout_mask;
+    let Some((dev, _)) = gpu() else { return };
+    let shape = candle_core::Shape::from((64, 256));
+    let a = dropout_mask(DType::F32, &shape, 0.1, 42, &dev).unwrap();
+    let b = dropout_mask(DType::F32, &shape, 0.1, 42, &dev).unwrap();
+    let c = dropout_mask(DType::F32, &shape, 0.1, 43, &dev).unwrap();
+    assert!(a.device().is_cuda());
+    let same = |x: &Tensor, y: &Tensor| -> f32 {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(same(&a, &b), 0.0, "equal keys gave different masks");
+    assert!(same(&a, &c) > 0.0, "different keys gave equal masks");
+    let kept: f32 = a
+        .ne(0f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    println!("dropout p=0.1: kept fraction {kept:.3}");
+    assert!((kept - 0.9).abs() < 0.02, "kept {kept}");
+}
+
+#[test]
+fn composed_causal_softmax_on_the_gpu_equals_the_cpu_kernel() {
+    use sftd::train::nn::ops::{causal_softmax, causal_softmax_composed};
+    let Some((dev, _)) = gpu() else { return };
+    for t in [7usize, 300, 5] {
+        let s = Tensor::randn(0f32, 1., (2, 3, t, t), &Device::Cpu).unwrap();
+        let want = causal_softmax(&s, 0.3).unwrap();
+        let got = causal_softmax_composed(&s.to_device(&dev).unwrap(), 0.3)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let d: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "t={t}: {d}");
+    }
+}
+
+fn run_steps(job: &TrainJob) -> Vec<StepMetrics> {
+    let mut steps = Vec::new();
+    trainer::run(job, &Control::new(), &mut |ev| {
+        if let TrainEvent::Metrics(m) = ev {
+            steps.push(m);
+        }
+    })
+    .unwrap();
+    steps
+}
+
+#[test]
+fn twenty_training_steps_on_the_gpu_track_the_cpu() {
+    let Some((dev, info)) = gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = tmp.path().join("train.jsonl");
+    let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
+        .lines()
+        .take(40)
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    // The GPU's own policy (auto), and f32; each against the CPU running the same policy.
+    let auto = sftd::train::precision::Precision::Auto
+        .resolve(&info)
+        .unwrap()
+        .name();
+    for precision in [auto, "f32"] {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "model": "tiny", "training_file": "x", "seed": 1,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "max_steps": 20, "batch_size": 2, "gradient_accumulation_steps": 1,
+                "max_seq_len": 128, "loss_on": "all", "learning_rate": 0.01,
+                "lora": {"r": 4, "dropout": 0.0}, "precision": precision
+            }}}
+        }))
+        .unwrap();
+        let job = |device: Device, out: &str| TrainJob {
+            model_dir: model.clone(),
+            base_model_name: "tiny".into(),
+            training_file: data.clone(),
+            validation_file: None,
+            init_adapter: None,
+            config: spec.resolve().unwrap(),
+            output_dir: tmp.path().join(out),
+            resume_from: None,
+            device,
+        };
+        let cpu = run_steps(&job(Device::Cpu, &format!("cpu-{precision}")));
+        let gpu = run_steps(&job(dev.clone(), &format!("gpu-{precision}")));
+        assert_eq!(cpu.len(), 20);
+        assert_eq!(gpu.len(), 20);
+        let tol = if precision == "f32" { 1e-3 } else { 2e-2 };
+        println!("step,precision,cpu_loss,gpu_loss,gpu_loss_scale");
+        for (c, g) in cpu.iter().zip(&gpu) {
+            println!(
+                "{},{precision},{:.6},{:.6},{:?}",
+                c.step, c.train_loss, g.train_loss, g.loss_scale
+            );
+            assert!(
+                (c.train_loss - g.train_loss).abs() < tol,
+                "{precision} step {}: gpu {} vs cpu {}",
+                c.step,
+                g.train_loss,
+                c.train_loss
+            );
+        }
+        println!(
+            "{precision}: gpu {:.0} tok/s, cpu {:.0} tok/s",
+            gpu[19].tokens_per_second, cpu[19].tokens_per_second
+        );
+    }
+}
