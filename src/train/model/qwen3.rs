@@ -60,8 +60,19 @@ impl Qwen3Config {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let mut cfg: Self = serde_json::from_value(raw.clone())
             .with_context(|| format!("{} is not a Qwen3 config", path.display()))?;
+        // transformers 5 writes the rotary base under `rope_parameters` instead of at the top.
+        if raw.get("rope_theta").is_none() {
+            if let Some(theta) = raw
+                .pointer("/rope_parameters/rope_theta")
+                .and_then(|v| v.as_f64())
+            {
+                cfg.rope_theta = theta;
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -411,5 +422,20 @@ fn module_group(module: &str) -> &'static str {
         "mlp"
     } else {
         "self_attn"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Qwen3Config;
+
+    #[test]
+    fn rope_theta_read_from_rope_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = r#"{"vocab_size":8,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":32,
+            "rope_parameters":{"rope_type":"default","rope_theta":10000.0}}"#;
+        std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+        assert_eq!(Qwen3Config::from_dir(dir.path()).unwrap().rope_theta, 10000.0);
     }
 }
