@@ -53,7 +53,7 @@ async fn a_created_job_carries_the_estimate_the_cli_prints() {
     // 400 rows, batch 2, capped at 2 steps.
     assert_eq!(cli["examples"], json!(400));
     assert_eq!(cli["total_steps"], json!(2));
-    assert!(cli["tokens"].as_u64().unwrap() > 400);
+    assert!(cli["tokens"].as_u64().is_some_and(|t| t > 400), "{cli}");
 }
 
 #[tokio::test]

@@ -294,7 +294,7 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
 }
 
 /// Resident memory of an idle `sftd` process with a tokenizer and a dataset loaded.
-pub const CPU_PROCESS_BYTES: u64 = 64 << 20;
+pub const CPU_PROCESS_BYTES: u64 = 40 << 20;
 /// A CUDA context with cuBLAS handles and candle's kernels loaded (not measured here).
 pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
 
