@@ -3,6 +3,7 @@
 
 use crate::train::device::DeviceInfo;
 use crate::train::memory::{self, ModelDims, Recipe, Target};
+use crate::train::precision::Precision;
 use crate::train::spec::{JobSpec, DEMO_MODEL};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
@@ -108,7 +109,7 @@ pub fn estimate(args: EstimateArgs) -> Result<()> {
         .resolve()
         .map_err(|e| anyhow!("{}: {e}", args.job.display()))?;
     let (info, cc) = device_info(&args.device)?;
-    let weight_dtype = weight_dtype(&args.precision, cc, &info.id)?;
+    let weight_dtype = weight_dtype(&args.precision, &info)?;
     let target = Target {
         cuda: cc.is_some(),
         weight_dtype,
@@ -173,19 +174,11 @@ fn device_info(device: &str) -> Result<(DeviceInfo, Option<(u32, u32)>)> {
     Ok((info, cc))
 }
 
-/// The base weights' dtype: f32 on the CPU; on a GPU bf16 from compute capability 8.0 and f16
-/// below (candle has no bf16 kernels there), unless `precision` names one.
-fn weight_dtype(precision: &str, cc: Option<(u32, u32)>, device: &str) -> Result<DType> {
-    Ok(match (precision, cc) {
-        ("auto", None) | ("f32", _) => DType::F32,
-        ("auto", Some((major, _))) if major >= 8 => DType::BF16,
-        ("auto", Some(_)) | ("f16", _) => DType::F16,
-        ("bf16", Some((major, minor))) if major < 8 => {
-            bail!("{device} (compute capability {major}.{minor}) cannot run bf16; use f16 or f32")
-        }
-        ("bf16", _) => DType::BF16,
-        (other, _) => bail!("unknown precision {other:?}: use auto, f32, bf16 or f16"),
-    })
+/// The base weights' dtype under the job's precision policy on this device.
+fn weight_dtype(precision: &str, info: &DeviceInfo) -> Result<DType> {
+    let requested: Precision = serde_json::from_value(serde_json::Value::from(precision))
+        .map_err(|_| anyhow!("unknown precision {precision:?}: use auto, f32, bf16 or f16"))?;
+    Ok(requested.resolve(info)?.base_dtype)
 }
 
 /// A directory with the model's `config.json`: the demo model (generated if needed), a local

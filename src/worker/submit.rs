@@ -1,14 +1,14 @@
 //! Accepting and cancelling jobs: every check that can be answered before anything is stored,
 //! then the insert, then the asynchronous `validating_files → queued` step.
 
-use crate::train::device::DeviceInfo;
-use crate::train::memory::{self, InsufficientMemory, ModelDims, Recipe, Target};
-use crate::train::device_from_str;
 use super::{run, Worker};
 use crate::hub::{HubError, ModelRef};
 use crate::store::files::PURPOSE_FINE_TUNE;
 use crate::store::jobs::{Created, JobError, NewJob};
 use crate::store::{new_id, JobRow, StoreError};
+use crate::train::device::DeviceInfo;
+use crate::train::device_from_str;
+use crate::train::memory::{self, InsufficientMemory, ModelDims, Recipe, Target};
 use crate::train::spec::{JobSpec, TrainConfig, DEMO_MODEL};
 use std::path::Path;
 

@@ -436,6 +436,9 @@ mod tests {
             "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":32,
             "rope_parameters":{"rope_type":"default","rope_theta":10000.0}}"#;
         std::fs::write(dir.path().join("config.json"), cfg).unwrap();
-        assert_eq!(Qwen3Config::from_dir(dir.path()).unwrap().rope_theta, 10000.0);
+        assert_eq!(
+            Qwen3Config::from_dir(dir.path()).unwrap().rope_theta,
+            10000.0
+        );
     }
 }
