@@ -5,7 +5,7 @@ use super::error::{AppError, AppPath, AppQuery};
 use super::types::{DeletedObject, FileListQuery, FileObject, List};
 use super::upload::{self, Upload};
 use super::AppState;
-use crate::store::files::{DeleteFile, NewFile};
+use crate::store::files::{DeleteFile, NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::{new_id, Store};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -52,6 +52,14 @@ async fn list(
         limit: q.limit,
     }
     .limit(10_000)?;
+    if let Some(p) = q.purpose.as_deref() {
+        if p != PURPOSE_FINE_TUNE && p != PURPOSE_RESULTS {
+            return Err(AppError::bad_request(format!(
+                "purpose must be {PURPOSE_FINE_TUNE:?} or {PURPOSE_RESULTS:?}, got {p:?}"
+            ))
+            .param("purpose"));
+        }
+    }
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,

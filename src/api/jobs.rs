@@ -128,6 +128,12 @@ fn list_query(q: Vec<(String, String)>) -> Result<(Pagination, Vec<(String, Stri
                     .strip_prefix("metadata[")
                     .and_then(|r| r.strip_suffix(']'))
                 {
+                    if key.is_empty() {
+                        return Err(AppError::bad_request(
+                            "metadata filters are metadata[key]=value with a non-empty key",
+                        )
+                        .param("metadata"));
+                    }
                     metadata.push((key.to_string(), v));
                 }
             }

@@ -354,7 +354,7 @@ impl Meter {
                 }
             }
         });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let stream = OneAtATime { rx, yielded: false };
         (Body::from_stream(stream), Meter { task })
     }
 
@@ -364,5 +364,32 @@ impl Meter {
             too_large: false,
             complete: false,
         })
+    }
+}
+
+/// The forwarded chunks, one per poll: after each it answers `Pending` once (waking itself at
+/// once). The multipart parser appends everything a stream has ready to one buffer, so without
+/// this pause a fast client fills that buffer with as much as the socket delivers; with it the
+/// parser holds one chunk at a time.
+struct OneAtATime {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    yielded: bool,
+}
+
+impl futures::Stream for OneAtATime {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.yielded {
+            self.yielded = false;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        let next = self.rx.poll_recv(cx);
+        self.yielded = matches!(next, std::task::Poll::Ready(Some(_)));
+        next
     }
 }
