@@ -20,8 +20,8 @@ pub struct Config {
     #[arg(long, env = "SFTD_DATABASE_URL")]
     pub database_url: Option<String>,
 
-    /// When set, every `/v1` route requires `Authorization: Bearer <key>` (the event stream also
-    /// accepts `?access_token=<key>`). Never logged.
+    /// When set, every `/v1` route requires `Authorization: Bearer <key>` or `X-Api-Key: <key>`
+    /// (the event stream also accepts `?access_token=<key>`). Never logged.
     #[arg(long, env = "SFTD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -35,8 +35,8 @@ pub struct Config {
     #[arg(long, env = "SFTD_MODEL_DIRS", default_value = "")]
     pub model_dirs: String,
 
-    /// Largest accepted upload in bytes; larger ones get 413. The whole file is validated in
-    /// memory, so this also bounds the memory one upload can take.
+    /// Largest accepted upload in bytes; larger ones get 413. Uploads stream to disk and are
+    /// validated line by line, so this bounds disk use, not memory.
     #[arg(long, env = "SFTD_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 

@@ -26,6 +26,10 @@ pub enum HubError {
     /// The model exists but could not be made available (the job fails with this message).
     #[error("{0}")]
     Unavailable(String),
+    /// The hub could not be reached, timed out or failed (HTTP 503 `hub_unavailable`: worth
+    /// retrying; nothing is known about the model).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// What a `model` string names.
@@ -111,7 +115,9 @@ impl Hub {
         let api = self.api()?;
         match tokio::time::timeout(CHECK_TIMEOUT, api.model(model.to_string()).info()).await {
             Ok(Ok(_)) => Ok(ModelRef::Hub(model.to_string())),
-            Ok(Err(ApiError::RequestError(e))) if e.status().is_some() => {
+            Ok(Err(ApiError::RequestError(e)))
+                if e.status().is_some_and(|s| is_absent(s.as_u16())) =>
+            {
                 Err(HubError::NotFound(format!(
                     "model {model:?} was not found on the Hugging Face hub at {} (HTTP {}); \
                      check the name, or set HF_TOKEN for a gated or private model",
@@ -119,14 +125,14 @@ impl Hub {
                     e.status().map(|s| s.as_u16()).unwrap_or(0)
                 )))
             }
-            Ok(Err(e)) => Err(HubError::NotFound(format!(
-                "model {model:?} is not in the local cache and the Hugging Face hub at {} could \
-                 not be reached ({e}); download it first or set HF_ENDPOINT",
+            Ok(Err(e)) => Err(HubError::Unreachable(format!(
+                "model {model:?} is not in the local cache and the Hugging Face hub at {} \
+                 failed ({e}); retry later, download the model first or set HF_ENDPOINT",
                 self.endpoint
             ))),
-            Err(_) => Err(HubError::NotFound(format!(
+            Err(_) => Err(HubError::Unreachable(format!(
                 "model {model:?} is not in the local cache and the Hugging Face hub at {} did not \
-                 answer within {}s",
+                 answer within {}s; retry later",
                 self.endpoint,
                 CHECK_TIMEOUT.as_secs()
             ))),
@@ -293,6 +299,13 @@ impl Hub {
             .expect("a cached file lives in a snapshot directory. This is a bug.")
             .to_path_buf())
     }
+}
+
+/// Statuses by which the hub says a repo does not exist for this caller: it answers 401 for an
+/// unknown repo to an anonymous caller, 403 or 404 otherwise. Anything else (429, 5xx) is the
+/// hub failing, not the model missing.
+fn is_absent(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404)
 }
 
 /// The distinct shard file names of a `model.safetensors.index.json`.

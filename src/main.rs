@@ -63,6 +63,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    sftd::api::init_tracing(&config.log_format);
+    sftd::api::init_tracing(&config);
     tokio::runtime::Runtime::new()?.block_on(sftd::api::serve(config))
 }

@@ -1,6 +1,7 @@
 //! Model resolution against a tiny fake Hugging Face hub on 127.0.0.1: download into HF_HOME,
-//! HF_TOKEN for gated repos, 404 for unknown repos, offline use of the cache, and the local
-//! directory roots (anything outside SFTD_MODEL_DIRS refused).
+//! HF_TOKEN for gated repos, 404 for unknown repos, a failing or unreachable hub told apart from
+//! a missing model, offline use of the cache, and the local directory roots (anything outside
+//! SFTD_MODEL_DIRS refused).
 
 mod common;
 
@@ -16,6 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const TOKEN: &str = "hf_test_token";
+/// A repo name for which the fake hub answers 503, as a hub in trouble does.
+const FAILING: &str = "hub-error";
 
 /// repo id → (gated, files).
 type Repos = Arc<BTreeMap<String, (bool, BTreeMap<String, Vec<u8>>)>>;
@@ -53,6 +56,9 @@ async fn info(
     Path((owner, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if name == FAILING {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     match repos.get(&format!("{owner}/{name}")) {
         Some((gated, files)) if authorized(*gated, &headers) => Json(json!({
             "sha": "0123456789abcdef0123456789abcdef01234567",
@@ -187,15 +193,21 @@ async fn hub_models_download_into_hf_home_and_work_offline_after() {
         Err(HubError::Unavailable(m)) => assert!(m.contains("safetensors"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // A hub answering 5xx is failing, not saying the model is missing.
+    match hub.check(&format!("acme/{FAILING}")).await {
+        Err(HubError::Unreachable(m)) => assert!(m.contains("retry"), "{m}"),
+        other => panic!("{other:?}"),
+    }
 
     // Hub gone: the cached model still resolves, to the same directory.
     server.abort();
     let _ = server.await;
     let offline = Hub::new(&config(dir.path(), &endpoint, None));
     assert_eq!(offline.resolve("acme/tiny-qwen3").await.unwrap(), model_dir);
+    // An unreachable hub says nothing about the model: Unreachable, not NotFound.
     assert!(matches!(
         offline.check("acme/other").await,
-        Err(HubError::NotFound(_))
+        Err(HubError::Unreachable(_))
     ));
 }
 
@@ -248,24 +260,52 @@ async fn local_models_only_under_allowed_roots() {
     ));
 }
 
-/// Through the API: an unknown hub model is a 404 naming `model`, and nothing is stored.
+/// Through the API: an unknown hub model is a 404 `model_not_found`; a hub that fails (5xx) or
+/// cannot be reached is a retryable 503 `hub_unavailable`; nothing is stored either way.
 #[tokio::test]
-async fn unknown_hub_model_is_404_through_the_api() {
+async fn hub_errors_are_labelled_through_the_api() {
     let (endpoint, _server) = fake_hub(repos()).await;
     let env = common::Env::new().with("HF_ENDPOINT", &endpoint);
     let s = env.start();
     let file = s.upload(&common::example("text.jsonl")).await;
+    let create = |model: &str| json!({"model": model, "training_file": file});
     let (st, v) = s
-        .post_json(
-            "/v1/fine_tuning/jobs",
-            &json!({"model": "acme/missing", "training_file": file}),
-        )
+        .post_json("/v1/fine_tuning/jobs", &create("acme/missing"))
         .await;
     assert_eq!(st, 404, "{v}");
     assert_eq!(v["error"]["param"], "model");
     assert_eq!(v["error"]["code"], "model_not_found");
-    let (_, list) = s.get("/v1/fine_tuning/jobs").await;
-    assert_eq!(list["data"], json!([]));
+
+    let r = s
+        .client
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .json(&create(&format!("acme/{FAILING}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "30");
+    let (st, v) = common::status_json(r).await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["error"]["code"], "hub_unavailable");
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(v["error"]["param"], "model");
+
+    // Nothing listens on port 9: the hub is unreachable.
+    let down_env = common::Env::new();
+    let down = down_env.start();
+    let file = down.upload(&common::example("text.jsonl")).await;
+    let (st, v) = down
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": "acme/tiny-qwen3", "training_file": file}),
+        )
+        .await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["error"]["code"], "hub_unavailable");
+    for server in [&s, &down] {
+        let (_, list) = server.get("/v1/fine_tuning/jobs").await;
+        assert_eq!(list["data"], json!([]));
+    }
 }
 
 /// Through the API: a job on a (gated) hub model is downloaded with HF_TOKEN into HF_HOME

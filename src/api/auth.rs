@@ -1,5 +1,7 @@
-//! Bearer-token auth for `/v1`: constant-time comparison with `SFTD_API_KEY`; the event
-//! stream also accepts `?access_token=` because browsers' EventSource cannot send headers.
+//! API-key auth for `/v1`: `Authorization: Bearer <key>` or `X-Api-Key: <key>` (for proxies
+//! that keep `Authorization` for themselves), compared in constant time with `SFTD_API_KEY`;
+//! the event stream also accepts `?access_token=` because browsers' EventSource cannot send
+//! headers. Key values are never logged (see `logging`).
 
 use super::error::AppError;
 use super::AppState;
@@ -8,6 +10,9 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
+
+/// The alternative key header.
+const X_API_KEY: &str = "x-api-key";
 
 pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let allowed = match state.config.api_key() {
@@ -21,13 +26,16 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     }
 }
 
-/// The bearer token, or on the events route the `access_token` query parameter.
+/// The bearer token, else the `X-Api-Key` header, else on the events route the
+/// `access_token` query parameter.
 fn presented_key(req: &Request) -> Option<String> {
-    let bearer = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let bearer = header(AUTHORIZATION.as_str())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
+        .or_else(|| header(X_API_KEY))
         .map(|v| v.trim().to_string());
     if bearer.is_some() || !req.uri().path().ends_with("/events") {
         return bearer;

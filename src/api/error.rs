@@ -1,7 +1,7 @@
 //! The one API error type: every failure becomes OpenAI's `{"error":{message,type,param,code}}`
 //! with the right status. Internal details are logged, never returned.
 
-use axum::extract::multipart::MultipartError;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,6 +20,8 @@ pub struct ErrorBody {
     pub code: Option<String>,
     /// Extra structured detail (the bad lines of a rejected upload).
     pub details: Option<serde_json::Value>,
+    /// Seconds for a `Retry-After` header (a retryable 503).
+    pub retry_after: Option<u64>,
 }
 
 impl AppError {
@@ -30,6 +32,7 @@ impl AppError {
             param: None,
             code: None,
             details: None,
+            retry_after: None,
         }))
     }
 
@@ -56,7 +59,7 @@ impl AppError {
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
-            "missing or incorrect API key: send `Authorization: Bearer <SFTD_API_KEY>`",
+            "missing or incorrect API key: send `Authorization: Bearer <SFTD_API_KEY>` or `X-Api-Key: <SFTD_API_KEY>`",
         )
         .code("invalid_api_key")
     }
@@ -85,6 +88,11 @@ impl AppError {
         self
     }
 
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.0.retry_after = Some(seconds);
+        self
+    }
+
     fn error_type(&self) -> &'static str {
         match self.0.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
@@ -109,7 +117,12 @@ impl IntoResponse for AppError {
         if let Some(d) = e.details {
             error["details"] = d;
         }
-        (e.status, Json(json!({ "error": error }))).into_response()
+        let mut resp = (e.status, Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = e.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -150,8 +163,19 @@ impl From<MultipartError> for AppError {
             StatusCode::PAYLOAD_TOO_LARGE => {
                 AppError::new(StatusCode::PAYLOAD_TOO_LARGE, e.body_text()).code("file_too_large")
             }
-            _ => AppError::bad_request(format!("invalid multipart body: {}", e.body_text())),
+            _ => AppError::bad_request(format!("invalid multipart body: {}", e.body_text()))
+                .code("invalid_multipart"),
         }
+    }
+}
+
+impl From<MultipartRejection> for AppError {
+    fn from(r: MultipartRejection) -> Self {
+        AppError::bad_request(format!(
+            "expected a multipart/form-data body: {}",
+            r.body_text()
+        ))
+        .code("invalid_multipart")
     }
 }
 

@@ -1,45 +1,46 @@
-//! `/v1/files`: upload (every line validated before anything is stored), list, get, download,
-//! delete.
+//! `/v1/files`: upload (streamed to disk and validated line by line; stored only if every line
+//! is valid), list, get, download, delete.
 
 use super::error::{AppError, AppPath, AppQuery};
 use super::types::{DeletedObject, FileListQuery, FileObject, List};
+use super::upload::{self, Upload};
 use super::AppState;
-use crate::store::files::{DeleteFile, NewFile, PURPOSE_FINE_TUNE};
+use crate::store::files::{DeleteFile, NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::{new_id, Store};
-use crate::train::data::{validate_jsonl, RowError};
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use std::io;
 use std::path::{Path, PathBuf};
-use tokio::io::AsyncWriteExt;
 
-/// Multipart framing allowance on top of the file itself.
-const MULTIPART_OVERHEAD: u64 = 64 * 1024;
-
-pub fn routes(max_upload_bytes: u64) -> Router<AppState> {
-    let body_limit = (max_upload_bytes + MULTIPART_OVERHEAD).min(usize::MAX as u64) as usize;
+/// The upload route meters its body itself against `SFTD_MAX_UPLOAD_BYTES` (see `upload`).
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/files",
-            get(list)
-                .post(upload)
-                .layer(DefaultBodyLimit::max(body_limit)),
+            get(list).post(upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/files/{file_id}", get(retrieve).delete(delete))
         .route("/v1/files/{file_id}/content", get(content))
 }
 
-async fn upload(
-    State(s): State<AppState>,
-    multipart: Multipart,
-) -> Result<Json<FileObject>, AppError> {
-    let upload = receive(&s.store, multipart, s.config.max_upload_bytes).await?;
-    let row = store_upload(&s.store, upload).await?;
-    tracing::info!(file = %row.id, bytes = row.bytes, "file uploaded");
-    Ok(Json(row.into()))
+/// Multipart `file` (JSONL) and `purpose`; the file streams to disk and is validated as it
+/// arrives (see `upload`).
+async fn upload(State(s): State<AppState>, req: Request) -> Response {
+    let upload = match upload::receive(&s.store, req, s.config.max_upload_bytes).await {
+        Ok(u) => u,
+        Err(refusal) => return refusal,
+    };
+    match store_upload(&s.store, upload).await {
+        Ok(row) => {
+            tracing::info!(file = %row.id, bytes = row.bytes, "file uploaded");
+            Json(FileObject::from(row)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn list(
@@ -47,6 +48,14 @@ async fn list(
     AppQuery(q): AppQuery<FileListQuery>,
 ) -> Result<Json<List<FileObject>>, AppError> {
     let limit = super::types::page_limit(q.limit, 10_000)?;
+    if let Some(p) = q.purpose.as_deref() {
+        if p != PURPOSE_FINE_TUNE && p != PURPOSE_RESULTS {
+            return Err(AppError::bad_request(format!(
+                "purpose must be {PURPOSE_FINE_TUNE:?} or {PURPOSE_RESULTS:?}, got {p:?}"
+            ))
+            .param("purpose"));
+        }
+    }
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
@@ -137,97 +146,32 @@ fn no_such_file(id: &str) -> AppError {
         .code("file_not_found")
 }
 
-/// A received upload: its bytes are in a temporary file under the data dir.
-struct Upload {
-    tmp: TempPath,
-    filename: String,
-    purpose: String,
-    bytes: u64,
-}
-
-/// Streams the multipart body into a temporary file, enforcing the size limit as it goes.
-async fn receive(store: &Store, mut multipart: Multipart, max: u64) -> Result<Upload, AppError> {
-    let mut purpose = None;
-    let mut file: Option<(TempPath, String, u64)> = None;
-    while let Some(mut field) = multipart.next_field().await? {
-        match field.name() {
-            Some("purpose") => purpose = Some(field.text().await?),
-            Some("file") => {
-                let filename = clean_filename(field.file_name());
-                let tmp = TempPath(store.data_dir().join("tmp").join(new_id("upload")));
-                let mut out = tokio::fs::File::create(&tmp.0)
-                    .await
-                    .map_err(AppError::internal)?;
-                let mut n = 0u64;
-                while let Some(chunk) = field.chunk().await? {
-                    n += chunk.len() as u64;
-                    if n > max {
-                        return Err(AppError::too_large(max).param("file"));
-                    }
-                    out.write_all(&chunk).await.map_err(AppError::internal)?;
-                }
-                out.flush().await.map_err(AppError::internal)?;
-                file = Some((tmp, filename, n));
-            }
-            _ => {}
-        }
-    }
-    let purpose = purpose.ok_or_else(|| {
-        AppError::bad_request("missing form field `purpose` (use \"fine-tune\")").param("purpose")
-    })?;
-    if purpose != PURPOSE_FINE_TUNE {
-        return Err(AppError::bad_request(format!(
-            "purpose must be \"fine-tune\", got {purpose:?}"
-        ))
-        .param("purpose"));
-    }
-    let (tmp, filename, bytes) =
-        file.ok_or_else(|| AppError::bad_request("missing form field `file`").param("file"))?;
-    Ok(Upload {
-        tmp,
-        filename,
-        purpose,
-        bytes,
-    })
-}
-
-/// Validates every line, then moves the bytes into place and inserts the row. On any error
-/// nothing remains: the temporary file is removed by its guard.
+/// Moves a validated upload into place and inserts its row. On any error nothing remains: the
+/// temporary file is removed by its guard, the moved file by this function.
 async fn store_upload(
     store: &Store,
     upload: Upload,
 ) -> Result<crate::store::files::FileRow, AppError> {
-    // Each validation holds a whole file in memory: bound how many run at once.
-    static VALIDATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let _permit = VALIDATIONS
-        .acquire()
-        .await
-        .expect("the semaphore is never closed. This is a bug.");
-    let path = upload.tmp.0.clone();
-    let summary = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&path)?;
-        Ok::<_, std::io::Error>(validate_jsonl(&bytes))
-    })
-    .await
-    .map_err(AppError::internal)?
-    .map_err(AppError::internal)?;
-    let summary = match summary {
-        Ok(s) => s,
-        Err(rows) => return Err(invalid_dataset(&rows)),
-    };
     let id = new_id("file");
     let rel = PathBuf::from("files").join(format!("{id}.jsonl"));
     let dest = store.data_dir().join(&rel);
     tokio::fs::rename(&upload.tmp.0, &dest)
         .await
         .map_err(AppError::internal)?;
+    // The rename itself reaches the disk before the row that points at it.
+    let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+    let synced = tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await;
+    if let Err(e) = synced.map_err(io::Error::other).and_then(|r| r) {
+        let _ = tokio::fs::remove_file(&dest).await;
+        return Err(upload::write_error(e));
+    }
     let new = NewFile {
         id,
         filename: upload.filename,
         purpose: upload.purpose,
         bytes: upload.bytes as i64,
         path: rel.to_string_lossy().into_owned(),
-        rows: Some(summary.rows as i64),
+        rows: Some(upload.rows as i64),
         job_id: None,
     };
     match store.insert_file(&new).await {
@@ -241,7 +185,7 @@ async fn store_upload(
 
 /// The client's file name reduced to its last path component, without control characters or
 /// quotes (it ends up in a `Content-Disposition` header), at most 255 characters.
-fn clean_filename(name: Option<&str>) -> String {
+pub(super) fn clean_filename(name: Option<&str>) -> String {
     let base = name
         .unwrap_or_default()
         .rsplit(['/', '\\'])
@@ -256,39 +200,6 @@ fn clean_filename(name: Option<&str>) -> String {
         "upload.jsonl".into()
     } else {
         clean
-    }
-}
-
-/// Lines reported in an error (the message says how many there were in all).
-const MAX_REPORTED_LINES: usize = 1000;
-
-fn invalid_dataset(rows: &[RowError]) -> AppError {
-    let details: Vec<_> = rows
-        .iter()
-        .take(MAX_REPORTED_LINES)
-        .map(|r| serde_json::json!({"line": r.line, "code": r.code, "message": r.message}))
-        .collect();
-    let first = rows
-        .first()
-        .map(|r| format!("; line {}: {}", r.line, r.message))
-        .unwrap_or_default();
-    AppError::bad_request(format!(
-        "the file is not a valid fine-tuning dataset: {} bad line(s){first}",
-        rows.len()
-    ))
-    .param("file")
-    .code("invalid_file")
-    .details(serde_json::Value::Array(details))
-}
-
-/// Removes a temporary upload unless it was moved into place.
-struct TempPath(PathBuf);
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        if Path::new(&self.0).exists() {
-            let _ = std::fs::remove_file(&self.0);
-        }
     }
 }
 

@@ -24,6 +24,9 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
+/// `Retry-After` of a 503 `hub_unavailable`.
+const RETRY_HUB_AFTER_SECS: u64 = 30;
+
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
@@ -125,6 +128,12 @@ fn list_query(q: Vec<(String, String)>) -> Result<(Pagination, Vec<(String, Stri
                     .strip_prefix("metadata[")
                     .and_then(|r| r.strip_suffix(']'))
                 {
+                    if key.is_empty() {
+                        return Err(AppError::bad_request(
+                            "metadata filters are metadata[key]=value with a non-empty key",
+                        )
+                        .param("metadata"));
+                    }
                     metadata.push((key.to_string(), v));
                 }
             }
@@ -174,6 +183,14 @@ fn submit_error(e: SubmitError) -> AppError {
         } => AppError::new(StatusCode::NOT_FOUND, message)
             .param(param)
             .code(code),
+        SubmitError::Unavailable {
+            param,
+            code,
+            message,
+        } => AppError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            .param(param)
+            .code(code)
+            .retry_after(RETRY_HUB_AFTER_SECS),
         e @ SubmitError::IdempotencyConflict(_) => AppError::conflict(e.to_string())
             .param("Idempotency-Key")
             .code("idempotency_key_reused"),

@@ -8,9 +8,11 @@ pub mod events;
 pub mod files;
 pub mod health;
 pub mod jobs;
+pub mod logging;
 pub mod models;
 pub mod types;
 pub mod ui;
+mod upload;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -44,7 +46,7 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::routes(models.clone()))
         .merge(models::routes(models))
         .merge(health::metrics_routes())
-        .merge(files::routes(state.config.max_upload_bytes))
+        .merge(files::routes())
         .merge(jobs::routes())
         .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
@@ -57,7 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(logging::request_span))
         .with_state(state)
 }
 
@@ -154,15 +156,4 @@ async fn remove_orphans(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets up logging for the service: `SFTD_LOG_FORMAT` text or json, level from `RUST_LOG`
-/// (default `info`).
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
+pub use logging::init_tracing;

@@ -36,6 +36,19 @@ struct Shared {
     alive: AtomicBool,
 }
 
+/// Clears `alive` (so `/readyz` answers 503) however the worker thread ends: returning, or
+/// unwinding from a panic outside the job's own `catch_unwind`.
+struct ClearOnExit(Arc<Shared>);
+
+impl Drop for ClearOnExit {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!("the worker thread panicked; the server is no longer ready");
+        }
+    }
+}
+
 /// Handle to the worker thread. Cheap to clone; the thread exits on [`Worker::shutdown`].
 #[derive(Clone)]
 pub struct Worker {
@@ -101,8 +114,8 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name("sftd-worker".into())
             .spawn(move || {
+                let _alive = ClearOnExit(shared.clone());
                 thread_main(ctx, rx, &shared);
-                shared.alive.store(false, Ordering::SeqCst);
             })
             .expect("spawning the worker thread");
         *worker.thread.lock().expect("worker thread lock") = Some(thread);
@@ -253,5 +266,27 @@ impl JobError {
             message: message.into(),
             param: param.map(String::from),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_worker_thread_is_no_longer_alive() {
+        let shared = Arc::new(Shared {
+            current: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+        });
+        let in_thread = shared.clone();
+        let joined = std::thread::spawn(move || {
+            let _alive = ClearOnExit(in_thread);
+            panic!("a bug outside the job's catch_unwind");
+        })
+        .join();
+        assert!(joined.is_err());
+        assert!(!shared.alive.load(Ordering::SeqCst));
     }
 }

@@ -46,6 +46,7 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
     let model_dir = hub.resolve(&job.model).await.map_err(|e| {
         let code = match e {
             HubError::NotFound(_) => "model_not_found",
+            HubError::Unreachable(_) => "hub_unavailable",
             _ => "model_unavailable",
         };
         JobError::new(code, e.to_string(), Some("model"))

@@ -27,6 +27,13 @@ pub enum SubmitError {
         code: &'static str,
         message: String,
     },
+    /// A service the check needs (the model hub) is down: worth retrying.
+    #[error("{message}")]
+    Unavailable {
+        param: String,
+        code: &'static str,
+        message: String,
+    },
     #[error("Idempotency-Key {0:?} was already used with a different request body")]
     IdempotencyConflict(String),
     #[error(transparent)]
@@ -77,6 +84,11 @@ impl Worker {
             HubError::Invalid(message) | HubError::Unavailable(message) => {
                 invalid("model", "invalid_model", message)
             }
+            HubError::Unreachable(message) => SubmitError::Unavailable {
+                param: "model".into(),
+                code: "hub_unavailable",
+                message,
+            },
         })?;
         let estimate = self.estimate_memory(&model, &config).await?;
         if let Some(a) = &spec.init_adapter {

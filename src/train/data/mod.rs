@@ -3,6 +3,9 @@
 
 pub mod encode;
 pub mod template;
+mod validate;
+
+pub use validate::{InvalidDataset, JsonlValidator, MAX_KEPT_ERRORS};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -80,18 +83,17 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<Vec<(usize, Row)>, Vec<RowError>> {
     }
 }
 
-/// Validates a JSONL upload: the same checks the trainer applies, without tokenizing.
-pub fn validate_jsonl(bytes: &[u8]) -> Result<DatasetSummary, Vec<RowError>> {
-    parse_jsonl(bytes).map(|rows| DatasetSummary { rows: rows.len() })
+fn line_too_long(line: usize, len: usize) -> RowError {
+    err(
+        line,
+        "line_too_long",
+        format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"),
+    )
 }
 
 fn parse_line(line: usize, raw: &[u8]) -> Result<Row, RowError> {
     if raw.len() > MAX_LINE_BYTES {
-        return Err(err(
-            line,
-            "line_too_long",
-            format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", raw.len()),
-        ));
+        return Err(line_too_long(line, raw.len()));
     }
     let text = std::str::from_utf8(raw).map_err(|e| {
         err(
