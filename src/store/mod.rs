@@ -157,10 +157,17 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .open(data_dir.join("sftd.lock"))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this function owns; it touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(file);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(StoreError::Locked(data_dir.to_path_buf()))
+    } else {
+        Err(err.into())
     }
 }
 
