@@ -25,7 +25,8 @@ pub struct TrainArgs {
     /// auto | cpu | cuda:N
     #[arg(long, env = "SFTD_DEVICE", default_value = "auto")]
     pub device: String,
-    /// Continue from the newest checkpoint in the output directory, if any.
+    /// Continue from the newest complete checkpoint in the output directory, if any (a torn
+    /// or damaged one is skipped for the one before it).
     #[arg(long)]
     pub resume: bool,
     /// Where the demo model and hub downloads are cached.
@@ -126,7 +127,49 @@ fn event_line(ev: &TrainEvent) -> String {
     }
 }
 
+/// Exit status of `sftd train` stopped by SIGTERM or SIGINT after checkpointing (75 is
+/// sysexits' EX_TEMPFAIL: run it again with `--resume`).
+pub const SUSPENDED_EXIT_CODE: i32 = 75;
+
+/// On the first SIGTERM or SIGINT, asks the run to checkpoint at the next micro-batch and
+/// stop; a second one exits at once (status 130).
+fn suspend_on_signal(control: &Control) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let (mut term, mut int) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    let control = control.clone();
+    std::thread::Builder::new()
+        .name("sftd-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                for _ in 0..2 {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    if control.is_suspended() {
+                        eprintln!("second signal: exiting without a checkpoint");
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "signal received: checkpointing at the next micro-batch, then exiting"
+                    );
+                    control.suspend();
+                }
+            })
+        })?;
+    Ok(())
+}
+
 /// Runs one job from a JSON file, printing a progress bar and the final adapter's location.
+/// SIGTERM/SIGINT checkpoint and exit with [`SUSPENDED_EXIT_CODE`].
 pub fn train(args: TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("reading {}", args.job.display()))?;
@@ -159,7 +202,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
             .transpose()?,
         config,
         resume_from: if args.resume {
-            trainer::latest_checkpoint(&args.output)
+            let (found, torn) = checkpoint::latest_verified_checkpoint(&args.output);
+            for reason in torn {
+                eprintln!("warning: skipping a damaged checkpoint: {reason}");
+            }
+            found
         } else {
             None
         },
@@ -169,7 +216,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     let report = Report::new(&args.log_format);
     let control = Control::new();
+    suspend_on_signal(&control)?;
     let outcome = trainer::run(&job, &control, &mut |ev| report.event(ev))?;
+    let suspended = matches!(outcome, Outcome::Suspended { .. });
     report.finish(match outcome {
         Outcome::Completed {
             adapter_dir,
@@ -181,12 +230,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
         ),
         Outcome::Suspended { checkpoint, step } => {
             format!(
-                "suspended at step {step}; checkpoint {}",
+                "suspended at step {step}; checkpoint {}; run again with --resume to continue",
                 checkpoint.display()
             )
         }
         Outcome::Cancelled { step } => format!("cancelled at step {step}"),
     });
+    if suspended {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(SUSPENDED_EXIT_CODE);
+    }
     Ok(())
 }
 

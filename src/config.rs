@@ -40,6 +40,12 @@ pub struct Config {
     #[arg(long, env = "SFTD_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 
+    /// How many times a job whose run was interrupted by a crash (the process died while it
+    /// was running: killed, out of memory, power loss) is resumed; the next interruption fails
+    /// it, so a job that crashes the server cannot hold up the queue forever.
+    #[arg(long, env = "SFTD_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, env = "SFTD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -70,6 +76,7 @@ impl std::fmt::Debug for Config {
             .field("device", &self.device)
             .field("model_dirs", &self.model_dirs)
             .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("max_attempts", &self.max_attempts)
             .field("log_format", &self.log_format)
             .field("hf_token", &redact(&self.hf_token))
             .field("hf_home", &self.hf_home)
@@ -89,6 +96,7 @@ impl Config {
             device: "cpu".into(),
             model_dirs: String::new(),
             max_upload_bytes: 512 * 1024 * 1024,
+            max_attempts: 3,
             log_format: "text".into(),
             hf_token: None,
             hf_home: None,

@@ -8,6 +8,7 @@ pub mod bench_generate;
 pub mod cli;
 pub mod config;
 pub mod estimate;
+pub mod fault;
 pub mod hub;
 pub mod store;
 pub mod train;

@@ -19,7 +19,7 @@ export const EVENT_LEVELS = ['info', 'warn', 'error'];
  * null are log lines.
  */
 export const EVENT_DATA = {
-  status: { type: 'message', key: 'status', fields: ['status'] },
+  status: { type: 'message', key: 'status', fields: ['status', 'interrupted'] },
   metrics: {
     type: 'metrics',
     key: 'train_loss',

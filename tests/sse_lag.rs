@@ -24,9 +24,14 @@ async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutd
     let store = Store::open_with_capacity(&url, dir, capacity)
         .await
         .unwrap();
-    let worker = Worker::start(store.clone(), Hub::new(&config), config.device.clone())
-        .await
-        .unwrap();
+    let worker = Worker::start(
+        store.clone(),
+        Hub::new(&config),
+        config.device.clone(),
+        config.max_attempts,
+    )
+    .await
+    .unwrap();
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
         config: Arc::new(config),

@@ -75,7 +75,13 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
     remove_orphans(&store).await?;
     let hub = Hub::new(&config);
-    let worker = Worker::start(store.clone(), hub, config.device.clone()).await?;
+    let worker = Worker::start(
+        store.clone(),
+        hub,
+        config.device.clone(),
+        config.max_attempts,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     match (config.api_key(), addr.ip().is_loopback()) {

@@ -28,6 +28,20 @@ impl Store {
         metrics: &serde_json::Value,
         path: &str,
     ) -> Result<bool> {
+        self.add_checkpoint_keeping(job_id, step, metrics, path, 0)
+            .await
+    }
+
+    /// [`Store::add_checkpoint`], then deletes all but the job's `keep` newest checkpoint rows
+    /// (0 keeps all), matching the directories `save_total_limit` keeps on disk.
+    pub async fn add_checkpoint_keeping(
+        &self,
+        job_id: &str,
+        step: i64,
+        metrics: &serde_json::Value,
+        path: &str,
+        keep: u32,
+    ) -> Result<bool> {
         let (_writer, mut tx) = self.begin_write().await?;
         let id = new_id("ftckpt");
         let inserted = sqlx::query(
@@ -57,6 +71,16 @@ impl Store {
             step: None,
         };
         let ev = insert_event(&mut tx, job_id, &ev, Some(&[JobStatus::Running])).await?;
+        if keep > 0 {
+            sqlx::query(
+                "DELETE FROM checkpoints WHERE job_id = ?1 AND step NOT IN \
+                 (SELECT step FROM checkpoints WHERE job_id = ?1 ORDER BY step DESC LIMIT ?2)",
+            )
+            .bind(job_id)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         self.publish(ev);
         Ok(true)

@@ -108,8 +108,12 @@ impl Store {
         job_id: &str,
         e: &NewEvent,
     ) -> Result<Option<EventRow>> {
+        if crate::fault::fails("event_insert") {
+            return Err(std::io::Error::other("injected fault (SFTD_FAULT_FAIL)").into());
+        }
         let (_writer, mut tx) = self.begin_write().await?;
         let row = insert(&mut tx, job_id, e, Some(&[JobStatus::Running])).await?;
+        crate::fault::point("event_insert");
         if let (Some(eta), Some(data)) = (
             e.data.as_ref().and_then(|d| d.get("eta_seconds")?.as_f64()),
             e.data.as_ref(),

@@ -242,6 +242,30 @@ impl Store {
             .is_some())
     }
 
+    /// `running → queued` for a job a previous process left running: the status event carries
+    /// `interrupted: true`, which is what [`Store::interruptions`] counts.
+    pub async fn requeue_interrupted(&self, id: &str, message: &str) -> Result<bool> {
+        let mut ev = NewEvent::status(Queued, "info", message);
+        if let Some(data) = ev.data.as_mut() {
+            data["interrupted"] = true.into();
+        }
+        Ok(self
+            .transition(id, &[Running], Queued, "", ev)
+            .await?
+            .is_some())
+    }
+
+    /// How many times a run of this job was interrupted by a crash (requeued at start-up).
+    pub async fn interruptions(&self, id: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM events WHERE job_id = ? \
+             AND json_extract(data, '$.interrupted') = 1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Jobs a previous process left `running` or `validating_files`.
     pub async fn interrupted_jobs(&self) -> Result<Vec<JobRow>> {
         Ok(sqlx::query_as::<_, JobRow>(&format!(

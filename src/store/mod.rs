@@ -31,6 +31,11 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error(
+        "another sftd process is using the data directory {0} (it holds the lock on {0}/sftd.lock); \
+         stop it, or give this one its own SFTD_DATA_DIR"
+    )]
+    Locked(PathBuf),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -54,6 +59,9 @@ pub struct Store {
     events_tx: broadcast::Sender<Arc<Published>>,
     broadcast_capacity: usize,
     write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The open lock file: its exclusive `flock` keeps a second process off this data dir
+    /// until this process exits (or dies: the kernel drops the lock).
+    _dir_lock: Arc<std::fs::File>,
 }
 
 impl Store {
@@ -68,13 +76,17 @@ impl Store {
         data_dir: &Path,
         broadcast_capacity: usize,
     ) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let dir_lock = lock_data_dir(data_dir)?;
         for sub in ["files", "jobs", "models", "tmp"] {
             std::fs::create_dir_all(data_dir.join(sub))?;
         }
+        // FULL: a commit returns only after the WAL is fsync'd, so a committed state change or
+        // event survives power loss, not only a crash of the process.
         let options = SqliteConnectOptions::from_str(database_url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
@@ -90,6 +102,7 @@ impl Store {
             events_tx,
             broadcast_capacity,
             write_lock: Default::default(),
+            _dir_lock: Arc::new(dir_lock),
         })
     }
 
@@ -136,6 +149,27 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// Takes the exclusive lock on `data_dir/sftd.lock`, or fails at once if another process has it.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("sftd.lock"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this function owns; it touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(file);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(StoreError::Locked(data_dir.to_path_buf()))
+    } else {
+        Err(err.into())
     }
 }
 
@@ -254,6 +288,36 @@ mod tests {
             assert_eq!(live.try_recv().unwrap().row, *e);
         }
         assert!(live.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_data_dir_is_refused_until_the_first_closes() {
+        let (dir, s) = store().await;
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let second = Store::open(&url, dir.path()).await;
+        assert!(
+            matches!(&second, Err(StoreError::Locked(p)) if p == dir.path()),
+            "{:?}",
+            second.err()
+        );
+        drop(s);
+        Store::open(&url, dir.path()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn interruptions_are_counted_from_the_requeue_events() {
+        let (_d, s) = store().await;
+        s.create_job(&job("ftjob-i", None)).await.unwrap();
+        s.mark_queued("ftjob-i").await.unwrap();
+        for n in 1..=2 {
+            s.claim_next_job().await.unwrap().unwrap();
+            assert!(s.requeue_interrupted("ftjob-i", "crash").await.unwrap());
+            assert_eq!(s.interruptions("ftjob-i").await.unwrap(), n);
+        }
+        // A requeue for a clean shutdown is not an interruption.
+        s.claim_next_job().await.unwrap().unwrap();
+        assert!(s.requeue("ftjob-i", "suspended").await.unwrap());
+        assert_eq!(s.interruptions("ftjob-i").await.unwrap(), 2);
     }
 
     #[tokio::test]

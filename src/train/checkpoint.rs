@@ -1,5 +1,9 @@
 //! PEFT adapter files (`adapter_model.safetensors` + `adapter_config.json`) and resumable
-//! checkpoints: adapter, optimizer moments, and the trainer's position in the data.
+//! checkpoints: adapter, optimizer moments, and the trainer's position in the data, written
+//! durably with a manifest so a resume can tell a complete checkpoint from a torn one.
+
+pub mod durable;
+mod manifest;
 
 use crate::train::spec::{LoraConfig, TrainConfig};
 use anyhow::{bail, Context, Result};
@@ -13,14 +17,23 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const TRAINER_STATE: &str = "trainer_state.json";
 
-/// Writes a PEFT-loadable adapter into `dir`.
+/// Writes a PEFT-loadable adapter into `dir`, durably: the files appear all at once (a
+/// temporary sibling renamed into place) or not at all.
 pub fn save_adapter(
     dir: &Path,
     vars: &[(String, Var)],
     lora: &LoraConfig,
     base_model: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    durable::write_dir(dir, |tmp| write_adapter_files(tmp, vars, lora, base_model))
+}
+
+fn write_adapter_files(
+    dir: &Path,
+    vars: &[(String, Var)],
+    lora: &LoraConfig,
+    base_model: &str,
+) -> Result<()> {
     let tensors: HashMap<String, Tensor> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
@@ -171,7 +184,10 @@ pub struct TrainerState {
     pub loss_scaler: Option<crate::train::loss_scale::LossScaler>,
 }
 
-/// Writes `dir` atomically (a temporary sibling renamed into place).
+/// Writes the checkpoint `dir` durably: adapter, optimizer and state files, then the manifest
+/// (sizes and SHA-256 of the others) last, each fsync'd, renamed into place and the parent
+/// directory fsync'd, so once this returns the checkpoint survives a crash or power loss, and a
+/// directory that [`verify`] accepts is complete. Nothing is left behind on error (disk full).
 pub fn save_checkpoint(
     dir: &Path,
     vars: &[(String, Var)],
@@ -180,18 +196,23 @@ pub fn save_checkpoint(
     optimizer: &crate::train::optim::AdamW,
     state: &TrainerState,
 ) -> Result<()> {
-    let tmp = dir.with_extension("partial");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    save_adapter(&tmp, vars, lora, base_model)?;
-    optimizer.save(&tmp.join(OPTIMIZER))?;
-    std::fs::write(tmp.join(TRAINER_STATE), serde_json::to_vec_pretty(state)?)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("writing checkpoint {}", dir.display()))?;
+    durable::write_dir(dir, |tmp| {
+        write_adapter_files(tmp, vars, lora, base_model)?;
+        optimizer.save(&tmp.join(OPTIMIZER))?;
+        std::fs::write(tmp.join(TRAINER_STATE), serde_json::to_vec_pretty(state)?)?;
+        crate::fault::point("checkpoint_files");
+        manifest::write(tmp)
+    })
+    .with_context(|| format!("writing checkpoint {}", dir.display()))?;
+    crate::fault::point("checkpoint_renamed");
     Ok(())
+}
+
+/// Checks a checkpoint against its manifest (every file present with its size and hash) and
+/// returns its trainer state.
+pub fn verify(dir: &Path) -> Result<TrainerState> {
+    manifest::verify(dir)?;
+    load_state(dir)
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
@@ -209,19 +230,45 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join("checkpoints").join(format!("step-{step}"))
 }
 
-/// The complete checkpoint with the highest step under `output_dir/checkpoints`.
-pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(output_dir.join("checkpoints")).ok()?;
-    entries
+/// `checkpoints/step-N` directories under `output_dir`, newest (highest step) first.
+fn checkpoints_newest_first(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join(TRAINER_STATE)
-                .exists()
-                .then_some((step, e.path()))
+            Some((step, e.path()))
         })
-        .max_by_key(|(s, _)| *s)
-        .map(|(_, p)| p)
+        .collect();
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    found
+}
+
+/// The newest checkpoint that passes [`verify`], plus why each newer one was passed over (a
+/// torn or damaged directory: resume falls back to the previous good checkpoint).
+pub fn latest_verified_checkpoint(output_dir: &Path) -> (Option<PathBuf>, Vec<String>) {
+    let mut rejected = Vec::new();
+    for (_, dir) in checkpoints_newest_first(output_dir) {
+        match verify(&dir) {
+            Ok(_) => return (Some(dir), rejected),
+            Err(e) => rejected.push(format!("{e:#}")),
+        }
+    }
+    (None, rejected)
+}
+
+/// The newest checkpoint under `output_dir/checkpoints` that passes [`verify`].
+pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
+    latest_verified_checkpoint(output_dir).0
+}
+
+/// Keeps the `keep` newest checkpoints (HF's `save_total_limit`) and deletes the older ones.
+pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+    for (_, dir) in checkpoints_newest_first(output_dir).into_iter().skip(keep) {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
 }

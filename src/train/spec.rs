@@ -107,6 +107,12 @@ pub struct Hyperparameters {
     pub eval_steps: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_steps: Option<u32>,
+    /// Keep only the newest N checkpoints (HF's name); 0 keeps all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<u32>,
+    /// Also checkpoint when this many seconds have passed since the last one; 0 disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_interval_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,8 +197,15 @@ pub struct TrainConfig {
     pub loss_on: LossOn,
     /// 0 = evaluate only at the end (when there is a validation file).
     pub eval_steps: u32,
-    /// 0 = checkpoint only at the end.
+    /// 0 = no step cadence: checkpoint at the end (and, for epoch-based runs, each epoch's end).
     pub save_steps: u32,
+    /// Checkpoints kept on disk, newest first (HF's `save_total_limit`); 0 = all.
+    #[serde(default)]
+    pub save_total_limit: u32,
+    /// A checkpoint is also written once this many seconds have passed since the last one (or
+    /// the start), so a timeout or crash loses at most that much work; 0 disables.
+    #[serde(default = "default_save_interval_seconds")]
+    pub save_interval_seconds: u32,
     pub gradient_checkpointing: bool,
     pub shuffle: bool,
     pub lora: LoraConfig,
@@ -221,6 +234,25 @@ impl LoraConfig {
     }
 }
 
+impl TrainConfig {
+    /// Whether `other` trains exactly the same way: equal but for the checkpoint cadence and
+    /// retention, which a resumed run may change.
+    pub fn same_training(&self, other: &TrainConfig) -> bool {
+        let without_saving = |c: &TrainConfig| TrainConfig {
+            save_steps: 0,
+            save_total_limit: 0,
+            save_interval_seconds: 0,
+            ..c.clone()
+        };
+        without_saving(self) == without_saving(other)
+    }
+}
+
+/// Ten minutes: the most a timeout or a crash can cost with the default cadence.
+fn default_save_interval_seconds() -> u32 {
+    600
+}
+
 impl Default for TrainConfig {
     /// The recipe in docs/architecture.md (TRL + PEFT on Qwen3-1.7B).
     fn default() -> Self {
@@ -239,6 +271,8 @@ impl Default for TrainConfig {
             loss_on: LossOn::Assistant,
             eval_steps: 0,
             save_steps: 0,
+            save_total_limit: 0,
+            save_interval_seconds: default_save_interval_seconds(),
             gradient_checkpointing: true,
             shuffle: true,
             lora: LoraConfig {
@@ -356,6 +390,16 @@ impl JobSpec {
         let max_steps = hp.max_steps.unwrap_or(0);
         check_range(&p("max_steps"), max_steps as f64, 0.0, 10_000_000.0)?;
 
+        let save_total_limit = hp.save_total_limit.unwrap_or(d.save_total_limit);
+        check_range(&p("save_total_limit"), save_total_limit as f64, 0.0, 1e6)?;
+        let save_interval_seconds = hp.save_interval_seconds.unwrap_or(d.save_interval_seconds);
+        check_range(
+            &p("save_interval_seconds"),
+            save_interval_seconds as f64,
+            0.0,
+            31_536_000.0,
+        )?;
+
         let l = hp.lora.clone().unwrap_or_default();
         let r = l.r.unwrap_or(d.lora.r);
         check_range(&p("lora.r"), r as f64, 1.0, 1024.0)?;
@@ -418,6 +462,8 @@ impl JobSpec {
             loss_on: hp.loss_on.unwrap_or(d.loss_on),
             eval_steps: hp.eval_steps.unwrap_or(0),
             save_steps: hp.save_steps.unwrap_or(0),
+            save_total_limit,
+            save_interval_seconds,
             gradient_checkpointing: hp
                 .gradient_checkpointing
                 .unwrap_or(d.gradient_checkpointing),

@@ -465,6 +465,8 @@ struct Session<'a> {
     /// Wall clock of this process's part of the run, and where the state stood when it began.
     clock: Instant,
     start: (u64, f64, u64),
+    /// When the last checkpoint was written (or the run began), for the time-based cadence.
+    last_save: std::cell::Cell<Instant>,
 }
 
 /// One accumulation window's gradients and statistics, or how the run stopped instead.
@@ -560,6 +562,7 @@ impl<'a> Session<'a> {
             order: plan.epoch_order(state.epoch),
             start: (state.step, state.elapsed_seconds, state.num_tokens),
             clock: Instant::now(),
+            last_save: std::cell::Cell::new(Instant::now()),
             model,
             lora,
             params,
@@ -756,7 +759,14 @@ impl<'a> Session<'a> {
             writeln!(self.metrics_file, "{rec}")?;
             on_event(TrainEvent::Eval(e));
         }
-        if due(cfg.save_steps) {
+        // Without a step cadence an epoch-based run also saves at each epoch's end; and a
+        // checkpoint is due whenever `save_interval_seconds` have passed since the last one.
+        let epoch_end = cfg.save_steps == 0
+            && cfg.max_steps == 0
+            && self.state.window_in_epoch as usize >= self.plan.windows_per_epoch;
+        let interval = u64::from(cfg.save_interval_seconds);
+        let timed = interval > 0 && self.last_save.get().elapsed().as_secs() >= interval;
+        if due(cfg.save_steps) || epoch_end || timed {
             self.save(on_event)?;
         }
         Ok(())
@@ -774,6 +784,10 @@ impl<'a> Session<'a> {
             &self.opt,
             st,
         )?;
+        self.last_save.set(Instant::now());
+        if job.config.save_total_limit > 0 {
+            checkpoint::prune_checkpoints(&job.output_dir, job.config.save_total_limit as usize)?;
+        }
         on_event(TrainEvent::Checkpoint(CheckpointInfo {
             step: st.step,
             path: dir.clone(),
@@ -793,8 +807,12 @@ fn resume(
     params: &[(String, Var)],
     opt: &mut AdamW,
 ) -> Result<TrainerState> {
-    let state = checkpoint::load_state(ckpt)?;
-    if state.config.as_ref() != Some(&job.config) {
+    let state = checkpoint::verify(ckpt)?;
+    if !state
+        .config
+        .as_ref()
+        .is_some_and(|c| c.same_training(&job.config))
+    {
         bail!(
             "checkpoint {} was written with different hyperparameters",
             ckpt.display()

@@ -64,8 +64,15 @@ pub struct Worker {
 
 impl Worker {
     /// Requeues what a previous process left running, re-validates jobs it left validating,
-    /// and starts the thread. Must be called inside the tokio runtime.
-    pub async fn start(store: Store, hub: Hub, device: String) -> crate::store::Result<Self> {
+    /// and starts the thread. Must be called inside the tokio runtime. A job found running (its
+    /// process died) is resumed unless that has happened `max_attempts` times already; then it
+    /// fails with a message naming the last step reached.
+    pub async fn start(
+        store: Store,
+        hub: Hub,
+        device: String,
+        max_attempts: u32,
+    ) -> crate::store::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             current: Mutex::new(None),
@@ -92,15 +99,7 @@ impl Worker {
         };
         for job in store.interrupted_jobs().await? {
             match job.status()? {
-                JobStatus::Running => {
-                    tracing::info!(job = %job.id, "requeueing a job interrupted by a restart");
-                    store
-                        .requeue(
-                            &job.id,
-                            "Job interrupted by a server restart; it will resume from its last checkpoint",
-                        )
-                        .await?;
-                }
+                JobStatus::Running => recover_interrupted(&store, &job.id, max_attempts).await?,
                 _ => worker.validate(job),
             }
         }
@@ -173,6 +172,46 @@ impl Worker {
     pub fn validate(&self, job: JobRow) {
         let _ = self.validations.send(job);
     }
+}
+
+/// Requeues a job a dead process left running, or fails it once it has been interrupted more
+/// than `max_attempts` times (a job that kills the server, e.g. by exhausting memory, would
+/// otherwise crash every restart and block the queue behind it).
+async fn recover_interrupted(
+    store: &Store,
+    id: &str,
+    max_attempts: u32,
+) -> crate::store::Result<()> {
+    let times = store.interruptions(id).await? + 1;
+    if times <= i64::from(max_attempts) {
+        tracing::info!(job = %id, times, "requeueing a job interrupted by a restart");
+        store
+            .requeue_interrupted(
+                id,
+                "Job interrupted by a server restart; it will resume from its last checkpoint",
+            )
+            .await?;
+        return Ok(());
+    }
+    let reached = match store.last_metrics_step(id, "train_loss").await? {
+        Some(step) => format!("the last step reached was {step}"),
+        None => "it never completed a step".to_string(),
+    };
+    let message = format!(
+        "Job interrupted {times} times: the server process died while running it each time \
+         (killed, out of memory, or power loss); {reached}. It was resumed {max_attempts} times \
+         (SFTD_MAX_ATTEMPTS) and is not retried again; check the server's memory and logs \
+         before creating it again."
+    );
+    tracing::warn!(job = %id, times, "failing a job interrupted too often");
+    store
+        .fail_job(
+            id,
+            &[JobStatus::Running],
+            &JobError::new("job_interrupted", message, None),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Validates jobs in order: queues each or fails it with a message naming what is wrong.

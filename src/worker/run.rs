@@ -5,6 +5,7 @@ use crate::hub::{Hub, HubError};
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
 use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
+use crate::train::checkpoint::{self, durable};
 use crate::train::events::{
     CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent,
 };
@@ -12,6 +13,15 @@ use crate::train::spec::{JobSpec, TrainConfig};
 use crate::train::trainer as engine;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Waits before retrying a store write that failed (a locked or briefly full database); after
+/// the last one the job fails rather than lose the event.
+const RECORD_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
 
 /// What the worker thread needs besides the job.
 pub(super) struct Ctx {
@@ -167,7 +177,7 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         Err(e) => return fail(e),
     };
     let output_dir = job_dir(store, id);
-    let resume_from = engine::latest_checkpoint(&output_dir);
+    let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
     let last = |key| {
         ctx.rt
             .block_on(store.last_metrics_step(id, key))
@@ -180,8 +190,21 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         control,
         last_train_step: last("train_loss").unwrap_or(0),
         last_eval_step: last("valid_loss").unwrap_or(0),
+        keep_checkpoints: inputs.config.save_total_limit,
+        lost: None,
     };
+    let data_dir = store.data_dir().to_string_lossy().into_owned();
+    for reason in torn {
+        recorder.record(NewEvent {
+            level: "warn",
+            ..NewEvent::info(format!(
+                "Skipping a damaged checkpoint: {}",
+                reason.replace(&data_dir, "<data dir>")
+            ))
+        });
+    }
     if let Some(ck) = &resume_from {
+        recorder.register_resumed_checkpoint(ck);
         recorder.record(NewEvent::info(format!(
             "Resuming from checkpoint {}",
             ck.file_name().unwrap_or_default().to_string_lossy()
@@ -206,6 +229,13 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine::run(&train_job, control, &mut |ev| recorder.on_event(ev))
     }));
+    if let Some(lost) = recorder.lost.take() {
+        return fail(JobError::new(
+            "events_not_recorded",
+            format!("{lost}; the job was stopped so that no step goes unrecorded"),
+            None,
+        ));
+    }
     match result {
         Ok(Ok(Outcome::Completed {
             adapter_dir,
@@ -214,7 +244,9 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         })) => {
             tracing::info!(job = id, steps, trained_tokens, "training completed");
             if let Err(e) = finish(ctx, job, &inputs.spec, &adapter_dir, trained_tokens) {
-                fail(JobError::new("internal_error", format!("could not register the results: {e:#}"), None));
+                let message = format!("could not register the results: {e:#}");
+                let code = if is_disk_full(&message) { "disk_full" } else { "internal_error" };
+                fail(JobError::new(code, message.replace(&data_dir, "<data dir>"), None));
             }
         }
         Ok(Ok(Outcome::Suspended { step, .. })) => requeue(
@@ -227,11 +259,18 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         }
         Ok(Err(_)) | Err(_) if control.is_cancelled() => {}
         Ok(Err(_)) if control.is_suspended() => requeue(ctx, id, "Job suspended for a server shutdown"),
-        Ok(Err(e)) => fail(JobError::new(
-            "training_failed",
-            user_message(&format!("{e:#}"), job, &train_job, store.data_dir()),
-            None,
-        )),
+        Ok(Err(e)) => {
+            let message = user_message(&format!("{e:#}"), job, &train_job, store.data_dir());
+            if is_disk_full(&message) {
+                fail(JobError::new(
+                    "disk_full",
+                    format!("The disk holding the data directory is full: {message}. Nothing partial was kept; free space, then create the job again."),
+                    None,
+                ))
+            } else {
+                fail(JobError::new("training_failed", message, None))
+            }
+        }
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -241,6 +280,11 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
             fail(JobError::new("internal_error", format!("the trainer crashed: {what}"), None))
         }
     }
+}
+
+/// Whether an error message (with its causes) reports ENOSPC.
+fn is_disk_full(message: &str) -> bool {
+    message.contains("os error 28") || message.contains("No space left on device")
 }
 
 /// The engine's error with the server's paths replaced by what the user knows: file ids, and
@@ -272,7 +316,7 @@ fn finish(
     let store = &ctx.store;
     let metrics = ctx.rt.block_on(store.metrics_events(&job.id))?;
     let csv_path = job_dir(store, &job.id).join("metrics.csv");
-    std::fs::write(&csv_path, metrics_csv(&metrics))?;
+    durable::write_file(&csv_path, metrics_csv(&metrics).as_bytes())?;
     let mut results = Vec::new();
     for path in [
         adapter_dir.join("adapter_model.safetensors"),
@@ -315,19 +359,68 @@ struct Recorder<'a> {
     control: &'a Control,
     last_train_step: i64,
     last_eval_step: i64,
+    /// `save_total_limit`: checkpoint rows kept (0: all), like the directories on disk.
+    keep_checkpoints: u32,
+    /// Set when an event or checkpoint could not be stored even after retries: the run is
+    /// stopped and the job fails with this, rather than go on with a hole in its record.
+    lost: Option<String>,
 }
 
 impl Recorder<'_> {
-    fn record(&self, ev: NewEvent) {
-        match self
-            .ctx
-            .rt
-            .block_on(self.ctx.store.append_running_event(self.job_id, &ev))
-        {
-            Ok(Some(_)) => {}
-            // The job left `running` (cancelled): stop training it.
-            Ok(None) => self.control.cancel(),
-            Err(e) => tracing::error!(job = self.job_id, error = %e, "could not record an event"),
+    /// Runs a store write with bounded retries. `None` once it has failed for good (the run is
+    /// then being stopped and `lost` says why).
+    fn store_write<T>(
+        &mut self,
+        what: &str,
+        write: impl Fn() -> crate::store::Result<T>,
+    ) -> Option<T> {
+        if self.lost.is_some() {
+            return None;
+        }
+        let mut delays = RECORD_RETRY_DELAYS.iter();
+        loop {
+            match write() {
+                Ok(v) => return Some(v),
+                Err(e) => match delays.next() {
+                    Some(delay) => {
+                        tracing::warn!(job = self.job_id, error = %e, "could not record {what}; retrying");
+                        std::thread::sleep(*delay);
+                    }
+                    None => {
+                        tracing::error!(job = self.job_id, error = %e, "could not record {what}; stopping the job");
+                        self.lost = Some(format!("could not record {what}: {e}"));
+                        self.control.cancel();
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+
+    fn record(&mut self, ev: NewEvent) {
+        let (ctx, job_id) = (self.ctx, self.job_id);
+        let what = format!("the event {:?}", ev.message);
+        let appended = self.store_write(&what, || {
+            ctx.rt.block_on(ctx.store.append_running_event(job_id, &ev))
+        });
+        // The job left `running` (cancelled): stop training it.
+        if let Some(None) = appended {
+            self.control.cancel();
+        }
+    }
+
+    /// Records the checkpoint a run resumes from if a crash came between writing it and
+    /// committing its row (ignored when the row exists).
+    fn register_resumed_checkpoint(&mut self, dir: &Path) {
+        if let Ok(state) = checkpoint::load_state(dir) {
+            self.checkpoint(&CheckpointInfo {
+                step: state.step,
+                path: dir.to_path_buf(),
+                train_loss: state.last_train_loss,
+                train_mean_token_accuracy: state.last_train_accuracy,
+                eval_loss: state.last_eval_loss,
+                eval_mean_token_accuracy: state.last_eval_accuracy,
+            });
         }
     }
 
@@ -364,8 +457,9 @@ impl Recorder<'_> {
         }
     }
 
-    fn checkpoint(&self, c: &CheckpointInfo) {
-        let store = &self.ctx.store;
+    fn checkpoint(&mut self, c: &CheckpointInfo) {
+        let (ctx, job_id, keep) = (self.ctx, self.job_id, self.keep_checkpoints);
+        let store = &ctx.store;
         let metrics = serde_json::json!({
             "step": c.step,
             "train_loss": c.train_loss,
@@ -374,15 +468,17 @@ impl Recorder<'_> {
             "valid_mean_token_accuracy": c.eval_mean_token_accuracy,
         });
         let rel = c.path.strip_prefix(store.data_dir()).unwrap_or(&c.path);
-        let added = self.ctx.rt.block_on(store.add_checkpoint(
-            self.job_id,
-            c.step as i64,
-            &metrics,
-            &rel.to_string_lossy(),
-        ));
-        if let Err(e) = added {
-            tracing::error!(job = self.job_id, error = %e, "could not record a checkpoint");
-        }
+        let rel = rel.to_string_lossy();
+        let what = format!("the checkpoint of step {}", c.step);
+        self.store_write(&what, || {
+            ctx.rt.block_on(store.add_checkpoint_keeping(
+                job_id,
+                c.step as i64,
+                &metrics,
+                &rel,
+                keep,
+            ))
+        });
     }
 }
 

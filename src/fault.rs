@@ -1,0 +1,56 @@
+//! Fault injection for the crash tests. `SFTD_FAULT_POINT=name:n` aborts the process (no
+//! cleanup, like `kill -9`) the n-th time execution reaches `fault::point("name")`;
+//! `SFTD_FAULT_FAIL=name:n` makes `fault::fails("name")` true from its n-th call on (a store
+//! write that keeps failing). Unset, each check only reads a once-initialised static.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// A configured fault and how many times its point has been reached.
+struct Armed {
+    name: String,
+    nth: u64,
+    hits: AtomicU64,
+}
+
+impl Armed {
+    fn from_env(var: &str) -> Option<Self> {
+        let v = std::env::var(var).ok()?;
+        let (name, n) = v.split_once(':').unwrap_or((v.as_str(), "1"));
+        Some(Self {
+            name: name.to_string(),
+            nth: n.parse().unwrap_or(1),
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a hit of `name`; which hit this is (1-based), or `None` for another point.
+    fn hit(&self, name: &str) -> Option<u64> {
+        (self.name == name).then(|| self.hits.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+static ABORT: OnceLock<Option<Armed>> = OnceLock::new();
+static FAIL: OnceLock<Option<Armed>> = OnceLock::new();
+
+/// Aborts here if this is the n-th hit of the point `SFTD_FAULT_POINT` names.
+pub fn point(name: &str) {
+    let Some(armed) = ABORT.get_or_init(|| Armed::from_env("SFTD_FAULT_POINT")) else {
+        return;
+    };
+    if armed.hit(name) == Some(armed.nth) {
+        eprintln!(
+            "sftd: SFTD_FAULT_POINT {name}:{} reached; aborting",
+            armed.nth
+        );
+        std::process::abort();
+    }
+}
+
+/// Whether the operation `name` should fail now (`SFTD_FAULT_FAIL`).
+pub fn fails(name: &str) -> bool {
+    let Some(armed) = FAIL.get_or_init(|| Armed::from_env("SFTD_FAULT_FAIL")) else {
+        return false;
+    };
+    armed.hit(name).is_some_and(|n| n >= armed.nth)
+}
