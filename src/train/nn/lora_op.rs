@@ -80,7 +80,7 @@ fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
-fn cpu<'a>(s: &'a Storage) -> Result<&'a CpuStorage> {
+fn cpu(s: &Storage) -> Result<&CpuStorage> {
     match s {
         Storage::Cpu(c) => Ok(c),
         _ => candle_core::bail!("lora linear: CPU tensors expected"),
@@ -109,7 +109,7 @@ fn forward<T: WithDType>(
 }
 
 /// Backward: `(dx (N, I) if wanted, dA (r, I), dB (O, r))` for the output gradient `g (N, O)`.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn backward<T: WithDType>(
     x: &[T],
     w: &[T],
