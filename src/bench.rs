@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Base-weight precision: `auto` (the device's best), `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "auto")]
     pub precision: Precision,
+    /// Benchmark a generated random-init model of this shape instead of `--model` (written to
+    /// `DATA_DIR/bench-models` on first use): `layers` = Qwen3-0.6B's layer shape (hidden 1024,
+    /// intermediate 3072, 16/8 heads of 128), 8 layers, vocabulary 4096, tied, so the layers
+    /// dominate as in real Qwen3 models; `head` = 4 such layers with Qwen3's full 151936-token
+    /// tied vocabulary, where the LM head is 70 % of the weights.
+    #[arg(long, value_parser = ["layers", "head"])]
+    pub shape: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +100,10 @@ pub struct BenchReport {
     /// GPU only: most device memory in use (total − free, sampled every 5 ms by the driver's
     /// count, so it includes the allocator's cached blocks and other processes).
     pub peak_device_memory_mb: Option<f64>,
+    /// CPU model name, its SIMD extensions that matter here, and the gemm kernel family in use.
+    pub cpu: String,
+    pub isa: String,
+    pub gemm_kernel: &'static str,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -128,6 +139,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 report.device_name, report.device, report.precision, report.peak_source
             );
         }
+        println!(
+            "\nCPU: {}; ISA: {}; gemm kernels: {}",
+            report.cpu, report.isa, report.gemm_kernel
+        );
     }
     Ok(())
 }
@@ -136,7 +151,9 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let dev = crate::train::device_from_str(&args.device)?;
     let info = DeviceInfo::probe(&dev)?;
     let precision = args.precision.resolve(&info)?;
-    let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
+    let model_dir = if let Some(shape) = &args.shape {
+        bench_model(&args.data_dir, shape)?
+    } else if args.model == crate::train::spec::DEMO_MODEL {
         crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {
         PathBuf::from(&args.model)
@@ -250,6 +267,9 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         peak_source,
         mfu: tokens_per_second * flops_per_token / gemm,
         peak_device_memory_mb,
+        cpu: cpu_model(),
+        isa: cpu_isa(),
+        gemm_kernel: gemm_kernel(),
     })
 }
 
@@ -280,4 +300,82 @@ pub fn peak_rss_mb() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// The random-init model of a `--shape`, generated into `DATA_DIR/bench-models` on first use.
+fn bench_model(data_dir: &std::path::Path, shape: &str) -> Result<PathBuf> {
+    use crate::train::demo::{write_model, DemoSize};
+    let (name, layers, vocab) = match shape {
+        "layers" => ("qwen3-0.6b-layers-8l-v4096", 8, 4096),
+        "head" => ("qwen3-0.6b-4l-v151936", 4, 151936),
+        other => bail!("unknown shape {other:?}"),
+    };
+    let dir = data_dir.join("bench-models").join(name);
+    if !dir.join("model.safetensors").is_file() {
+        let size = DemoSize {
+            hidden: 1024,
+            intermediate: 3072,
+            layers,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 128,
+            min_vocab: vocab,
+            ..DemoSize::DEMO
+        };
+        write_model(&dir, size, 0)?;
+    }
+    Ok(dir)
+}
+
+/// `model name` from /proc/cpuinfo.
+fn cpu_model() -> String {
+    cpuinfo_field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The CPU's SIMD extensions relevant to f32 GEMMs, from /proc/cpuinfo's flags.
+fn cpu_isa() -> String {
+    const KNOWN: [&str; 10] = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "neon",
+    ];
+    let flags = cpuinfo_field("flags")
+        .or_else(|| cpuinfo_field("Features"))
+        .unwrap_or_default();
+    let have: Vec<&str> = flags.split_whitespace().collect();
+    let list: Vec<&str> = KNOWN.into_iter().filter(|f| have.contains(f)).collect();
+    list.join(" ")
+}
+
+fn cpuinfo_field(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.split(':').next().map(str::trim) == Some(name))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The f32 micro-kernel family the gemm crate picks on this CPU (it decides at run time).
+fn gemm_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "fma (AVX2)";
+        }
+        "scalar"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "neon or scalar"
+    }
 }

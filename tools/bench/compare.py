@@ -57,6 +57,18 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() == "model name":
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def gemm_peak_gflops(threads, n=1024, reps=10):
     import torch
 
@@ -204,7 +216,7 @@ def main():
         "engine": "transformers+peft",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "os_cpus": os.cpu_count(), "threads": args.threads},
+        "machine": {"cpu": cpu_model(), "os_cpus": os.cpu_count(), "threads": args.threads},
         "settings": {"model": args.model, "data": args.data, "batch_size": args.batch_size,
                      "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps,
                      "warmup": args.warmup, "padding": args.padding, "lora_r": args.r, "lora_alpha": args.alpha,

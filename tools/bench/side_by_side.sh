@@ -1,34 +1,70 @@
 #!/usr/bin/env bash
-# sftd bench and transformers + PEFT (compare.py) on the same model, data and batch, one after the
-# other on an otherwise idle machine. Prints both tables; paste them into docs/benchmarks.md.
+# sftd bench and transformers + PEFT (compare.py) on the same models, data and batches,
+# interleaved run by run (sftd, transformers, sftd, transformers, …) so that both engines see the
+# same machine conditions; then a table of best and median tokens/s and peak RSS for each.
 #
 #   tools/bench/side_by_side.sh [WORKDIR]
 #
-# Env: SFTD (default target/release/sftd), SFTD_BLAS (an `--features openblas` build, optional),
-#      PY (default /work/venv-ref/bin/python), LAYERS (4), SEQ (512), STEPS (3), THREADS (2),
-#      LOSS_ON (assistant | all; transformers computes every position's logits either way, sftd
-#      only the labelled ones), BATCHES ("1 4").
+# Env (defaults in brackets):
+#   SFTD [target/release/sftd]   PY [/work/venv-ref/bin/python]   RUNS [3] runs per engine
+#   SHAPES ["layers head"]: layers = Qwen3-0.6B's layer shape (hidden 1024, intermediate 3072,
+#          16/8 heads of 128), 8 layers, vocabulary 4096, tied (the layers dominate, as in real
+#          Qwen3 models); head = the same layers, 4 of them, with Qwen3's full 151936-token tied
+#          vocabulary (the LM head is 70 % of the weights)
+#   BATCHES ["1 4"]   CKPT ["on off"] gradient checkpointing
+#   LOSS_ON ["assistant all"]: sftd runs once per setting; transformers computes every
+#          position's logits either way, so it runs once and both sftd settings compare to it
+#   SEQ [512]  STEPS [5] timed steps (after one warm-up)  THREADS [2]
+# Results: one JSON file per run in WORKDIR/runs, the summary table in WORKDIR/summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/sftd-bench}
 SFTD=${SFTD:-target/release/sftd}
 PY=${PY:-/work/venv-ref/bin/python}
-LAYERS=${LAYERS:-4}; SEQ=${SEQ:-512}; STEPS=${STEPS:-3}; THREADS=${THREADS:-2}
-LOSS_ON=${LOSS_ON:-assistant}; BATCHES=${BATCHES:-1 4}
+RUNS=${RUNS:-3}; SHAPES=${SHAPES:-layers head}; BATCHES=${BATCHES:-1 4}; CKPT=${CKPT:-on off}
+LOSS_ON=${LOSS_ON:-assistant all}; SEQ=${SEQ:-512}; STEPS=${STEPS:-5}; THREADS=${THREADS:-2}
 DATA=examples/tool_calls.jsonl
-mkdir -p "$W"
-# Qwen3-0.6B's layer shapes and vocabulary (tied 151936 × 1024 embedding), LAYERS of its 28 layers.
-M="$W/qwen3-0.6b-${LAYERS}l"
-[ -f "$M/model.safetensors" ] || "$SFTD" demo-model "$M" --hidden 1024 --intermediate 3072 \
-  --layers "$LAYERS" --heads 16 --kv-heads 8 --head-dim 128 --vocab 151936
+mkdir -p "$W/runs"
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 # This machine sets OPENBLAS_CORETYPE for old OpenBLAS builds; it slows current ones.
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-for b in $BATCHES; do
-  "$SFTD" bench --model "$M" --data "$DATA" --batch-size $b --seq-len "$SEQ" --steps "$STEPS" --loss-on "$LOSS_ON" --json | tee -a "$W/sftd.jsonl"
-  [ -n "${SFTD_BLAS:-}" ] && "$SFTD_BLAS" bench --model "$M" --data "$DATA" --batch-size $b --seq-len "$SEQ" --steps "$STEPS" --loss-on "$LOSS_ON" --json \
-    | sed 's/"engine":"sftd (candle)"/"engine":"sftd (candle + OpenBLAS sgemm)"/' | tee -a "$W/sftd.jsonl"
-  "$PY" tools/bench/compare.py --model "$M" --data "$DATA" --batch-size $b --seq-len "$SEQ" \
-    --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc on --loss-on "$LOSS_ON" \
-    --json-out "$W/hf_b${b}_$LOSS_ON.json"
+
+model_dir() {
+  case "$1" in
+    layers) echo "$W/qwen3-0.6b-layers-8l-v4096" ;;
+    head) echo "$W/qwen3-0.6b-4l-v151936" ;;
+    *) echo "unknown shape $1" >&2; exit 2 ;;
+  esac
+}
+for s in $SHAPES; do
+  M=$(model_dir "$s")
+  [ -f "$M/model.safetensors" ] && continue
+  case "$s" in
+    layers) "$SFTD" demo-model "$M" --hidden 1024 --intermediate 3072 --layers 8 --heads 16 \
+              --kv-heads 8 --head-dim 128 --vocab 4096 ;;
+    head) "$SFTD" demo-model "$M" --hidden 1024 --intermediate 3072 --layers 4 --heads 16 \
+              --kv-heads 8 --head-dim 128 --vocab 151936 ;;
+  esac
 done
+
+for s in $SHAPES; do
+  M=$(model_dir "$s")
+  for b in $BATCHES; do
+    for c in $CKPT; do
+      flag=""; [ "$c" = off ] && flag="--no-checkpointing"
+      for r in $(seq 1 "$RUNS"); do
+        for l in $LOSS_ON; do
+          out="$W/runs/${s}_b${b}_ckpt${c}_${l}_sftd_r$r.json"
+          "$SFTD" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
+            --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
+          echo "sftd $s b$b ckpt $c loss $l run $r: $(cat "$out")"
+        done
+        out="$W/runs/${s}_b${b}_ckpt${c}_hf_r$r.json"
+        "$PY" tools/bench/compare.py --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
+          --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc "$c" --json-out "$out" > /dev/null
+        echo "transformers $s b$b ckpt $c run $r: $(grep -o '"tokens_per_second": [0-9.]*' "$out")"
+      done
+    done
+  done
+done
+"$PY" tools/bench/summarize.py "$W/runs" | tee "$W/summary.md"

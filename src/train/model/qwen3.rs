@@ -4,6 +4,7 @@
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
 
 use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables, upcast};
+use crate::train::nn::swiglu::swiglu;
 use crate::train::nn::{Lora, LoraLinear, Pass};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -303,9 +304,9 @@ impl Qwen3 {
         let x = (x + l.proj[3].forward(&attn, pass, key(3))?)?;
         // 2. SwiGLU MLP.
         let h = rms_norm(&x, &l.post_attn_norm, eps)?;
-        let gate = l.proj[4].forward(&h, pass, key(4))?.silu()?;
+        let gate = l.proj[4].forward(&h, pass, key(4))?;
         let up = l.proj[5].forward(&h, pass, key(5))?;
-        let mlp = l.proj[6].forward(&(gate * up)?, pass, key(6))?;
+        let mlp = l.proj[6].forward(&swiglu(&gate, &up)?, pass, key(6))?;
         Ok((x + mlp)?)
     }
 

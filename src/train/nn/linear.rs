@@ -51,7 +51,9 @@ impl CustomOp1 for FrozenMatmul {
         match &*ws {
             #[cfg(feature = "openblas")]
             Storage::Cpu(w) if blas::usable(s, l, w, wl) => blas::x_wt(s, l, w, wl),
-            Storage::Cpu(w) => self.fwd(s, l, w, wl),
+            Storage::Cpu(w) => {
+                super::matmul::x_wt(s, l, w, wl).unwrap_or_else(|| self.fwd(s, l, w, wl))
+            }
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
@@ -221,6 +223,9 @@ pub fn frozen_linear_grad(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor>
             .contiguous()?
             .apply_op1_no_bwd(&blas::GradInput { w: w.clone() });
     }
+    if let Some(dx) = super::matmul::g_w(g, w)? {
+        return Ok(dx);
+    }
     g.broadcast_matmul(w)
 }
 
@@ -254,6 +259,9 @@ pub struct Pass {
 impl LoraLinear {
     /// `x (N, I) -> (N, O)`.
     pub fn forward(&self, x: &Tensor, pass: Pass, module_key: u64) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_fused(x, pass)? {
+            return Ok(y);
+        }
         let mut y = frozen_linear(x, &self.weight)?;
         overflow_probe::check(&y, module_key)?;
         if let Some(b) = &self.bias {

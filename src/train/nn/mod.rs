@@ -1,7 +1,11 @@
 //! Neural-network building blocks that keep gradients flowing where candle's fused ops would not.
 
+pub mod attention;
 pub mod fused;
 pub mod linear;
+pub mod lora_op;
+mod matmul;
 pub mod ops;
+pub mod swiglu;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};

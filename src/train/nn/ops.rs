@@ -100,6 +100,19 @@ pub fn packed_causal_attention(
     v: &Tensor,
     segments: &[(usize, usize)],
 ) -> Result<Tensor> {
+    if super::attention::packed_attention_usable(q, k, v) {
+        return super::attention::packed_attention(q, k, v, segments);
+    }
+    packed_causal_attention_composed(q, k, v, segments)
+}
+
+/// [`packed_causal_attention`] from tensor ops (other devices; the fused op's test oracle).
+pub fn packed_causal_attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+) -> Result<Tensor> {
     let (n, hq, d) = q.dims3()?;
     let hkv = k.dim(1)?;
     let g = hq / hkv;

@@ -1,0 +1,525 @@
+//! Causal self-attention over packed sequences as one CPU op, with a hand-written backward.
+//!
+//! Composed from candle ops, each sequence's q, k and v are first copied into head-major
+//! tensors, scores and probabilities pass through several graph nodes, and the output is copied
+//! back into token-major order; the backward undoes each copy and zero-fills and adds every
+//! gradient. Here every (sequence, head) runs two small GEMMs that read q, k and v where they
+//! lie in the packed `(N, H, D)` buffers and write the output in place, only the probabilities
+//! are kept for the backward, and key/value head groups are spread over the CPU threads (one
+//! group's products are too small to be worth splitting).
+//!
+//! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
+//! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
+
+use super::fused::Real;
+use super::matmul::{gemm_into, SendPtr, View};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// `q (N, Hq, D)`, `k`/`v (N, Hkv, D)`, `segments`: (start, len) of each sequence, covering N
+/// -> `(N, Hq·D)`: per sequence, `softmax(q kᵀ / √D)` with row i seeing keys 0..=i, times v.
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+) -> Result<Tensor> {
+    let op = PackedAttention {
+        segments: segments.to_vec(),
+        probs: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+/// Whether [`packed_attention`] serves these operands.
+pub fn packed_attention_usable(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    q.device().is_cpu()
+        && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+}
+
+struct PackedAttention {
+    segments: Vec<(usize, usize)>,
+    /// Every (sequence, head)'s T×T probabilities from the forward pass, for the backward.
+    probs: Mutex<Option<CpuStorage>>,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+impl PackedAttention {
+    fn dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Dims> {
+        let (n, hq, d) = ql.shape().dims3()?;
+        let (nk, hkv, dk) = kl.shape().dims3()?;
+        let covered: usize = self.segments.iter().map(|s| s.1).sum();
+        let contiguous_cover = self
+            .segments
+            .iter()
+            .try_fold(0, |at, &(s, t)| (s == at).then_some(at + t))
+            == Some(n);
+        if nk != n
+            || dk != d
+            || kl.shape() != vl.shape()
+            || hkv == 0
+            || hq % hkv != 0
+            || covered != n
+            || !contiguous_cover
+        {
+            candle_core::bail!(
+                "packed attention: q {:?}, k {:?}, v {:?} and segments {:?} do not fit",
+                ql.dims(),
+                kl.dims(),
+                vl.dims(),
+                self.segments
+            )
+        }
+        Ok(Dims { hq, hkv, d })
+    }
+
+    /// Where each sequence's Hq probability blocks of T×T start, and their total size.
+    fn prob_offsets(&self, hq: usize) -> (Vec<usize>, usize) {
+        let mut at = 0;
+        let offsets = self
+            .segments
+            .iter()
+            .map(|&(_, t)| {
+                let o = at;
+                at += hq * t * t;
+                o
+            })
+            .collect();
+        (offsets, at)
+    }
+}
+
+/// Runs `job(sequence, kv head)` for every pair, the pairs spread over candle's CPU threads by
+/// their cost (T²), largest first onto the least loaded thread.
+fn par_jobs(segments: &[(usize, usize)], hkv: usize, job: impl Fn(usize, usize) + Sync) {
+    let mut jobs: Vec<(usize, usize)> = (0..segments.len())
+        .flat_map(|s| (0..hkv).map(move |h| (s, h)))
+        .collect();
+    let threads = candle_core::utils::get_num_threads().min(jobs.len()).max(1);
+    if threads == 1 {
+        jobs.iter().for_each(|&(s, h)| job(s, h));
+        return;
+    }
+    jobs.sort_by_key(|&(s, _)| std::cmp::Reverse(segments[s].1));
+    let mut lists = vec![(0usize, Vec::new()); threads];
+    for j in jobs {
+        let t = segments[j.0].1;
+        let least = lists.iter_mut().min_by_key(|l| l.0).expect("threads >= 1");
+        least.0 += t * t;
+        least.1.push(j);
+    }
+    std::thread::scope(|scope| {
+        let job = &job;
+        let mut lists = lists.into_iter().map(|l| l.1);
+        let first = lists.next().unwrap_or_default();
+        for list in lists {
+            scope.spawn(move || list.iter().for_each(|&(s, h)| job(s, h)));
+        }
+        first.iter().for_each(|&(s, h)| job(s, h));
+    });
+}
+
+/// `row[..seen] = softmax(scale · row[..seen])`, `row[seen..] = 0`, in place.
+fn causal_softmax_row<T: Real>(row: &mut [T], seen: usize, scale: T) {
+    let (live, masked) = row.split_at_mut(seen);
+    let max = live
+        .iter()
+        .copied()
+        .fold(live[0], |m, v| if v > m { v } else { m });
+    for x in live.iter_mut() {
+        *x = ((*x - max) * scale).exp();
+    }
+    let inv = T::from_f64(1.0 / T::sum(live));
+    live.iter_mut().for_each(|x| *x *= inv);
+    masked.fill(T::zero());
+}
+
+/// Forward: `(out (N, Hq·D), probabilities)`.
+fn forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    Dims { hq, hkv, d }: Dims,
+    segments: &[(usize, usize)],
+    (offsets, total): &(Vec<usize>, usize),
+) -> (Vec<T>, Vec<T>) {
+    let n = q.len() / (hq * d);
+    let g_size = hq / hkv;
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    let mut out: Vec<T> = Vec::with_capacity(n * hq * d);
+    let mut probs: Vec<T> = Vec::with_capacity(*total);
+    let (out_p, probs_p) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
+    par_jobs(segments, hkv, |si, kv| {
+        let (start, t) = segments[si];
+        let kv_at = (start * hkv + kv) * d;
+        let k_t = View {
+            ptr: k[kv_at..].as_ptr(),
+            rs: 1,
+            cs: (hkv * d) as isize,
+        }; // (D, T)
+        let v_m = View {
+            ptr: v[kv_at..].as_ptr(),
+            rs: (hkv * d) as isize,
+            cs: 1,
+        }; // (T, D)
+        for h in kv * g_size..(kv + 1) * g_size {
+            let q_m = View {
+                ptr: q[(start * hq + h) * d..].as_ptr(),
+                rs: (hq * d) as isize,
+                cs: 1,
+            }; // (T, D)
+               // SAFETY: each (sequence, head) owns its T×T probability block and its T×D block of
+               // the output (rows start.., columns h·D..); every element of both is written here
+               // before the buffers' lengths are set after all jobs have joined.
+            unsafe {
+                let p = probs_p.get().add(offsets[si] + h * t * t);
+                gemm_into(p, t, (t, t, d), false, q_m, k_t, T::one(), false);
+                for i in 0..t {
+                    causal_softmax_row(
+                        std::slice::from_raw_parts_mut(p.add(i * t), t),
+                        i + 1,
+                        scale,
+                    );
+                }
+                let p_m = View {
+                    ptr: p as *const T,
+                    rs: t as isize,
+                    cs: 1,
+                };
+                let o = out_p.get().add(start * hq * d + h * d);
+                gemm_into(o, hq * d, (t, d, t), false, p_m, v_m, T::one(), false);
+            }
+        }
+    });
+    // SAFETY: the segments cover all N rows (checked in `dims`) and every head, so every element
+    // of both buffers was written above.
+    unsafe {
+        out.set_len(n * hq * d);
+        probs.set_len(*total);
+    }
+    (out, probs)
+}
+
+/// Backward: `(dq, dk, dv)` for the output gradient `dout (N, Hq·D)`.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    probs: &[T],
+    dout: &[T],
+    Dims { hq, hkv, d }: Dims,
+    segments: &[(usize, usize)],
+    offsets: &[usize],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let n = q.len() / (hq * d);
+    let g_size = hq / hkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut dq: Vec<T> = Vec::with_capacity(n * hq * d);
+    let mut dk: Vec<T> = Vec::with_capacity(n * hkv * d);
+    let mut dv: Vec<T> = Vec::with_capacity(n * hkv * d);
+    let (dq_p, dk_p, dv_p) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    par_jobs(segments, hkv, |si, kv| {
+        let (start, t) = segments[si];
+        let kv_at = (start * hkv + kv) * d;
+        let kv_rows = |s: &[T]| View {
+            ptr: s[kv_at..].as_ptr(),
+            rs: (hkv * d) as isize,
+            cs: 1,
+        }; // (T, D)
+        let mut ds = vec![T::zero(); t * t];
+        for (gi, h) in (kv * g_size..(kv + 1) * g_size).enumerate() {
+            let first = gi == 0;
+            let p = &probs[offsets[si] + h * t * t..][..t * t];
+            let p_m = View::rows(p, t);
+            let do_m = View {
+                ptr: dout[start * hq * d + h * d..].as_ptr(),
+                rs: (hq * d) as isize,
+                cs: 1,
+            }; // (T, D)
+            let q_m = View {
+                ptr: q[(start * hq + h) * d..].as_ptr(),
+                rs: (hq * d) as isize,
+                cs: 1,
+            }; // (T, D)
+               // SAFETY: the jobs of one key/value head own its T×D blocks of dk and dv and the T×D
+               // blocks of dq of its G query heads; the first head of the group writes the dk/dv
+               // blocks whole, the others add to them.
+            unsafe {
+                // dV (+)= Pᵀ dO
+                let dv_at = dv_p.get().add(kv_at);
+                gemm_into(
+                    dv_at,
+                    hkv * d,
+                    (t, d, t),
+                    !first,
+                    p_m.transposed(),
+                    do_m,
+                    T::one(),
+                    false,
+                );
+                // dP = dO Vᵀ, then dS = scale · P ⊙ (dP − Σ_j dP⊙P) row by row.
+                let v_t = kv_rows(v).transposed();
+                gemm_into(
+                    ds.as_mut_ptr(),
+                    t,
+                    (t, t, d),
+                    false,
+                    do_m,
+                    v_t,
+                    T::one(),
+                    false,
+                );
+            }
+            for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                let dot: f64 = dr
+                    .iter()
+                    .zip(pr)
+                    .map(|(a, b)| a.to_f64() * b.to_f64())
+                    .sum();
+                let (dot, s) = (T::from_f64(dot), T::from_f64(scale));
+                for (x, &y) in dr.iter_mut().zip(pr) {
+                    *x = s * y * (*x - dot);
+                }
+            }
+            let ds_m = View::rows(&ds, t);
+            // SAFETY: as above.
+            unsafe {
+                // dQ = dS K; dK (+)= dSᵀ Q
+                let dq_at = dq_p.get().add(start * hq * d + h * d);
+                gemm_into(
+                    dq_at,
+                    hq * d,
+                    (t, d, t),
+                    false,
+                    ds_m,
+                    kv_rows(k),
+                    T::one(),
+                    false,
+                );
+                let dk_at = dk_p.get().add(kv_at);
+                gemm_into(
+                    dk_at,
+                    hkv * d,
+                    (t, d, t),
+                    !first,
+                    ds_m.transposed(),
+                    q_m,
+                    T::one(),
+                    false,
+                );
+            }
+        }
+    });
+    // SAFETY: the segments cover all N rows and every head (checked in `dims`), so every element
+    // was written above.
+    unsafe {
+        dq.set_len(n * hq * d);
+        dk.set_len(n * hkv * d);
+        dv.set_len(n * hkv * d);
+    }
+    (dq, dk, dv)
+}
+
+fn elems<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("packed attention: contiguous operands expected"),
+    }
+}
+
+fn cpu(s: &Storage) -> Result<&CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("packed attention: CPU tensors expected"),
+    }
+}
+
+impl CustomOp3 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "packed-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(ql, kl, vl)?;
+        let offsets = self.prob_offsets(dims.hq);
+        macro_rules! run {
+            ($t:ty, $wrap:path) => {{
+                let (out, probs) = forward::<$t>(
+                    elems(qs, ql)?,
+                    elems(ks, kl)?,
+                    elems(vs, vl)?,
+                    dims,
+                    &self.segments,
+                    &offsets,
+                );
+                ($wrap(out), $wrap(probs))
+            }};
+        }
+        let (out, probs) = match qs {
+            CpuStorage::F32(_) => run!(f32, CpuStorage::F32),
+            CpuStorage::F64(_) => run!(f64, CpuStorage::F64),
+            _ => candle_core::bail!("packed attention: f32 or f64 expected"),
+        };
+        *self.probs.lock().expect("attention probs") = Some(probs);
+        let n = ql.dims()[0];
+        Ok((out, Shape::from((n, dims.hq * dims.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (ds, dl) = dout.storage_and_layout();
+        let (qs, ks, vs, ds) = (cpu(&qs)?, cpu(&ks)?, cpu(&vs)?, cpu(&ds)?);
+        let dims = self.dims(ql, kl, vl)?;
+        let (offsets, total) = self.prob_offsets(dims.hq);
+        let probs = self.probs.lock().expect("attention probs");
+        let Some(probs) = probs.as_ref() else {
+            candle_core::bail!("packed attention: backward before forward")
+        };
+        let dev = Device::Cpu;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dq, dk, dv) = backward::<$t>(
+                    elems(qs, ql)?,
+                    elems(ks, kl)?,
+                    elems(vs, vl)?,
+                    elems(probs, &Layout::contiguous(total))?,
+                    elems(ds, dl)?,
+                    dims,
+                    &self.segments,
+                    &offsets,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), &dev)?,
+                    Tensor::from_vec(dk, k.shape(), &dev)?,
+                    Tensor::from_vec(dv, v.shape(), &dev)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match qs {
+            CpuStorage::F32(_) => run!(f32),
+            CpuStorage::F64(_) => run!(f64),
+            _ => candle_core::bail!("packed attention: f32 or f64 expected"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::nn::ops::packed_causal_attention_composed;
+    use candle_core::{DType, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The fused op and the composed ops agree in value and in the gradients of q, k and v,
+    /// over several packed sequences of different lengths, against one random cotangent.
+    fn check(dtype: DType, tol: f64) {
+        let dev = Device::Cpu;
+        let segments = [(0, 5), (5, 1), (6, 9)];
+        let (n, hq, hkv, d) = (15, 6, 2, 8);
+        let rnd = |shape: &[usize]| {
+            Tensor::randn(0f64, 1., shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (q0, k0, v0) = (rnd(&[n, hq, d]), rnd(&[n, hkv, d]), rnd(&[n, hkv, d]));
+        let cot = rnd(&[n, hq * d]);
+        let run = |fused: bool| {
+            let (q, k, v) = (
+                Var::from_tensor(&q0).unwrap(),
+                Var::from_tensor(&k0).unwrap(),
+                Var::from_tensor(&v0).unwrap(),
+            );
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let y = if fused {
+                packed_attention(qt, kt, vt, &segments).unwrap()
+            } else {
+                packed_causal_attention_composed(qt, kt, vt, &segments).unwrap()
+            };
+            let gs = (y.clone() * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = |x: &Var| gs.get(x).expect("gradient").clone();
+            (y, g(&q), g(&k), g(&v))
+        };
+        let (f, c) = (run(true), run(false));
+        for (what, a, b) in [
+            ("out", &f.0, &c.0),
+            ("dq", &f.1, &c.1),
+            ("dk", &f.2, &c.2),
+            ("dv", &f.3, &c.3),
+        ] {
+            let diff = max_diff(a, b);
+            assert!(diff < tol, "{what} differs by {diff} in {dtype:?}");
+        }
+    }
+
+    #[test]
+    fn packed_attention_equals_composed_ops_with_gradients_f32() {
+        check(DType::F32, 1e-5);
+    }
+
+    #[test]
+    fn packed_attention_equals_composed_ops_with_gradients_f64() {
+        check(DType::F64, 1e-12);
+    }
+
+    #[test]
+    fn segments_that_do_not_cover_the_batch_are_refused() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((4, 2, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((4, 1, 4), DType::F32, &dev).unwrap();
+        assert!(packed_attention(&q, &k, &k, &[(0, 3)]).is_err());
+        assert!(packed_attention(&q, &k, &k, &[(1, 3)]).is_err());
+    }
+}

@@ -1,0 +1,304 @@
+//! Direct calls into the `gemm` crate (the kernels behind candle's CPU matmul) for the fused ops:
+//! strided operands read where they lie, results accumulated into an existing buffer, outputs
+//! written without zero-filling them first, and the thread count chosen per call.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, WithDType};
+
+/// A strided matrix: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> View<T> {
+    /// `s` as the row-major (rows, cols) matrix it is.
+    pub fn rows(s: &[T], cols: usize) -> Self {
+        View {
+            ptr: s.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (cols, rows) of the row-major (rows, cols) matrix `s`, without a copy.
+    pub fn t(s: &[T], cols: usize) -> Self {
+        View {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+
+    /// This view's transpose.
+    pub fn transposed(self) -> Self {
+        View {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// A raw pointer that may cross threads: the fused kernels hand disjoint blocks of one output
+/// buffer to different threads.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: only used for writes to disjoint regions, joined before the buffer is read.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `SendPtr`, not its field).
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// `dst (m, n)` with row stride `dst_rs` (columns contiguous) `= β·lhs (m, k)·rhs (k, n)`,
+/// plus `dst`'s own values when `accumulate`. `threaded`: split this one product over candle's
+/// CPU threads (the gemm crate still runs small products on one).
+///
+/// # Safety
+/// `dst` addresses m rows of n elements at stride `dst_rs` (initialized when `accumulate`), the
+/// views address m×k and k×n matrices inside live buffers, and `T` is f32 or f64.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+    threaded: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // All-zero bits are 0.0 for f32 and f64.
+                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
+            }
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threaded && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        T::one(),
+        beta,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// A fresh row-major `(m, n) = β·lhs·rhs` over candle's threads, not zero-filled first.
+pub(crate) fn product<T: WithDType>(
+    mnk: (usize, usize, usize),
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+) -> Vec<T> {
+    let len = mnk.0 * mnk.1;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: capacity m·n; the callers build the views from slices of the stated shapes; with
+    // `accumulate = false` every element of dst is written before the length is set.
+    unsafe {
+        gemm_into(out.as_mut_ptr(), mnk.1, mnk, false, lhs, rhs, beta, true);
+        out.set_len(len);
+    }
+    out
+}
+
+/// `dst (m, n) += β·lhs·rhs`, row-major, over candle's threads.
+pub(crate) fn accumulate<T: WithDType>(
+    dst: &mut [T],
+    mnk: (usize, usize, usize),
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+) {
+    assert_eq!(dst.len(), mnk.0 * mnk.1, "gemm destination size");
+    // SAFETY: dst is an initialized slice of m·n; views as in `product`.
+    unsafe { gemm_into(dst.as_mut_ptr(), mnk.1, mnk, true, lhs, rhs, beta, true) }
+}
+
+/// The contiguous elements of `s` under `l`, when it holds `T`s laid out contiguously.
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [T]> {
+    let (a, b) = l.contiguous_offsets()?;
+    s.as_slice::<T>().ok().map(|v| &v[a..b])
+}
+
+/// `x (..., I) · Wᵀ` for `w (O, I)`, both contiguous f32 or both f64: candle's matmul on the same
+/// kernels, without zero-filling the output first. `None` for other operands.
+pub(crate) fn x_wt(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Option<candle_core::Result<(CpuStorage, Shape)>> {
+    fn go<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
+        product(
+            (x.len() / i, o, i),
+            View::rows(x, i),
+            View::t(w, i),
+            T::one(),
+        )
+    }
+    let (o, i) = wl.shape().dims2().ok()?;
+    if xl.dims().last() != Some(&i) || i == 0 {
+        return None;
+    }
+    let y = match (x, w) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            CpuStorage::F32(go(contiguous::<f32>(x, xl)?, contiguous(w, wl)?, o, i))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            CpuStorage::F64(go(contiguous::<f64>(x, xl)?, contiguous(w, wl)?, o, i))
+        }
+        _ => return None,
+    };
+    let mut dims = xl.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = o;
+    Some(Ok((y, Shape::from(dims))))
+}
+
+/// `g (..., O) · W` for `w (O, I)` on the CPU, f32 or f64, as [`x_wt`] does the forward;
+/// `Ok(None)` for other operands.
+pub(crate) fn g_w(g: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !g.device().is_cpu()
+        || g.dtype() != w.dtype()
+        || !matches!(g.dtype(), DType::F32 | DType::F64)
+    {
+        return Ok(None);
+    }
+    let g = g.contiguous()?;
+    let w = w.contiguous()?;
+    g.apply_op1_no_bwd(&GradInput { w }).map(Some)
+}
+
+/// `dx = g W`, the input gradient of a frozen linear.
+struct GradInput {
+    w: Tensor,
+}
+
+impl CustomOp1 for GradInput {
+    fn name(&self) -> &'static str {
+        "frozen-linear-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(g: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
+            product(
+                (g.len() / o, i, o),
+                View::rows(g, o),
+                View::rows(w, i),
+                T::one(),
+            )
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else {
+            candle_core::bail!("frozen linear grad: weight not on the CPU")
+        };
+        let (o, i) = wl.shape().dims2()?;
+        if gl.dims().last() != Some(&o) {
+            candle_core::bail!(
+                "frozen linear grad: gradient {:?} for W ({o}, {i})",
+                gl.dims()
+            )
+        }
+        let dx = match (g, w) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => contiguous::<f32>(g, gl)
+                .zip(contiguous(w, wl))
+                .map(|(g, w)| CpuStorage::F32(go(g, w, o, i))),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => contiguous::<f64>(g, gl)
+                .zip(contiguous(w, wl))
+                .map(|(g, w)| CpuStorage::F64(go(g, w, o, i))),
+            _ => None,
+        };
+        let Some(dx) = dx else {
+            candle_core::bail!("frozen linear grad: contiguous f32 or f64 operands expected")
+        };
+        let mut dims = gl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = i;
+        Ok((dx, Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::train::nn::{frozen_linear, frozen_linear_grad};
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// The direct-gemm frozen linear equals candle's matmul, value and input gradient, f32 and f64.
+    #[test]
+    fn frozen_linear_equals_candle_matmul() {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-12)] {
+            let x = Tensor::randn(0f64, 1., (2, 7, 12), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::randn(0f64, 1., (9, 12), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::randn(0f64, 1., (2, 7, 9), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = frozen_linear(xv.as_tensor(), &w).unwrap();
+            let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            let dx = (y.clone() * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = dx.get(&xv).unwrap();
+            let want_dx = g.broadcast_matmul(&w).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            assert!(diff(&y, &want) < tol, "{dtype:?} forward");
+            assert!(diff(dx, &want_dx) < tol, "{dtype:?} backward");
+            assert!(diff(&frozen_linear_grad(&g, &w).unwrap(), &want_dx) < tol);
+        }
+    }
+}
