@@ -55,7 +55,9 @@ async fn a_created_job_carries_the_estimate_the_cli_prints() {
     assert!((1..=400).contains(&examples), "{cli}");
     assert_eq!(cli["total_steps"], json!(2));
     assert!(
-        cli["tokens"].as_u64().is_some_and(|t| t > examples && t <= examples * 128),
+        cli["tokens"]
+            .as_u64()
+            .is_some_and(|t| t > examples && t <= examples * 128),
         "{cli}"
     );
 }

@@ -410,7 +410,7 @@ async fn readyz_is_503_once_the_worker_thread_is_gone() {
         .await
         .unwrap();
     let hub = sftd::hub::Hub::new(&config);
-    let worker = sftd::worker::Worker::start(store.clone(), hub, "cuda:4096".into())
+    let worker = sftd::worker::Worker::start(store.clone(), hub, "cuda:4096".into(), 3)
         .await
         .unwrap();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);

@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// `Retry-After` of a 503 `hub_unavailable`.
-const RETRY_HUB_AFTER_SECS: u64 = 30;
+pub(super) const RETRY_HUB_AFTER_SECS: u64 = 30;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;

@@ -199,6 +199,10 @@ async fn base_dir(models: &Models, model: &str) -> Result<PathBuf, AppError> {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             format!("the model {model:?} could not be made available: {m}"),
         ),
+        HubError::Unreachable(m) => AppError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, m)
+            .param("model")
+            .code("hub_unavailable")
+            .retry_after(super::jobs::RETRY_HUB_AFTER_SECS),
     })
 }
 

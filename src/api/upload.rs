@@ -6,7 +6,7 @@
 
 use super::error::AppError;
 use crate::store::{new_id, Store};
-use crate::worker::engine::{DatasetSummary, InvalidDataset, JsonlValidator};
+use crate::train::data::{DatasetSummary, InvalidDataset, JsonlValidator};
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::Field;
 use axum::extract::{FromRequest, Multipart, Request};
