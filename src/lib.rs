@@ -3,8 +3,6 @@
 pub mod alloc;
 pub mod api;
 pub mod bench;
-pub mod bench_device;
-pub mod bench_generate;
 pub mod cli;
 pub mod config;
 pub mod estimate;

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, i32)] = &[
     ("main", 4),
     ("cli", 3),
     ("bench", 3),
+    ("estimate", 3),
     ("api", 2),
     ("worker", 1),
     ("hub", 0),
@@ -20,6 +21,7 @@ const LAYERS: &[(&str, i32)] = &[
     ("store", 0),
     ("config", -1),
     ("alloc", -1),
+    ("fault", -1),
 ];
 
 /// Imports allowed inside one layer: `hub` resolves models, which needs the engine's demo model

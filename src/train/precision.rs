@@ -7,10 +7,6 @@
 //! the residual stream, norms, softmax, attention and the loss stay f32 under every policy.
 
 use crate::train::device::DeviceInfo;
-use crate::train::model::qwen3::projection_name;
-use crate::train::model::{Packed, Qwen3};
-use crate::train::nn::linear::overflow_probe;
-use crate::train::nn::{frozen_linear, Pass};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
@@ -150,35 +146,6 @@ impl Resolved {
             _ => "f32",
         }
     }
-}
-
-/// Replays the forward pass of a micro-batch (same dropout masks) checking each projection's GEMM
-/// output, then the LM head's logits; returns the name of the first that is not finite.
-pub fn locate_overflow(
-    model: &Qwen3,
-    packed: &Packed,
-    dropout_key: Option<u64>,
-) -> anyhow::Result<Option<String>> {
-    let pass = Pass {
-        track: false,
-        dropout_key,
-    };
-    let (h, hit) = overflow_probe::run(|| model.forward(packed, pass));
-    if let Some(key) = hit {
-        return Ok(Some(projection_name(key)));
-    }
-    let h = model.final_norm(&h?)?;
-    let n = h.dim(0)?;
-    let mut start = 0;
-    while start < n {
-        let rows = (n - start).min(1024);
-        let logits = frozen_linear(&h.narrow(0, start, rows)?, &model.lm_head)?;
-        if !overflow_probe::all_finite(&logits)? {
-            return Ok(Some("lm_head".into()));
-        }
-        start += rows;
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

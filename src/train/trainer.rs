@@ -17,7 +17,7 @@ use crate::train::nn::linear::kaiming_uniform_a;
 use crate::train::nn::ops::softmax_xent;
 use crate::train::nn::{frozen_linear, frozen_linear_grad, Pass};
 use crate::train::optim::{clip_grad_norm, lr_at, warmup_steps, AdamW};
-use crate::train::precision::{self, Precision, Resolved};
+use crate::train::precision::{Precision, Resolved};
 use crate::train::spec::{LoraConfig, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -721,7 +721,9 @@ impl<'a> Session<'a> {
     /// only skip steps and shrink the scale forever. Without an overflowing projection, returns
     /// and the step fails as a divergence.
     fn fail_on_forward_overflow(&self, b: &Batch, key: Option<u64>, step: u64) -> Result<()> {
-        if let Some(name) = precision::locate_overflow(&self.model, &b.packed, key)? {
+        if let Some(name) =
+            crate::train::model::overflow::locate_overflow(&self.model, &b.packed, key)?
+        {
             let dtype = self.precision.name();
             let fix = if dtype == "f16" {
                 "use precision f32 or bf16"

@@ -1,5 +1,6 @@
 //! Model definitions the trainer can fine-tune.
 
+pub mod overflow;
 pub mod qwen3;
 pub mod weights;
 

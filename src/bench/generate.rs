@@ -1,7 +1,6 @@
 //! `sftd bench --generate`: prefill and decode tokens/s of greedy generation (KV cache, batch 1)
 //! on the same model and prompt that `tools/bench/generate_compare.py` gives transformers.
 
-use crate::bench::BenchArgs;
 use crate::train::data::{parse_jsonl, Row};
 use crate::train::generate::{argmax, BaseModel};
 use crate::train::model::qwen3::KvCache;
@@ -48,7 +47,18 @@ pub fn prompt_ids(base: &BaseModel, data: &std::path::Path, max_len: usize) -> R
     Ok(ids)
 }
 
-pub fn bench(args: &BenchArgs) -> Result<()> {
+/// What `sftd bench --generate` measures with (the subset of the bench flags it reads).
+pub struct GenerateArgs {
+    pub model: String,
+    pub data_dir: PathBuf,
+    pub data: PathBuf,
+    pub seq_len: usize,
+    pub new_tokens: usize,
+    pub steps: usize,
+    pub json: bool,
+}
+
+pub fn bench(args: &GenerateArgs) -> Result<()> {
     let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
         crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {

@@ -1,7 +1,9 @@
 //! `sftd bench`: training throughput, step time, peak RSS and MFU of the LoRA step on this
 //! machine, on the same model, data and batch that `tools/bench/compare.py` gives transformers + PEFT.
 
-use crate::bench_device::{dense_peak_flops, DeviceMemorySampler};
+mod device;
+mod generate;
+
 use crate::train::data::encode::{Encoder, Example};
 use crate::train::data::parse_jsonl;
 use crate::train::data::template::ChatTemplate;
@@ -13,6 +15,7 @@ use crate::train::trainer::{build_model_in, make_batch, micro_step};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use device::{dense_peak_flops, DeviceMemorySampler};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -108,7 +111,15 @@ pub struct BenchReport {
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.generate {
-        return crate::bench_generate::bench(&args);
+        return generate::bench(&generate::GenerateArgs {
+            model: args.model.clone(),
+            data_dir: args.data_dir.clone(),
+            data: args.data.clone(),
+            seq_len: args.seq_len,
+            new_tokens: args.new_tokens,
+            steps: args.steps,
+            json: args.json,
+        });
     }
     let report = run(&args)?;
     if args.json {
