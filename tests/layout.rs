@@ -506,7 +506,6 @@ fn no_import_cycles_between_files() {
 }
 
 #[test]
-#[ignore = "src/train/trainer.rs (779 lines) is split after the other branches' edits to it merge"]
 fn no_source_file_over_600_lines() {
     let g = Graph::load();
     let long: Vec<String> = g

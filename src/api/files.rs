@@ -106,7 +106,7 @@ async fn content(
     let body = Body::from_stream(chunks(file));
     let disposition = format!(
         "attachment; filename=\"{}\"",
-        clean_filename(Some(&row.filename)).replace(|c: char| !c.is_ascii(), "_")
+        upload::clean_filename(Some(&row.filename)).replace(|c: char| !c.is_ascii(), "_")
     );
     Ok((
         [
@@ -180,26 +180,6 @@ async fn store_upload(
             let _ = tokio::fs::remove_file(&dest).await;
             Err(e.into())
         }
-    }
-}
-
-/// The client's file name reduced to its last path component, without control characters or
-/// quotes (it ends up in a `Content-Disposition` header), at most 255 characters.
-pub(super) fn clean_filename(name: Option<&str>) -> String {
-    let base = name
-        .unwrap_or_default()
-        .rsplit(['/', '\\'])
-        .next()
-        .unwrap_or_default();
-    let clean: String = base
-        .chars()
-        .filter(|c| !c.is_control() && !matches!(c, '"' | ';'))
-        .take(255)
-        .collect();
-    if clean.trim().is_empty() {
-        "upload.jsonl".into()
-    } else {
-        clean
     }
 }
 

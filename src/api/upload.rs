@@ -157,7 +157,7 @@ async fn stream_file(
     mut field: Field<'_>,
     max: u64,
 ) -> Result<(TempPath, String, u64, DatasetSummary), AppError> {
-    let filename = super::files::clean_filename(field.file_name());
+    let filename = clean_filename(field.file_name());
     let tmp = TempPath(store.data_dir().join("tmp").join(new_id("upload")));
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let path = tmp.0.clone();
@@ -391,5 +391,25 @@ impl futures::Stream for OneAtATime {
         let next = self.rx.poll_recv(cx);
         self.yielded = matches!(next, std::task::Poll::Ready(Some(_)));
         next
+    }
+}
+
+/// The client's file name reduced to its last path component, without control characters or
+/// quotes (it ends up in a `Content-Disposition` header), at most 255 characters.
+pub(super) fn clean_filename(name: Option<&str>) -> String {
+    let base = name
+        .unwrap_or_default()
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '"' | ';'))
+        .take(255)
+        .collect();
+    if clean.trim().is_empty() {
+        "upload.jsonl".into()
+    } else {
+        clean
     }
 }
