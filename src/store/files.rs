@@ -1,5 +1,6 @@
 //! The `files` table: uploaded datasets and job result files, whose bytes live under the data dir.
 
+use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
 use sqlx::FromRow;
 use std::path::PathBuf;
@@ -105,10 +106,15 @@ impl Store {
     /// was deleted, or `Err(InUse)` through the outer result.
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let in_use: Option<String> = sqlx::query_scalar(
+        let in_use: Option<String> = sqlx::query_scalar(&format!(
             "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1) \
-             AND status IN ('validating_files', 'queued', 'running') LIMIT 1",
-        )
+             AND status IN ({}) LIMIT 1",
+            in_list(&[
+                JobStatus::ValidatingFiles,
+                JobStatus::Queued,
+                JobStatus::Running
+            ])
+        ))
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;

@@ -98,7 +98,7 @@ impl Worker {
             memory,
         };
         for job in store.interrupted_jobs().await? {
-            match job.status()? {
+            match job.status {
                 JobStatus::Running => recover_interrupted(&store, &job.id, max_attempts).await?,
                 _ => worker.validate(job),
             }
@@ -225,7 +225,7 @@ async fn validation_loop(
     while let Some(job) = jobs.recv().await {
         // Cancelled while waiting its turn: nothing to do.
         match store.get_job(&job.id).await {
-            Ok(Some(j)) if j.status == JobStatus::ValidatingFiles.as_str() => {}
+            Ok(Some(j)) if j.status == JobStatus::ValidatingFiles => {}
             _ => continue,
         }
         let prepared = run::prepare(&store, &hub, &job).await.and_then(|inputs| {
@@ -279,7 +279,7 @@ fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                 // flip; it did change the status, which this re-read sees.
                 let still_running = matches!(
                     ctx.rt.block_on(ctx.store.get_job(&job.id)),
-                    Ok(Some(j)) if j.status == JobStatus::Running.as_str()
+                    Ok(Some(j)) if j.status == JobStatus::Running
                 );
                 if still_running {
                     run::run_job(&ctx, &job, &control, &device);

@@ -122,7 +122,7 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
                     param,
                 )
             })?;
-        if job.status != JobStatus::Succeeded.as_str() {
+        if job.status != JobStatus::Succeeded {
             return Err(JobError::new(
                 "invalid_init_adapter",
                 format!(
