@@ -2,7 +2,7 @@
 
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
-use sqlx::FromRow;
+use sqlx::{FromRow, SqliteConnection};
 use std::path::PathBuf;
 
 /// Purpose of an uploaded dataset.
@@ -36,22 +36,27 @@ pub struct NewFile {
 
 const COLUMNS: &str = "id, created_at, filename, purpose, bytes, path, rows, job_id";
 
+/// Registers `f` inside the caller's transaction (an upload's own, or a job's success).
+pub(super) async fn insert(conn: &mut SqliteConnection, f: &NewFile) -> Result<FileRow> {
+    Ok(sqlx::query_as::<_, FileRow>(&format!(
+        "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+    ))
+    .bind(&f.id)
+    .bind(now())
+    .bind(&f.filename)
+    .bind(&f.purpose)
+    .bind(f.bytes)
+    .bind(&f.path)
+    .bind(f.rows)
+    .bind(&f.job_id)
+    .fetch_one(conn)
+    .await?)
+}
+
 impl Store {
     pub async fn insert_file(&self, f: &NewFile) -> Result<FileRow> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let row = sqlx::query_as::<_, FileRow>(&format!(
-            "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
-        ))
-        .bind(&f.id)
-        .bind(now())
-        .bind(&f.filename)
-        .bind(&f.purpose)
-        .bind(f.bytes)
-        .bind(&f.path)
-        .bind(f.rows)
-        .bind(&f.job_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = insert(&mut tx, f).await?;
         tx.commit().await?;
         Ok(row)
     }

@@ -2,7 +2,7 @@
 //! `UPDATE … WHERE id = ? AND status IN (…)` plus its status event, in one transaction.
 
 use super::events::{insert as insert_event, EventRow, NewEvent};
-use super::files::{FileRow, NewFile};
+use super::files::{insert as insert_file, NewFile};
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
 use sqlx::FromRow;
@@ -346,20 +346,7 @@ impl Store {
             return Ok(false);
         }
         for f in results {
-            sqlx::query_as::<_, FileRow>(
-                "INSERT INTO files (id, created_at, filename, purpose, bytes, path, rows, job_id) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-            )
-            .bind(&f.id)
-            .bind(now())
-            .bind(&f.filename)
-            .bind(&f.purpose)
-            .bind(f.bytes)
-            .bind(&f.path)
-            .bind(f.rows)
-            .bind(&f.job_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            insert_file(&mut tx, f).await?;
         }
         let ev = NewEvent::status(Succeeded, "info", "The job has successfully completed");
         let ev = insert_event(&mut tx, id, &ev, None).await?;
