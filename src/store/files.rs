@@ -3,6 +3,7 @@
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
 use sqlx::{FromRow, SqliteConnection};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Purpose of an uploaded dataset.
@@ -97,14 +98,22 @@ impl Store {
             .await?)
     }
 
-    /// Result files of a job, in the order they were registered.
-    pub async fn job_result_files(&self, job_id: &str) -> Result<Vec<FileRow>> {
-        Ok(sqlx::query_as::<_, FileRow>(&format!(
-            "SELECT {COLUMNS} FROM files WHERE job_id = ? ORDER BY rowid"
-        ))
-        .bind(job_id)
+    /// The ids of the result files of each of `job_ids`, each job's in the order they were
+    /// registered, in one query. A job without result files has no entry.
+    pub async fn result_file_ids(&self, job_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
+        let ids = serde_json::to_string(job_ids).expect("strings serialize. This is a bug.");
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT job_id, id FROM files \
+             WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
+        )
+        .bind(ids)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+        for (job_id, id) in rows {
+            by_job.entry(job_id).or_default().push(id);
+        }
+        Ok(by_job)
     }
 
     /// Deletes the row unless a job that has not finished uses the file; returns whether a row
