@@ -1,7 +1,7 @@
 //! Running one job on the worker thread: resolve its inputs, drive the engine, turn each
 //! engine event into a persisted (then broadcast) event, and record how the run ended.
 
-use crate::hub::{Hub, HubError};
+use crate::hub::Hub;
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
 use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
@@ -53,14 +53,10 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
         Some(id) => Some(dataset_path(store, id, "validation_file").await?),
         None => None,
     };
-    let model_dir = hub.resolve(&job.model).await.map_err(|e| {
-        let code = match e {
-            HubError::NotFound(_) => "model_not_found",
-            HubError::Unreachable(_) => "hub_unavailable",
-            _ => "model_unavailable",
-        };
-        JobError::new(code, e.to_string(), Some("model"))
-    })?;
+    let model_dir = hub
+        .resolve(&job.model)
+        .await
+        .map_err(|e| JobError::new(e.code(), e.to_string(), Some("model")))?;
     let init_adapter = match &spec.init_adapter {
         Some(a) => Some(init_adapter_dir(store, hub, a).await?),
         None => None,
