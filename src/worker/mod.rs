@@ -2,6 +2,7 @@
 //! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
 //! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
 
+mod recorder;
 mod run;
 mod submit;
 
@@ -26,6 +27,14 @@ enum Command {
     Wake,
     /// Finish (the running job has been asked to suspend) and exit.
     Shutdown,
+}
+
+/// What the worker thread needs besides the job.
+struct Ctx {
+    store: Store,
+    hub: Hub,
+    rt: tokio::runtime::Handle,
+    device: String,
 }
 
 /// State shared between the handle and the thread.
@@ -104,7 +113,7 @@ impl Worker {
             }
         }
         let rt = tokio::runtime::Handle::current();
-        let ctx = run::Ctx {
+        let ctx = Ctx {
             store,
             hub,
             rt,
@@ -254,7 +263,7 @@ async fn validation_loop(
     }
 }
 
-fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
+fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
     let device = match crate::train::device_from_str(&ctx.device) {
         Ok(d) => d,
         Err(e) => {
