@@ -32,6 +32,19 @@ pub enum HubError {
     Unreachable(String),
 }
 
+impl HubError {
+    /// The error code a client sees for this failure, both as an API error (when a job is
+    /// created) and as a job's `error.code` (when the worker resolves the model later).
+    pub fn code(&self) -> &'static str {
+        match self {
+            HubError::Invalid(_) => "invalid_model",
+            HubError::NotFound(_) => "model_not_found",
+            HubError::Unavailable(_) => "model_unavailable",
+            HubError::Unreachable(_) => "hub_unavailable",
+        }
+    }
+}
+
 /// What a `model` string names.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelRef {

@@ -57,7 +57,7 @@ async fn events(
         return Ok(Json(List::page(items, limit, |e: &EventObject| e.id.clone())).into_response());
     }
     // A finished job with nothing left to send: 204 tells EventSource to stop reconnecting.
-    if job.status()?.is_terminal() && s.store.list_events(&id, after, 1).await?.is_empty() {
+    if job.status.is_terminal() && s.store.list_events(&id, after, 1).await?.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let body = Subscriber::new(

@@ -50,7 +50,7 @@ async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, super::
     let count = |st: JobStatus| {
         counts
             .iter()
-            .find(|(name, _)| name == st.as_str())
+            .find(|(status, _)| *status == st)
             .map_or(0, |(_, n)| *n)
     };
     let mut out = String::new();

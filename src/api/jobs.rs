@@ -56,10 +56,15 @@ async fn list(
         .store
         .list_jobs(p.after.as_deref(), limit + 1, &metadata)
         .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for row in rows {
-        items.push(job_object(&s, row).await?);
-    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let mut files = s.store.result_file_ids(&ids).await?;
+    let items = rows
+        .into_iter()
+        .map(|row| {
+            let result_files = files.remove(&row.id).unwrap_or_default();
+            JobObject::from_row(row, result_files)
+        })
+        .collect();
     Ok(Json(List::page(items, limit, |j| j.id.clone())))
 }
 
@@ -149,11 +154,9 @@ pub(super) fn no_such_job(id: &str) -> AppError {
 }
 
 async fn job_object(s: &AppState, row: JobRow) -> Result<JobObject, AppError> {
-    let files = s.store.job_result_files(&row.id).await?;
-    Ok(JobObject::from_row(
-        row,
-        files.into_iter().map(|f| f.id).collect(),
-    ))
+    let mut files = s.store.result_file_ids(&[row.id.as_str()]).await?;
+    let result_files = files.remove(&row.id).unwrap_or_default();
+    Ok(JobObject::from_row(row, result_files))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {

@@ -229,7 +229,7 @@ async fn resolve_fine_tuned(
         .ok_or_else(|| model_not_found(model))?;
     let adapter_dir = match step {
         None => {
-            if job.status != JobStatus::Succeeded.as_str() {
+            if job.status != JobStatus::Succeeded {
                 return Err(AppError::not_found(format!(
                     "the model {model:?} is not ready: its job is {}; a checkpoint \
                      ({name}:ckpt-step-N) can be used while it trains",

@@ -62,7 +62,7 @@ pub struct JobObject {
     pub model: String,
     pub fine_tuned_model: Option<String>,
     pub organization_id: &'static str,
-    pub status: String,
+    pub status: &'static str,
     pub training_file: String,
     pub validation_file: Option<String>,
     /// The resolved recipe (every knob), plus OpenAI's `learning_rate_multiplier`.
@@ -108,7 +108,7 @@ impl JobObject {
             model: j.model,
             fine_tuned_model: j.fine_tuned_model,
             organization_id: "sftd",
-            status: j.status,
+            status: j.status.as_str(),
             training_file: j.training_file,
             validation_file: j.validation_file,
             method: json!({"type": "supervised", "supervised": {"hyperparameters": hp}}),

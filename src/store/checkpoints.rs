@@ -47,7 +47,7 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, path) \
              SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND status = 'running') \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND status = ?7) \
              ON CONFLICT (job_id, step) DO NOTHING",
         )
         .bind(&id)
@@ -56,6 +56,7 @@ impl Store {
         .bind(step)
         .bind(metrics.to_string())
         .bind(path)
+        .bind(JobStatus::Running)
         .execute(&mut *tx)
         .await?
         .rows_affected()

@@ -1,7 +1,9 @@
 //! The `files` table: uploaded datasets and job result files, whose bytes live under the data dir.
 
+use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
-use sqlx::FromRow;
+use sqlx::{FromRow, SqliteConnection};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Purpose of an uploaded dataset.
@@ -35,22 +37,27 @@ pub struct NewFile {
 
 const COLUMNS: &str = "id, created_at, filename, purpose, bytes, path, rows, job_id";
 
+/// Registers `f` inside the caller's transaction (an upload's own, or a job's success).
+pub(super) async fn insert(conn: &mut SqliteConnection, f: &NewFile) -> Result<FileRow> {
+    Ok(sqlx::query_as::<_, FileRow>(&format!(
+        "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+    ))
+    .bind(&f.id)
+    .bind(now())
+    .bind(&f.filename)
+    .bind(&f.purpose)
+    .bind(f.bytes)
+    .bind(&f.path)
+    .bind(f.rows)
+    .bind(&f.job_id)
+    .fetch_one(conn)
+    .await?)
+}
+
 impl Store {
     pub async fn insert_file(&self, f: &NewFile) -> Result<FileRow> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let row = sqlx::query_as::<_, FileRow>(&format!(
-            "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
-        ))
-        .bind(&f.id)
-        .bind(now())
-        .bind(&f.filename)
-        .bind(&f.purpose)
-        .bind(f.bytes)
-        .bind(&f.path)
-        .bind(f.rows)
-        .bind(&f.job_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = insert(&mut tx, f).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -91,24 +98,37 @@ impl Store {
             .await?)
     }
 
-    /// Result files of a job, in the order they were registered.
-    pub async fn job_result_files(&self, job_id: &str) -> Result<Vec<FileRow>> {
-        Ok(sqlx::query_as::<_, FileRow>(&format!(
-            "SELECT {COLUMNS} FROM files WHERE job_id = ? ORDER BY rowid"
-        ))
-        .bind(job_id)
+    /// The ids of the result files of each of `job_ids`, each job's in the order they were
+    /// registered, in one query. A job without result files has no entry.
+    pub async fn result_file_ids(&self, job_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
+        let ids = serde_json::to_string(job_ids).expect("strings serialize. This is a bug.");
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT job_id, id FROM files \
+             WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
+        )
+        .bind(ids)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+        for (job_id, id) in rows {
+            by_job.entry(job_id).or_default().push(id);
+        }
+        Ok(by_job)
     }
 
     /// Deletes the row unless a job that has not finished uses the file; returns whether a row
     /// was deleted, or `Err(InUse)` through the outer result.
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let in_use: Option<String> = sqlx::query_scalar(
+        let in_use: Option<String> = sqlx::query_scalar(&format!(
             "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1) \
-             AND status IN ('validating_files', 'queued', 'running') LIMIT 1",
-        )
+             AND status IN ({}) LIMIT 1",
+            in_list(&[
+                JobStatus::ValidatingFiles,
+                JobStatus::Queued,
+                JobStatus::Running
+            ])
+        ))
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;

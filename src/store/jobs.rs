@@ -2,9 +2,9 @@
 //! `UPDATE … WHERE id = ? AND status IN (…)` plus its status event, in one transaction.
 
 use super::events::{insert as insert_event, EventRow, NewEvent};
-use super::files::{FileRow, NewFile};
+use super::files::{insert as insert_file, NewFile};
 use super::status::{in_list, JobStatus};
-use super::{now, Result, Store, StoreError};
+use super::{now, Result, Store};
 use sqlx::FromRow;
 
 #[derive(Debug, Clone, FromRow)]
@@ -17,7 +17,7 @@ pub struct JobRow {
     pub model: String,
     pub training_file: String,
     pub validation_file: Option<String>,
-    pub status: String,
+    pub status: JobStatus,
     /// The request body as parsed (`JobSpec` JSON).
     pub spec: String,
     /// The resolved `TrainConfig` JSON.
@@ -35,12 +35,6 @@ pub struct JobRow {
     pub idempotency_key: Option<String>,
     /// Estimated peak memory of a training run (`train::memory`), once known.
     pub estimated_peak_memory_bytes: Option<i64>,
-}
-
-impl JobRow {
-    pub fn status(&self) -> Result<JobStatus> {
-        self.status.parse().map_err(StoreError::Corrupt)
-    }
 }
 
 /// A job to create (status `validating_files`).
@@ -104,7 +98,7 @@ impl Store {
         .bind(&j.model)
         .bind(&j.training_file)
         .bind(&j.validation_file)
-        .bind(ValidatingFiles.as_str())
+        .bind(ValidatingFiles)
         .bind(&j.spec)
         .bind(&j.config)
         .bind(j.seed)
@@ -179,7 +173,7 @@ impl Store {
             in_list(from)
         );
         let Some(row) = sqlx::query_as::<_, JobRow>(&sql)
-            .bind(to.as_str())
+            .bind(to)
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
@@ -220,7 +214,8 @@ impl Store {
     /// Claims the oldest queued job (`queued → running`), counting the attempt.
     pub async fn claim_next_job(&self) -> Result<Option<JobRow>> {
         let id: Option<String> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'queued' ORDER BY n LIMIT 1")
+            sqlx::query_scalar("SELECT id FROM jobs WHERE status = ? ORDER BY n LIMIT 1")
+                .bind(Queued)
                 .fetch_optional(&self.pool)
                 .await?;
         let Some(id) = id else { return Ok(None) };
@@ -269,7 +264,8 @@ impl Store {
     /// Jobs a previous process left `running` or `validating_files`.
     pub async fn interrupted_jobs(&self) -> Result<Vec<JobRow>> {
         Ok(sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {COLUMNS} FROM jobs WHERE status IN ('running', 'validating_files') ORDER BY n"
+            "SELECT {COLUMNS} FROM jobs WHERE status IN ({}) ORDER BY n",
+            in_list(&[Running, ValidatingFiles])
         ))
         .fetch_all(&self.pool)
         .await?)
@@ -295,11 +291,12 @@ impl Store {
     pub async fn fail_job(&self, id: &str, from: &[JobStatus], err: &JobError) -> Result<bool> {
         let (_writer, mut tx) = self.begin_write().await?;
         let done = sqlx::query(&format!(
-            "UPDATE jobs SET status = 'failed', finished_at = unixepoch(), estimated_finish = NULL, \
+            "UPDATE jobs SET status = ?, finished_at = unixepoch(), estimated_finish = NULL, \
              error_code = ?, error_message = ?, error_param = ? \
              WHERE id = ? AND status IN ({})",
             in_list(from)
         ))
+        .bind(Failed)
         .bind(&err.code)
         .bind(&err.message)
         .bind(&err.param)
@@ -333,12 +330,14 @@ impl Store {
     ) -> Result<bool> {
         let (_writer, mut tx) = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', finished_at = unixepoch(), estimated_finish = NULL, \
-             trained_tokens = ?, fine_tuned_model = ? WHERE id = ? AND status = 'running'",
+            "UPDATE jobs SET status = ?1, finished_at = unixepoch(), estimated_finish = NULL, \
+             trained_tokens = ?2, fine_tuned_model = ?3 WHERE id = ?4 AND status = ?5",
         )
+        .bind(Succeeded)
         .bind(trained_tokens)
         .bind(fine_tuned_model)
         .bind(id)
+        .bind(Running)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -347,20 +346,7 @@ impl Store {
             return Ok(false);
         }
         for f in results {
-            sqlx::query_as::<_, FileRow>(
-                "INSERT INTO files (id, created_at, filename, purpose, bytes, path, rows, job_id) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-            )
-            .bind(&f.id)
-            .bind(now())
-            .bind(&f.filename)
-            .bind(&f.purpose)
-            .bind(f.bytes)
-            .bind(&f.path)
-            .bind(f.rows)
-            .bind(&f.job_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            insert_file(&mut tx, f).await?;
         }
         let ev = NewEvent::status(Succeeded, "info", "The job has successfully completed");
         let ev = insert_event(&mut tx, id, &ev, None).await?;
@@ -370,7 +356,7 @@ impl Store {
     }
 
     /// Jobs per status, for `/metrics`.
-    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+    pub async fn job_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
         Ok(
             sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
                 .fetch_all(&self.pool)

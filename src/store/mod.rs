@@ -29,8 +29,6 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
     #[error(
         "another sftd process is using the data directory {0} (it holds the lock on {0}/sftd.lock); \
          stop it, or give this one its own SFTD_DATA_DIR"

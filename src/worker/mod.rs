@@ -2,6 +2,7 @@
 //! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
 //! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
 
+mod recorder;
 mod run;
 mod submit;
 
@@ -26,6 +27,14 @@ enum Command {
     Wake,
     /// Finish (the running job has been asked to suspend) and exit.
     Shutdown,
+}
+
+/// What the worker thread needs besides the job.
+struct Ctx {
+    store: Store,
+    hub: Hub,
+    rt: tokio::runtime::Handle,
+    device: String,
 }
 
 /// State shared between the handle and the thread.
@@ -98,13 +107,13 @@ impl Worker {
             memory,
         };
         for job in store.interrupted_jobs().await? {
-            match job.status()? {
+            match job.status {
                 JobStatus::Running => recover_interrupted(&store, &job.id, max_attempts).await?,
                 _ => worker.validate(job),
             }
         }
         let rt = tokio::runtime::Handle::current();
-        let ctx = run::Ctx {
+        let ctx = Ctx {
             store,
             hub,
             rt,
@@ -225,7 +234,7 @@ async fn validation_loop(
     while let Some(job) = jobs.recv().await {
         // Cancelled while waiting its turn: nothing to do.
         match store.get_job(&job.id).await {
-            Ok(Some(j)) if j.status == JobStatus::ValidatingFiles.as_str() => {}
+            Ok(Some(j)) if j.status == JobStatus::ValidatingFiles => {}
             _ => continue,
         }
         let prepared = run::prepare(&store, &hub, &job).await.and_then(|inputs| {
@@ -254,7 +263,7 @@ async fn validation_loop(
     }
 }
 
-fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
+fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
     let device = match crate::train::device_from_str(&ctx.device) {
         Ok(d) => d,
         Err(e) => {
@@ -279,7 +288,7 @@ fn thread_main(ctx: run::Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                 // flip; it did change the status, which this re-read sees.
                 let still_running = matches!(
                     ctx.rt.block_on(ctx.store.get_job(&job.id)),
-                    Ok(Some(j)) if j.status == JobStatus::Running.as_str()
+                    Ok(Some(j)) if j.status == JobStatus::Running
                 );
                 if still_running {
                     run::run_job(&ctx, &job, &control, &device);

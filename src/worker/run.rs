@@ -1,35 +1,18 @@
-//! Running one job on the worker thread: resolve its inputs, drive the engine, turn each
-//! engine event into a persisted (then broadcast) event, and record how the run ended.
+//! Running one job on the worker thread: resolve its inputs, drive the engine (its events go
+//! through the [`Recorder`]), and record how the run ended, registering the result files.
 
-use crate::hub::{Hub, HubError};
+use super::recorder::Recorder;
+use super::Ctx;
+use crate::hub::Hub;
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
 use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
 use crate::train::checkpoint::{self, durable};
-use crate::train::events::{
-    CheckpointInfo, Control, EvalMetrics, Level, Outcome, StepMetrics, TrainEvent,
-};
+use crate::train::events::{Control, Outcome};
 use crate::train::spec::{JobSpec, TrainConfig};
 use crate::train::trainer as engine;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// Waits before retrying a store write that failed (a locked or briefly full database); after
-/// the last one the job fails rather than lose the event.
-const RECORD_RETRY_DELAYS: [Duration; 3] = [
-    Duration::from_millis(100),
-    Duration::from_millis(500),
-    Duration::from_secs(2),
-];
-
-/// What the worker thread needs besides the job.
-pub(super) struct Ctx {
-    pub store: Store,
-    pub hub: Hub,
-    pub rt: tokio::runtime::Handle,
-    pub device: String,
-}
 
 /// A job's inputs, resolved to paths.
 pub(super) struct Inputs {
@@ -53,14 +36,10 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
         Some(id) => Some(dataset_path(store, id, "validation_file").await?),
         None => None,
     };
-    let model_dir = hub.resolve(&job.model).await.map_err(|e| {
-        let code = match e {
-            HubError::NotFound(_) => "model_not_found",
-            HubError::Unreachable(_) => "hub_unavailable",
-            _ => "model_unavailable",
-        };
-        JobError::new(code, e.to_string(), Some("model"))
-    })?;
+    let model_dir = hub
+        .resolve(&job.model)
+        .await
+        .map_err(|e| JobError::new(e.code(), e.to_string(), Some("model")))?;
     let init_adapter = match &spec.init_adapter {
         Some(a) => Some(init_adapter_dir(store, hub, a).await?),
         None => None,
@@ -122,7 +101,7 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
                     param,
                 )
             })?;
-        if job.status != JobStatus::Succeeded.as_str() {
+        if job.status != JobStatus::Succeeded {
             return Err(JobError::new(
                 "invalid_init_adapter",
                 format!(
@@ -178,21 +157,7 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
     };
     let output_dir = job_dir(store, id);
     let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
-    let last = |key| {
-        ctx.rt
-            .block_on(store.last_metrics_step(id, key))
-            .ok()
-            .flatten()
-    };
-    let mut recorder = Recorder {
-        ctx,
-        job_id: id,
-        control,
-        last_train_step: last("train_loss").unwrap_or(0),
-        last_eval_step: last("valid_loss").unwrap_or(0),
-        keep_checkpoints: inputs.config.save_total_limit,
-        lost: None,
-    };
+    let mut recorder = Recorder::new(ctx, id, control, inputs.config.save_total_limit);
     let data_dir = store.data_dir().to_string_lossy().into_owned();
     for reason in torn {
         recorder.record(NewEvent {
@@ -229,7 +194,7 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine::run(&train_job, control, &mut |ev| recorder.on_event(ev))
     }));
-    if let Some(lost) = recorder.lost.take() {
+    if let Some(lost) = recorder.take_lost() {
         return fail(JobError::new(
             "events_not_recorded",
             format!("{lost}; the job was stopped so that no step goes unrecorded"),
@@ -350,164 +315,6 @@ fn finish(
 /// OpenAI-style `ft:<base>:<suffix>:<job id>`; accepted back as `init_adapter`.
 pub fn fine_tuned_model_name(model: &str, suffix: Option<&str>, job_id: &str) -> String {
     format!("ft:{model}:{}:{job_id}", suffix.unwrap_or("sftd"))
-}
-
-/// Turns engine events into stored events, dropping steps a resumed run repeats.
-struct Recorder<'a> {
-    ctx: &'a Ctx,
-    job_id: &'a str,
-    control: &'a Control,
-    last_train_step: i64,
-    last_eval_step: i64,
-    /// `save_total_limit`: checkpoint rows kept (0: all), like the directories on disk.
-    keep_checkpoints: u32,
-    /// Set when an event or checkpoint could not be stored even after retries: the run is
-    /// stopped and the job fails with this, rather than go on with a hole in its record.
-    lost: Option<String>,
-}
-
-impl Recorder<'_> {
-    /// Runs a store write with bounded retries. `None` once it has failed for good (the run is
-    /// then being stopped and `lost` says why).
-    fn store_write<T>(
-        &mut self,
-        what: &str,
-        write: impl Fn() -> crate::store::Result<T>,
-    ) -> Option<T> {
-        if self.lost.is_some() {
-            return None;
-        }
-        let mut delays = RECORD_RETRY_DELAYS.iter();
-        loop {
-            match write() {
-                Ok(v) => return Some(v),
-                Err(e) => match delays.next() {
-                    Some(delay) => {
-                        tracing::warn!(job = self.job_id, error = %e, "could not record {what}; retrying");
-                        std::thread::sleep(*delay);
-                    }
-                    None => {
-                        tracing::error!(job = self.job_id, error = %e, "could not record {what}; stopping the job");
-                        self.lost = Some(format!("could not record {what}: {e}"));
-                        self.control.cancel();
-                        return None;
-                    }
-                },
-            }
-        }
-    }
-
-    fn record(&mut self, ev: NewEvent) {
-        let (ctx, job_id) = (self.ctx, self.job_id);
-        let what = format!("the event {:?}", ev.message);
-        let appended = self.store_write(&what, || {
-            ctx.rt.block_on(ctx.store.append_running_event(job_id, &ev))
-        });
-        // The job left `running` (cancelled): stop training it.
-        if let Some(None) = appended {
-            self.control.cancel();
-        }
-    }
-
-    /// Records the checkpoint a run resumes from if a crash came between writing it and
-    /// committing its row (ignored when the row exists).
-    fn register_resumed_checkpoint(&mut self, dir: &Path) {
-        if let Ok(state) = checkpoint::load_state(dir) {
-            self.checkpoint(&CheckpointInfo {
-                step: state.step,
-                path: dir.to_path_buf(),
-                train_loss: state.last_train_loss,
-                train_mean_token_accuracy: state.last_train_accuracy,
-                eval_loss: state.last_eval_loss,
-                eval_mean_token_accuracy: state.last_eval_accuracy,
-            });
-        }
-    }
-
-    fn on_event(&mut self, ev: TrainEvent) {
-        match ev {
-            TrainEvent::Log { level, message } => self.record(NewEvent {
-                level: match level {
-                    Level::Info => "info",
-                    Level::Warn => "warn",
-                    Level::Error => "error",
-                },
-                kind: "message",
-                message,
-                data: None,
-                step: None,
-            }),
-            TrainEvent::Metrics(m) => {
-                let step = m.step as i64;
-                if step <= self.last_train_step {
-                    return;
-                }
-                self.last_train_step = step;
-                self.record(metrics_event(&m));
-            }
-            TrainEvent::Eval(e) => {
-                let step = e.step as i64;
-                if step <= self.last_eval_step {
-                    return;
-                }
-                self.last_eval_step = step;
-                self.record(eval_event(&e));
-            }
-            TrainEvent::Checkpoint(c) => self.checkpoint(&c),
-        }
-    }
-
-    fn checkpoint(&mut self, c: &CheckpointInfo) {
-        let (ctx, job_id, keep) = (self.ctx, self.job_id, self.keep_checkpoints);
-        let store = &ctx.store;
-        let metrics = serde_json::json!({
-            "step": c.step,
-            "train_loss": c.train_loss,
-            "train_mean_token_accuracy": c.train_mean_token_accuracy,
-            "valid_loss": c.eval_loss,
-            "valid_mean_token_accuracy": c.eval_mean_token_accuracy,
-        });
-        let rel = c.path.strip_prefix(store.data_dir()).unwrap_or(&c.path);
-        let rel = rel.to_string_lossy();
-        let what = format!("the checkpoint of step {}", c.step);
-        self.store_write(&what, || {
-            ctx.rt.block_on(store.add_checkpoint_keeping(
-                job_id,
-                c.step as i64,
-                &metrics,
-                &rel,
-                keep,
-            ))
-        });
-    }
-}
-
-fn metrics_event(m: &StepMetrics) -> NewEvent {
-    NewEvent {
-        level: "info",
-        kind: "metrics",
-        message: format!(
-            "Step {}/{}: training loss={:.4}",
-            m.step, m.total_steps, m.train_loss
-        ),
-        data: serde_json::to_value(m).ok(),
-        step: Some(m.step as i64),
-    }
-}
-
-fn eval_event(e: &EvalMetrics) -> NewEvent {
-    NewEvent {
-        level: "info",
-        kind: "metrics",
-        message: format!("Step {}: validation loss={:.4}", e.step, e.eval_loss),
-        data: Some(serde_json::json!({
-            "step": e.step,
-            "valid_loss": e.eval_loss,
-            "valid_mean_token_accuracy": e.eval_mean_token_accuracy,
-            "eval_tokens": e.eval_tokens,
-        })),
-        step: Some(e.step as i64),
-    }
 }
 
 const CSV_COLUMNS: [&str; 8] = [

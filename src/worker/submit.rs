@@ -75,20 +75,27 @@ impl Worker {
         if let Some(v) = &spec.validation_file {
             self.check_dataset(v, "validation_file").await?;
         }
-        let model = self.hub.check(&spec.model).await.map_err(|e| match e {
-            HubError::NotFound(message) => SubmitError::NotFound {
-                param: "model".into(),
-                code: "model_not_found",
-                message,
-            },
-            HubError::Invalid(message) | HubError::Unavailable(message) => {
-                invalid("model", "invalid_model", message)
+        let model = self.hub.check(&spec.model).await.map_err(|e| {
+            let (param, code) = ("model".to_string(), e.code());
+            match e {
+                HubError::NotFound(message) => SubmitError::NotFound {
+                    param,
+                    code,
+                    message,
+                },
+                HubError::Unreachable(message) => SubmitError::Unavailable {
+                    param,
+                    code,
+                    message,
+                },
+                HubError::Invalid(message) | HubError::Unavailable(message) => {
+                    SubmitError::Invalid {
+                        param,
+                        code,
+                        message,
+                    }
+                }
             }
-            HubError::Unreachable(message) => SubmitError::Unavailable {
-                param: "model".into(),
-                code: "hub_unavailable",
-                message,
-            },
         })?;
         let estimate = self.estimate_memory(&model, &config).await?;
         if let Some(a) = &spec.init_adapter {
