@@ -106,7 +106,11 @@ async fn request_errors_have_openai_shape() {
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("n")), "{v}");
     assert_eq!(v["error"]["type"], "invalid_request_error");
 
+    // A hub id the test's (unreachable) hub cannot answer for is retryable, not "not found".
     let (st, v) = chat(&s, &hello("no-such-model")).await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["error"]["code"], "hub_unavailable");
+    let (st, v) = chat(&s, &hello("not a model id")).await;
     assert_eq!(st, 404, "{v}");
     assert_eq!(v["error"]["code"], "model_not_found");
     let (st, v) = chat(&s, &hello("ft:sftd-demo:x:ftjob-doesnotexist")).await;
