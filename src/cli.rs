@@ -4,7 +4,7 @@
 use crate::train::checkpoint::{self, ADAPTER_CONFIG};
 use crate::train::events::{Control, Level, Outcome, TrainEvent};
 use crate::train::model::qwen3::weight_files;
-use crate::train::spec::{JobSpec, LoraConfig, DEMO_MODEL};
+use crate::train::spec::{JobSpec, LoraConfig};
 use crate::train::trainer::{self, TrainJob};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -247,26 +247,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// A model reference as the CLI accepts it: the demo model's name, any local model directory,
 /// or a Hugging Face repo id (downloaded through the hub cache, honouring HF_TOKEN/HF_HOME/HF_ENDPOINT).
 fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf> {
-    if model == DEMO_MODEL {
-        return crate::train::demo::ensure_demo_model(data_dir);
+    match crate::hub::CliModel::parse(model, data_dir)? {
+        crate::hub::CliModel::Local(dir) => Ok(dir),
+        crate::hub::CliModel::Hub(hub) => {
+            eprintln!("fetching {model} from the Hugging Face hub…");
+            Ok(tokio::runtime::Runtime::new()?.block_on(hub.resolve(model))?)
+        }
     }
-    let p = PathBuf::from(model);
-    if p.join("config.json").exists() {
-        return Ok(p);
-    }
-    if p.exists() || !crate::hub::valid_repo_id(model) {
-        bail!("model {model:?} is neither {DEMO_MODEL:?}, a directory with a config.json, nor a Hugging Face repo id");
-    }
-    #[derive(clap::Parser)]
-    struct Env {
-        #[command(flatten)]
-        config: crate::config::Config,
-    }
-    let mut config = <Env as clap::Parser>::try_parse_from(["sftd"])?.config;
-    config.data_dir = data_dir.to_path_buf();
-    let hub = crate::hub::Hub::new(&config);
-    eprintln!("fetching {model} from the Hugging Face hub…");
-    Ok(tokio::runtime::Runtime::new()?.block_on(hub.resolve(model))?)
 }
 
 #[derive(Debug, Args)]

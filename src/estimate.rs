@@ -4,7 +4,7 @@
 use crate::train::device::DeviceInfo;
 use crate::train::memory::{self, ModelDims, Recipe, Target};
 use crate::train::precision::Precision;
-use crate::train::spec::{JobSpec, DEMO_MODEL};
+use crate::train::spec::JobSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::Args;
@@ -184,25 +184,12 @@ fn weight_dtype(precision: &str, info: &DeviceInfo) -> Result<DType> {
 /// A directory with the model's `config.json`: the demo model (generated if needed), a local
 /// model directory, or a hub repo id (only its config.json is fetched).
 fn config_dir(model: &str, data_dir: &Path) -> Result<PathBuf> {
-    if model == DEMO_MODEL {
-        return crate::train::demo::ensure_demo_model(data_dir);
+    match crate::hub::CliModel::parse(model, data_dir)? {
+        crate::hub::CliModel::Local(dir) => Ok(dir),
+        crate::hub::CliModel::Hub(hub) => {
+            Ok(tokio::runtime::Runtime::new()?.block_on(hub.config_dir(model))?)
+        }
     }
-    let p = PathBuf::from(model);
-    if p.join("config.json").exists() {
-        return Ok(p);
-    }
-    if p.exists() || !crate::hub::valid_repo_id(model) {
-        bail!("model {model:?} is neither {DEMO_MODEL:?}, a directory with a config.json, nor a Hugging Face repo id");
-    }
-    #[derive(clap::Parser)]
-    struct Env {
-        #[command(flatten)]
-        config: crate::config::Config,
-    }
-    let mut config = <Env as clap::Parser>::try_parse_from(["sftd"])?.config;
-    config.data_dir = data_dir.to_path_buf();
-    let hub = crate::hub::Hub::new(&config);
-    Ok(tokio::runtime::Runtime::new()?.block_on(hub.config_dir(model))?)
 }
 
 /// (tokens, examples, total optimizer steps) of the training file, as the trainer counts them.

@@ -321,6 +321,37 @@ fn is_absent(status: u16) -> bool {
     matches!(status, 401 | 403 | 404)
 }
 
+/// A model as the command line names it: ready on disk (the demo model, generated if needed, or
+/// a local directory with a config.json), or a hub repo id to fetch through a [`Hub`] set up
+/// from the environment (HF_TOKEN, HF_HOME, HF_ENDPOINT).
+pub enum CliModel {
+    Local(PathBuf),
+    Hub(Hub),
+}
+
+impl CliModel {
+    pub fn parse(model: &str, data_dir: &Path) -> anyhow::Result<CliModel> {
+        if model == DEMO_MODEL {
+            return Ok(CliModel::Local(ensure_demo_model(data_dir)?));
+        }
+        let p = PathBuf::from(model);
+        if p.join("config.json").exists() {
+            return Ok(CliModel::Local(p));
+        }
+        if p.exists() || !valid_repo_id(model) {
+            anyhow::bail!("model {model:?} is neither {DEMO_MODEL:?}, a directory with a config.json, nor a Hugging Face repo id");
+        }
+        #[derive(clap::Parser)]
+        struct Env {
+            #[command(flatten)]
+            config: Config,
+        }
+        let mut config = <Env as clap::Parser>::try_parse_from(["sftd"])?.config;
+        config.data_dir = data_dir.to_path_buf();
+        Ok(CliModel::Hub(Hub::new(&config)))
+    }
+}
+
 /// The distinct shard file names of a `model.safetensors.index.json`.
 fn shard_names(index: &Path) -> anyhow::Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(index)?)?;
