@@ -440,22 +440,8 @@ impl CustomOp3 for PackedAttention {
 mod tests {
     use super::*;
     use crate::train::nn::ops::packed_causal_attention_composed;
+    use crate::train::nn::testing::max_diff;
     use candle_core::{DType, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The fused op and the composed ops agree in value and in the gradients of q, k and v,
     /// over several packed sequences of different lengths, against one random cotangent.

@@ -415,6 +415,7 @@ impl CustomOp2 for SoftmaxGrad {
 mod tests {
     use super::*;
     use crate::train::nn::ops;
+    use crate::train::nn::testing::max_diff;
     use candle_core::{DType, Device, Var};
 
     /// Value and input gradient of `Σ f(x)⊙cot` at `x`.
@@ -432,21 +433,6 @@ mod tests {
             .backward()
             .unwrap();
         (y, g.get(&v).expect("gradient reaches x").clone())
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// Fused and composed forms agree in value and in gradient against one random cotangent.

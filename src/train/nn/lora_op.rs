@@ -257,22 +257,8 @@ impl CustomOp3 for LoraLinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::nn::testing::max_diff;
     use candle_core::{DType, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The fused op and the composed candle ops agree in value and in the gradients of x, A and
     /// B, against one random cotangent.

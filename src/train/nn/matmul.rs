@@ -251,6 +251,7 @@ impl CustomOp1 for GradInput {
 
 #[cfg(test)]
 mod tests {
+    use crate::train::nn::testing::max_diff;
     use crate::train::nn::{frozen_linear, frozen_linear_grad};
     use candle_core::{DType, Device, Tensor, Var};
 
@@ -282,23 +283,9 @@ mod tests {
                 .unwrap();
             let dx = dx.get(&xv).unwrap();
             let want_dx = g.broadcast_matmul(&w).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            assert!(diff(&y, &want) < tol, "{dtype:?} forward");
-            assert!(diff(dx, &want_dx) < tol, "{dtype:?} backward");
-            assert!(diff(&frozen_linear_grad(&g, &w).unwrap(), &want_dx) < tol);
+            assert!(max_diff(&y, &want) < tol, "{dtype:?} forward");
+            assert!(max_diff(dx, &want_dx) < tol, "{dtype:?} backward");
+            assert!(max_diff(&frozen_linear_grad(&g, &w).unwrap(), &want_dx) < tol);
         }
     }
 }

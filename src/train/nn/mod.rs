@@ -9,3 +9,5 @@ pub mod ops;
 pub mod swiglu;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};
+#[cfg(test)]
+mod testing;
