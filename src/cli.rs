@@ -171,13 +171,7 @@ fn suspend_on_signal(control: &Control) -> Result<()> {
 /// Runs one job from a JSON file, printing a progress bar and the final adapter's location.
 /// SIGTERM/SIGINT checkpoint and exit with [`SUSPENDED_EXIT_CODE`].
 pub fn train(args: TrainArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.job)
-        .with_context(|| format!("reading {}", args.job.display()))?;
-    let spec: JobSpec = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid job", args.job.display()))?;
-    let config = spec
-        .resolve()
-        .map_err(|e| anyhow!("{}: {e}", args.job.display()))?;
+    let (spec, config) = JobSpec::read_file(&args.job)?;
     let model_dir = resolve_model(&spec.model, &args.data_dir)?;
     let existing = |p: &str, what: &str| -> Result<PathBuf> {
         let p = PathBuf::from(p);

@@ -5,7 +5,7 @@ use crate::train::device::DeviceInfo;
 use crate::train::memory::{self, ModelDims, Recipe, Target};
 use crate::train::precision::Precision;
 use crate::train::spec::JobSpec;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::DType;
 use clap::Args;
 use serde::Serialize;
@@ -101,13 +101,7 @@ struct Report {
 }
 
 pub fn estimate(args: EstimateArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.job)
-        .with_context(|| format!("reading {}", args.job.display()))?;
-    let spec: JobSpec = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid job", args.job.display()))?;
-    let config = spec
-        .resolve()
-        .map_err(|e| anyhow!("{}: {e}", args.job.display()))?;
+    let (spec, config) = JobSpec::read_file(&args.job)?;
     let (info, cc) = device_info(&args.device)?;
     let weight_dtype = weight_dtype(&args.precision, &info)?;
     let target = Target {

@@ -305,6 +305,19 @@ fn bad(param: &str, message: impl Into<String>) -> SpecError {
 const HP: &str = "method.supervised.hyperparameters";
 
 impl JobSpec {
+    /// A job JSON file as `sftd train` and `sftd estimate` take it: the spec and its config.
+    pub fn read_file(path: &std::path::Path) -> anyhow::Result<(JobSpec, TrainConfig)> {
+        use anyhow::Context;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let spec: JobSpec = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid job", path.display()))?;
+        let config = spec
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok((spec, config))
+    }
+
     /// The hyperparameters wherever the body carried them (`method.supervised` or the deprecated top level).
     pub fn hyperparameters(&self) -> Hyperparameters {
         self.method
