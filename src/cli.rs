@@ -115,6 +115,7 @@ fn event_line(ev: &TrainEvent) -> String {
             "step {}: eval loss {:.4}, accuracy {:.3}",
             e.step, e.eval_loss, e.eval_mean_token_accuracy
         ),
+        TrainEvent::ToolEval(t) => format!("step {}: {}", t.step, t.summary()),
         TrainEvent::Checkpoint(c) => format!("step {}: checkpoint {}", c.step, c.path.display()),
         TrainEvent::Log { level, message } => {
             let tag = match level {
@@ -188,6 +189,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
             .validation_file
             .as_deref()
             .map(|p| existing(p, "validation_file"))
+            .transpose()?,
+        tool_eval_file: spec
+            .tool_eval_file
+            .as_deref()
+            .map(|p| existing(p, "tool_eval_file"))
             .transpose()?,
         init_adapter: spec
             .init_adapter

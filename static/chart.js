@@ -1,13 +1,22 @@
 // The job page's loss chart (uPlot): raw and smoothed training loss, eval loss, learning rate and
-// grad norm by step, with a smoothing slider, log scale, drag-to-zoom and keyboard reading.
-// The chart element reports what it draws in `data-points` (distinct loss steps) and
-// `data-steps` (those steps as ranges, e.g. "1-16").
+// grad norm by step, and the tool-call accuracies on their own 0–1 axis once a tool-call
+// evaluation has arrived, with a smoothing slider, log scale, drag-to-zoom and keyboard reading.
+// The chart element reports what it draws in `data-points` (distinct loss steps), `data-steps`
+// (those steps as ranges, e.g. "1-16") and `data-tool-steps` (the steps with tool-call rates).
 /* global uPlot */
 import { h, prefs } from './dom.js';
 import { fmtNum, fmtLR, fmtCount, fmtRate, fmtPct, DASH } from './format.js';
 import { stepRanges } from './series.js';
+import { TOOL_RATES } from './vocabulary.js';
 
 const COLORS = { raw: 'rgba(0,114,178,0.45)', smooth: '#0072B2', eval: '#D55E00', lr: '#009E73', gn: '#CC79A7', grid: '#e8eaee', axis: '#3b3b44' };
+/** How each of TOOL_RATES is drawn on the accuracy axis. */
+const TOOL_STYLE = {
+  tool_name_accuracy: { label: 'tool name accuracy', stroke: '#E69F00', width: 2.25 },
+  tool_args_exact: { label: 'tool args exact', stroke: '#56B4E9', width: 2 },
+  tool_json_valid: { label: 'tool JSON valid', stroke: '#6b6b76', width: 1.5, dash: [4, 3] },
+  no_call_accuracy: { label: 'no-call accuracy', stroke: '#000000', width: 1.5, dash: [1, 3] },
+};
 
 function chartHeight() {
   const w = window.innerWidth;
@@ -19,7 +28,7 @@ export function lossChart(series, { onDraw }) {
   const st = {
     alive: true, chart: null, zoomed: false, cursorIdx: null, drawPending: false,
     smoothing: Number(prefs.get('sftd.smoothing') ?? 0.6), log: prefs.get('sftd.logScale') === '1',
-    gradNorm: prefs.get('sftd.gradNorm') === '1',
+    gradNorm: prefs.get('sftd.gradNorm') === '1', tools: false,
   };
   if (!(st.smoothing >= 0 && st.smoothing < 1)) st.smoothing = 0.6;
 
@@ -59,6 +68,10 @@ export function lossChart(series, { onDraw }) {
       if (m.tokens_per_second !== null) parts.push(fmtRate(m.tokens_per_second));
     }
     if (ev) parts.push(`eval loss ${fmtNum(ev.valid_loss)}`);
+    const te = series.toolEvals.get(x);
+    if (te) {
+      for (const f of TOOL_RATES) if (te[f] !== null) parts.push(`${TOOL_STYLE[f].label} ${fmtPct(100 * te[f])}`);
+    }
     hoverLine.textContent = parts.join(' · ');
   }
 
@@ -72,6 +85,7 @@ export function lossChart(series, { onDraw }) {
       { ...axisBase, scale: 'lr', side: 1, label: 'learning rate', labelSize: 20, size: 60, grid: { show: false }, values: ticks(fmtLR) },
     ];
     if (st.gradNorm) axes.push({ ...axisBase, scale: 'gn', side: 1, label: 'grad norm', labelSize: 20, size: 50, grid: { show: false }, values: ticks((v) => fmtNum(v, 3)) });
+    if (st.tools) axes.push({ ...axisBase, scale: 'acc', side: 1, label: 'tool-call accuracy', labelSize: 20, size: 50, grid: { show: false }, values: ticks((v) => fmtPct(100 * v)) });
     return {
       width: Math.max(280, chartEl.clientWidth || card.clientWidth - 24 || 600),
       height: chartHeight(),
@@ -80,6 +94,7 @@ export function lossChart(series, { onDraw }) {
         loss: st.log ? { distr: 3, log: 10 } : { auto: true },
         lr: { auto: true, range: (u, min, max) => [0, max > 0 ? max * 1.05 : 1] },
         gn: { auto: true },
+        acc: { auto: false, range: [0, 1] },
       },
       axes,
       series: [
@@ -89,6 +104,10 @@ export function lossChart(series, { onDraw }) {
         { label: 'eval loss', scale: 'loss', stroke: COLORS.eval, width: 2, paths: () => null, value: fmt(fmtNum), points: { show: true, size: 9, width: 2, stroke: COLORS.eval, fill: '#fff' } },
         { label: 'learning rate', scale: 'lr', stroke: COLORS.lr, width: 1.5, dash: [6, 4], spanGaps: true, value: fmt(fmtLR), points: { show: false } },
         { label: 'grad norm', scale: 'gn', stroke: COLORS.gn, width: 1.5, dash: [2, 3], spanGaps: true, show: st.gradNorm, value: fmt((v) => fmtNum(v, 3)), points: { show: false } },
+        ...TOOL_RATES.map((f) => ({
+          ...TOOL_STYLE[f], scale: 'acc', spanGaps: true, show: st.tools, value: fmt((v) => fmtPct(100 * v)),
+          points: { show: true, size: 7, width: 1.5, stroke: TOOL_STYLE[f].stroke, fill: '#fff' },
+        })),
       ],
       legend: { live: false },
       cursor: { drag: { x: true, y: false }, points: { size: 7 } },
@@ -108,7 +127,11 @@ export function lossChart(series, { onDraw }) {
   function draw() {
     if (!st.alive) return;
     const cols = series.columns(st.smoothing, { positiveOnly: st.log });
-    if (series.points > 0 || series.evals.size > 0) {
+    // The accuracy axis appears with the first tool-call evaluation (a new set of axes: rebuild).
+    const tools = series.toolEvals.size > 0;
+    if (tools !== st.tools && st.chart) { st.chart.destroy(); st.chart = null; st.zoomed = false; }
+    st.tools = tools;
+    if (series.points > 0 || series.evals.size > 0 || tools) {
       chartEmpty.hidden = true;
       chartEl.hidden = false;
       if (!st.chart) {
@@ -124,6 +147,8 @@ export function lossChart(series, { onDraw }) {
     }
     chartEl.dataset.points = String(series.points);
     chartEl.dataset.steps = stepRanges(series.steps());
+    const toolCols = cols.slice(6);
+    chartEl.dataset.toolSteps = stepRanges(cols[0].filter((x, i) => toolCols.some((c) => c[i] !== null)));
     onDraw(cols);
   }
 

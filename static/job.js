@@ -44,6 +44,7 @@ export function jobView(root, id) {
     step: statsRow('Step', 'stat-step'), epoch: statsRow('Epoch', 'stat-epoch'),
     loss: statsRow('Train loss', 'stat-loss'), smooth: statsRow('Smoothed', 'stat-smoothed'),
     eval: statsRow('Eval loss', 'stat-eval'), acc: statsRow('Token accuracy', 'stat-accuracy'),
+    toolName: statsRow('Tool name accuracy', 'stat-tool-name', true),
     lr: statsRow('Learning rate', 'stat-lr'), tps: statsRow('Throughput', 'stat-tps'),
     tokens: statsRow('Tokens seen', 'stat-tokens'), elapsed: statsRow('Elapsed', 'stat-elapsed'),
     eta: statsRow('ETA', 'stat-eta'),
@@ -121,6 +122,9 @@ export function jobView(root, id) {
     const ev = series.latestEval;
     rows.eval.dd.textContent = ev ? `${fmtNum(ev.valid_loss)} @ ${ev.step}` : DASH;
     rows.acc.dd.textContent = m.train_mean_token_accuracy === null ? DASH : fmtPct(100 * m.train_mean_token_accuracy);
+    const te = series.latestToolEval;
+    rows.toolName.show(te !== null);
+    rows.toolName.dd.textContent = te?.tool_name_accuracy == null ? DASH : `${fmtPct(100 * te.tool_name_accuracy)} @ ${te.step}`;
     rows.lr.dd.textContent = fmtLR(m.learning_rate);
     rows.tps.dd.textContent = fmtRate(m.tokens_per_second);
     rows.tokens.dd.textContent = fmtCount(m.num_tokens);
@@ -157,6 +161,7 @@ export function jobView(root, id) {
   const HANDLERS = {
     metrics: (ev) => { if (series.addMetrics(ev.data)) chart.scheduleDraw(); },
     eval: (ev) => { if (series.addEval(ev.data)) chart.scheduleDraw(); addLog(ev); },
+    tool_eval: (ev) => { if (series.addToolEval(ev.data)) chart.scheduleDraw(); addLog(ev); },
     checkpoint: (ev) => { addLog(ev); checkpoints.refresh(); },
     log: (ev) => { addLog(ev); },
     status: (ev) => {

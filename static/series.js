@@ -1,6 +1,6 @@
 // A run's chart data: metrics and eval points keyed by step (so replays and resumed runs never
 // duplicate a point), the stream position, and TensorBoard's smoothing. Pure (no DOM).
-import { EVENT_DATA, numbers } from './vocabulary.js';
+import { EVENT_DATA, TOOL_RATES, numbers } from './vocabulary.js';
 
 /** TensorBoard's debiased EMA: last = last·w + (1−w)·y; out = last / (1 − w^n). Nulls pass through. */
 export function emaDebiased(ys, w) {
@@ -35,8 +35,10 @@ export class RunSeries {
     this.lastSeq = null;
     this.metrics = new Map(); // step → metrics data (EVENT_DATA.metrics fields)
     this.evals = new Map(); // step → eval data (EVENT_DATA.eval fields)
+    this.toolEvals = new Map(); // step → tool-call evaluation (EVENT_DATA.tool_eval fields)
     this.latest = null; // last metrics in stream order
     this.latestEval = null;
+    this.latestToolEval = null;
     this.duplicates = 0; // events dropped as already seen
   }
 
@@ -66,6 +68,15 @@ export class RunSeries {
     return e;
   }
 
+  /** A tool-call evaluation's data (step 0: the model before training). */
+  addToolEval(data) {
+    const t = numbers(data, EVENT_DATA.tool_eval.fields);
+    if (t.step === null || t.tool_eval_examples === null) return null;
+    this.toolEvals.set(t.step, t);
+    this.latestToolEval = t;
+    return t;
+  }
+
   /** Distinct steps with a training loss: the number of loss points on the chart. */
   get points() {
     return this.metrics.size;
@@ -75,9 +86,12 @@ export class RunSeries {
     return [...this.metrics.keys()].sort((a, b) => a - b);
   }
 
-  /** uPlot columns: [x, raw loss, smoothed loss, eval loss, learning rate, grad norm]. */
+  /**
+   * uPlot columns: [x, raw loss, smoothed loss, eval loss, learning rate, grad norm, then the
+   * tool-call rates in TOOL_RATES order].
+   */
   columns(weight, { positiveOnly = false } = {}) {
-    const xs = [...new Set([...this.metrics.keys(), ...this.evals.keys()])].sort((a, b) => a - b);
+    const xs = [...new Set([...this.metrics.keys(), ...this.evals.keys(), ...this.toolEvals.keys()])].sort((a, b) => a - b);
     const clean = (v) => (v === null || v === undefined || (positiveOnly && v <= 0) ? null : v);
     const raw = xs.map((x) => clean(this.metrics.get(x)?.train_loss ?? null));
     const smoothedOnly = emaDebiased(raw.filter((v) => v !== null), weight);
@@ -86,6 +100,7 @@ export class RunSeries {
     const ev = xs.map((x) => clean(this.evals.get(x)?.valid_loss ?? null));
     const lr = xs.map((x) => this.metrics.get(x)?.learning_rate ?? null);
     const gn = xs.map((x) => this.metrics.get(x)?.grad_norm ?? null);
-    return [xs, raw, smooth, ev, lr, gn];
+    const tools = TOOL_RATES.map((f) => xs.map((x) => this.toolEvals.get(x)?.[f] ?? null));
+    return [xs, raw, smooth, ev, lr, gn, ...tools];
   }
 }

@@ -28,18 +28,27 @@ export const EVENT_DATA = {
       'eta_seconds', 'loss_scale', 'skipped_steps'],
   },
   eval: { type: 'metrics', key: 'valid_loss', fields: ['step', 'valid_loss', 'valid_mean_token_accuracy', 'eval_tokens'] },
+  tool_eval: {
+    type: 'metrics',
+    key: 'tool_eval_examples',
+    fields: ['step', 'tool_eval_examples', 'tool_call_examples', 'tool_name_accuracy', 'tool_args_exact',
+      'tool_json_valid', 'no_call_accuracy', 'tool_eval_seconds'],
+  },
   checkpoint: { type: 'message', key: 'checkpoint_id', fields: ['checkpoint_id', 'step'] },
 };
 
 /** Job: every field of the job object. */
 export const JOB_FIELDS = ['id', 'object', 'created_at', 'started_at', 'finished_at', 'estimated_finish',
   'model', 'fine_tuned_model', 'organization_id', 'status', 'training_file', 'validation_file',
-  'hyperparameters', 'method', 'result_files', 'trained_tokens', 'error', 'seed', 'suffix',
+  'tool_eval_file', 'hyperparameters', 'method', 'result_files', 'trained_tokens', 'error', 'seed', 'suffix',
   'user_provided_suffix', 'metadata', 'integrations', 'init_adapter', 'estimated_peak_memory_bytes'];
 
 /** Checkpoint.metrics: what a saved checkpoint records. */
 export const CHECKPOINT_METRICS = ['step', 'train_loss', 'train_mean_token_accuracy', 'valid_loss',
-  'valid_mean_token_accuracy'];
+  'valid_mean_token_accuracy', 'tool_name_accuracy', 'tool_args_exact', 'tool_json_valid', 'no_call_accuracy'];
+
+/** The tool-call accuracies of a tool_eval event, in the order the chart draws them. */
+export const TOOL_RATES = ['tool_name_accuracy', 'tool_args_exact', 'tool_json_valid', 'no_call_accuracy'];
 
 const finite = (v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
 

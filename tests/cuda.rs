@@ -255,6 +255,7 @@ fn twenty_training_steps_on_the_gpu_track_the_cpu() {
             base_model_name: "tiny".into(),
             training_file: data.clone(),
             validation_file: None,
+            tool_eval_file: None,
             init_adapter: None,
             config: spec.resolve().unwrap(),
             output_dir: tmp.path().join(out),

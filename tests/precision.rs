@@ -43,6 +43,7 @@ fn job(dir: &Path, model: &Path, out: &str, hp: serde_json::Value) -> TrainJob {
         base_model_name: "tiny".into(),
         training_file: data,
         validation_file: None,
+        tool_eval_file: None,
         init_adapter: None,
         config: spec.resolve().unwrap(),
         output_dir: dir.join(out),

@@ -156,6 +156,7 @@ fn tiny_job(dir: &Path, out: &str, hp: Value) -> TrainJob {
         base_model_name: "tiny".into(),
         training_file: data,
         validation_file: None,
+        tool_eval_file: None,
         init_adapter: None,
         config: spec.resolve().unwrap(),
         output_dir: dir.join(out),

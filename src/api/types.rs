@@ -65,6 +65,8 @@ pub struct JobObject {
     pub status: &'static str,
     pub training_file: String,
     pub validation_file: Option<String>,
+    /// sftd extension: the file the tool-call evaluation reads instead of `validation_file`.
+    pub tool_eval_file: Option<String>,
     /// The resolved recipe (every knob), plus OpenAI's `learning_rate_multiplier`.
     pub hyperparameters: Value,
     pub method: Value,
@@ -111,6 +113,10 @@ impl JobObject {
             status: j.status.as_str(),
             training_file: j.training_file,
             validation_file: j.validation_file,
+            tool_eval_file: spec
+                .get("tool_eval_file")
+                .and_then(|v| v.as_str())
+                .map(String::from),
             method: json!({"type": "supervised", "supervised": {"hyperparameters": hp}}),
             hyperparameters: hp,
             result_files,

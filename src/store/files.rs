@@ -121,7 +121,8 @@ impl Store {
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
         let (_writer, mut tx) = self.begin_write().await?;
         let in_use: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1) \
+            "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1 \
+             OR json_extract(spec, '$.tool_eval_file') = ?1) \
              AND status IN ({}) LIMIT 1",
             in_list(&[
                 JobStatus::ValidatingFiles,

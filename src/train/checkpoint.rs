@@ -182,6 +182,13 @@ pub struct TrainerState {
     /// The f16 loss scaler after the last completed step (absent when the loss is not scaled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<crate::train::loss_scale::LossScaler>,
+    /// The last tool-call evaluation (absent when none ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tool_eval: Option<crate::train::tool_eval::ToolEvalMetrics>,
+    /// Seconds the last evaluation (loss and tool calls) took, which the ETA counts per
+    /// evaluation still to come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_eval_seconds: Option<f64>,
 }
 
 /// Writes the checkpoint `dir` durably: adapter, optimizer and state files, then the manifest

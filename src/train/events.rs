@@ -1,5 +1,6 @@
 //! What a training run reports while it runs, and how its owner steers it (cancel, checkpoint-and-stop).
 
+pub use crate::train::tool_eval::ToolEvalMetrics;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -60,6 +61,9 @@ pub struct CheckpointInfo {
     pub eval_loss: Option<f64>,
     pub eval_mean_token_accuracy: Option<f64>,
     pub train_mean_token_accuracy: Option<f64>,
+    /// The last tool-call evaluation at or before this step.
+    #[serde(default)]
+    pub tool_eval: Option<ToolEvalMetrics>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -74,9 +78,15 @@ pub enum Level {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum TrainEvent {
-    Log { level: Level, message: String },
+    Log {
+        level: Level,
+        message: String,
+    },
     Metrics(StepMetrics),
     Eval(EvalMetrics),
+    /// Tool-call accuracies of generated turns (see [`crate::train::tool_eval`]).
+    #[serde(rename = "tool_eval")]
+    ToolEval(ToolEvalMetrics),
     Checkpoint(CheckpointInfo),
 }
 

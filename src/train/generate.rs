@@ -36,22 +36,7 @@ impl BaseModel {
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow!("loading {}/tokenizer.json: {e}", dir.display()))?;
         let template = ChatTemplate::from_model_dir(dir)?;
-        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>", template.eos_token.as_str()]
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t))
-            .collect();
-        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-            let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            match &cfg["eos_token_id"] {
-                serde_json::Value::Number(n) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
-                serde_json::Value::Array(a) => {
-                    stop_ids.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
-                }
-                _ => {}
-            }
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = stop_ids(dir, &tokenizer, &template);
         Ok(Self {
             dir: dir.to_path_buf(),
             model,
@@ -59,6 +44,15 @@ impl BaseModel {
             template,
             stop_ids,
         })
+    }
+
+    /// The generation loop over this model.
+    pub fn generator(&self) -> Generator<'_> {
+        Generator {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            stop_ids: &self.stop_ids,
+        }
     }
 
     /// The context length: prompt plus completion positions.
@@ -74,6 +68,55 @@ impl BaseModel {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// See [`Generator::generate`].
+    pub fn generate(
+        &self,
+        adapter: Option<&AdapterWeights>,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        self.generator().generate(adapter, prompt, params, on_text)
+    }
+
+    /// See [`Generator::budget`].
+    pub fn budget(&self, prompt_len: usize, asked: Option<usize>) -> Result<usize> {
+        self.generator().budget(prompt_len, asked)
+    }
+}
+
+/// Tokens that end a completion: `<|im_end|>`, `<|endoftext|>`, the template's `eos_token` and
+/// `generation_config.json`'s `eos_token_id` in `dir`.
+pub fn stop_ids(dir: &Path, tokenizer: &Tokenizer, template: &ChatTemplate) -> Vec<u32> {
+    let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>", template.eos_token.as_str()]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
+    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        match &cfg["eos_token_id"] {
+            serde_json::Value::Number(n) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
+            serde_json::Value::Array(a) => {
+                stop_ids.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+            }
+            _ => {}
+        }
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    stop_ids
+}
+
+/// What generation needs, borrowed: a served [`BaseModel`]'s parts, or the model a trainer is
+/// training (its LoRA attached, so the adapter applies as trained, unmerged).
+#[derive(Clone, Copy)]
+pub struct Generator<'a> {
+    pub model: &'a Qwen3,
+    pub tokenizer: &'a Tokenizer,
+    pub stop_ids: &'a [u32],
+}
+
+impl Generator<'_> {
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
@@ -144,7 +187,7 @@ impl BaseModel {
     /// The completion budget: what is asked for (or the rest of the context), refused when the
     /// prompt and the budget do not fit the model's context.
     pub fn budget(&self, prompt_len: usize, asked: Option<usize>) -> Result<usize> {
-        let ctx = self.context_len();
+        let ctx = self.model.cfg.max_position_embeddings;
         if prompt_len == 0 {
             return Err(ContextExceeded("the prompt is empty".into()).into());
         }

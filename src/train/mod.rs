@@ -14,6 +14,7 @@ pub mod optim;
 pub mod precision;
 pub mod spec;
 pub mod tool_calls;
+pub mod tool_eval;
 pub mod trainer;
 
 use anyhow::{bail, Result};

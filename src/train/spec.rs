@@ -20,6 +20,10 @@ pub struct JobSpec {
     pub training_file: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_file: Option<String>,
+    /// Conversations whose assistant turns the tool-call evaluation generates; the validation
+    /// file when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_eval_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,12 @@ pub struct Hyperparameters {
     pub eval_steps: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_steps: Option<u32>,
+    /// Held-out assistant turns the tool-call evaluation generates; 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_eval_max_examples: Option<u32>,
+    /// Completion budget of each of those turns, in tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_eval_max_new_tokens: Option<u32>,
     /// Keep only the newest N checkpoints (HF's name); 0 keeps all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_total_limit: Option<u32>,
@@ -199,6 +209,12 @@ pub struct TrainConfig {
     pub eval_steps: u32,
     /// 0 = no step cadence: checkpoint at the end (and, for epoch-based runs, each epoch's end).
     pub save_steps: u32,
+    /// Assistant turns the tool-call evaluation generates at each evaluation; 0 = none.
+    #[serde(default = "default_tool_eval_max_examples")]
+    pub tool_eval_max_examples: u32,
+    /// Greedy completion budget per evaluated turn.
+    #[serde(default = "default_tool_eval_max_new_tokens")]
+    pub tool_eval_max_new_tokens: u32,
     /// Checkpoints kept on disk, newest first (HF's `save_total_limit`); 0 = all.
     #[serde(default)]
     pub save_total_limit: u32,
@@ -248,6 +264,14 @@ impl TrainConfig {
     }
 }
 
+fn default_tool_eval_max_examples() -> u32 {
+    64
+}
+
+fn default_tool_eval_max_new_tokens() -> u32 {
+    128
+}
+
 /// Ten minutes: the most a timeout or a crash can cost with the default cadence.
 fn default_save_interval_seconds() -> u32 {
     600
@@ -271,6 +295,8 @@ impl Default for TrainConfig {
             loss_on: LossOn::Assistant,
             eval_steps: 0,
             save_steps: 0,
+            tool_eval_max_examples: default_tool_eval_max_examples(),
+            tool_eval_max_new_tokens: default_tool_eval_max_new_tokens(),
             save_total_limit: 0,
             save_interval_seconds: default_save_interval_seconds(),
             gradient_checkpointing: true,
@@ -413,6 +439,32 @@ impl JobSpec {
             31_536_000.0,
         )?;
 
+        let tool_eval_max_examples = hp
+            .tool_eval_max_examples
+            .unwrap_or(d.tool_eval_max_examples);
+        check_range(
+            &p("tool_eval_max_examples"),
+            tool_eval_max_examples as f64,
+            0.0,
+            10_000.0,
+        )?;
+        let tool_eval_max_new_tokens = hp
+            .tool_eval_max_new_tokens
+            .unwrap_or(d.tool_eval_max_new_tokens);
+        check_range(
+            &p("tool_eval_max_new_tokens"),
+            tool_eval_max_new_tokens as f64,
+            1.0,
+            32_768.0,
+        )?;
+        if self
+            .tool_eval_file
+            .as_deref()
+            .is_some_and(|f| f.trim().is_empty())
+        {
+            return Err(bad("tool_eval_file", "tool_eval_file must not be empty"));
+        }
+
         let l = hp.lora.clone().unwrap_or_default();
         let r = l.r.unwrap_or(d.lora.r);
         check_range(&p("lora.r"), r as f64, 1.0, 1024.0)?;
@@ -475,6 +527,8 @@ impl JobSpec {
             loss_on: hp.loss_on.unwrap_or(d.loss_on),
             eval_steps: hp.eval_steps.unwrap_or(0),
             save_steps: hp.save_steps.unwrap_or(0),
+            tool_eval_max_examples,
+            tool_eval_max_new_tokens,
             save_total_limit,
             save_interval_seconds,
             gradient_checkpointing: hp
@@ -505,85 +559,4 @@ fn check_range(param: &str, v: f64, lo: f64, hi: f64) -> Result<(), SpecError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(hp: serde_json::Value) -> JobSpec {
-        serde_json::from_value(serde_json::json!({
-            "model": "m", "training_file": "f",
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn omitted_knobs_take_the_recipe() {
-        let c = spec(serde_json::json!({})).resolve().unwrap();
-        assert_eq!(c, TrainConfig::default());
-        assert_eq!(c.lora.scaling(), 2.0);
-    }
-
-    #[test]
-    fn auto_and_multiplier_resolve() {
-        let c = spec(serde_json::json!({"n_epochs": "auto", "learning_rate_multiplier": 0.5}))
-            .resolve()
-            .unwrap();
-        assert_eq!(c.n_epochs, 3);
-        assert!((c.learning_rate - 1e-4).abs() < 1e-12);
-    }
-
-    #[test]
-    fn absurd_values_name_the_field() {
-        for (hp, field) in [
-            (serde_json::json!({"lora": {"r": 0}}), "lora.r"),
-            (serde_json::json!({"learning_rate": -1.0}), "learning_rate"),
-            (serde_json::json!({"batch_size": 0}), "batch_size"),
-            (
-                serde_json::json!({"max_seq_len": 1_000_000_000u64}),
-                "max_seq_len",
-            ),
-            (
-                serde_json::json!({"lora": {"dropout": 1.5}}),
-                "lora.dropout",
-            ),
-            (serde_json::json!({"warmup_ratio": 2}), "warmup_ratio"),
-            (
-                serde_json::json!({"lora": {"target_modules": ["lm_head"]}}),
-                "lora.target_modules",
-            ),
-        ] {
-            let e = spec(hp).resolve().unwrap_err();
-            assert_eq!(e.param, format!("{HP}.{field}"), "{e}");
-        }
-    }
-
-    #[test]
-    fn precision_defaults_to_auto_and_rejects_unknown_names() {
-        let c = spec(serde_json::json!({"precision": "f16"}))
-            .resolve()
-            .unwrap();
-        assert_eq!(c.precision, Precision::F16);
-        assert_eq!(
-            spec(serde_json::json!({})).resolve().unwrap().precision,
-            Precision::Auto
-        );
-        let bad: Result<JobSpec, _> = serde_json::from_value(serde_json::json!({
-            "model": "m", "training_file": "f",
-            "hyperparameters": {"precision": "fp8"}
-        }));
-        assert!(bad.is_err());
-        // Configs stored before the knob existed read back as `auto`.
-        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("precision");
-        let back: TrainConfig = serde_json::from_value(old).unwrap();
-        assert_eq!(back, TrainConfig::default());
-    }
-
-    #[test]
-    fn unknown_fields_are_rejected() {
-        let r: Result<JobSpec, _> = serde_json::from_value(serde_json::json!({
-            "model": "m", "training_file": "f", "n_epoch": 3
-        }));
-        assert!(r.unwrap_err().to_string().contains("n_epoch"));
-    }
-}
+mod tests;

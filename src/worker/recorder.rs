@@ -5,7 +5,9 @@
 use super::Ctx;
 use crate::store::NewEvent;
 use crate::train::checkpoint;
-use crate::train::events::{CheckpointInfo, Control, EvalMetrics, Level, StepMetrics, TrainEvent};
+use crate::train::events::{
+    CheckpointInfo, Control, EvalMetrics, Level, StepMetrics, ToolEvalMetrics, TrainEvent,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,6 +26,8 @@ pub(super) struct Recorder<'a> {
     control: &'a Control,
     last_train_step: i64,
     last_eval_step: i64,
+    /// The baseline evaluation is step 0, so "none yet" is `None` rather than 0.
+    last_tool_eval_step: Option<i64>,
     /// `save_total_limit`: checkpoint rows kept (0: all), like the directories on disk.
     keep_checkpoints: u32,
     /// Set when an event or checkpoint could not be stored even after retries: the run is
@@ -51,6 +55,7 @@ impl<'a> Recorder<'a> {
             control,
             last_train_step: last("train_loss").unwrap_or(0),
             last_eval_step: last("valid_loss").unwrap_or(0),
+            last_tool_eval_step: last("tool_eval_examples"),
             keep_checkpoints,
             lost: None,
         }
@@ -114,6 +119,7 @@ impl<'a> Recorder<'a> {
                 train_mean_token_accuracy: state.last_train_accuracy,
                 eval_loss: state.last_eval_loss,
                 eval_mean_token_accuracy: state.last_eval_accuracy,
+                tool_eval: state.last_tool_eval,
             });
         }
     }
@@ -147,6 +153,14 @@ impl<'a> Recorder<'a> {
                 self.last_eval_step = step;
                 self.record(eval_event(&e));
             }
+            TrainEvent::ToolEval(t) => {
+                let step = t.step as i64;
+                if self.last_tool_eval_step.is_some_and(|last| step <= last) {
+                    return;
+                }
+                self.last_tool_eval_step = Some(step);
+                self.record(tool_eval_event(&t));
+            }
             TrainEvent::Checkpoint(c) => self.checkpoint(&c),
         }
     }
@@ -154,12 +168,17 @@ impl<'a> Recorder<'a> {
     fn checkpoint(&mut self, c: &CheckpointInfo) {
         let (ctx, job_id, keep) = (self.ctx, self.job_id, self.keep_checkpoints);
         let store = &ctx.store;
+        let tool = c.tool_eval.as_ref();
         let metrics = serde_json::json!({
             "step": c.step,
             "train_loss": c.train_loss,
             "train_mean_token_accuracy": c.train_mean_token_accuracy,
             "valid_loss": c.eval_loss,
             "valid_mean_token_accuracy": c.eval_mean_token_accuracy,
+            "tool_name_accuracy": tool.and_then(|t| t.tool_name_accuracy),
+            "tool_args_exact": tool.and_then(|t| t.tool_args_exact),
+            "tool_json_valid": tool.and_then(|t| t.tool_json_valid),
+            "no_call_accuracy": tool.and_then(|t| t.no_call_accuracy),
         });
         let rel = c.path.strip_prefix(store.data_dir()).unwrap_or(&c.path);
         let rel = rel.to_string_lossy();
@@ -201,5 +220,15 @@ fn eval_event(e: &EvalMetrics) -> NewEvent {
             "eval_tokens": e.eval_tokens,
         })),
         step: Some(e.step as i64),
+    }
+}
+
+fn tool_eval_event(t: &ToolEvalMetrics) -> NewEvent {
+    NewEvent {
+        level: "info",
+        kind: "metrics",
+        message: format!("Step {}: {}", t.step, t.summary()),
+        data: serde_json::to_value(t).ok(),
+        step: Some(t.step as i64),
     }
 }

@@ -19,6 +19,7 @@ pub(super) struct Inputs {
     pub model_dir: PathBuf,
     pub training_file: PathBuf,
     pub validation_file: Option<PathBuf>,
+    pub tool_eval_file: Option<PathBuf>,
     pub init_adapter: Option<PathBuf>,
     pub spec: JobSpec,
     pub config: TrainConfig,
@@ -36,6 +37,10 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
         Some(id) => Some(dataset_path(store, id, "validation_file").await?),
         None => None,
     };
+    let tool_eval_file = match &spec.tool_eval_file {
+        Some(id) => Some(dataset_path(store, id, "tool_eval_file").await?),
+        None => None,
+    };
     let model_dir = hub
         .resolve(&job.model)
         .await
@@ -48,6 +53,7 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
         model_dir,
         training_file,
         validation_file,
+        tool_eval_file,
         init_adapter,
         spec,
         config,
@@ -184,6 +190,7 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         base_model_name: job.model.clone(),
         training_file: inputs.training_file,
         validation_file: inputs.validation_file,
+        tool_eval_file: inputs.tool_eval_file,
         init_adapter: inputs.init_adapter,
         config: inputs.config,
         output_dir: output_dir.clone(),
@@ -259,7 +266,17 @@ fn user_message(message: &str, job: &JobRow, train: &engine::TrainJob, data_dir:
     if let (Some(path), Some(id)) = (&train.validation_file, &job.validation_file) {
         m = m.replace(&*path.to_string_lossy(), id);
     }
+    if let (Some(path), Some(id)) = (&train.tool_eval_file, &job_tool_eval_file(job)) {
+        m = m.replace(&*path.to_string_lossy(), id);
+    }
     m.replace(&*data_dir.to_string_lossy(), "<data dir>")
+}
+
+/// The `tool_eval_file` id a job was created with.
+fn job_tool_eval_file(job: &JobRow) -> Option<String> {
+    serde_json::from_str::<JobSpec>(&job.spec)
+        .ok()
+        .and_then(|s| s.tool_eval_file)
 }
 
 fn requeue(ctx: &Ctx, id: &str, message: &str) {
@@ -317,7 +334,7 @@ pub fn fine_tuned_model_name(model: &str, suffix: Option<&str>, job_id: &str) ->
     format!("ft:{model}:{}:{job_id}", suffix.unwrap_or("sftd"))
 }
 
-const CSV_COLUMNS: [&str; 8] = [
+const CSV_COLUMNS: [&str; 12] = [
     "step",
     "train_loss",
     "train_mean_token_accuracy",
@@ -326,6 +343,10 @@ const CSV_COLUMNS: [&str; 8] = [
     "learning_rate",
     "grad_norm",
     "num_tokens",
+    "tool_name_accuracy",
+    "tool_args_exact",
+    "tool_json_valid",
+    "no_call_accuracy",
 ];
 
 /// One row per step, merging a step's training and validation metrics.
@@ -392,12 +413,17 @@ mod tests {
                 2,
                 serde_json::json!({"step": 2, "valid_loss": 2.2, "valid_mean_token_accuracy": 0.4}),
             ),
+            ev(
+                4,
+                2,
+                serde_json::json!({"step": 2, "tool_eval_examples": 4, "tool_name_accuracy": 0.5, "tool_args_exact": 0.25, "tool_json_valid": 0.75, "no_call_accuracy": null}),
+            ),
         ]);
         assert_eq!(
             csv,
-            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens\n\
-             1,2.5,0.25,,,0.1,1.0,10\n\
-             2,2.0,0.5,2.2,0.4,0.1,0.5,20\n"
+            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens,tool_name_accuracy,tool_args_exact,tool_json_valid,no_call_accuracy\n\
+             1,2.5,0.25,,,0.1,1.0,10,,,,\n\
+             2,2.0,0.5,2.2,0.4,0.1,0.5,20,0.5,0.25,0.75,\n"
         );
     }
 }

@@ -75,6 +75,9 @@ impl Worker {
         if let Some(v) = &spec.validation_file {
             self.check_dataset(v, "validation_file").await?;
         }
+        if let Some(v) = &spec.tool_eval_file {
+            self.check_dataset(v, "tool_eval_file").await?;
+        }
         let model = self.hub.check(&spec.model).await.map_err(|e| {
             let (param, code) = ("model".to_string(), e.code());
             match e {

@@ -36,7 +36,8 @@ test('the event envelope, its types and levels', () => {
 
 test("every kind of event data, field by field", () => {
   const refs = schemas.Event.properties.data.oneOf.filter((o) => o.$ref).map((o) => o.$ref.split('/').pop());
-  const kindOf = (schema) => schema.replace(/EventData$/, '').toLowerCase();
+  // ToolEvalEventData → tool_eval
+  const kindOf = (schema) => schema.replace(/EventData$/, '').replace(/([a-z])([A-Z])/g, '$1_$2').toLowerCase();
   sameFields(refs.map(kindOf), Object.keys(V.EVENT_DATA), 'Event.properties.data.oneOf (<Kind>EventData)', 'EVENT_DATA kinds');
   for (const ref of refs) {
     const kind = kindOf(ref);
@@ -55,13 +56,24 @@ test('job statuses and job fields', () => {
     'components.schemas.Checkpoint.properties.metrics.properties', 'CHECKPOINT_METRICS');
 });
 
+/** The `pub` fields of `pub struct NAME { … }` in a Rust source file. */
+function rustFields(file, name) {
+  const src = fs.readFileSync(path.join(ROOT, file), 'utf8');
+  const body = src.match(new RegExp(`pub struct ${name} \\{([\\s\\S]*?)\\n\\}`));
+  assert.ok(body, `${file} has no \`pub struct ${name} { … }\``);
+  return [...body[1].matchAll(/^\s*pub (\w+):/gm)].map((m) => m[1]);
+}
+
 test("the server's StepMetrics fields are all in openapi.yaml's MetricsEventData", () => {
-  const src = fs.readFileSync(path.join(ROOT, 'src/train/events.rs'), 'utf8');
-  const body = src.match(/pub struct StepMetrics \{([\s\S]*?)\n\}/);
-  assert.ok(body, 'src/train/events.rs has no `pub struct StepMetrics { … }`');
-  const fields = [...body[1].matchAll(/^\s*pub (\w+):/gm)].map((m) => m[1]);
+  const fields = rustFields('src/train/events.rs', 'StepMetrics');
   assert.ok(fields.includes('train_loss'), `parsed StepMetrics fields: ${fields}`);
   const spec = new Set(props('MetricsEventData'));
   const missing = fields.filter((f) => !spec.has(f));
   assert.deepEqual(missing, [], missing.map((f) => `src/train/events.rs StepMetrics has \`${f}\`, which openapi.yaml components.schemas.MetricsEventData does not define`).join('\n'));
+});
+
+test("the server's ToolEvalMetrics fields are exactly openapi.yaml's ToolEvalEventData", () => {
+  const fields = rustFields('src/train/tool_eval.rs', 'ToolEvalMetrics');
+  assert.ok(fields.includes('tool_name_accuracy'), `parsed ToolEvalMetrics fields: ${fields}`);
+  sameFields(props('ToolEvalEventData'), fields, 'components.schemas.ToolEvalEventData.properties', '(src/train/tool_eval.rs ToolEvalMetrics)');
 });

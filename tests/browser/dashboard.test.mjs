@@ -4,7 +4,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, jobPageState, EXAMPLE, MODEL } from './harness.mjs';
+import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, jobPageState, parseRanges, EXAMPLE, EXAMPLE_VAL, MODEL } from './harness.mjs';
 
 const JOB_TIMEOUT = Number(process.env.SFTD_JOB_TIMEOUT_MS || 300_000);
 const RESTART_STEPS = Number(process.env.SFTD_RESTART_STEPS || 16);
@@ -181,6 +181,40 @@ test('a demo job submitted through the form draws every step live and ends succe
   await sleep(300);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `job page fits a 390 px screen (overflow ${overflow}px)`);
+  assert.deepEqual(page.jsErrors(), []);
+});
+
+test('tool-call accuracy from the event stream is drawn on its own axis', async (t) => {
+  const page = await newPage(t);
+  const job = await server.submitDemoJob({
+    gradient_accumulation_steps: 1, max_steps: 4, eval_steps: 2, tool_eval_max_examples: 4, tool_eval_max_new_tokens: 8,
+  }, { validation: EXAMPLE_VAL });
+  await page.goto(`${server.url}/#/jobs/${encodeURIComponent(job.id)}`);
+  const { state } = await followJob(page);
+  assert.equal(state.status, 'succeeded', `job ended ${state.status}; server log:\n${server.tail()}`);
+  const toolEvents = (await server.events(job.id)).filter((e) => e.type === 'metrics' && typeof e.data?.tool_eval_examples === 'number');
+  const serverSteps = toolEvents.map((e) => e.data.step);
+  t.diagnostic(`tool_eval events at steps ${serverSteps.join(',')}: ${toolEvents.map((e) => e.message).join(' | ')}`);
+  assert.deepEqual(serverSteps, [0, 2, 4], 'step 0, every eval_steps and the last');
+  // The chart drew a point for each of them, from the stream.
+  const chart = page.getByTestId('chart');
+  assert.deepEqual(parseRanges(await chart.getAttribute('data-tool-steps')), serverSteps);
+  const axes = await chart.locator('.u-axis').allInnerTexts();
+  assert.ok(axes.some((a) => a.includes('tool-call accuracy')), `axes: ${axes.join(' / ')}`);
+  const legend = await chart.locator('.u-legend').innerText();
+  for (const label of ['tool name accuracy', 'tool args exact', 'tool JSON valid', 'no-call accuracy']) assert.ok(legend.includes(label), `legend lists ${label}: ${legend}`);
+  // The readout at step 0 (the starting model) has the rates the server reported.
+  await chart.focus();
+  await page.keyboard.press('Home');
+  const readout = await page.getByTestId('hover-readout').innerText();
+  const first = toolEvents[0].data;
+  assert.match(readout, /^step 0 /);
+  const pct = 100 * first.tool_name_accuracy;
+  const shown = `${pct >= 10 || pct === 0 ? pct.toFixed(0) : pct.toFixed(1)}%`; // format.js fmtPct
+  assert.ok(readout.includes(`tool name accuracy ${shown}`), `readout: ${readout}`);
+  const last = toolEvents[toolEvents.length - 1].data;
+  const stat = await page.getByTestId('stat-tool-name').innerText();
+  assert.ok(stat.endsWith(`@ ${last.step}`), `progress card shows the latest: ${stat}`);
   assert.deepEqual(page.jsErrors(), []);
 });
 

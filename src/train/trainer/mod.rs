@@ -4,7 +4,8 @@
 //! [`run`] below is the whole loop; the pieces it calls live in the submodules:
 //! `session` (setup, resume, eval/checkpoint cadence, metrics.jsonl), `window` (one optimizer
 //! step: accumulate micro-batches, clip, AdamW), `step` (a micro-batch's forward + backward and
-//! the chunked loss), `batch`, `plan` (step counts, data order), `dataset`, `eval`, `build`.
+//! the chunked loss), `batch`, `plan` (step counts, data order, ETA), `dataset`, `eval`,
+//! `tool_eval` (generated tool calls scored), `build`.
 //!
 //! Shapes: N packed tokens of a micro-batch, M label positions among them, H hidden, V vocab.
 
@@ -15,6 +16,7 @@ mod eval;
 mod plan;
 mod session;
 mod step;
+mod tool_eval;
 mod window;
 
 pub use crate::train::checkpoint::latest_checkpoint;
@@ -42,6 +44,8 @@ pub struct TrainJob {
     pub base_model_name: String,
     pub training_file: PathBuf,
     pub validation_file: Option<PathBuf>,
+    /// Conversations for the tool-call evaluation (else the validation file's).
+    pub tool_eval_file: Option<PathBuf>,
     /// A PEFT adapter directory to start from instead of a fresh init.
     pub init_adapter: Option<PathBuf>,
     pub config: TrainConfig,
@@ -58,14 +62,14 @@ pub fn run(
     control: &Control,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome> {
-    let mut s = Session::start(job, on_event)?;
+    let mut s = Session::start(job, control, on_event)?;
     while s.state.step < s.plan.total_steps {
         let window = match s.accumulate(control, on_event)? {
             Accumulated::Window(w) => w,
             Accumulated::Stopped(outcome) => return Ok(outcome),
         };
         let metrics = s.update(window)?;
-        s.report(metrics, on_event)?;
+        s.report(metrics, control, on_event)?;
     }
     let adapter_dir = job.output_dir.join("adapter");
     checkpoint::save_adapter(&adapter_dir, &s.params, &s.lora, &job.base_model_name)?;

@@ -65,10 +65,58 @@ impl Plan {
     }
 }
 
+/// Evaluations still to run once step `step` is done, its own included: every `every`-th step
+/// (0: none) and the last.
+pub(super) fn evals_from(step: u64, total: u64, every: u32) -> u64 {
+    if step > total {
+        return 0;
+    }
+    let every = every as u64;
+    let multiples_to = |n: u64| n.checked_div(every).unwrap_or(0);
+    let periodic = multiples_to(total) - multiples_to(step.saturating_sub(1));
+    let last_extra = every == 0 || total % every != 0;
+    periodic + last_extra as u64
+}
+
+/// Seconds left: the remaining steps at the measured seconds per training step, plus the
+/// remaining evaluations at what the last one took.
+pub(super) fn eta_seconds(
+    seconds_per_step: f64,
+    steps_left: u64,
+    evals_left: u64,
+    seconds_per_eval: f64,
+) -> f64 {
+    seconds_per_step * steps_left as f64 + seconds_per_eval * evals_left as f64
+}
+
 /// SplitMix64-style mixing of three words into one seed.
 pub(super) fn mix(a: u64, b: u64, c: u64) -> u64 {
     let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluations_left_count_the_cadence_and_the_last_step() {
+        // 10 steps, every 4: evaluations after steps 4, 8 and 10.
+        assert_eq!(evals_from(1, 10, 4), 3);
+        assert_eq!(
+            evals_from(4, 10, 4),
+            3,
+            "step 4's own evaluation is still to come"
+        );
+        assert_eq!(evals_from(5, 10, 4), 2);
+        assert_eq!(evals_from(9, 10, 4), 1);
+        assert_eq!(evals_from(10, 10, 4), 1);
+        // 8 steps, every 4: the last step is a multiple, counted once.
+        assert_eq!(evals_from(1, 8, 4), 2);
+        // No cadence: only the last.
+        assert_eq!(evals_from(3, 10, 0), 1);
+        assert_eq!(eta_seconds(2.0, 6, 3, 5.0), 27.0);
+    }
 }

@@ -5,10 +5,11 @@ use super::build::{build_model_in, resolve_precision};
 use super::dataset::{load_dataset, skipped_summary, Dataset};
 use super::eval::evaluate;
 use super::plan::Plan;
+use super::tool_eval::ToolEval;
 use super::TrainJob;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::data::template::ChatTemplate;
-use crate::train::events::{CheckpointInfo, EvalMetrics, Level, StepMetrics, TrainEvent};
+use crate::train::events::{CheckpointInfo, Control, EvalMetrics, Level, StepMetrics, TrainEvent};
 use crate::train::loss_scale::{self, LossScaler};
 use crate::train::model::Qwen3;
 use crate::train::optim::AdamW;
@@ -35,6 +36,8 @@ pub(super) struct Session<'a> {
     pub(super) plan: Plan,
     pub(super) train: Dataset,
     pub(super) val: Option<Dataset>,
+    /// Held-out turns generated at each evaluation (and before the first step).
+    pub(super) tool_eval: Option<ToolEval>,
     pub(super) state: TrainerState,
     /// The current epoch's example order.
     pub(super) order: Vec<usize>,
@@ -42,13 +45,19 @@ pub(super) struct Session<'a> {
     /// Wall clock of this process's part of the run, and where the state stood when it began.
     pub(super) clock: Instant,
     pub(super) start: (u64, f64, u64),
+    /// Seconds of this process's part spent evaluating, which the per-step time excludes.
+    pub(super) eval_seconds: f64,
     /// When the last checkpoint was written (or the run began), for the time-based cadence.
     pub(super) last_save: std::cell::Cell<Instant>,
 }
 
 impl<'a> Session<'a> {
     /// Tokenizer, data, model, optimizer and schedule; the saved state when resuming.
-    pub(super) fn start(job: &'a TrainJob, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Self> {
+    pub(super) fn start(
+        job: &'a TrainJob,
+        control: &Control,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Self> {
         let cfg = &job.config;
         let tok_path = job.model_dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
@@ -73,6 +82,29 @@ impl<'a> Session<'a> {
             job.init_adapter.as_deref(),
             cfg.seed,
         )?;
+        let tool_eval = match (&job.tool_eval_file, &job.validation_file) {
+            _ if cfg.tool_eval_max_examples == 0 => None,
+            (Some(p), _) => Some((p, true)),
+            (None, Some(p)) => Some((p, false)),
+            (None, None) => None,
+        };
+        let tool_eval = match tool_eval {
+            Some((path, explicit)) => {
+                let prepared = ToolEval::prepare(
+                    path,
+                    explicit,
+                    &job.model_dir,
+                    &tokenizer,
+                    &template,
+                    cfg.tool_eval_max_examples as usize,
+                    cfg.tool_eval_max_new_tokens as usize,
+                    model.cfg.max_position_embeddings,
+                )?;
+                emit_log(on_event, Level::Info, prepared.message);
+                prepared.eval
+            }
+            None => None,
+        };
         let params = model.lora_vars();
         let mut opt = AdamW::new(params.clone(), cfg.weight_decay)?;
         let plan = Plan::new(train.examples.len(), cfg);
@@ -114,7 +146,7 @@ impl<'a> Session<'a> {
         }
         std::fs::create_dir_all(&job.output_dir)?;
         let metrics_file = open_metrics(&job.output_dir.join("metrics.jsonl"), state.step)?;
-        Ok(Self {
+        let mut session = Self {
             precision,
             scaler,
             job,
@@ -129,15 +161,26 @@ impl<'a> Session<'a> {
             plan,
             train,
             val,
+            tool_eval,
             state,
             metrics_file,
-        })
+            eval_seconds: 0.0,
+        };
+        // A fresh run measures the model it starts from: the baseline of the accuracies, and
+        // what one evaluation costs, which the ETA counts from the first step on.
+        if session.state.step == 0 && session.tool_eval.is_some() {
+            let started = Instant::now();
+            session.evaluate_tools(control, on_event)?;
+            session.note_eval_time(started);
+        }
+        Ok(session)
     }
 
     /// Logs the step, and evaluates and checkpoints when their intervals (or the end) come.
     pub(super) fn report(
         &mut self,
         metrics: StepMetrics,
+        control: &Control,
         on_event: &mut dyn FnMut(TrainEvent),
     ) -> Result<()> {
         let cfg = &self.job.config;
@@ -146,20 +189,25 @@ impl<'a> Session<'a> {
         let step = self.state.step;
         let last = step == self.plan.total_steps;
         let due = |every: u32| last || (every > 0 && step % every as u64 == 0);
-        if let (Some(v), true) = (&self.val, due(cfg.eval_steps)) {
-            let (loss, accuracy, n) = evaluate(&self.model, &v.examples, self.plan.batch_size)?;
-            self.state.last_eval_loss = Some(loss);
-            self.state.last_eval_accuracy = Some(accuracy);
-            let e = EvalMetrics {
-                step,
-                eval_loss: loss,
-                eval_mean_token_accuracy: accuracy,
-                eval_tokens: n,
-            };
-            let mut rec = serde_json::to_value(&e)?;
-            rec["type"] = "eval".into();
-            writeln!(self.metrics_file, "{rec}")?;
-            on_event(TrainEvent::Eval(e));
+        if due(cfg.eval_steps) && (self.val.is_some() || self.tool_eval.is_some()) {
+            let started = Instant::now();
+            if let Some(v) = &self.val {
+                let (loss, accuracy, n) = evaluate(&self.model, &v.examples, self.plan.batch_size)?;
+                self.state.last_eval_loss = Some(loss);
+                self.state.last_eval_accuracy = Some(accuracy);
+                let e = EvalMetrics {
+                    step,
+                    eval_loss: loss,
+                    eval_mean_token_accuracy: accuracy,
+                    eval_tokens: n,
+                };
+                let mut rec = serde_json::to_value(&e)?;
+                rec["type"] = "eval".into();
+                writeln!(self.metrics_file, "{rec}")?;
+                on_event(TrainEvent::Eval(e));
+            }
+            self.evaluate_tools(control, on_event)?;
+            self.note_eval_time(started);
         }
         // Without a step cadence an epoch-based run also saves at each epoch's end; and a
         // checkpoint is due whenever `save_interval_seconds` have passed since the last one.
@@ -172,6 +220,34 @@ impl<'a> Session<'a> {
             self.save(on_event)?;
         }
         Ok(())
+    }
+
+    /// Generates the held-out turns with the model as it stands and reports the accuracies. An
+    /// evaluation interrupted by a cancel or suspend request reports nothing.
+    fn evaluate_tools(
+        &mut self,
+        control: &Control,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<()> {
+        let Some(t) = &self.tool_eval else {
+            return Ok(());
+        };
+        let Some(m) = t.run(&self.model, self.state.step, control)? else {
+            return Ok(());
+        };
+        let mut rec = serde_json::to_value(&m)?;
+        rec["type"] = "tool_eval".into();
+        writeln!(self.metrics_file, "{rec}")?;
+        self.state.last_tool_eval = Some(m.clone());
+        on_event(TrainEvent::ToolEval(m));
+        Ok(())
+    }
+
+    /// Records what an evaluation that began at `started` cost.
+    fn note_eval_time(&mut self, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.eval_seconds += seconds;
+        self.state.last_eval_seconds = Some(seconds);
     }
 
     /// Writes `checkpoints/step-N` for the last completed step and announces it.
@@ -197,6 +273,7 @@ impl<'a> Session<'a> {
             train_mean_token_accuracy: st.last_train_accuracy,
             eval_loss: st.last_eval_loss,
             eval_mean_token_accuracy: st.last_eval_accuracy,
+            tool_eval: st.last_tool_eval.clone(),
         }));
         Ok(dir)
     }

@@ -2,7 +2,7 @@
 //! unscale, clip, check for divergence or overflow, and the AdamW update.
 
 use super::batch::{make_batch, Batch};
-use super::plan::mix;
+use super::plan::{eta_seconds, evals_from, mix};
 use super::session::Session;
 use super::step::micro_step;
 use crate::train::data::encode::Example;
@@ -154,6 +154,21 @@ impl Session<'_> {
         let elapsed = self.clock.elapsed().as_secs_f64();
         st.elapsed_seconds = start_elapsed + elapsed;
         let micro_done = (st.window_in_epoch as usize * plan.accum).min(plan.micro_per_epoch);
+        // Evaluations are timed apart from training steps, so that the ones still to come count
+        // at their own cost (the tool-call evaluation can cost more than many steps).
+        let evaluates = self.val.is_some() || self.tool_eval.is_some();
+        let evals_left = if evaluates {
+            evals_from(st.step, plan.total_steps, cfg.eval_steps)
+        } else {
+            0
+        };
+        let train_seconds = (elapsed - self.eval_seconds).max(0.0);
+        let eta = eta_seconds(
+            train_seconds / (st.step - start_step) as f64,
+            plan.total_steps - st.step,
+            evals_left,
+            st.last_eval_seconds.unwrap_or(0.0),
+        );
         Ok(StepMetrics {
             step: st.step,
             total_steps: plan.total_steps,
@@ -165,8 +180,7 @@ impl Session<'_> {
             num_tokens: st.num_tokens,
             tokens_per_second: (st.num_tokens - start_tokens) as f64 / elapsed.max(1e-9),
             elapsed_seconds: st.elapsed_seconds,
-            eta_seconds: elapsed / (st.step - start_step) as f64
-                * (plan.total_steps - st.step) as f64,
+            eta_seconds: eta,
             loss_scale,
             skipped_steps: self.scaler.map_or(0, |s| s.skipped_steps),
         })
