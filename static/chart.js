@@ -2,7 +2,8 @@
 // grad norm by step, and the tool-call accuracies on their own 0–1 axis once a tool-call
 // evaluation has arrived, with a smoothing slider, log scale, drag-to-zoom and keyboard reading.
 // The chart element reports what it draws in `data-points` (distinct loss steps), `data-steps`
-// (those steps as ranges, e.g. "1-16") and `data-tool-steps` (the steps with tool-call rates).
+// (those steps as ranges, e.g. "1-16"), `data-tool-steps` (the steps with tool-call rates) and
+// `data-axes` (the axis labels).
 /* global uPlot */
 import { h, prefs } from './dom.js';
 import { fmtNum, fmtLR, fmtCount, fmtRate, fmtPct, DASH } from './format.js';
@@ -135,7 +136,9 @@ export function lossChart(series, { onDraw }) {
       chartEmpty.hidden = true;
       chartEl.hidden = false;
       if (!st.chart) {
-        st.chart = new uPlot(options(), cols, chartEl);
+        const opts = options();
+        st.chart = new uPlot(opts, cols, chartEl);
+        chartEl.dataset.axes = opts.axes.map((a) => a.label).join(','); // uPlot draws axes on the canvas
       } else if (st.zoomed) {
         // Keep the user's zoom while new steps arrive.
         const { min, max } = st.chart.scales.x;
