@@ -1,11 +1,15 @@
 //! The tool-call evaluation of a real job over a real socket: its events (step 0 and every
 //! evaluation), the ETA that counts the evaluations still to come, the checkpoints' metrics,
-//! metrics.csv, a `tool_eval_file` without a validation file, and the 400s for bad knobs.
+//! metrics.csv, a `tool_eval_file` without a validation file, and the 400s for bad knobs; and,
+//! on the engine, that evaluating leaves training untouched.
 
 mod common;
 
 use common::{example, tiny_job, Env, Server};
 use serde_json::{json, Value};
+use sftd::train::events::{Control, TrainEvent};
+use sftd::train::spec::JobSpec;
+use sftd::train::trainer::{self, TrainJob};
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(600);
@@ -268,4 +272,51 @@ async fn a_tool_eval_file_is_evaluated_without_a_validation_file_and_bad_knobs_a
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Generating with the model between steps must not change what it learns: the same job with and
+/// without the evaluation has bit-identical losses and adapter.
+#[test]
+fn evaluating_tool_calls_leaves_training_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    sftd::train::demo::write_model(&model, sftd::train::demo::DemoSize::TINY, 7).unwrap();
+    let run = |out: &str, max_examples: u32| {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "model": "tiny", "training_file": "x", "seed": 3,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 4,
+                "eval_steps": 2, "max_seq_len": 96, "lora": {"r": 4, "dropout": 0.1},
+                "tool_eval_max_examples": max_examples, "tool_eval_max_new_tokens": 6
+            }}}
+        }))
+        .unwrap();
+        let job = TrainJob {
+            model_dir: model.clone(),
+            base_model_name: "tiny".into(),
+            training_file: example("tool_calls.jsonl"),
+            validation_file: Some(example("tool_calls_val.jsonl")),
+            tool_eval_file: None,
+            init_adapter: None,
+            config: spec.resolve().unwrap(),
+            output_dir: dir.path().join(out),
+            resume_from: None,
+            device: candle_core::Device::Cpu,
+        };
+        let (mut losses, mut tool_evals) = (Vec::new(), 0);
+        trainer::run(&job, &Control::new(), &mut |ev| match ev {
+            TrainEvent::Metrics(m) => losses.push(m.train_loss),
+            TrainEvent::ToolEval(_) => tool_evals += 1,
+            _ => {}
+        })
+        .unwrap();
+        let adapter =
+            std::fs::read(job.output_dir.join("adapter/adapter_model.safetensors")).unwrap();
+        (losses, tool_evals, adapter)
+    };
+    let (with_losses, with_evals, with_adapter) = run("with", 3);
+    let (without_losses, without_evals, without_adapter) = run("without", 0);
+    assert_eq!((with_evals, without_evals), (3, 0), "steps 0, 2 and 4");
+    assert_eq!(with_losses, without_losses);
+    assert!(with_adapter == without_adapter, "the adapters differ");
 }
