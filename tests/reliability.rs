@@ -410,14 +410,17 @@ async fn readyz_is_503_once_the_worker_thread_is_gone() {
         .await
         .unwrap();
     let hub = sftd::hub::Hub::new(&config);
-    let worker = sftd::worker::Worker::start(store.clone(), hub, "cuda:4096".into(), 3)
-        .await
-        .unwrap();
+    let storage = sftd::storage::Storage::open(None, dir.path()).unwrap();
+    let worker =
+        sftd::worker::Worker::start(store.clone(), storage.clone(), hub, "cuda:4096".into(), 3)
+            .await
+            .unwrap();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
         config: Arc::new(config),
         fanout: Fanout::start(&store),
         store,
+        storage,
         worker,
         sse_clients: Default::default(),
         shutdown,

@@ -2,6 +2,8 @@
 //! dir, and small HTTP helpers over reqwest.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
