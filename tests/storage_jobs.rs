@@ -202,5 +202,29 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
     // Step 4 was published again, whole, by B.
     assert!(object(&s3, &format!("{checkpoints}/step-4/manifest.json")).is_some());
     results_match_the_bucket(&b, &s3, &job).await;
+
+    // A third node, with nothing local, answers with the fine-tuned model: it fetches the
+    // adapter from the bucket, and its answer is the training node's.
+    let env_c = s3
+        .storage_env(Env::new(), PREFIX)
+        .with("SFTD_DATABASE_URL", &db);
+    let model = job["fine_tuned_model"].as_str().unwrap();
+    let ask = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "temperature": 0,
+        "max_completion_tokens": 6,
+    });
+    let (st, on_b) = b.post_json("/v1/chat/completions", &ask).await;
+    assert_eq!(st, 200, "{on_b}");
+    drop(b);
+    let c = env_c.start();
+    let (st, on_c) = c.post_json("/v1/chat/completions", &ask).await;
+    assert_eq!(st, 200, "{on_c}");
+    assert_eq!(on_c["choices"][0]["message"], on_b["choices"][0]["message"]);
+    assert!(env_c
+        .data_dir()
+        .join(format!("jobs/{id}/adapter/adapter_model.safetensors"))
+        .is_file());
     drop(a);
 }
