@@ -6,7 +6,7 @@
 mod common;
 
 use common::s3::S3Server;
-use common::{example, tiny_job, Env, Server};
+use common::{example, memory_kib, tiny_job, Env, Server};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -227,4 +227,44 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         .join(format!("jobs/{id}/adapter/adapter_model.safetensors"))
         .is_file());
     drop(a);
+}
+
+/// `cargo nextest run --run-ignored only -E 'test(upload_memory_to_s3)' --no-capture`: a 200 MB
+/// upload to S3, then two at once; prints the server's peak RSS above its RSS before them and
+/// asserts it stays under 96 MiB (each upload holds at most three 8 MiB parts).
+#[tokio::test]
+#[ignore = "a minute or more and 1.2 GB of disk; run by hand to measure (see docs/cluster.md)"]
+async fn upload_memory_to_s3() {
+    const MB: usize = 1_000_000;
+    let s3 = S3Server::start();
+    let env = s3.storage_env(Env::new(), PREFIX);
+    let s = env.start();
+    s.upload(&example("text.jsonl")).await;
+    let (_, before) = memory_kib(s.pid());
+    let upload = |size: usize| common::upload_stream(&s, size, MB);
+    let r = upload(200 * MB).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let (one, _) = memory_kib(s.pid());
+    let (a, b) = tokio::join!(upload(200 * MB), upload(200 * MB));
+    assert_eq!(a.unwrap().status(), 200);
+    assert_eq!(b.unwrap().status(), 200);
+    let (two, _) = memory_kib(s.pid());
+    let mib = |kib: u64| kib.saturating_sub(before) as f64 / 1024.0;
+    println!(
+        "RSS before: {:.1} MiB; peak RSS above it: one 200 MB upload to S3 {:.1} MiB, then two at once {:.1} MiB",
+        before as f64 / 1024.0,
+        mib(one),
+        mib(two)
+    );
+    let stored: u64 = std::fs::read_dir(s3.object_path(&format!("{PREFIX}/files")))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    // Three uploads of 200 MB, less the part of a 1 MB block that does not fit a whole line.
+    assert!(stored > 597 * MB as u64, "{stored} bytes in the bucket");
+    assert!(
+        mib(two) < 96.0,
+        "uploads raised the peak RSS by {:.1} MiB",
+        mib(two)
+    );
 }
