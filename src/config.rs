@@ -20,6 +20,12 @@ pub struct Config {
     #[arg(long, env = "SFTD_DATABASE_URL")]
     pub database_url: Option<String>,
 
+    /// Where artifacts (uploads, checkpoints, adapters, result files) live: unset for the data
+    /// dir itself, `s3://bucket/prefix` for S3-compatible storage (endpoint and credentials from
+    /// the `AWS_*` variables), or `file:///path` for a shared directory.
+    #[arg(long, env = "SFTD_STORAGE_URL")]
+    pub storage_url: Option<String>,
+
     /// When set, every `/v1` route requires `Authorization: Bearer <key>` or `X-Api-Key: <key>`
     /// (the event stream also accepts `?access_token=<key>`). Never logged.
     #[arg(long, env = "SFTD_API_KEY", hide_env_values = true)]
@@ -72,6 +78,7 @@ impl std::fmt::Debug for Config {
             .field("addr", &self.addr)
             .field("data_dir", &self.data_dir)
             .field("database_url", &self.database_url)
+            .field("storage_url", &self.storage_url)
             .field("api_key", &redact(&self.api_key))
             .field("device", &self.device)
             .field("model_dirs", &self.model_dirs)
@@ -92,6 +99,7 @@ impl Config {
             addr: "127.0.0.1:0".parse().expect("valid literal address"),
             data_dir: data_dir.to_path_buf(),
             database_url: None,
+            storage_url: None,
             api_key: None,
             device: "cpu".into(),
             model_dirs: String::new(),

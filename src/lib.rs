@@ -8,6 +8,7 @@ pub mod config;
 pub mod estimate;
 pub mod fault;
 pub mod hub;
+pub mod storage;
 pub mod store;
 pub mod train;
 pub mod worker;

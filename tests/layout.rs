@@ -19,13 +19,14 @@ const LAYERS: &[(&str, i32)] = &[
     ("hub", 0),
     ("train", 0),
     ("store", 0),
+    ("storage", 0),
     ("config", -1),
     ("alloc", -1),
     ("fault", -1),
 ];
 
 /// Imports allowed inside one layer: `hub` resolves models, which needs the engine's demo model
-/// and spec constants. `train` and `store` import neither each other nor `hub`.
+/// and spec constants. `train`, `store` and `storage` import neither each other nor `hub`.
 const SIDEWAYS: &[(&str, &str)] = &[("hub", "train")];
 
 const MAX_LINES: usize = 600;

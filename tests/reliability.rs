@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{example, Env};
+use common::{example, memory_kib, Env};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -410,14 +410,17 @@ async fn readyz_is_503_once_the_worker_thread_is_gone() {
         .await
         .unwrap();
     let hub = sftd::hub::Hub::new(&config);
-    let worker = sftd::worker::Worker::start(store.clone(), hub, "cuda:4096".into(), 3)
-        .await
-        .unwrap();
+    let storage = sftd::storage::Storage::open(None, dir.path()).unwrap();
+    let worker =
+        sftd::worker::Worker::start(store.clone(), storage.clone(), hub, "cuda:4096".into(), 3)
+            .await
+            .unwrap();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
         config: Arc::new(config),
         fanout: Fanout::start(&store),
         store,
+        storage,
         worker,
         sse_clients: Default::default(),
         shutdown,
@@ -439,19 +442,6 @@ async fn readyz_is_503_once_the_worker_thread_is_gone() {
     assert_eq!(v["database"], true);
 }
 
-/// Peak and current resident memory of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 /// `cargo nextest run --run-ignored only -E 'test(upload_memory)'`: a 500 MB upload, then two at
 /// once, each a valid JSONL file streamed by the client; prints the server's peak RSS above its
 /// RSS before them and asserts it stays under 64 MiB.
@@ -463,26 +453,7 @@ async fn upload_memory() {
     let s = env.start();
     s.upload(&example("text.jsonl")).await;
     let (_, before) = memory_kib(s.pid());
-    let upload = |size: usize| {
-        let line = b"{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"},{\"role\":\"assistant\",\"content\":\"Paris.\"}]}\n";
-        let block: Vec<u8> = line.repeat(MB / line.len());
-        let block = axum::body::Bytes::from(block);
-        let n = size / block.len();
-        let stream =
-            futures::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(block.clone())));
-        let form = reqwest::multipart::Form::new()
-            .text("purpose", "fine-tune")
-            .part(
-                "file",
-                reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(stream))
-                    .file_name("big.jsonl"),
-            );
-        s.client
-            .post(s.url("/v1/files"))
-            .timeout(Duration::from_secs(1800))
-            .multipart(form)
-            .send()
-    };
+    let upload = |size: usize| common::upload_stream(&s, size, MB);
     let r = upload(500 * MB).await.unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let (one, _) = memory_kib(s.pid());

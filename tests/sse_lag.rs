@@ -24,8 +24,10 @@ async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutd
     let store = Store::open_with_capacity(&url, dir, capacity)
         .await
         .unwrap();
+    let storage = sftd::storage::Storage::open(None, dir).unwrap();
     let worker = Worker::start(
         store.clone(),
+        storage.clone(),
         Hub::new(&config),
         config.device.clone(),
         config.max_attempts,
@@ -36,6 +38,7 @@ async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutd
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
+        storage,
         worker,
         sse_clients: Default::default(),
         fanout: sftd::api::events::Fanout::start(&store),

@@ -73,6 +73,23 @@ impl AppError {
         )
     }
 
+    /// A failed write of the server's own files. A full disk is the operator's to fix and worth
+    /// a retry later: 507, not a bare 500.
+    pub fn disk_write(e: std::io::Error) -> Self {
+        const ENOSPC: i32 = 28;
+        if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(ENOSPC) {
+            tracing::warn!(error = %e, "a write did not fit on the data directory's disk");
+            AppError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "the server's disk is full; the upload was not stored (free space in the data \
+                 directory and retry)",
+            )
+            .code("insufficient_storage")
+        } else {
+            AppError::internal(e)
+        }
+    }
+
     pub fn param(mut self, param: impl Into<String>) -> Self {
         self.0.param = Some(param.into());
         self
@@ -129,6 +146,27 @@ impl IntoResponse for AppError {
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
         AppError::internal(e)
+    }
+}
+
+/// Object storage that does not answer is retryable (503); a local disk error is
+/// [`AppError::disk_write`]'s; a row whose object is gone is the server's fault.
+impl From<crate::storage::StorageError> for AppError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        use crate::storage::StorageError;
+        match e {
+            StorageError::Io(e) => AppError::disk_write(e),
+            StorageError::Backend(e) => {
+                tracing::error!(error = %e, "artifact storage failed");
+                AppError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the artifact storage (SFTD_STORAGE_URL) is unavailable; retry later",
+                )
+                .code("storage_unavailable")
+                .retry_after(5)
+            }
+            e => AppError::internal(e),
+        }
     }
 }
 

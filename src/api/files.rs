@@ -1,20 +1,20 @@
 //! `/v1/files`: upload (streamed to disk and validated line by line; stored only if every line
-//! is valid), list, get, download, delete.
+//! is valid, then moved into the artifact storage), list, get, download (streamed from the
+//! storage), delete (row and object).
 
 use super::error::{AppError, AppPath, AppQuery};
 use super::types::{DeletedObject, FileListQuery, FileObject, List};
 use super::upload::{self, Upload};
 use super::AppState;
+use crate::storage::Storage;
 use crate::store::files::{DeleteFile, NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
-use crate::store::{new_id, Store};
-use axum::body::{Body, Bytes};
+use crate::store::new_id;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use std::io;
-use std::path::{Path, PathBuf};
 
 /// The upload route meters its body itself against `SFTD_MAX_UPLOAD_BYTES` (see `upload`).
 pub fn routes() -> Router<AppState> {
@@ -34,7 +34,7 @@ async fn upload(State(s): State<AppState>, req: Request) -> Response {
         Ok(u) => u,
         Err(refusal) => return refusal,
     };
-    match store_upload(&s.store, upload).await {
+    match store_upload(&s, upload).await {
         Ok(row) => {
             tracing::info!(file = %row.id, bytes = row.bytes, "file uploaded");
             Json(FileObject::from(row)).into_response()
@@ -100,10 +100,8 @@ async fn content(
         .get_file(&id)
         .await?
         .ok_or_else(|| no_such_file(&id))?;
-    let file = tokio::fs::File::open(s.store.file_path(&row))
-        .await
-        .map_err(AppError::internal)?;
-    let body = Body::from_stream(chunks(file));
+    let (bytes, stream) = s.storage.get(&row.path).await?;
+    let body = Body::from_stream(stream);
     let disposition = format!(
         "attachment; filename=\"{}\"",
         upload::clean_filename(Some(&row.filename)).replace(|c: char| !c.is_ascii(), "_")
@@ -111,7 +109,7 @@ async fn content(
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, row.bytes.to_string()),
+            (header::CONTENT_LENGTH, bytes.to_string()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
         body,
@@ -125,7 +123,12 @@ async fn delete(
 ) -> Result<Json<DeletedObject>, AppError> {
     match s.store.delete_file(&id).await? {
         DeleteFile::Deleted(row) => {
-            let _ = tokio::fs::remove_file(s.store.file_path(&row)).await;
+            // The row is gone, so nothing reaches the object any more: a failed delete leaves
+            // an orphan (logged), not a broken file.
+            if let Err(e) = s.storage.delete(&row.path).await {
+                tracing::warn!(file = %id, error = %e, "could not delete the file's object");
+            }
+            s.storage.forget_local(&row.path).await;
             Ok(Json(DeletedObject {
                 id,
                 object: "file",
@@ -146,56 +149,35 @@ fn no_such_file(id: &str) -> AppError {
         .code("file_not_found")
 }
 
-/// Moves a validated upload into place and inserts its row. On any error nothing remains: the
-/// temporary file is removed by its guard, the moved file by this function.
+/// Moves a validated upload into the storage and inserts its row. On any error nothing
+/// remains: the temporary file is removed by its guard, the stored object by this function.
 async fn store_upload(
-    store: &Store,
+    s: &AppState,
     upload: Upload,
 ) -> Result<crate::store::files::FileRow, AppError> {
     let id = new_id("file");
-    let rel = PathBuf::from("files").join(format!("{id}.jsonl"));
-    let dest = store.data_dir().join(&rel);
-    tokio::fs::rename(&upload.tmp.0, &dest)
-        .await
-        .map_err(AppError::internal)?;
-    // The rename itself reaches the disk before the row that points at it.
-    let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-    let synced = tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await;
-    if let Err(e) = synced.map_err(io::Error::other).and_then(|r| r) {
-        let _ = tokio::fs::remove_file(&dest).await;
-        return Err(upload::write_error(e));
-    }
+    let key = format!("files/{id}.jsonl");
+    s.storage.move_in(&key, &upload.tmp.0).await?;
     let new = NewFile {
         id,
         filename: upload.filename,
         purpose: upload.purpose,
         bytes: upload.bytes as i64,
-        path: rel.to_string_lossy().into_owned(),
+        path: key.clone(),
         rows: Some(upload.rows as i64),
         job_id: None,
     };
-    match store.insert_file(&new).await {
+    match s.store.insert_file(&new).await {
         Ok(row) => Ok(row),
         Err(e) => {
-            let _ = tokio::fs::remove_file(&dest).await;
+            remove_object(&s.storage, &key).await;
             Err(e.into())
         }
     }
 }
 
-/// The file's bytes as a stream of 64 KiB chunks, for streaming downloads.
-fn chunks(file: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
-    use tokio::io::AsyncReadExt;
-    futures::stream::unfold(Some(file), |state| async move {
-        let mut f = state?;
-        let mut buf = vec![0u8; 64 * 1024];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), Some(f)))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    })
+async fn remove_object(storage: &Storage, key: &str) {
+    if let Err(e) = storage.delete(key).await {
+        tracing::warn!(key, error = %e, "could not remove an unregistered upload");
+    }
 }

@@ -16,6 +16,7 @@ mod upload;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::storage::Storage;
 use crate::store::Store;
 use crate::worker::Worker;
 use axum::Router;
@@ -29,6 +30,8 @@ use tower_http::trace::TraceLayer;
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
+    /// Where uploads, checkpoints, adapters and result files live.
+    pub storage: Storage,
     pub worker: Worker,
     /// Open SSE streams (for `/metrics`).
     pub sse_clients: Arc<AtomicI64>,
@@ -73,10 +76,13 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     crate::train::device_from_str(&config.device)
         .map_err(|e| anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device))?;
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
-    remove_orphans(&store).await?;
+    let storage = Storage::open(config.storage_url.as_deref(), &config.data_dir)?;
+    tracing::info!(storage = storage.location(), "artifact storage");
+    remove_orphans(&store, &storage).await?;
     let hub = Hub::new(&config);
     let worker = Worker::start(
         store.clone(),
+        storage.clone(),
         hub,
         config.device.clone(),
         config.max_attempts,
@@ -101,6 +107,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         config: Arc::new(config),
         fanout: events::Fanout::start(&store),
         store,
+        storage,
         worker: worker.clone(),
         sse_clients: Default::default(),
         shutdown: shutdown_rx.clone(),
@@ -138,28 +145,40 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Deletes upload leftovers: temporary files and stored files no row refers to (a crash
-/// between moving a file into place and inserting its row).
-async fn remove_orphans(store: &Store) -> anyhow::Result<()> {
+/// Deletes upload leftovers: temporary files, and stored uploads no row refers to (a crash
+/// between storing a file and inserting its row). Shared storage is written by other nodes
+/// too, so there only uploads older than [`ORPHAN_AGE`] count: one that young may belong to a
+/// request another node is still finishing.
+async fn remove_orphans(store: &Store, storage: &Storage) -> anyhow::Result<()> {
     let tmp = store.data_dir().join("tmp");
     for entry in std::fs::read_dir(&tmp)? {
         let _ = std::fs::remove_file(entry?.path());
     }
     let known: std::collections::HashSet<String> =
         store.all_file_paths().await?.into_iter().collect();
-    for entry in std::fs::read_dir(store.data_dir().join("files"))? {
-        let path = entry?.path();
-        let rel = path
-            .strip_prefix(store.data_dir())
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
-        if !known.contains(&rel) {
-            tracing::info!(path = %path.display(), "removing an orphaned upload");
-            let _ = std::fs::remove_file(&path);
+    let cutoff = if storage.is_in_place() {
+        i64::MAX
+    } else {
+        chrono::Utc::now().timestamp() - ORPHAN_AGE.as_secs() as i64
+    };
+    let uploads = match storage.list("files").await {
+        Ok(objects) => objects,
+        // Start anyway: the API can still answer, and the next start tries again.
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the stored uploads to remove orphans");
+            return Ok(());
+        }
+    };
+    for o in uploads {
+        if !known.contains(&o.key) && o.modified < cutoff {
+            tracing::info!(key = %o.key, "removing an orphaned upload");
+            let _ = storage.delete(&o.key).await;
         }
     }
     Ok(())
 }
+
+/// How old an unregistered upload in shared storage must be to count as an orphan.
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub use logging::init_tracing;

@@ -227,7 +227,7 @@ async fn resolve_fine_tuned(
             crate::worker::fine_tuned_model_name(&j.model, j.suffix.as_deref(), &j.id) == name
         })
         .ok_or_else(|| model_not_found(model))?;
-    let adapter_dir = match step {
+    let key = match step {
         None => {
             if job.status != JobStatus::Succeeded {
                 return Err(AppError::not_found(format!(
@@ -238,7 +238,7 @@ async fn resolve_fine_tuned(
                 .param("model")
                 .code("model_not_found"));
             }
-            crate::worker::job_dir(&s.store, &job.id).join("adapter")
+            format!("jobs/{}/adapter", job.id)
         }
         Some(step) => {
             let ckpt = s
@@ -248,19 +248,27 @@ async fn resolve_fine_tuned(
                 .into_iter()
                 .find(|c| c.step == step)
                 .ok_or_else(|| model_not_found(model))?;
-            s.store.data_dir().join(ckpt.path)
+            ckpt.path
         }
     };
-    if !adapter_dir
-        .join(crate::train::checkpoint::ADAPTER_WEIGHTS)
-        .is_file()
-    {
-        return Err(AppError::not_found(format!(
-            "the adapter files of {model:?} are gone from the data directory"
-        ))
-        .param("model")
-        .code("model_not_found"));
+    // The adapter's two files (a checkpoint's optimizer state is not needed to serve it).
+    for file in [
+        crate::train::checkpoint::ADAPTER_WEIGHTS,
+        crate::train::checkpoint::ADAPTER_CONFIG,
+    ] {
+        match s.storage.fetch(&format!("{key}/{file}")).await {
+            Ok(_) => {}
+            Err(crate::storage::StorageError::NotFound(_)) => {
+                return Err(AppError::not_found(format!(
+                    "the adapter files of {model:?} are gone from the artifact storage"
+                ))
+                .param("model")
+                .code("model_not_found"))
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    let adapter_dir = s.storage.local_path(&key);
     Ok(Resolved {
         base_dir: base_dir(models, &job.model).await?,
         adapter_dir: Some(adapter_dir),

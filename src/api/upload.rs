@@ -10,7 +10,7 @@ use crate::train::data::{DatasetSummary, InvalidDataset, JsonlValidator};
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::Field;
 use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use std::io::{self, Write};
@@ -189,7 +189,7 @@ async fn stream_file(
     if let Some(e) = refused {
         return Err(e);
     }
-    match written.map_err(write_error)? {
+    match written.map_err(AppError::disk_write)? {
         Ok(summary) => Ok((tmp, filename, bytes, summary)),
         Err(invalid) => Err(invalid_dataset(&invalid)),
     }
@@ -217,22 +217,6 @@ fn write_and_validate(
         file.sync_all()?;
     }
     Ok(verdict)
-}
-
-/// A full disk is the operator's to fix and worth a retry later: 507, not a bare 500.
-pub(super) fn write_error(e: io::Error) -> AppError {
-    const ENOSPC: i32 = 28;
-    if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(ENOSPC) {
-        tracing::warn!(error = %e, "an upload did not fit on the data directory's disk");
-        AppError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "the server's disk is full; the upload was not stored (free space in the data \
-             directory and retry)",
-        )
-        .code("insufficient_storage")
-    } else {
-        AppError::internal(e)
-    }
 }
 
 fn invalid_dataset(invalid: &InvalidDataset) -> AppError {

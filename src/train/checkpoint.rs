@@ -5,6 +5,8 @@
 pub mod durable;
 mod manifest;
 
+pub use manifest::MANIFEST;
+
 use crate::train::spec::{LoraConfig, TrainConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};

@@ -2,6 +2,7 @@
 //! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
 //! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
 
+mod artifacts;
 mod recorder;
 mod run;
 mod submit;
@@ -10,6 +11,7 @@ pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
 pub use submit::{MemoryBudget, SubmitError};
 
 use crate::hub::Hub;
+use crate::storage::Storage;
 use crate::store::jobs::JobError;
 use crate::store::{JobRow, JobStatus, Store};
 use crate::train::events::Control;
@@ -32,6 +34,7 @@ enum Command {
 /// What the worker thread needs besides the job.
 struct Ctx {
     store: Store,
+    storage: Storage,
     hub: Hub,
     rt: tokio::runtime::Handle,
     device: String,
@@ -78,6 +81,7 @@ impl Worker {
     /// fails with a message naming the last step reached.
     pub async fn start(
         store: Store,
+        storage: Storage,
         hub: Hub,
         device: String,
         max_attempts: u32,
@@ -92,6 +96,7 @@ impl Worker {
         let memory = MemoryBudget::probe(&device);
         tokio::spawn(validation_loop(
             store.clone(),
+            storage.clone(),
             hub.clone(),
             tx.clone(),
             pending,
@@ -115,6 +120,7 @@ impl Worker {
         let rt = tokio::runtime::Handle::current();
         let ctx = Ctx {
             store,
+            storage,
             hub,
             rt,
             device,
@@ -226,6 +232,7 @@ async fn recover_interrupted(
 /// Validates jobs in order: queues each or fails it with a message naming what is wrong.
 async fn validation_loop(
     store: Store,
+    storage: Storage,
     hub: Hub,
     wake: mpsc::Sender<Command>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<JobRow>,
@@ -237,9 +244,11 @@ async fn validation_loop(
             Ok(Some(j)) if j.status == JobStatus::ValidatingFiles => {}
             _ => continue,
         }
-        let prepared = run::prepare(&store, &hub, &job).await.and_then(|inputs| {
-            submit::memory_estimate(memory.as_ref(), &inputs.model_dir, &inputs.config)
-        });
+        let prepared = run::prepare(&store, &storage, &hub, &job)
+            .await
+            .and_then(|inputs| {
+                submit::memory_estimate(memory.as_ref(), &inputs.model_dir, &inputs.config)
+            });
         let outcome = match prepared {
             Ok(estimate) => {
                 if let Some(bytes) = estimate {

@@ -1,8 +1,9 @@
 //! The event recorder of a running job: turns the engine's events into stored (then
-//! broadcast) events and checkpoint rows, skips the steps a resumed run repeats, and retries a
-//! failed store write a few times before stopping the run rather than leave a hole in its record.
+//! broadcast) events and checkpoint rows (each checkpoint published to the artifact storage
+//! before its row), skips the steps a resumed run repeats, and retries a failed write a few
+//! times before stopping the run rather than leave a hole in its record.
 
-use super::Ctx;
+use super::{artifacts, Ctx};
 use crate::store::NewEvent;
 use crate::train::checkpoint;
 use crate::train::events::{
@@ -66,12 +67,12 @@ impl<'a> Recorder<'a> {
         self.lost.take()
     }
 
-    /// Runs a store write with bounded retries. `None` once it has failed for good (the run is
-    /// then being stopped and `lost` says why).
-    fn store_write<T>(
+    /// Runs a store (or storage) write with bounded retries. `None` once it has failed for good
+    /// (the run is then being stopped and `lost` says why).
+    fn store_write<T, E: std::fmt::Display>(
         &mut self,
         what: &str,
-        write: impl Fn() -> crate::store::Result<T>,
+        write: impl Fn() -> Result<T, E>,
     ) -> Option<T> {
         if self.lost.is_some() {
             return None;
@@ -180,18 +181,32 @@ impl<'a> Recorder<'a> {
             "tool_json_valid": tool.and_then(|t| t.tool_json_valid),
             "no_call_accuracy": tool.and_then(|t| t.no_call_accuracy),
         });
-        let rel = c.path.strip_prefix(store.data_dir()).unwrap_or(&c.path);
-        let rel = rel.to_string_lossy();
         let what = format!("the checkpoint of step {}", c.step);
-        self.store_write(&what, || {
+        // Every object first (manifest last), then the row: a row always names a whole
+        // checkpoint, on any host.
+        let Some(key) = self.store_write(&what, || {
+            ctx.rt
+                .block_on(artifacts::publish_checkpoint(&ctx.storage, &c.path))
+        }) else {
+            return;
+        };
+        let recorded = self.store_write(&what, || {
             ctx.rt.block_on(store.add_checkpoint_keeping(
                 job_id,
                 c.step as i64,
                 &metrics,
-                &rel,
+                &key,
                 keep,
             ))
         });
+        if recorded.is_some() {
+            let pruned = ctx
+                .rt
+                .block_on(artifacts::prune_checkpoints(&ctx.storage, job_id, keep));
+            if let Err(e) = pruned {
+                tracing::warn!(job = job_id, error = %e, "could not delete old stored checkpoints");
+            }
+        }
     }
 }
 

@@ -1,9 +1,11 @@
-//! Running one job on the worker thread: resolve its inputs, drive the engine (its events go
-//! through the [`Recorder`]), and record how the run ended, registering the result files.
+//! Running one job on the worker thread: resolve its inputs (fetched from the artifact storage),
+//! drive the engine (its events go through the [`Recorder`]), and record how the run ended,
+//! publishing and registering the result files.
 
 use super::recorder::Recorder;
-use super::Ctx;
+use super::{artifacts, Ctx};
 use crate::hub::Hub;
+use crate::storage::Storage;
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
 use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
@@ -25,16 +27,22 @@ pub(super) struct Inputs {
     pub config: TrainConfig,
 }
 
-/// Resolves and checks everything a job needs (files on disk, the model, a starting adapter).
-/// Used both to validate a new job and to start it. Errors are user-facing.
-pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<Inputs, JobError> {
+/// Resolves and checks everything a job needs (files in the storage, the model, a starting
+/// adapter); the file paths are their local copies, which [`run_job`] fetches. Used both to
+/// validate a new job and to start it. Errors are user-facing.
+pub(super) async fn prepare(
+    store: &Store,
+    storage: &Storage,
+    hub: &Hub,
+    job: &JobRow,
+) -> Result<Inputs, JobError> {
     let internal =
         |e: &dyn std::fmt::Display| JobError::new("internal_error", format!("{e}"), None);
     let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| internal(&e))?;
     let config: TrainConfig = serde_json::from_str(&job.config).map_err(|e| internal(&e))?;
-    let training_file = dataset_path(store, &job.training_file, "training_file").await?;
+    let training_file = dataset_path(store, storage, &job.training_file, "training_file").await?;
     let validation_file = match &job.validation_file {
-        Some(id) => Some(dataset_path(store, id, "validation_file").await?),
+        Some(id) => Some(dataset_path(store, storage, id, "validation_file").await?),
         None => None,
     };
     let tool_eval_file = match &spec.tool_eval_file {
@@ -60,7 +68,12 @@ pub(super) async fn prepare(store: &Store, hub: &Hub, job: &JobRow) -> Result<In
     })
 }
 
-async fn dataset_path(store: &Store, id: &str, param: &str) -> Result<PathBuf, JobError> {
+async fn dataset_path(
+    store: &Store,
+    storage: &Storage,
+    id: &str,
+    param: &str,
+) -> Result<PathBuf, JobError> {
     let missing = || {
         JobError::new(
             "invalid_file",
@@ -83,11 +96,15 @@ async fn dataset_path(store: &Store, id: &str, param: &str) -> Result<PathBuf, J
             Some(param),
         ));
     }
-    let path = store.file_path(&file);
-    if !path.is_file() {
-        return Err(missing());
+    match storage.size(&file.path).await {
+        Ok(Some(_)) => Ok(storage.local_path(&file.path)),
+        Ok(None) => Err(missing()),
+        Err(e) => Err(JobError::new(
+            "storage_unavailable",
+            format!("could not check {param} {id:?} in the artifact storage: {e}"),
+            Some(param),
+        )),
     }
-    Ok(path)
 }
 
 /// `init_adapter` is an earlier job (`ftjob-…` or its `ft:…` model name) or an adapter
@@ -157,15 +174,29 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
         );
         return;
     }
-    let inputs = match ctx.rt.block_on(prepare(store, &ctx.hub, job)) {
+    let inputs = match ctx.rt.block_on(prepare(store, &ctx.storage, &ctx.hub, job)) {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
     let output_dir = job_dir(store, id);
+    let fetched = ctx.rt.block_on(async {
+        artifacts::fetch_inputs(
+            &ctx.storage,
+            &inputs.training_file,
+            inputs.validation_file.as_deref(),
+            inputs.init_adapter.as_deref(),
+        )
+        .await?;
+        artifacts::fetch_latest_checkpoint(&ctx.storage, id, &output_dir).await
+    });
+    let passed_over = match fetched {
+        Ok(reasons) => reasons,
+        Err(e) => return fail(e),
+    };
     let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
     let mut recorder = Recorder::new(ctx, id, control, inputs.config.save_total_limit);
     let data_dir = store.data_dir().to_string_lossy().into_owned();
-    for reason in torn {
+    for reason in passed_over.into_iter().chain(torn) {
         recorder.record(NewEvent {
             level: "warn",
             ..NewEvent::info(format!(
@@ -299,30 +330,26 @@ fn finish(
     let metrics = ctx.rt.block_on(store.metrics_events(&job.id))?;
     let csv_path = job_dir(store, &job.id).join("metrics.csv");
     durable::write_file(&csv_path, metrics_csv(&metrics).as_bytes())?;
-    let mut results = Vec::new();
-    for path in [
-        adapter_dir.join("adapter_model.safetensors"),
-        adapter_dir.join("adapter_config.json"),
+    let files = [
+        adapter_dir.join(checkpoint::ADAPTER_WEIGHTS),
+        adapter_dir.join(checkpoint::ADAPTER_CONFIG),
         csv_path,
-    ] {
-        let bytes = std::fs::metadata(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-            .len();
-        let rel = path.strip_prefix(store.data_dir()).unwrap_or(&path);
-        results.push(NewFile {
+    ];
+    let published = ctx
+        .rt
+        .block_on(artifacts::publish_results(&ctx.storage, &files))?;
+    let results = published
+        .into_iter()
+        .map(|(key, bytes)| NewFile {
             id: new_id("file"),
-            filename: path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
+            filename: key.rsplit('/').next().unwrap_or_default().to_string(),
             purpose: PURPOSE_RESULTS.into(),
             bytes: bytes as i64,
-            path: rel.to_string_lossy().into_owned(),
+            path: key,
             rows: None,
             job_id: Some(job.id.clone()),
-        });
-    }
+        })
+        .collect::<Vec<_>>();
     let name = fine_tuned_model_name(&job.model, spec.suffix.as_deref(), &job.id);
     ctx.rt
         .block_on(store.succeed_job(&job.id, trained_tokens as i64, &name, &results))?;

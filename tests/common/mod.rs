@@ -2,6 +2,8 @@
 //! dir, and small HTTP helpers over reqwest.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -356,4 +358,42 @@ pub async fn open_stream(s: &Server, job: &str, last_event_id: Option<i64>) -> r
     let r = req.send().await.unwrap();
     assert_eq!(r.status(), 200);
     r
+}
+
+/// Peak and current resident memory of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Uploads a valid JSONL file of about `size` bytes, streamed by the client in blocks of
+/// `block` bytes (nothing of that size is ever in the test's memory).
+pub fn upload_stream(
+    s: &Server,
+    size: usize,
+    block: usize,
+) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> {
+    let line = b"{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"},{\"role\":\"assistant\",\"content\":\"Paris.\"}]}\n";
+    let chunk = axum::body::Bytes::from(line.repeat(block / line.len()));
+    let n = size / chunk.len();
+    let stream = futures::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(stream))
+                .file_name("big.jsonl"),
+        );
+    s.client
+        .post(s.url("/v1/files"))
+        .timeout(Duration::from_secs(1800))
+        .multipart(form)
+        .send()
 }
