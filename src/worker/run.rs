@@ -46,7 +46,7 @@ pub(super) async fn prepare(
         None => None,
     };
     let tool_eval_file = match &spec.tool_eval_file {
-        Some(id) => Some(dataset_path(store, id, "tool_eval_file").await?),
+        Some(id) => Some(dataset_path(store, storage, id, "tool_eval_file").await?),
         None => None,
     };
     let model_dir = hub
