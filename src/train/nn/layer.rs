@@ -3,9 +3,9 @@
 //! Built from the per-op kernels (LoRA linear, RMSNorm, rotary, packed attention, SwiGLU) a layer
 //! is some twenty autograd nodes, and candle's backward gives each node's gradient a zero-filled
 //! buffer plus an add pass and a fresh output buffer. As one op the backward is written out in
-//! order: the input gradients of sibling projections (q, k, v; gate, up) accumulate into one
-//! buffer inside the GEMMs, the residual stream's gradient is added inside the RMSNorm backward,
-//! the residual adds of the forward happen in place, and nothing is zero-filled. The LoRA
+//! order: the input gradients of sibling projections (q, k, v; gate, up) accumulate into one buffer
+//! inside the GEMMs, the residual stream's gradient is added inside the RMSNorm backward, the
+//! residual adds of the forward happen in place, and no GEMM output is zero-filled first. The LoRA
 //! gradients cannot pass through candle's gradient store (an op takes at most three tensors), so
 //! the backward leaves them in a [`GradSink`] that the trainer reads after `backward()`.
 //!
