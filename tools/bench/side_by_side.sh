@@ -7,6 +7,8 @@
 #
 # Env (defaults in brackets):
 #   SFTD [target/release/sftd]   PY [/work/venv-ref/bin/python]   RUNS [3] runs per engine
+#   SFTD_BEFORE [unset]: a second sftd binary (e.g. main's) run right after SFTD in every round,
+#          so that a change's before and after figures come from the same machine conditions
 #   SHAPES ["layers head"]: layers = Qwen3-0.6B's layer shape (hidden 1024, intermediate 3072,
 #          16/8 heads of 128), 8 layers, vocabulary 4096, tied (the layers dominate, as in real
 #          Qwen3 models); head = the same layers, 4 of them, with Qwen3's full 151936-token tied
@@ -15,6 +17,7 @@
 #   LOSS_ON ["assistant all"]: sftd runs once per setting; transformers computes every
 #          position's logits either way, so it runs once and both sftd settings compare to it
 #   SEQ [512]  STEPS [5] timed steps (after one warm-up)  THREADS [2]
+#   HF [1]: 0 skips transformers (an sftd before/after comparison only)
 # Results: one JSON file per run in WORKDIR/runs, the summary table in WORKDIR/summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -58,7 +61,14 @@ for s in $SHAPES; do
           "$SFTD" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
             --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
           echo "sftd $s b$b ckpt $c loss $l run $r: $(cat "$out")"
+          if [ -n "${SFTD_BEFORE:-}" ]; then
+            out="$W/runs/${s}_b${b}_ckpt${c}_${l}_before_r$r.json"
+            "$SFTD_BEFORE" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
+              --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
+            echo "sftd (before) $s b$b ckpt $c loss $l run $r: $(cat "$out")"
+          fi
         done
+        [ "${HF:-1}" = 0 ] && continue
         out="$W/runs/${s}_b${b}_ckpt${c}_hf_r$r.json"
         "$PY" tools/bench/compare.py --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
           --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc "$c" --json-out "$out" > /dev/null

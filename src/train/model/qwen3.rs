@@ -3,6 +3,7 @@
 //!
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
 
+use crate::train::nn::layer::{decoder_layer, GradSink, LayerParams};
 use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables, upcast};
 use crate::train::nn::swiglu::swiglu;
 use crate::train::nn::{Lora, LoraLinear, Pass};
@@ -13,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod cached;
+#[cfg(test)]
+mod layer_tests;
 pub use cached::{AdapterWeights, KvCache};
 
 /// The fields of a Qwen3 `config.json` this model uses.
@@ -161,6 +164,9 @@ pub struct Qwen3 {
     /// `upcast(dtype)`.
     pub dtype: DType,
     pub device: Device,
+    /// LoRA gradients that the one-op decoder layers' backwards leave outside candle's
+    /// gradient store; the trainer takes them after each `backward()`.
+    pub lora_grads: GradSink,
 }
 
 /// A micro-batch of sequences packed end to end without padding.
@@ -246,6 +252,7 @@ impl Qwen3 {
             sin,
             dtype,
             device: device.clone(),
+            lora_grads: GradSink::default(),
         })
     }
 
@@ -285,8 +292,32 @@ impl Qwen3 {
             .to_dtype(upcast(self.dtype))?)
     }
 
-    /// One decoder layer: `x (N, H) -> (N, H)`.
+    /// One decoder layer: `x (N, H) -> (N, H)`, as one op where that serves (CPU, f32/f64, see
+    /// [`decoder_layer`]), else op by op.
     pub fn layer_forward(&self, i: usize, x: &Tensor, p: &Packed, pass: Pass) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let params = LayerParams {
+            input_norm: &l.input_norm,
+            post_attn_norm: &l.post_attn_norm,
+            q_norm: &l.q_norm,
+            k_norm: &l.k_norm,
+            proj: &l.proj,
+            eps: self.cfg.rms_norm_eps,
+            dims: (
+                self.cfg.num_attention_heads,
+                self.cfg.num_key_value_heads,
+                self.cfg.head_dim(),
+            ),
+        };
+        let sink = &self.lora_grads;
+        if let Some(y) = decoder_layer(x, &params, (&p.cos, &p.sin), &p.segments, pass, sink)? {
+            return Ok(y);
+        }
+        self.layer_forward_ops(i, x, p, pass)
+    }
+
+    /// [`Self::layer_forward`] op by op, each with its own autograd node.
+    fn layer_forward_ops(&self, i: usize, x: &Tensor, p: &Packed, pass: Pass) -> Result<Tensor> {
         let l = &self.layers[i];
         let (n, _) = x.dims2()?;
         let d = self.cfg.head_dim();

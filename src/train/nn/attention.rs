@@ -46,11 +46,12 @@ struct PackedAttention {
     probs: Mutex<Option<CpuStorage>>,
 }
 
+/// Head counts and head dim of one attention call.
 #[derive(Clone, Copy)]
-struct Dims {
-    hq: usize,
-    hkv: usize,
-    d: usize,
+pub(super) struct Dims {
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
 }
 
 impl PackedAttention {
@@ -82,20 +83,23 @@ impl PackedAttention {
         Ok(Dims { hq, hkv, d })
     }
 
-    /// Where each sequence's Hq probability blocks of T×T start, and their total size.
     fn prob_offsets(&self, hq: usize) -> (Vec<usize>, usize) {
-        let mut at = 0;
-        let offsets = self
-            .segments
-            .iter()
-            .map(|&(_, t)| {
-                let o = at;
-                at += hq * t * t;
-                o
-            })
-            .collect();
-        (offsets, at)
+        prob_offsets(&self.segments, hq)
     }
+}
+
+/// Where each sequence's Hq probability blocks of T×T start, and their total size.
+pub(super) fn prob_offsets(segments: &[(usize, usize)], hq: usize) -> (Vec<usize>, usize) {
+    let mut at = 0;
+    let offsets = segments
+        .iter()
+        .map(|&(_, t)| {
+            let o = at;
+            at += hq * t * t;
+            o
+        })
+        .collect();
+    (offsets, at)
 }
 
 /// Runs `job(sequence, kv head)` for every pair, the pairs spread over candle's CPU threads by
@@ -144,7 +148,7 @@ fn causal_softmax_row<T: Real>(row: &mut [T], seen: usize, scale: T) {
 }
 
 /// Forward: `(out (N, Hq·D), probabilities)`.
-fn forward<T: Real>(
+pub(super) fn forward<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -211,7 +215,7 @@ fn forward<T: Real>(
 
 /// Backward: `(dq, dk, dv)` for the output gradient `dout (N, Hq·D)`.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Real>(
+pub(super) fn backward<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],

@@ -84,7 +84,7 @@ fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
 
 /// Fills `out` block by block of whole rows, `f(first_row, block)`, one block per CPU thread when
 /// there is enough work to pay for starting them.
-fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub(super) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().min(rows).max(1);
     if threads == 1 || out.len() < 1 << 15 {
@@ -141,20 +141,24 @@ fn rms_norm_fwd<T: WithDType>(
     w: &Tensor,
     eps: f64,
 ) -> Result<(CpuStorage, Shape)> {
-    let x = elems::<T>(x, xl)?;
-    let w = w.to_vec1::<T>()?;
+    let y = rms_rows(elems::<T>(x, xl)?, &w.to_vec1::<T>()?, eps);
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+/// RMSNorm of each row of C = `w.len()` elements of `x`.
+pub(super) fn rms_rows<T: WithDType>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let c = w.len();
     let mut y = vec![T::zero(); x.len()];
     par_rows(&mut y, c, |r0, ys| {
         for (i, yr) in ys.chunks_mut(c).enumerate() {
             let xr = &x[(r0 + i) * c..][..c];
             let r = T::from_f64(inv_rms(xr, eps));
-            for ((yv, &xv), &wj) in yr.iter_mut().zip(xr).zip(&w) {
+            for ((yv, &xv), &wj) in yr.iter_mut().zip(xr).zip(w) {
                 *yv = wj * (xv * r);
             }
         }
     });
-    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+    y
 }
 
 impl CustomOp1 for RmsNorm {
@@ -191,20 +195,34 @@ fn rms_norm_bwd<T: WithDType>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (elems::<T>(x, xl)?, elems::<T>(g, gl)?);
     let w = w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-    let c = w.len();
     let mut dx = vec![T::zero(); x.len()];
-    par_rows(&mut dx, c, |r0, dxs| {
+    rms_rows_bwd(x, g, &w, eps, &mut dx, false);
+    Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
+}
+
+/// The input gradient of [`rms_rows`] for the output gradient `g`, written into `dx`, or added
+/// to what `dx` holds when `accumulate` (a residual branch's gradient joining the stream's).
+pub(super) fn rms_rows_bwd<T: WithDType>(
+    x: &[T],
+    g: &[T],
+    w: &[f64],
+    eps: f64,
+    dx: &mut [T],
+    accumulate: bool,
+) {
+    let c = w.len();
+    par_rows(dx, c, |r0, dxs| {
         for (i, dr) in dxs.chunks_mut(c).enumerate() {
             let (xr, gr) = (&x[(r0 + i) * c..][..c], &g[(r0 + i) * c..][..c]);
             let r = inv_rms(xr, eps);
             let dot: f64 = (0..c).map(|j| gr[j].to_f64() * w[j] * xr[j].to_f64()).sum();
             let k = r * r * r / c as f64 * dot;
             for j in 0..c {
-                dr[j] = T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64());
+                let v = T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64());
+                dr[j] = if accumulate { dr[j] + v } else { v };
             }
         }
     });
-    Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
 }
 
 impl CustomOp2 for RmsNormGrad {
@@ -258,11 +276,24 @@ fn rope_fwd<T: WithDType>(
     if cos.dims() != [n, half] || sin.dims() != [n, half] {
         candle_core::bail!("rope: tables must be ({n}, {half}), got {:?}", cos.dims())
     }
-    let x = elems::<T>(x, xl)?;
     let (cos, sin) = (
         cos.flatten_all()?.to_vec1::<f32>()?,
         sin.flatten_all()?.to_vec1::<f32>()?,
     );
+    let y = rope_rows(elems::<T>(x, xl)?, (h, d), &cos, &sin, inverse);
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+/// Rotary embedding of `x (N, H, D)` with `cos`/`sin (N, D/2)`; `inverse` rotates back (the
+/// backward).
+pub(super) fn rope_rows<T: WithDType>(
+    x: &[T],
+    (h, d): (usize, usize),
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) -> Vec<T> {
+    let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let mut y = vec![T::zero(); x.len()];
     par_rows(&mut y, h * d, |t0, ys| {
@@ -280,7 +311,7 @@ fn rope_fwd<T: WithDType>(
             }
         }
     });
-    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+    y
 }
 
 impl CustomOp1 for Rope {

@@ -11,7 +11,7 @@
 //!
 //! Shapes: N tokens, I in-features, O out-features, r LoRA rank.
 
-use super::matmul::{accumulate, product, View};
+use super::matmul::{accumulate, gemm_into, product, View};
 use candle_core::{
     CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
@@ -88,7 +88,7 @@ fn cpu(s: &Storage) -> Result<&CpuStorage> {
 }
 
 /// Forward: `(y (N, O), xa (N, r))`.
-fn forward<T: WithDType>(
+pub(super) fn forward<T: WithDType>(
     x: &[T],
     w: &[T],
     a: &[T],
@@ -117,23 +117,63 @@ fn backward<T: WithDType>(
     b: &[T],
     xa: &[T],
     g: &[T],
-    (n, i, o, r): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     scaling: f64,
     want_dx: bool,
 ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let (n, i, ..) = dims;
+    let mut dx = want_dx.then(|| Vec::with_capacity(n * i));
+    let dx_into = dx.as_mut().map(|d| DxInto {
+        dst: d.as_mut_ptr(),
+        accumulate: false,
+    });
+    // SAFETY: dx has capacity N·I and is written whole (accumulate = false) before its length
+    // is set.
+    let (da, db) = unsafe { backward_into(x, w, a, b, xa, g, dims, scaling, dx_into) };
+    if let Some(d) = dx.as_mut() {
+        // SAFETY: written above.
+        unsafe { d.set_len(n * i) };
+    }
+    (dx, da, db)
+}
+
+/// Where a backward writes its input gradient `(N, I)`: over what `dst` holds, or added to it.
+pub(super) struct DxInto<T> {
+    pub dst: *mut T,
+    pub accumulate: bool,
+}
+
+/// Backward: `(dA (r, I), dB (O, r))` for the output gradient `g (N, O)`, and `dx = g W +
+/// s·(g B) A` into `dx` when given.
+///
+/// # Safety
+/// `dx.dst` addresses N·I elements (initialized when `accumulate`).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn backward_into<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    xa: &[T],
+    g: &[T],
+    (n, i, o, r): (usize, usize, usize, usize),
+    scaling: f64,
+    dx: Option<DxInto<T>>,
+) -> (Vec<T>, Vec<T>) {
     let s = T::from_f64(scaling);
     // gb = g B (N, r), the gradient reaching x Aᵀ (before the scale).
     let gb = product((n, r, o), View::rows(g, o), View::rows(b, r), T::one());
-    let dx = want_dx.then(|| {
-        // dx = g W + s · gb A
-        let mut dx = product((n, i, o), View::rows(g, o), View::rows(w, i), T::one());
-        accumulate(&mut dx, (n, i, r), View::rows(&gb, r), View::rows(a, i), s);
-        dx
-    });
+    if let Some(DxInto { dst, accumulate }) = dx {
+        // dx (+)= g W + s · gb A
+        let (gv, wv) = (View::rows(g, o), View::rows(w, i));
+        gemm_into(dst, i, (n, i, o), accumulate, gv, wv, T::one(), true);
+        let (gbv, av) = (View::rows(&gb, r), View::rows(a, i));
+        gemm_into(dst, i, (n, i, r), true, gbv, av, s, true);
+    }
     // dA = s · gbᵀ x (r, I); dB = s · gᵀ xa (O, r)
     let da = product((r, i, n), View::t(&gb, r), View::rows(x, i), s);
     let db = product((o, r, n), View::t(g, o), View::rows(xa, r), s);
-    (dx, da, db)
+    (da, db)
 }
 
 impl LoraLinearOp {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod layer;
 pub mod linear;
 pub mod lora_op;
 mod matmul;
@@ -10,4 +11,4 @@ pub mod swiglu;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;

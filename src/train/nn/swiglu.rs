@@ -72,7 +72,7 @@ fn par_chunks2<T: Send>(a: &mut [T], b: &mut [T], f: impl Fn(usize, &mut [T], &m
     });
 }
 
-fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+pub(super) fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); g.len()];
     let threads = candle_core::utils::get_num_threads().max(1);
     let per = if threads == 1 || y.len() < PAR_MIN {
@@ -101,7 +101,7 @@ fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
 }
 
 /// `(d gate, d up)` for the output gradient `dy`.
-fn bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+pub(super) fn bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let mut dg = vec![T::zero(); g.len()];
     let mut du = vec![T::zero(); g.len()];
     par_chunks2(&mut dg, &mut du, |off, dgs, dus| {

@@ -82,8 +82,12 @@ pub fn micro_step(
     checkpointing: bool,
     acc: &mut HashMap<TensorId, Tensor>,
 ) -> Result<MicroStats> {
+    // A LoRA weight's gradient is in candle's store, or where a one-op decoder layer left it.
     let mut add = |v: &Var, g: Option<&Tensor>| -> Result<()> {
-        let g = g.ok_or_else(|| anyhow!("a LoRA weight received no gradient (graph cut)"))?;
+        let taken = model.lora_grads.take(v.id());
+        let g = g
+            .or(taken.as_ref())
+            .ok_or_else(|| anyhow!("a LoRA weight received no gradient (graph cut)"))?;
         match acc.get_mut(&v.id()) {
             Some(a) => *a = (&*a + g)?,
             None => {

@@ -1,0 +1,271 @@
+//! The one-op decoder layer (`nn::layer`) against the same layer composed from candle's tensor
+//! ops: output, input gradient and every LoRA gradient, f32 and f64, plus central finite
+//! differences in f64.
+
+use super::{Packed, Qwen3, Qwen3Config, MODULES};
+use crate::train::nn::ops::{packed_causal_attention_composed, rms_norm_composed, rope_composed};
+use crate::train::nn::testing::max_diff;
+use crate::train::nn::Pass;
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+const SEGMENTS: [usize; 2] = [5, 3];
+
+/// A one-layer random model (hidden 16, intermediate 24, 4/2 heads of 8) with LoRA on every
+/// projection except `v_proj` (so the plain-projection path runs too).
+fn model(dtype: DType) -> Qwen3 {
+    let dev = Device::Cpu;
+    let cfg = Qwen3Config {
+        vocab_size: 32,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 1,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: Some(8),
+        max_position_embeddings: 64,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        hidden_act: "silu".into(),
+        model_type: Some("qwen3".into()),
+    };
+    let rnd = |shape: &[usize], mean: f64, std: f64| {
+        Tensor::randn(mean, std, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let mut t = HashMap::new();
+    let l = "model.layers.0";
+    t.insert("model.embed_tokens.weight".into(), rnd(&[32, 16], 0., 1.));
+    t.insert("model.norm.weight".into(), rnd(&[16], 1., 0.1));
+    for (name, n) in [
+        ("input_layernorm", 16),
+        ("post_attention_layernorm", 16),
+        ("self_attn.q_norm", 8),
+        ("self_attn.k_norm", 8),
+    ] {
+        t.insert(format!("{l}.{name}.weight"), rnd(&[n], 1., 0.2));
+    }
+    for (name, shape) in [
+        ("self_attn.q_proj", [32, 16]),
+        ("self_attn.k_proj", [16, 16]),
+        ("self_attn.v_proj", [16, 16]),
+        ("self_attn.o_proj", [16, 32]),
+        ("mlp.gate_proj", [24, 16]),
+        ("mlp.up_proj", [24, 16]),
+        ("mlp.down_proj", [16, 24]),
+    ] {
+        t.insert(format!("{l}.{name}.weight"), rnd(&shape, 0., 0.3));
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(t, dtype, &dev);
+    let mut m = Qwen3::from_vb(cfg, vb, dtype, &dev).unwrap();
+    let targets: Vec<String> = MODULES
+        .iter()
+        .filter(|&&m| m != "v_proj")
+        .map(|m| m.to_string())
+        .collect();
+    m.attach_lora(&targets, 4, 1.5, 0.0, |_, (r, c)| {
+        Ok(Tensor::randn(0f64, 0.3, (r, c), &dev)?.to_dtype(dtype)?)
+    })
+    .unwrap();
+    m
+}
+
+fn packed(m: &Qwen3) -> Packed {
+    let seqs: Vec<Vec<u32>> = SEGMENTS
+        .iter()
+        .map(|&t| (0..t as u32).map(|i| (i * 7) % 32).collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    m.pack(&refs).unwrap()
+}
+
+/// The layer from candle tensor ops only (the oracle): HF Qwen3's layer with PEFT's LoRA.
+fn composed(m: &Qwen3, x: &Tensor, p: &Packed) -> Tensor {
+    let l = &m.layers[0];
+    let (n, _) = x.dims2().unwrap();
+    let eps = m.cfg.rms_norm_eps;
+    let proj = |i: usize, x: &Tensor| {
+        let pr = &l.proj[i];
+        let y = x.matmul(&pr.weight.t().unwrap()).unwrap();
+        match &pr.lora {
+            Some(lo) => {
+                let d = x
+                    .matmul(&lo.a.as_tensor().t().unwrap())
+                    .unwrap()
+                    .matmul(&lo.b.as_tensor().t().unwrap())
+                    .unwrap();
+                (y + (d * lo.scaling).unwrap()).unwrap()
+            }
+            None => y,
+        }
+    };
+    let h = rms_norm_composed(x, &l.input_norm, eps).unwrap();
+    let q = proj(0, &h).reshape((n, 4, 8)).unwrap();
+    let k = proj(1, &h).reshape((n, 2, 8)).unwrap();
+    let v = proj(2, &h).reshape((n, 2, 8)).unwrap();
+    let q = rope_composed(
+        &rms_norm_composed(&q, &l.q_norm, eps).unwrap(),
+        &p.cos,
+        &p.sin,
+    )
+    .unwrap();
+    let k = rope_composed(
+        &rms_norm_composed(&k, &l.k_norm, eps).unwrap(),
+        &p.cos,
+        &p.sin,
+    )
+    .unwrap();
+    let attn = packed_causal_attention_composed(&q, &k, &v, &p.segments).unwrap();
+    let x = (x + proj(3, &attn)).unwrap();
+    let h = rms_norm_composed(&x, &l.post_attn_norm, eps).unwrap();
+    let z = (proj(4, &h).silu().unwrap() * proj(5, &h)).unwrap();
+    (x + proj(6, &z)).unwrap()
+}
+
+const TRACK: Pass = Pass {
+    track: true,
+    dropout_key: None,
+};
+
+/// `(y, dL/dx, dL/d(each LoRA var))` for `L = Σ y ⊙ cot`, by the one-op layer or the oracle.
+fn run(m: &Qwen3, x0: &Tensor, cot: &Tensor, one_op: bool) -> (Tensor, Tensor, Vec<Tensor>) {
+    let p = packed(m);
+    let x = Var::from_tensor(x0).unwrap();
+    let y = if one_op {
+        m.layer_forward(0, x.as_tensor(), &p, TRACK).unwrap()
+    } else {
+        composed(m, x.as_tensor(), &p)
+    };
+    let gs = (&y * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let lora = m
+        .lora_vars()
+        .iter()
+        .map(|(_, v)| {
+            let sunk = m.lora_grads.take(v.id());
+            gs.get(v).cloned().or(sunk).expect("LoRA gradient")
+        })
+        .collect();
+    (y, gs.get(&x).expect("x gradient").clone(), lora)
+}
+
+fn check(dtype: DType, tol: f64) {
+    let m = model(dtype);
+    let n: usize = SEGMENTS.iter().sum();
+    let x0 = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let cot = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let (fy, fx, fl) = run(&m, &x0, &cot, true);
+    let (cy, cx, cl) = run(&m, &x0, &cot, false);
+    assert!(
+        max_diff(&fy, &cy) < tol,
+        "{dtype:?} y differs by {}",
+        max_diff(&fy, &cy)
+    );
+    assert!(
+        max_diff(&fx, &cx) < tol,
+        "{dtype:?} dx differs by {}",
+        max_diff(&fx, &cx)
+    );
+    assert_eq!(fl.len(), 12, "six LoRA pairs");
+    for (i, (f, c)) in fl.iter().zip(&cl).enumerate() {
+        assert!(
+            max_diff(f, c) < tol,
+            "{dtype:?} LoRA grad {i} differs by {}",
+            max_diff(f, c)
+        );
+    }
+}
+
+#[test]
+fn one_op_layer_equals_composed_ops_with_gradients_f32() {
+    check(DType::F32, 1e-4);
+}
+
+#[test]
+fn one_op_layer_equals_composed_ops_with_gradients_f64() {
+    check(DType::F64, 1e-11);
+}
+
+/// Analytic gradients of the one-op layer against central differences of its own forward, for
+/// entries of x and of every LoRA matrix, in f64.
+#[test]
+fn one_op_layer_gradients_match_finite_differences() {
+    let m = model(DType::F64);
+    let n: usize = SEGMENTS.iter().sum();
+    let x0 = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
+    let cot = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
+    let (_, gx, gl) = run(&m, &x0, &cot, true);
+    let p = packed(&m);
+    let untracked = Pass {
+        track: false,
+        dropout_key: None,
+    };
+    let loss = |x: &Tensor| -> f64 {
+        let y = m.layer_forward(0, x, &p, untracked).unwrap();
+        (y * &cot)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-6;
+    let nudge = |t: &Tensor, at: usize, by: f64| -> Tensor {
+        let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        v[at] += by;
+        Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+    };
+    let close = |num: f64, ana: f64, what: &str| {
+        assert!(
+            (num - ana).abs() <= 1e-6 * (1.0 + ana.abs()),
+            "{what}: finite difference {num} vs analytic {ana}"
+        );
+    };
+    for at in [0, 17, 5 * 16 + 3, n * 16 - 1] {
+        let num = (loss(&nudge(&x0, at, eps)) - loss(&nudge(&x0, at, -eps))) / (2. * eps);
+        let ana = gx.flatten_all().unwrap().to_vec1::<f64>().unwrap()[at];
+        close(num, ana, &format!("x[{at}]"));
+    }
+    for (k, (name, var)) in m.lora_vars().iter().enumerate() {
+        let orig = var.as_tensor().copy().unwrap();
+        for at in [0, orig.elem_count() - 1] {
+            let f = |by: f64| {
+                var.set(&nudge(&orig, at, by)).unwrap();
+                loss(&x0)
+            };
+            let num = (f(eps) - f(-eps)) / (2. * eps);
+            var.set(&orig).unwrap();
+            let ana = gl[k].flatten_all().unwrap().to_vec1::<f64>().unwrap()[at];
+            close(num, ana, &format!("{name}[{at}]"));
+        }
+    }
+}
+
+/// The first layer of an un-checkpointed step sees the embedding, which is not tracked: the op
+/// still records itself (through its LoRA weights) and leaves their gradients, and no input
+/// gradient is computed.
+#[test]
+fn untracked_input_still_gets_lora_gradients() {
+    let m = model(DType::F32);
+    let n: usize = SEGMENTS.iter().sum();
+    let x = Tensor::randn(0f32, 1., (n, 16), &Device::Cpu).unwrap();
+    let cot = Tensor::randn(0f32, 1., (n, 16), &Device::Cpu).unwrap();
+    let y = m.layer_forward(0, &x, &packed(&m), TRACK).unwrap();
+    let gs = (y * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in m.lora_vars() {
+        let sunk = m.lora_grads.take(v.id());
+        assert!(
+            gs.get(&v).is_some() || sunk.is_some(),
+            "{name} got no gradient"
+        );
+    }
+}
