@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod cached;
-pub use cached::{AdapterWeights, KvCache};
+pub use cached::{AdapterWeights, KvCache, Tuning};
 
 /// The fields of a Qwen3 `config.json` this model uses.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
