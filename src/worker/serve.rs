@@ -199,3 +199,48 @@ impl ServingModel<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn the_training_model_serves_its_own_base_and_a_copy_serves_when_idle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::train::demo::ensure_demo_model(tmp.path()).unwrap();
+        let serving = Serving::new(Default::default(), Device::Cpu);
+        let trained = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let busy = Lease {
+            cache: &serving.cache,
+            training: Some((&dir, &trained)),
+        };
+        assert!(busy.model(&dir).unwrap().is_training_model());
+        let idle = Lease {
+            cache: &serving.cache,
+            training: None,
+        };
+        assert!(!idle.model(&dir).unwrap().is_training_model());
+    }
+
+    #[test]
+    fn a_round_runs_only_what_waited_and_survives_a_panicking_task() {
+        let queue = Arc::new(TaskQueue::default());
+        let serving = Serving::new(queue.clone(), Device::Cpu);
+        let ran = Arc::new(AtomicBool::new(false));
+        let requeue = queue.clone();
+        let flag = ran.clone();
+        queue.push(Box::new(|_: &Lease<'_>| panic!("a bug in one request")));
+        queue.push(Box::new(move |_: &Lease<'_>| {
+            // Queued during the round: waits for the next one.
+            requeue.push(Box::new(move |_: &Lease<'_>| {
+                flag.store(true, Ordering::SeqCst)
+            }));
+        }));
+        serving.run_idle();
+        assert!(!queue.is_empty() && !ran.load(Ordering::SeqCst));
+        serving.run_idle();
+        assert!(queue.is_empty() && ran.load(Ordering::SeqCst));
+    }
+}
