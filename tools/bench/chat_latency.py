@@ -10,7 +10,9 @@ checkpoint), then cancels the job. Per request:
   time to first token (TTFT) = request sent -> first content delta
   decode tokens/s             = (completion_tokens - 1) / (first content delta -> last chunk)
 
-Requests run one at a time. Reports best and median of each as a markdown table and JSON.
+Requests run one at a time. Reports best and median of each as a markdown table and JSON, and
+the job's median optimizer-step time while it was measured (with gradient accumulation 1 a
+request waits for up to one step: the trainer yields between micro-batches).
 Standard library only.
 
     python3 tools/bench/chat_latency.py --sftd target/debug/sftd --requests 8 --new-tokens 64
@@ -136,6 +138,11 @@ def main():
                                  [api.stream("sftd-demo", args.new_tokens) for _ in range(args.requests)]))
         results.append(summarize("job training, its checkpoint",
                                  [api.stream(ckpt, args.new_tokens) for _ in range(args.requests)]))
+        events = api.call(f"/v1/fine_tuning/jobs/{job}/events?limit=1000")["data"]
+        elapsed = sorted((e["data"]["step"], e["data"]["elapsed_seconds"]) for e in events
+                         if e.get("type") == "metrics" and "train_loss" in (e.get("data") or {}))
+        gaps = [b[1] - a[1] for a, b in zip(elapsed, elapsed[1:])]
+        step_seconds = statistics.median(gaps) if gaps else float("nan")
         status = api.call(f"/v1/fine_tuning/jobs/{job}")["status"]
         if status != "running":
             raise SystemExit(f"the job was {status} before the measurements ended")
@@ -149,9 +156,10 @@ def main():
         print(f"| {r['case']} | {r['requests']} | {r['completion_tokens']:.0f} | {r['ttft_ms_best']:.0f} / "
               f"{r['ttft_ms_median']:.0f} | {r['decode_tokens_per_second_best']:.1f} / "
               f"{r['decode_tokens_per_second_median']:.1f} |")
+    print(f"job step time while measured: median {step_seconds:.2f} s over {len(gaps)} steps")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"cases": results, "job_step_seconds_median": step_seconds}, f, indent=1)
 
 
 if __name__ == "__main__":
