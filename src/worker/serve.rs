@@ -9,6 +9,7 @@ use crate::train::interlude::Interlude;
 use crate::train::model::qwen3::{AdapterWeights, Tuning};
 use crate::train::model::Qwen3;
 use anyhow::Result;
+use candle_core::DType;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,11 +136,13 @@ pub struct ServingModel<'a> {
 }
 
 impl<'a> Lease<'a> {
-    /// The base model in `dir`: the running job's own weights when it trains that base, else a
-    /// serving copy (loaded on first use). Blocking.
+    /// The base model in `dir`: the running job's own weights when it trains that base in f32,
+    /// else a serving copy (loaded on first use). Blocking.
     pub fn model(&self, dir: &Path) -> Result<ServingModel<'a>> {
         let (model, format) = match self.training {
-            Some((train_dir, m)) if same_dir(train_dir, dir) => {
+            // The cached forward pass is verified on f32 weights only; a job training f16/bf16
+            // base weights (on a GPU) serves its base from an f32 copy instead.
+            Some((train_dir, m)) if m.dtype == DType::F32 && same_dir(train_dir, dir) => {
                 (ModelRef::Training(m), self.cache.format(dir)?)
             }
             _ => {
@@ -203,7 +206,7 @@ impl ServingModel<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use std::sync::atomic::AtomicBool;
 
     #[test]
@@ -217,6 +220,12 @@ mod tests {
             training: Some((&dir, &trained)),
         };
         assert!(busy.model(&dir).unwrap().is_training_model());
+        let half = Qwen3::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+        let busy_half = Lease {
+            cache: &serving.cache,
+            training: Some((&dir, &half)),
+        };
+        assert!(!busy_half.model(&dir).unwrap().is_training_model());
         let idle = Lease {
             cache: &serving.cache,
             training: None,
