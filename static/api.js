@@ -7,7 +7,7 @@ let keyPrompt = null;
 let keyDeclined = false; // the user closed the key dialog: don't ask again until they press "API key"
 
 export const apiKey = () => prefs.get(KEY_STORAGE) || '';
-const authHeaders = () => (apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {});
+export const authHeaders = () => (apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {});
 
 function setKey(k) {
   if (k) prefs.set(KEY_STORAGE, k); else prefs.remove(KEY_STORAGE);

@@ -1,9 +1,10 @@
 // One job's live page (#/jobs/{id}): status, the loss chart, progress stats, results, checkpoints,
-// settings and the event log, fed by the job's event stream.
+// settings, the event log (fed by the job's event stream) and the playground.
 import { api, jobPath } from './api.js';
 import { lossChart } from './chart.js';
 import { h, badge, twoStep } from './dom.js';
 import { fmtNum, fmtLR, fmtCount, fmtRate, fmtDuration, fmtBytes, fmtTime, fmtPct, toDate, DASH } from './format.js';
+import { playgroundCard } from './playground.js';
 import { checkpointsCard, resultsCard } from './results.js';
 import { RunSeries } from './series.js';
 import { followEvents } from './stream.js';
@@ -59,14 +60,17 @@ export function jobView(root, id) {
     h('h2', {}, 'Progress'), progress, h('div', { class: 'progresslabel' }, progressLeft, progressRight),
     h('dl', { class: 'stats' }, Object.values(rows).map((r) => r.nodes)));
   const results = resultsCard();
-  const checkpoints = checkpointsCard(id);
+  const playground = playgroundCard(id);
+  let savedCheckpoints = [];
+  const checkpoints = checkpointsCard(id, (data) => { savedCheckpoints = data; playground.update(st.job, data); });
   const hpList = h('dl', { class: 'hp', 'data-testid': 'job-hyperparameters' });
   const hpCard = h('section', { class: 'card', 'aria-label': 'Settings' }, h('details', {}, h('summary', {}, 'Settings'), hpList));
   const logList = h('ol', { class: 'eventlog', 'data-testid': 'event-log' });
   const logCard = h('section', { class: 'card area-log', 'aria-label': 'Event log' }, h('h2', {}, 'Events'),
     h('div', { role: 'log', 'aria-label': 'Event log' }, logList));
   root.append(errorBanner, h('div', { class: 'jobgrid' },
-    chart.card, h('div', { class: 'side area-side' }, statsCard, results.card, checkpoints.card, hpCard), logCard));
+    chart.card, h('div', { class: 'side area-side' }, statsCard, results.card, checkpoints.card, hpCard), logCard,
+    playground.card));
 
   // --- status: the stream's terminal status wins over a job object fetched a moment earlier
 
@@ -181,6 +185,7 @@ export function jobView(root, id) {
 
   function renderJob(job) {
     st.job = job;
+    playground.update(job, savedCheckpoints);
     modelLine.textContent = job.fine_tuned_model ? `${job.model} → ${job.fine_tuned_model}` : (job.model || '');
     const mem = job.estimated_peak_memory_bytes;
     rows.memory.show(typeof mem === 'number');
@@ -255,6 +260,7 @@ export function jobView(root, id) {
     clearTimeout(st.pollTimer);
     clearTimeout(st.resultsTimer);
     checkpoints.destroy();
+    playground.destroy();
     chart.destroy();
   };
 }

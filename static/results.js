@@ -36,7 +36,8 @@ export function resultsCard() {
   };
 }
 
-export function checkpointsCard(jobId) {
+/** `onLoad(checkpoints)` gets every list it loads (the playground offers them as models). */
+export function checkpointsCard(jobId, onLoad = () => {}) {
   const body = h('tbody');
   const card = h('section', { class: 'card', 'aria-label': 'Checkpoints', hidden: true },
     h('h2', {}, 'Checkpoints'),
@@ -51,6 +52,7 @@ export function checkpointsCard(jobId) {
       const data = listData(await api(`${jobPath(jobId)}/checkpoints?limit=100`))
         .sort((a, b) => (b.step_number ?? 0) - (a.step_number ?? 0));
       if (!alive) return;
+      onLoad(data);
       card.hidden = data.length === 0;
       body.replaceChildren(...data.map((c) => h('tr', { 'data-step': c.step_number ?? '' },
         h('td', {}, c.step_number ?? DASH), h('td', {}, fmtNum(c.metrics?.train_loss)),

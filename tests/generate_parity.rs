@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use sftd::train::checkpoint::load_adapter;
 use sftd::train::generate::{BaseModel, FinishReason, SamplingParams};
-use sftd::train::model::qwen3::{AdapterWeights, KvCache};
+use sftd::train::model::qwen3::{AdapterWeights, KvCache, Tuning};
+use sftd::train::model::Qwen3;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -50,10 +51,11 @@ fn greedy_output_is_token_identical_to_transformers_peft() {
         let messages = case["messages"].as_array().unwrap();
         let tools = case["tools"].as_array().map(|t| t.as_slice());
         let text = base
+            .format
             .template
             .render_prompt(messages, tools, true, case["enable_thinking"].as_bool())
             .unwrap();
-        let ids = base.encode(&text).unwrap();
+        let ids = base.format.encode(&text).unwrap();
         let want_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
         assert_eq!(ids, want_prompt, "prompt of {messages:?}");
         for (key, lora) in [("base", None), ("adapter", Some(&adapter))] {
@@ -80,6 +82,7 @@ fn greedy_output_is_token_identical_to_transformers_peft() {
 fn the_adapter_changes_the_output() {
     let (_dir, base, adapter) = load();
     let ids = base
+        .format
         .encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
     let plain = base
@@ -96,6 +99,7 @@ fn the_adapter_changes_the_output() {
 fn cached_steps_match_a_full_forward() {
     let (_dir, base, adapter) = load();
     let ids: Vec<u32> = base
+        .format
         .encode("<|im_start|>user\nWhat is the weather?<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
     let m = &base.model;
@@ -130,10 +134,41 @@ fn cached_steps_match_a_full_forward() {
     );
 }
 
+/// A model being trained serves requests between its micro-batches: with its own LoRA attached
+/// (as the trainer holds it) the cached pass equals the same adapter kept beside the base, and
+/// `Tuning::Base` / `Tuning::Adapter` ignore the attached LoRA entirely.
+#[test]
+fn a_training_model_serves_its_base_and_any_adapter() {
+    let (dir, base, adapter) = load();
+    let raw = load_adapter(&fixtures().join("generate/adapter"), &Device::Cpu).unwrap();
+    let mut trained = Qwen3::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let scaling = raw.alpha / raw.r as f64;
+    assert!(!raw.use_rslora);
+    trained
+        .attach_lora(&raw.target_modules, raw.r, scaling, 0.1, |key, _| {
+            Ok(raw.tensors[key].clone())
+        })
+        .unwrap();
+    let ids: Vec<u32> = base
+        .format
+        .encode("<|im_start|>user\nWhat is the weather?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let run = |m: &Qwen3, t: Tuning<'_>| m.forward_cached(&ids, &mut KvCache::new(), t).unwrap();
+    let served = run(&base.model, Tuning::Adapter(&adapter));
+    assert_close(&run(&trained, Tuning::Attached), &served);
+    assert_close(&run(&trained, Tuning::Adapter(&adapter)), &served);
+    let plain = run(&base.model, Tuning::Base);
+    assert_close(&run(&trained, Tuning::Base), &plain);
+    assert!(
+        max_diff(&plain, &served) > 1e-2,
+        "the LoRA must move the logits"
+    );
+}
+
 #[test]
 fn a_prompt_beyond_the_context_is_refused() {
     let (_dir, base, _) = load();
-    let n = base.context_len();
+    let n = base.format.context_len;
     let ids = vec![5u32; n];
     let err = base
         .generate(None, &ids, &SamplingParams::greedy(1), |_| true)

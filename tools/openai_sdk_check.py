@@ -9,7 +9,7 @@ lists checkpoints and jobs, downloads the adapter, cancels a second job and chec
 hyperparameter raises BadRequestError naming the field; then calls the fine-tuned model with
 chat.completions.create (plain, streamed with usage, with tools), lists it with models.list/
 retrieve, and checks that n=2 raises BadRequestError. Exits non-zero on the first mismatch.
-Not part of CI (it needs the SDK from PyPI).
+CI runs it through scripts/openai-sdk-check.sh (which installs the pinned SDK).
 """
 import argparse
 import json

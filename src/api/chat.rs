@@ -1,6 +1,6 @@
 //! `POST /v1/chat/completions` in OpenAI's shape: the request is validated here, the prompt is
-//! rendered with the model's own chat template (as in training), generation runs on a blocking
-//! thread, and `<tool_call>` blocks come back as OpenAI `tool_calls`, whole or streamed as
+//! rendered with the model's own chat template (as in training), generation runs on the worker
+//! thread that owns the device (between a training job's micro-batches), and `<tool_call>` blocks come back as OpenAI `tool_calls`, whole or streamed as
 //! `chat.completion.chunk` server-sent events ending in `data: [DONE]`.
 
 use super::error::{AppError, AppJson};
@@ -8,6 +8,7 @@ use super::models::{resolve, Models};
 use super::AppState;
 use crate::train::generate::{ContextExceeded, FinishReason, Generation, SamplingParams};
 use crate::train::tool_calls::{parse_assistant, AssistantTurn};
+use crate::worker::Lease;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
@@ -16,7 +17,7 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub fn routes(models: Models) -> Router<AppState> {
     Router::new()
@@ -208,12 +209,21 @@ async fn create(
         tools: plan.tools.is_some(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let job = tokio::task::spawn_blocking(move || run(&models, resolved, plan, tx));
+    let (done, job) = oneshot::channel();
+    let queued = s.worker.on_device(Box::new(move |lease: &Lease<'_>| {
+        let _ = done.send(run(lease, resolved, plan, tx));
+    }));
+    if !queued {
+        return Err(AppError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the worker that owns the device is not running; see the server log",
+        ));
+    }
     if req.stream == Some(true) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return stream(meta, job, rx, include_usage).await;
     }
-    let generation = job.await.map_err(AppError::internal)??;
+    let generation = job.await.map_err(not_run)??;
     let turn = parse(&meta, &generation.text);
     Ok(Json(completion(&meta, &turn, &generation)).into_response())
 }
@@ -225,26 +235,34 @@ enum Piece {
     Text(String),
 }
 
-/// Loads (or reuses) the model and generates, one request at a time. Blocking.
+/// A task dropped before it ran (the worker stopped, or the task panicked).
+fn not_run(_: oneshot::error::RecvError) -> AppError {
+    AppError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "the generation did not run: the worker stopped or failed; see the server log",
+    )
+}
+
+/// Generates on the worker thread with the device lent to it: the running job's own model
+/// when the request uses its base, else a loaded serving copy. Blocking.
 fn run(
-    models: &Models,
+    lease: &Lease<'_>,
     resolved: super::models::Resolved,
     plan: Plan,
     tx: mpsc::UnboundedSender<Piece>,
 ) -> Result<Generation, AppError> {
-    let _turn = models.gate.lock().unwrap_or_else(|e| e.into_inner());
-    let base = models
-        .cache
-        .base(&resolved.base_dir)
-        .map_err(AppError::internal)?;
+    let base = lease
+        .model(&resolved.base_dir)
+        .map_err(|e| AppError::internal(format!("{e:#}")))?;
     let adapter = match &resolved.adapter_dir {
-        Some(dir) => Some(models.cache.adapter(&base, dir).map_err(|e| {
+        Some(dir) => Some(base.adapter(dir).map_err(|e| {
             AppError::bad_request(format!("the adapter cannot be used with this model: {e:#}"))
                 .code("invalid_adapter")
         })?),
         None => None,
     };
     let prompt = base
+        .format
         .template
         .render_prompt(
             &plan.messages,
@@ -253,13 +271,14 @@ fn run(
             plan.enable_thinking,
         )
         .map_err(|e| invalid("messages", format!("{e:#}")))?;
-    let ids = base.encode(&prompt).map_err(AppError::internal)?;
+    let ids = base.format.encode(&prompt).map_err(AppError::internal)?;
     let refused = |e: anyhow::Error| match e.downcast::<ContextExceeded>() {
         Ok(c) => invalid("messages", c.0).code("context_length_exceeded"),
         Err(e) => AppError::internal(format!("{e:#}")),
     };
     // Checked before the stream starts, so a prompt that does not fit is an ordinary 400.
-    base.budget(ids.len(), plan.params.max_new_tokens)
+    base.format
+        .budget(ids.len(), plan.params.max_new_tokens)
         .map_err(refused)?;
     let _ = tx.send(Piece::Started);
     base.generate(adapter.as_deref(), &ids, &plan.params, |t| {
@@ -399,13 +418,13 @@ fn visible_content(text: &str, tools: bool) -> &str {
 /// the first token are ordinary error responses.
 async fn stream(
     meta: Meta,
-    job: tokio::task::JoinHandle<Result<Generation, AppError>>,
+    job: oneshot::Receiver<Result<Generation, AppError>>,
     mut rx: mpsc::UnboundedReceiver<Piece>,
     include_usage: bool,
 ) -> Result<Response, AppError> {
     if rx.recv().await.is_none() {
         // The sender is gone before generation began: the job's error is the answer.
-        job.await.map_err(AppError::internal)??;
+        job.await.map_err(not_run)??;
         return Err(AppError::internal("generation ended before it started"));
     }
     let (out, body) = mpsc::channel::<Result<String, std::convert::Infallible>>(64);
@@ -438,8 +457,8 @@ async fn stream(
                     .await;
                 return;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "generation task failed");
+            Err(_) => {
+                tracing::error!("the generation task ended without a result");
                 return;
             }
         };

@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod logging;
 pub mod models;
+pub mod presets;
 pub mod types;
 pub mod ui;
 mod upload;
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::metrics_routes())
         .merge(files::routes())
         .merge(jobs::routes())
+        .merge(presets::routes())
         .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

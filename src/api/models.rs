@@ -8,7 +8,6 @@ use super::types::List;
 use super::AppState;
 use crate::hub::{Hub, HubError};
 use crate::store::{JobRow, JobStatus};
-use crate::train::generate::ModelCache;
 use crate::train::spec::DEMO_MODEL;
 use axum::extract::State;
 use axum::routing::get;
@@ -16,31 +15,18 @@ use axum::{Extension, Json, Router};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
-/// Base models kept loaded at once, and adapters kept prepared.
-const MAX_BASES: usize = 2;
-const MAX_ADAPTERS: usize = 32;
-
-/// What serving needs beside [`AppState`]: model resolution and the loaded models.
+/// What serving needs beside [`AppState`]: model resolution (the models themselves are loaded
+/// and run by the worker, which owns the device).
 #[derive(Clone)]
 pub struct Models {
     pub hub: Hub,
-    pub cache: Arc<ModelCache>,
-    /// One generation at a time: they share the CPU with each other and with training.
-    pub gate: Arc<Mutex<()>>,
 }
 
 impl Models {
     pub fn new(config: &crate::config::Config) -> Self {
-        let device = crate::train::device_from_str(&config.device).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "serving models on the CPU");
-            candle_core::Device::Cpu
-        });
         Self {
             hub: Hub::new(config),
-            cache: Arc::new(ModelCache::new(device, MAX_BASES, MAX_ADAPTERS)),
-            gate: Default::default(),
         }
     }
 }

@@ -39,10 +39,11 @@ pub fn prompt_ids(base: &BaseModel, data: &std::path::Path, max_len: usize) -> R
         .iter()
         .position(|m| m["role"] == "assistant")
         .unwrap_or(messages.len());
-    let text = base
-        .template
-        .render_prompt(&messages[..turn], tools.as_deref(), true, None)?;
-    let mut ids = base.encode(&text)?;
+    let text =
+        base.format
+            .template
+            .render_prompt(&messages[..turn], tools.as_deref(), true, None)?;
+    let mut ids = base.format.encode(&text)?;
     ids.truncate(max_len);
     Ok(ids)
 }

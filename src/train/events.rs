@@ -1,6 +1,8 @@
 //! What a training run reports while it runs, and how its owner steers it (cancel, checkpoint-and-stop).
 
 pub use crate::train::tool_eval::ToolEvalMetrics;
+use crate::train::interlude::Interlude;
+use crate::train::model::Qwen3;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -109,13 +111,34 @@ const RUN: u8 = 0;
 const CANCEL: u8 = 1;
 const SUSPEND: u8 = 2;
 
-/// A shared flag the owner flips; the trainer polls it between micro-batches.
-#[derive(Debug, Clone, Default)]
-pub struct Control(Arc<AtomicU8>);
+/// A shared flag the owner flips, and the work it lends the device to; the trainer polls both
+/// between micro-batches.
+#[derive(Clone, Default)]
+pub struct Control(Arc<AtomicU8>, Option<Arc<dyn Interlude>>);
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("state", &self.0.load(Ordering::SeqCst))
+            .field("interlude", &self.1.is_some())
+            .finish()
+    }
+}
 
 impl Control {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// The same control, lending the device to `interlude` between micro-batches.
+    pub fn with_interlude(self, interlude: Arc<dyn Interlude>) -> Self {
+        Self(self.0, Some(interlude))
+    }
+    /// Called by the trainer at a micro-batch boundary: runs the waiting interlude work, if any,
+    /// with the model being trained.
+    pub fn yield_to_interlude(&self, model: &Qwen3) {
+        if let Some(i) = self.1.as_ref().filter(|i| i.pending()) {
+            i.run(model);
+        }
     }
     /// Stop at the next micro-batch boundary, writing nothing more.
     pub fn cancel(&self) {

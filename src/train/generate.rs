@@ -4,7 +4,7 @@
 
 use crate::train::checkpoint::load_adapter;
 use crate::train::data::template::ChatTemplate;
-use crate::train::model::qwen3::{AdapterWeights, KvCache};
+use crate::train::model::qwen3::{AdapterWeights, KvCache, Qwen3Config, Tuning};
 use crate::train::model::Qwen3;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
@@ -20,44 +20,47 @@ use tokenizers::Tokenizer;
 #[error("{0}")]
 pub struct ContextExceeded(pub String);
 
-/// A base model ready to generate: weights, tokenizer, chat template and end-of-turn tokens.
-pub struct BaseModel {
+/// How a model talks: tokenizer, chat template, end-of-turn tokens and context length. Shared
+/// by a loaded serving copy and a training model of the same directory.
+pub struct ChatFormat {
     pub dir: PathBuf,
-    pub model: Qwen3,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Tokens that end a completion: `eos_token` and `generation_config.json`'s `eos_token_id`.
     pub stop_ids: Vec<u32>,
+    /// Prompt plus completion positions (`max_position_embeddings`).
+    pub context_len: usize,
 }
 
-impl BaseModel {
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let model = Qwen3::load(dir, DType::F32, device)?;
+impl ChatFormat {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let context_len = Qwen3Config::from_dir(dir)?.max_position_embeddings;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow!("loading {}/tokenizer.json: {e}", dir.display()))?;
         let template = ChatTemplate::from_model_dir(dir)?;
-        let stop_ids = stop_ids(dir, &tokenizer, &template);
+        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>", template.eos_token.as_str()]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            match &cfg["eos_token_id"] {
+                serde_json::Value::Number(n) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
+                serde_json::Value::Array(a) => {
+                    stop_ids.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+                }
+                _ => {}
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
         Ok(Self {
             dir: dir.to_path_buf(),
-            model,
             tokenizer,
             template,
             stop_ids,
+            context_len,
         })
-    }
-
-    /// The generation loop over this model.
-    pub fn generator(&self) -> Generator<'_> {
-        Generator {
-            model: &self.model,
-            tokenizer: &self.tokenizer,
-            stop_ids: &self.stop_ids,
-        }
-    }
-
-    /// The context length: prompt plus completion positions.
-    pub fn context_len(&self) -> usize {
-        self.model.cfg.max_position_embeddings
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -68,126 +71,16 @@ impl BaseModel {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// See [`Generator::generate`].
-    pub fn generate(
-        &self,
-        adapter: Option<&AdapterWeights>,
-        prompt: &[u32],
-        params: &SamplingParams,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation> {
-        self.generator().generate(adapter, prompt, params, on_text)
-    }
-
-    /// See [`Generator::budget`].
-    pub fn budget(&self, prompt_len: usize, asked: Option<usize>) -> Result<usize> {
-        self.generator().budget(prompt_len, asked)
-    }
-}
-
-/// Tokens that end a completion: `<|im_end|>`, `<|endoftext|>`, the template's `eos_token` and
-/// `generation_config.json`'s `eos_token_id` in `dir`.
-pub fn stop_ids(dir: &Path, tokenizer: &Tokenizer, template: &ChatTemplate) -> Vec<u32> {
-    let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>", template.eos_token.as_str()]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-        let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        match &cfg["eos_token_id"] {
-            serde_json::Value::Number(n) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
-            serde_json::Value::Array(a) => {
-                stop_ids.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
-            }
-            _ => {}
-        }
-    }
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
-    stop_ids
-}
-
-/// What generation needs, borrowed: a served [`BaseModel`]'s parts, or the model a trainer is
-/// training (its LoRA attached, so the adapter applies as trained, unmerged).
-#[derive(Clone, Copy)]
-pub struct Generator<'a> {
-    pub model: &'a Qwen3,
-    pub tokenizer: &'a Tokenizer,
-    pub stop_ids: &'a [u32],
-}
-
-impl Generator<'_> {
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| anyhow!("detokenization failed: {e}"))
     }
 
-    /// Generates a completion of `prompt`, handing each piece of text that is final (it can no
-    /// longer turn into a stop string) to `on_text`; `on_text` returning `false` stops early.
-    pub fn generate(
-        &self,
-        adapter: Option<&AdapterWeights>,
-        prompt: &[u32],
-        params: &SamplingParams,
-        mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation> {
-        let max_new = self.budget(prompt.len(), params.max_new_tokens)?;
-        let mut sampler = Sampler::new(params);
-        let mut cache = KvCache::new();
-        let started = Instant::now();
-        let mut logits = self.model.forward_cached(prompt, &mut cache, adapter)?;
-        let prefill_seconds = started.elapsed().as_secs_f64();
-        let mut ids: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut emitted = 0;
-        let mut finish = FinishReason::Length;
-        while ids.len() < max_new {
-            let next = sampler.next(&logits.to_vec1::<f32>()?);
-            if self.stop_ids.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            ids.push(next);
-            text = self.decode(&ids)?;
-            // Decoding more tokens only ever extends the text; clamp in case a tokenizer disagrees.
-            emitted = emitted.min(text.len());
-            while !text.is_char_boundary(emitted) {
-                emitted -= 1;
-            }
-            if let Some(at) = find_stop(&text, &params.stop, emitted) {
-                text.truncate(at);
-                finish = FinishReason::Stop;
-                break;
-            }
-            let ready = final_prefix_len(&text, &params.stop).max(emitted);
-            if ready > emitted && !on_text(&text[emitted..ready]) {
-                emitted = ready;
-                finish = FinishReason::Stop;
-                break;
-            }
-            emitted = ready;
-            if ids.len() < max_new {
-                logits = self.model.forward_cached(&[next], &mut cache, adapter)?;
-            }
-        }
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
-        }
-        Ok(Generation {
-            text,
-            completion_ids: ids,
-            prompt_tokens: prompt.len(),
-            finish,
-            prefill_seconds,
-            decode_seconds: started.elapsed().as_secs_f64() - prefill_seconds,
-        })
-    }
-
     /// The completion budget: what is asked for (or the rest of the context), refused when the
     /// prompt and the budget do not fit the model's context.
     pub fn budget(&self, prompt_len: usize, asked: Option<usize>) -> Result<usize> {
-        let ctx = self.model.cfg.max_position_embeddings;
+        let ctx = self.context_len;
         if prompt_len == 0 {
             return Err(ContextExceeded("the prompt is empty".into()).into());
         }
@@ -208,6 +101,103 @@ impl Generator<'_> {
             None => Ok(ctx - prompt_len),
         }
     }
+}
+
+/// A base model loaded for serving: its weights (no LoRA attached) and its chat format.
+pub struct BaseModel {
+    pub model: Qwen3,
+    pub format: Arc<ChatFormat>,
+}
+
+impl BaseModel {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Ok(Self {
+            model: Qwen3::load(dir, DType::F32, device)?,
+            format: Arc::new(ChatFormat::load(dir)?),
+        })
+    }
+
+    /// [`generate`] on this model, with `adapter` beside it (or the base alone).
+    pub fn generate(
+        &self,
+        adapter: Option<&AdapterWeights>,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        generate(
+            &self.model,
+            adapter.into(),
+            &self.format,
+            prompt,
+            params,
+            on_text,
+        )
+    }
+}
+
+/// Generates a completion of `prompt` with `model` under `tuning`, handing each piece of text
+/// that is final (it can no longer turn into a stop string) to `on_text`; `on_text` returning
+/// `false` stops early. The model may be a serving copy or a model being trained (between its
+/// micro-batches): nothing here tracks gradients or touches its weights.
+pub fn generate(
+    model: &Qwen3,
+    tuning: Tuning<'_>,
+    format: &ChatFormat,
+    prompt: &[u32],
+    params: &SamplingParams,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let max_new = format.budget(prompt.len(), params.max_new_tokens)?;
+    let mut sampler = Sampler::new(params);
+    let mut cache = KvCache::new();
+    let started = Instant::now();
+    let mut logits = model.forward_cached(prompt, &mut cache, tuning)?;
+    let prefill_seconds = started.elapsed().as_secs_f64();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut emitted = 0;
+    let mut finish = FinishReason::Length;
+    while ids.len() < max_new {
+        let next = sampler.next(&logits.to_vec1::<f32>()?);
+        if format.stop_ids.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        ids.push(next);
+        text = format.decode(&ids)?;
+        // Decoding more tokens only ever extends the text; clamp in case a tokenizer disagrees.
+        emitted = emitted.min(text.len());
+        while !text.is_char_boundary(emitted) {
+            emitted -= 1;
+        }
+        if let Some(at) = find_stop(&text, &params.stop, emitted) {
+            text.truncate(at);
+            finish = FinishReason::Stop;
+            break;
+        }
+        let ready = final_prefix_len(&text, &params.stop).max(emitted);
+        if ready > emitted && !on_text(&text[emitted..ready]) {
+            emitted = ready;
+            finish = FinishReason::Stop;
+            break;
+        }
+        emitted = ready;
+        if ids.len() < max_new {
+            logits = model.forward_cached(&[next], &mut cache, tuning)?;
+        }
+    }
+    if text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    Ok(Generation {
+        text,
+        completion_ids: ids,
+        prompt_tokens: prompt.len(),
+        finish,
+        prefill_seconds,
+        decode_seconds: started.elapsed().as_secs_f64() - prefill_seconds,
+    })
 }
 
 /// How to pick tokens and when to stop.
@@ -351,13 +341,16 @@ fn final_prefix_len(text: &str, stop: &[String]) -> usize {
     end - held
 }
 
-/// Base models and adapters loaded once and kept: switching adapters over a loaded base costs
-/// no reload. Bases are keyed by directory, adapters by (base, adapter directory, file mtime).
+/// Base models, chat formats and adapters loaded once and kept: switching adapters over a loaded
+/// base costs no reload. Bases and formats are keyed by directory, adapters by (base directory,
+/// adapter directory, file mtime). Adapters prepared against a training model of a base serve
+/// its loaded copy too (the same shapes).
 pub struct ModelCache {
     device: Device,
     max_bases: usize,
     max_adapters: usize,
-    bases: Mutex<Vec<Arc<BaseModel>>>,
+    bases: Mutex<Vec<(PathBuf, Arc<BaseModel>)>>,
+    formats: Mutex<HashMap<PathBuf, Arc<ChatFormat>>>,
     adapters: Mutex<HashMap<AdapterKey, Arc<AdapterWeights>>>,
 }
 
@@ -370,6 +363,7 @@ impl ModelCache {
             max_bases: max_bases.max(1),
             max_adapters: max_adapters.max(1),
             bases: Mutex::new(Vec::new()),
+            formats: Mutex::new(HashMap::new()),
             adapters: Mutex::new(HashMap::new()),
         }
     }
@@ -378,10 +372,10 @@ impl ModelCache {
     /// dropped beyond `max_bases`). Blocking.
     pub fn base(&self, dir: &Path) -> Result<Arc<BaseModel>> {
         let mut bases = self.bases.lock().expect("model cache lock");
-        if let Some(i) = bases.iter().position(|b| b.dir == dir) {
+        if let Some(i) = bases.iter().position(|b| b.0 == dir) {
             let b = bases.remove(i);
             bases.push(b.clone());
-            return Ok(b);
+            return Ok(b.1);
         }
         let b = Arc::new(
             BaseModel::load(dir, &self.device)
@@ -389,24 +383,46 @@ impl ModelCache {
         );
         if bases.len() >= self.max_bases {
             bases.remove(0);
-            let mut adapters = self.adapters.lock().expect("adapter cache lock");
-            adapters.retain(|k, _| bases.iter().any(|b| b.dir == k.0));
         }
-        bases.push(b.clone());
+        bases.push((dir.to_path_buf(), b.clone()));
+        self.formats
+            .lock()
+            .expect("format cache lock")
+            .insert(dir.to_path_buf(), b.format.clone());
         Ok(b)
     }
 
-    /// The adapter in `dir` prepared for `base`, loaded on first use. Blocking.
-    pub fn adapter(&self, base: &BaseModel, dir: &Path) -> Result<Arc<AdapterWeights>> {
+    /// The chat format of the model in `dir` (without loading its weights). Blocking.
+    pub fn format(&self, dir: &Path) -> Result<Arc<ChatFormat>> {
+        let mut formats = self.formats.lock().expect("format cache lock");
+        if let Some(f) = formats.get(dir) {
+            return Ok(f.clone());
+        }
+        if formats.len() >= self.max_bases * 4 {
+            formats.clear();
+        }
+        let f = Arc::new(ChatFormat::load(dir)?);
+        formats.insert(dir.to_path_buf(), f.clone());
+        Ok(f)
+    }
+
+    /// The adapter in `dir` prepared for `model`, the base in `base_dir` (a loaded copy or a
+    /// model being trained), loaded on first use. Blocking.
+    pub fn adapter(
+        &self,
+        base_dir: &Path,
+        model: &Qwen3,
+        dir: &Path,
+    ) -> Result<Arc<AdapterWeights>> {
         let mtime = std::fs::metadata(dir.join(crate::train::checkpoint::ADAPTER_WEIGHTS))
             .and_then(|m| m.modified())
             .ok();
-        let key = (base.dir.clone(), dir.to_path_buf(), mtime);
+        let key = (base_dir.to_path_buf(), dir.to_path_buf(), mtime);
         if let Some(a) = self.adapters.lock().expect("adapter cache lock").get(&key) {
             return Ok(a.clone());
         }
         let raw = load_adapter(dir, &self.device)?;
-        let a = Arc::new(AdapterWeights::new(&base.model, &raw)?);
+        let a = Arc::new(AdapterWeights::new(model, &raw)?);
         let mut adapters = self.adapters.lock().expect("adapter cache lock");
         if adapters.len() >= self.max_adapters {
             adapters.clear();

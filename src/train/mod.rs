@@ -6,6 +6,7 @@ pub mod demo;
 pub mod device;
 pub mod events;
 pub mod generate;
+pub mod interlude;
 pub mod loss_scale;
 pub mod memory;
 pub mod model;

@@ -1,13 +1,17 @@
 //! The worker: one `std::thread` that owns the training device and runs queued jobs oldest
-//! first, plus the file/model checks that move a new job from `validating_files` to `queued`.
-//! Other code talks to it through [`Worker`]'s methods (wake, cancel, shutdown).
+//! first, serving generation requests on the same device (between a job's micro-batches, or
+//! when idle), plus the file/model checks that move a new job from `validating_files` to
+//! `queued`. Other code talks to it through [`Worker`]'s methods (wake, cancel, on_device,
+//! shutdown).
 
 mod artifacts;
 mod recorder;
 mod run;
+mod serve;
 mod submit;
 
 pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
+pub use serve::{DeviceTask, Lease, ServingModel};
 pub use submit::{MemoryBudget, SubmitError};
 
 use crate::hub::Hub;
@@ -46,6 +50,8 @@ struct Shared {
     current: Mutex<Option<(String, Control)>>,
     shutting_down: AtomicBool,
     alive: AtomicBool,
+    /// Generation tasks waiting for the device.
+    tasks: Arc<serve::TaskQueue>,
 }
 
 /// Clears `alive` (so `/readyz` answers 503) however the worker thread ends: returning, or
@@ -55,6 +61,7 @@ struct ClearOnExit(Arc<Shared>);
 impl Drop for ClearOnExit {
     fn drop(&mut self) {
         self.0.alive.store(false, Ordering::SeqCst);
+        self.0.tasks.clear();
         if std::thread::panicking() {
             tracing::error!("the worker thread panicked; the server is no longer ready");
         }
@@ -91,6 +98,7 @@ impl Worker {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            tasks: Default::default(),
         });
         let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
         let memory = MemoryBudget::probe(&device);
@@ -148,6 +156,22 @@ impl Worker {
                 control.cancel();
             }
         }
+    }
+
+    /// Queues `task` to run on the worker thread with the device: between the running job's
+    /// micro-batches, or as soon as the thread is free when no job trains. `false` when the
+    /// thread is not running (the task is dropped).
+    pub fn on_device(&self, task: DeviceTask) -> bool {
+        if !self.is_alive() || self.shared.shutting_down.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.tasks.push(task);
+        let _ = self.tx.send(Command::Wake);
+        if !self.is_alive() {
+            // The thread ended meanwhile: nothing will run what it left queued.
+            self.shared.tasks.clear();
+        }
+        true
     }
 
     /// Whether the thread is up (for `/readyz`).
@@ -281,10 +305,12 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     };
     tracing::info!(device = ?device, "worker started");
+    let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
     loop {
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
         }
+        serving.run_idle();
         match ctx.rt.block_on(ctx.store.claim_next_job()) {
             Ok(Some(job)) => {
                 let control = Control::new();
@@ -300,7 +326,7 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                     Ok(Some(j)) if j.status == JobStatus::Running
                 );
                 if still_running {
-                    run::run_job(&ctx, &job, &control, &device);
+                    run::run_job(&ctx, &job, &control, &device, &serving);
                 }
                 *shared.current.lock().expect("worker lock") = None;
                 continue;
@@ -336,6 +362,7 @@ mod tests {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            tasks: Default::default(),
         });
         let in_thread = shared.clone();
         let joined = std::thread::spawn(move || {

@@ -154,7 +154,13 @@ pub fn job_dir(store: &Store, job_id: &str) -> PathBuf {
 }
 
 /// Runs `job` (already `running`) to its end on this thread and records the outcome.
-pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candle_core::Device) {
+pub(super) fn run_job(
+    ctx: &Ctx,
+    job: &JobRow,
+    control: &Control,
+    device: &candle_core::Device,
+    serving: &super::serve::Serving,
+) {
     let store = &ctx.store;
     let id = job.id.as_str();
     let fail = |err: JobError| {
@@ -216,6 +222,10 @@ pub(super) fn run_job(ctx: &Ctx, job: &JobRow, control: &Control, device: &candl
             "No checkpoint to resume from; restarting from step 0",
         ));
     }
+    // Generation requests run between this job's micro-batches, on its model when they use its base.
+    let control = &control
+        .clone()
+        .with_interlude(serving.for_job(inputs.model_dir.clone()));
     let train_job = engine::TrainJob {
         model_dir: inputs.model_dir,
         base_model_name: job.model.clone(),

@@ -9,4 +9,4 @@ if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
 fi
 npm ci --no-audit --no-fund --loglevel=error
 node --test unit.test.mjs contract.test.mjs
-node --test --test-concurrency=1 dashboard.test.mjs
+node --test --test-concurrency=1 dashboard.test.mjs playground.test.mjs

@@ -21,6 +21,7 @@ const load = (name) => import(moduleUrl(name));
 const F = await load('format.js');
 const S = await load('series.js');
 const V = await load('vocabulary.js');
+const C = await load('chatstream.js');
 
 test('numbers read like people write them', () => {
   assert.equal(F.fmtLR(2e-4), '2e-4');
@@ -175,4 +176,33 @@ test('the chart reports its steps as ranges', () => {
   assert.equal(S.stepRanges([]), '');
   assert.equal(S.stepRanges([1, 2, 3, 4]), '1-4');
   assert.equal(S.stepRanges([1, 2, 4, 6, 7]), '1-2,4,6-7');
+});
+
+test('a streamed chat completion folds into content, tool calls, finish reason and usage', () => {
+  const chunk = (delta, finish = null) => JSON.stringify({ object: 'chat.completion.chunk', choices: [{ index: 0, delta, finish_reason: finish }] });
+  const body = [
+    chunk({ role: 'assistant', content: '' }), chunk({ content: 'Let me ' }), chunk({ content: 'check.' }),
+    chunk({ tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] }),
+    chunk({}, 'tool_calls'),
+    JSON.stringify({ object: 'chat.completion.chunk', choices: [], usage: { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13 } }),
+    '[DONE]',
+  ].map((d) => `data: ${d}\n\n`).join('');
+  // Split anywhere, even inside a message: the unfinished rest waits for the next piece.
+  const a = C.emptyAnswer();
+  let rest = '';
+  for (const piece of [body.slice(0, 37), body.slice(37, 200), body.slice(200)]) {
+    const [payloads, r] = C.sseData(rest + piece);
+    rest = r;
+    for (const p of payloads) C.foldChunk(a, p);
+  }
+  assert.equal(rest, '');
+  assert.equal(a.content, 'Let me check.');
+  assert.deepEqual(a.toolCalls, [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Paris"}' }]);
+  assert.equal(a.finish, 'tool_calls');
+  assert.equal(a.usage.total_tokens, 13);
+  assert.equal(a.done, true);
+  assert.equal(C.formatToolCall(a.toolCalls[0]), 'get_weather({\n  "city": "Paris"\n})');
+  assert.equal(C.formatToolCall({ name: 'f', arguments: '{bad' }), 'f({bad)');
+  const e = C.foldChunk(C.emptyAnswer(), JSON.stringify({ error: { message: 'generation failed' } }));
+  assert.equal(e.error, 'generation failed');
 });

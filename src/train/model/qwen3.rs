@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 mod cached;
 #[cfg(test)]
 mod layer_tests;
-pub use cached::{AdapterWeights, KvCache};
+pub use cached::{AdapterWeights, KvCache, Tuning};
 
 /// The fields of a Qwen3 `config.json` this model uses.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -257,6 +257,15 @@ pub struct Pass {
 }
 
 impl LoraLinear {
+    /// The frozen projection alone, `x (N, I) -> x Wᵀ + b (N, O)`: any attached LoRA is ignored.
+    pub fn forward_frozen(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = frozen_linear(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     /// `x (N, I) -> (N, O)`.
     pub fn forward(&self, x: &Tensor, pass: Pass, module_key: u64) -> candle_core::Result<Tensor> {
         if let Some(y) = self.forward_fused(x, pass)? {

@@ -5,7 +5,8 @@
 use crate::train::data::parse_jsonl;
 use crate::train::data::template::ChatTemplate;
 use crate::train::events::Control;
-use crate::train::generate::{stop_ids, Generator, SamplingParams};
+use crate::train::generate::{generate, ChatFormat, SamplingParams};
+use crate::train::model::qwen3::Tuning;
 use crate::train::model::Qwen3;
 use crate::train::tool_eval::{cases, has_tools, score, Reference, ToolEvalMetrics};
 use anyhow::{anyhow, Context, Result};
@@ -16,8 +17,7 @@ use tokenizers::Tokenizer;
 /// The prepared cases of one run: prompts tokenized once, generated at every evaluation.
 pub(super) struct ToolEval {
     prompts: Vec<(Vec<u32>, Reference)>,
-    tokenizer: Tokenizer,
-    stop_ids: Vec<u32>,
+    format: ChatFormat,
     max_new_tokens: usize,
 }
 
@@ -89,10 +89,15 @@ impl ToolEval {
                 "; {too_long} skipped (prompt + budget over the model's {context}-token context)"
             ));
         }
-        let eval = (!prompts.is_empty()).then(|| ToolEval {
+        if prompts.is_empty() {
+            return Ok(Prepared {
+                eval: None,
+                message,
+            });
+        }
+        let eval = Some(ToolEval {
             prompts,
-            tokenizer: tokenizer.clone(),
-            stop_ids: stop_ids(model_dir, tokenizer, template),
+            format: ChatFormat::load(model_dir)?,
             max_new_tokens,
         });
         Ok(Prepared { eval, message })
@@ -107,18 +112,13 @@ impl ToolEval {
         control: &Control,
     ) -> Result<Option<ToolEvalMetrics>> {
         let started = Instant::now();
-        let generator = Generator {
-            model,
-            tokenizer: &self.tokenizer,
-            stop_ids: &self.stop_ids,
-        };
         let params = SamplingParams::greedy(self.max_new_tokens);
         let mut scores = Vec::with_capacity(self.prompts.len());
         for (ids, reference) in &self.prompts {
             if control.is_cancelled() || control.is_suspended() {
                 return Ok(None);
             }
-            let out = generator.generate(None, ids, &params, |_| true)?;
+            let out = generate(model, Tuning::Attached, &self.format, ids, &params, |_| true)?;
             scores.push(score(reference, &out.text));
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -131,8 +131,8 @@ mod tests {
     use super::super::build::build_model_in;
     use crate::train::checkpoint::{load_adapter, save_adapter};
     use crate::train::demo::{write_model, DemoSize};
-    use crate::train::generate::{BaseModel, Generator, SamplingParams};
-    use crate::train::model::qwen3::{AdapterWeights, KvCache};
+    use crate::train::generate::{generate, BaseModel, SamplingParams};
+    use crate::train::model::qwen3::{AdapterWeights, KvCache, Tuning};
     use crate::train::spec::{LoraConfig, ALL_LINEAR};
     use candle_core::{DType, Device, Tensor};
 
@@ -165,11 +165,12 @@ mod tests {
         let served =
             AdapterWeights::new(&base.model, &load_adapter(&adapter_dir, &dev).unwrap()).unwrap();
         let prompt = base
+            .format
             .encode("<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n")
             .unwrap();
 
-        let logits = |m: &crate::train::model::Qwen3, a: Option<&AdapterWeights>| {
-            m.forward_cached(&prompt, &mut KvCache::new(), a)
+        let logits = |m: &crate::train::model::Qwen3, t: Tuning<'_>| {
+            m.forward_cached(&prompt, &mut KvCache::new(), t)
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap()
@@ -180,9 +181,9 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max)
         };
-        let as_trained = logits(&trained, None);
-        let as_served = logits(&base.model, Some(&served));
-        let without = logits(&base.model, None);
+        let as_trained = logits(&trained, Tuning::Attached);
+        let as_served = logits(&base.model, Tuning::Adapter(&served));
+        let without = logits(&base.model, Tuning::Base);
         assert!(
             max_diff(&as_trained, &as_served) < 1e-4,
             "dropout off, nothing merged"
@@ -193,12 +194,15 @@ mod tests {
         );
 
         let params = SamplingParams::greedy(12);
-        let g = Generator {
-            model: &trained,
-            tokenizer: &base.tokenizer,
-            stop_ids: &base.stop_ids,
-        };
-        let a = g.generate(None, &prompt, &params, |_| true).unwrap();
+        let a = generate(
+            &trained,
+            Tuning::Attached,
+            &base.format,
+            &prompt,
+            &params,
+            |_| true,
+        )
+        .unwrap();
         let b = base
             .generate(Some(&served), &prompt, &params, |_| true)
             .unwrap();

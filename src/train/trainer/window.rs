@@ -68,6 +68,7 @@ impl Session<'_> {
             lr,
         };
         for (m, examples) in batches.iter().enumerate() {
+            control.yield_to_interlude(&self.model);
             if control.is_cancelled() {
                 return Ok(Accumulated::Stopped(Outcome::Cancelled { step }));
             }

@@ -46,6 +46,23 @@ impl KvCache {
     }
 }
 
+/// Which LoRA weights a cached forward pass applies.
+#[derive(Clone, Copy)]
+pub enum Tuning<'a> {
+    /// None: the frozen base weights alone (any LoRA attached for training is ignored).
+    Base,
+    /// The model's own attached LoRA, as trained so far (a training model's current adapter).
+    Attached,
+    /// A PEFT adapter kept beside the frozen base (attached LoRA ignored).
+    Adapter(&'a AdapterWeights),
+}
+
+impl<'a> From<Option<&'a AdapterWeights>> for Tuning<'a> {
+    fn from(a: Option<&'a AdapterWeights>) -> Self {
+        a.map_or(Tuning::Base, Tuning::Adapter)
+    }
+}
+
 /// One LoRA pair, stored transposed for `x A^T B^T`: `at (I, r)`, `bt (r, O)`.
 struct LoraPair {
     at: Tensor,
@@ -106,12 +123,13 @@ impl Qwen3 {
     /// Runs `ids` (T new tokens) after the `cache.len()` positions already cached, appends their
     /// keys and values, and returns the logits of the last new token, `(V,)` in f32.
     /// No autograd: every tensor here is detached.
-    pub fn forward_cached(
+    pub fn forward_cached<'a>(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
-        adapter: Option<&AdapterWeights>,
+        tuning: impl Into<Tuning<'a>>,
     ) -> Result<Tensor> {
+        let tuning = tuning.into();
         let t = ids.len();
         let past = cache.len;
         if t == 0 {
@@ -129,8 +147,7 @@ impl Qwen3 {
         let sin = self.sin.narrow(0, past, t)?;
         let mut x = self.embed.index_select(&ids, 0)?; // (T, H)
         for i in 0..self.layers.len() {
-            let lora = adapter.map(|a| (a.layers[i].as_slice(), a.scaling));
-            x = self.layer_cached(i, &x, &cos, &sin, cache, lora, past)?;
+            x = self.layer_cached(i, &x, &cos, &sin, cache, tuning, past)?;
         }
         cache.len = past + t;
         let last = self.final_norm(&x.narrow(0, t - 1, 1)?)?;
@@ -147,7 +164,7 @@ impl Qwen3 {
         cos: &Tensor,
         sin: &Tensor,
         cache: &mut KvCache,
-        lora: Option<(&[Option<LoraPair>], f64)>,
+        tuning: Tuning<'_>,
         past: usize,
     ) -> Result<Tensor> {
         let l = &self.layers[i];
@@ -156,12 +173,23 @@ impl Qwen3 {
         let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let g = hq / hkv;
         let eps = self.cfg.rms_norm_eps;
+        let lora = match tuning {
+            Tuning::Adapter(a) => Some((a.layers[i].as_slice(), a.scaling)),
+            Tuning::Base | Tuning::Attached => None,
+        };
         let proj = |m: usize, h: &Tensor| -> Result<Tensor> {
-            let pass = Pass {
-                track: false,
-                dropout_key: None,
+            let y = match tuning {
+                // No graph, no dropout: detached LoRA weights, as at eval.
+                Tuning::Attached => l.proj[m].forward(
+                    h,
+                    Pass {
+                        track: false,
+                        dropout_key: None,
+                    },
+                    0,
+                )?,
+                Tuning::Base | Tuning::Adapter(_) => l.proj[m].forward_frozen(h)?,
             };
-            let y = l.proj[m].forward(h, pass, 0)?;
             match lora.and_then(|(p, s)| Some((p[m].as_ref()?, s))) {
                 None => Ok(y),
                 Some((pair, s)) => {
