@@ -3,6 +3,7 @@
 //! written without zero-filling them first, and the thread count chosen per call.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// A strided matrix: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -162,6 +163,9 @@ pub(crate) fn x_wt(
     wl: &Layout,
 ) -> Option<candle_core::Result<(CpuStorage, Shape)>> {
     fn go<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
+        if x.len() == i {
+            return vector_wt(x, w, o, i);
+        }
         product(
             (x.len() / i, o, i),
             View::rows(x, i),
@@ -185,6 +189,42 @@ pub(crate) fn x_wt(
     let mut dims = xl.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = o;
     Some(Ok((y, Shape::from(dims))))
+}
+
+/// Output rows per thread below which a one-row product stays on one thread (spreading it costs
+/// more than reading a few hundred KiB of weights).
+const VECTOR_ROWS_PER_THREAD: usize = 256;
+
+/// `x (I) · Wᵀ` for `w (O, I)`: one token's projection while decoding. gemm runs a one-row
+/// product on a single thread whatever it is asked, and decoding is bound by reading W once per
+/// token, so W's rows are split over candle's threads, each writing its own slice of the output.
+fn vector_wt<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
+    let threads = candle_core::utils::get_num_threads().min(o / VECTOR_ROWS_PER_THREAD);
+    if threads < 2 {
+        return product((1, o, i), View::rows(x, i), View::t(w, i), T::one());
+    }
+    let mut out = vec![T::zero(); o];
+    let chunk = o.div_ceil(threads);
+    out.par_chunks_mut(chunk)
+        .zip(w.par_chunks(chunk * i))
+        .for_each(|(dst, w_rows)| {
+            let n = dst.len();
+            // SAFETY: dst is an initialized slice of n outputs; x holds i elements and w_rows
+            // the n rows of i elements these outputs read.
+            unsafe {
+                gemm_into(
+                    dst.as_mut_ptr(),
+                    n,
+                    (1, n, i),
+                    false,
+                    View::rows(x, i),
+                    View::t(w_rows, i),
+                    T::one(),
+                    false,
+                )
+            }
+        });
+    out
 }
 
 /// `g (..., O) · W` for `w (O, I)` on the CPU, f32 or f64, as [`x_wt`] does the forward;
@@ -254,6 +294,29 @@ mod tests {
     use crate::train::nn::testing::max_diff;
     use crate::train::nn::{frozen_linear, frozen_linear_grad};
     use candle_core::{DType, Device, Tensor, Var};
+
+    /// A single row (decoding) takes the split-over-threads path; it equals candle's matmul for
+    /// output counts that split evenly, unevenly, and too few to split.
+    #[test]
+    fn one_row_frozen_linear_equals_candle_matmul() {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-12)] {
+            for o in [7, 512, 1037, 4096] {
+                let x = Tensor::randn(0f64, 1., (1, 1, 96), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let w = Tensor::randn(0f64, 1., (o, 96), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let y = frozen_linear(&x, &w).unwrap();
+                let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                assert_eq!(y.dims(), &[1, 1, o]);
+                assert!(max_diff(&y, &want) < tol, "{dtype:?} o={o}");
+            }
+        }
+    }
 
     /// The direct-gemm frozen linear equals candle's matmul, value and input gradient, f32 and f64.
     #[test]
