@@ -2,6 +2,8 @@
 //! dir, and small HTTP helpers over reqwest.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -54,7 +56,12 @@ impl Env {
     }
 
     pub fn start(&self) -> Server {
-        Server::start(self)
+        Server::start(self, &[])
+    }
+
+    /// Starts `sftd` with these arguments (`["worker"]`, `["serve", "--no-worker"]`).
+    pub fn start_args(&self, args: &[&str]) -> Server {
+        Server::start(self, args)
     }
 }
 
@@ -68,9 +75,10 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(env: &Env) -> Self {
+    fn start(env: &Env, args: &[&str]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.env_clear()
+        cmd.args(args)
+            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -134,6 +142,20 @@ impl Server {
             self.log.push(l);
         }
         &self.log
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal}");
+    }
+
+    /// Whether any log line so far contains `needle`.
+    pub fn logged(&mut self, needle: &str) -> bool {
+        self.logs().iter().any(|l| l.contains(needle))
     }
 
     pub fn kill9(&mut self) {
