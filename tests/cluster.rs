@@ -39,8 +39,12 @@ fn worker_id(w: &mut Server) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(line) = w.logs().iter().find(|l| l.contains("worker registered")) {
-            let i = line.find("worker=").expect("the worker field") + "worker=".len();
-            return line[i..].split_whitespace().next().unwrap().to_string();
+            let i = line.find("wrk-").expect("the worker id");
+            let id: String = line[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            return id;
         }
         assert!(Instant::now() < deadline, "the worker did not register");
         std::thread::sleep(Duration::from_millis(50));
@@ -139,7 +143,9 @@ async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
             .bind(&jobs)
             .fetch_all(&db)
             .await
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .collect();
     assert_eq!(ran_on.len(), 2, "8 jobs ran on {ran_on:?}");
 
     let ids: Vec<i64> = first_part
