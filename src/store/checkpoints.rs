@@ -1,7 +1,7 @@
 //! The `checkpoints` table: one row per saved training step, recorded with its event.
 
 use super::events::{insert as insert_event, NewEvent};
-use super::lease::{Guard, Lease};
+use super::guard::{Guard, Lease};
 use super::{new_id, now, Result, Store};
 use sqlx::FromRow;
 

@@ -1,7 +1,7 @@
 //! The `events` table: each job's log, numbered 1, 2, 3, … by `seq`, assigned inside the
 //! inserting transaction so a committed event's `seq` never repeats and never skips.
 
-use super::lease::{Guard, Lease};
+use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
@@ -115,7 +115,7 @@ pub(super) async fn insert(
     if let (Some(row), Backend::Postgres) = (&row, backend) {
         // Delivered at commit to every API node's event feed (see `feed`).
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::feed::EVENTS_CHANNEL)
+            .bind(super::sql::EVENTS_CHANNEL)
             .bind(format!("{} {}", row.job_id, row.seq))
             .execute(&mut *conn)
             .await?;

@@ -6,14 +6,13 @@
 //! notifications lost while the listening connection was down. Streams skip events they already
 //! sent and fill any gap from the database, so publishing an event twice, or late, is harmless.
 
-use super::{EventRow, Published, Result, Store};
+use super::events::EventRow;
+use super::sql::{EVENTS_CHANNEL, QUEUE_CHANNEL};
+use super::{Published, Result, Store};
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-pub(super) const EVENTS_CHANNEL: &str = "sftd_events";
-pub(super) const QUEUE_CHANNEL: &str = "sftd_queue";
 
 /// The fall-back poll of the event feed, and the wait before reconnecting a listener.
 const FEED_POLL: Duration = Duration::from_secs(1);

@@ -4,7 +4,7 @@
 
 use super::events::{insert as insert_event, EventRow, NewEvent};
 use super::files::{insert as insert_file, NewFile};
-use super::lease::{Guard, Lease};
+use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
@@ -214,7 +214,7 @@ impl Store {
     async fn notify_queue(&self, tx: &mut sqlx::AnyConnection) -> Result<()> {
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_notify($1, '')")
-                .bind(super::feed::QUEUE_CHANNEL)
+                .bind(super::sql::QUEUE_CHANNEL)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -6,18 +6,12 @@
 //! An expired lease is requeued by whoever notices (any worker), and the next claim resumes it.
 
 use super::events::{insert as insert_event, NewEvent};
+use super::guard::Guard;
+pub use super::guard::Lease;
 use super::jobs::{JobRow, COLUMNS};
-use super::sql::Backend;
-use super::status::{in_list, JobStatus};
+use super::status::JobStatus;
 use super::{now, Result, Store};
 use std::time::Duration;
-
-/// The right to write for one claim of a job: its id and the epoch the claim set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub job_id: String,
-    pub epoch: i64,
-}
 
 /// Who claims, with how much memory, for how long.
 #[derive(Debug, Clone)]
@@ -37,46 +31,6 @@ impl Claimant {
             worker_id: worker_id.into(),
             memory_bytes: None,
             lease: Duration::from_secs(3600),
-        }
-    }
-}
-
-/// The extra condition of a guarded write on the job's row.
-#[derive(Clone, Copy)]
-pub(super) enum Guard<'a> {
-    /// Unconditional.
-    None,
-    /// The job is in one of these statuses.
-    Statuses(&'a [JobStatus]),
-    /// The job is running, under this lease's epoch, and the lease has not expired.
-    Holding(&'a Lease),
-    /// The job is running under this epoch and its lease expired.
-    Expired(&'a Lease),
-}
-
-impl Guard<'_> {
-    /// `AND …` on the `jobs` row; `epoch` is the parameter the caller binds the lease's epoch
-    /// to (bound only for `Holding` and `Expired`).
-    pub(super) fn condition(self, backend: Backend, epoch: &str) -> String {
-        let now = backend.now_ms();
-        let running = JobStatus::Running.as_str();
-        match self {
-            Guard::None => String::new(),
-            Guard::Statuses(s) => format!(" AND status IN ({})", in_list(s)),
-            Guard::Holding(_) => format!(
-                " AND status = '{running}' AND epoch = {epoch} AND lease_expires_at > {now}"
-            ),
-            Guard::Expired(_) => format!(
-                " AND status = '{running}' AND epoch = {epoch} \
-                 AND (lease_expires_at IS NULL OR lease_expires_at <= {now})"
-            ),
-        }
-    }
-
-    pub(super) fn epoch(self) -> Option<i64> {
-        match self {
-            Guard::Holding(l) | Guard::Expired(l) => Some(l.epoch),
-            _ => None,
         }
     }
 }

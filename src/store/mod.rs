@@ -7,6 +7,7 @@ pub mod checkpoints;
 pub mod events;
 mod feed;
 pub mod files;
+mod guard;
 pub mod jobs;
 pub mod lease;
 mod sql;

@@ -1,6 +1,10 @@
 //! The few places where SQLite and PostgreSQL spell SQL differently, as fragments the queries
 //! splice in. Everything else is written once, with `$N` parameters, which both accept.
 
+/// PostgreSQL `NOTIFY` channels: an event was committed (payload `<job> <seq>`), a job was queued.
+pub(crate) const EVENTS_CHANNEL: &str = "sftd_events";
+pub(crate) const QUEUE_CHANNEL: &str = "sftd_queue";
+
 /// Which engine is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Backend {

@@ -311,7 +311,7 @@ async fn registry(s: Store) {
 }
 
 /// Many claimants at once on one PostgreSQL database, each with its own pool: every job is
-/// claimed exactly once.
+/// claimed exactly once. Prints the claim latency it saw (a measurement, not asserted).
 #[tokio::test]
 async fn concurrent_claims_never_take_a_job_twice_on_postgres() {
     let Some(server) = testing::postgres::PgServer::start() else {
@@ -331,17 +331,31 @@ async fn concurrent_claims_never_take_a_job_twice_on_postgres() {
         let store = Store::open(&url, dir.path()).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let me = Claimant::any(&format!("wrk-{w}"));
-            let mut mine = Vec::new();
-            while let Some(j) = store.claim_next_job(&me).await.unwrap() {
+            let (mut mine, mut took) = (Vec::new(), Vec::new());
+            loop {
+                let start = std::time::Instant::now();
+                let Some(j) = store.claim_next_job(&me).await.unwrap() else {
+                    break;
+                };
+                took.push(start.elapsed());
                 mine.push(j.id);
             }
-            mine
+            (mine, took)
         }));
     }
-    let mut all = Vec::new();
+    let (mut all, mut took) = (Vec::new(), Vec::new());
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (mine, times) = t.await.unwrap();
+        all.extend(mine);
+        took.extend(times);
     }
+    took.sort();
+    eprintln!(
+        "claim latency, 4 concurrent claimants, {n} jobs: median {:?}, p90 {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() * 9 / 10],
+        took[took.len() - 1]
+    );
     all.sort();
     let expected: Vec<String> = (0..n).map(|i| format!("ftjob-{i:03}")).collect();
     assert_eq!(all, expected);

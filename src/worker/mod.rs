@@ -306,7 +306,7 @@ async fn recover_interrupted(
         store
             .requeue_interrupted(
                 &lease,
-                "Job interrupted: its worker stopped (process restart, crash, or lost lease); \
+                "Job interrupted by a server restart or a lost worker (its lease expired); \
                  it will resume from its last checkpoint",
             )
             .await?;
