@@ -22,7 +22,10 @@ const POLL_WINDOW_S: i64 = 30;
 /// The last `seq` this process published per job, and when the job's terminal event went out
 /// (entries are dropped a while after that, once the poll can no longer see the job).
 #[derive(Clone, Default)]
-pub(super) struct Seen(Arc<Mutex<HashMap<String, (i64, Option<Instant>)>>>);
+pub(super) struct Seen(Arc<Mutex<HashMap<String, LastPublished>>>);
+
+/// A job's last published `seq`, and when its terminal event was published.
+type LastPublished = (i64, Option<Instant>);
 
 impl Seen {
     pub(super) fn saw(&self, e: &EventRow) {
