@@ -16,8 +16,10 @@ pub struct Config {
     #[arg(long, env = "SFTD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// SQLite URL of the database; defaults to `sqlite://<data dir>/sftd.db`.
-    #[arg(long, env = "SFTD_DATABASE_URL")]
+    /// The database: `sqlite://<path>` (one process; the default is
+    /// `sqlite://<data dir>/sftd.db`) or `postgres://user:pass@host/db` (shared by any number of
+    /// API nodes and workers). Never logged with its password.
+    #[arg(long, env = "SFTD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Where artifacts (uploads, checkpoints, adapters, result files) live: unset for the data
@@ -25,6 +27,21 @@ pub struct Config {
     /// the `AWS_*` variables), or `file:///path` for a shared directory.
     #[arg(long, env = "SFTD_STORAGE_URL")]
     pub storage_url: Option<String>,
+
+    /// `sftd serve` only: serve the API without training here (a stateless API node; jobs run
+    /// on `sftd worker` processes sharing the PostgreSQL database).
+    #[arg(long, env = "SFTD_NO_WORKER")]
+    pub no_worker: bool,
+
+    /// How long a worker's claim on a job lasts without a heartbeat, in milliseconds. After
+    /// it lapses any worker may take the job over (resuming from its last checkpoint).
+    #[arg(long, env = "SFTD_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+
+    /// How often a worker renews its lease and reports itself, in milliseconds (well under
+    /// `SFTD_LEASE_MS`: a few missed beats must not cost the lease).
+    #[arg(long, env = "SFTD_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub heartbeat_ms: u64,
 
     /// When set, every `/v1` route requires `Authorization: Bearer <key>` or `X-Api-Key: <key>`
     /// (the event stream also accepts `?access_token=<key>`). Never logged.
@@ -77,7 +94,13 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("addr", &self.addr)
             .field("data_dir", &self.data_dir)
-            .field("database_url", &self.database_url)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_password),
+            )
+            .field("no_worker", &self.no_worker)
+            .field("lease_ms", &self.lease_ms)
+            .field("heartbeat_ms", &self.heartbeat_ms)
             .field("storage_url", &self.storage_url)
             .field("api_key", &redact(&self.api_key))
             .field("device", &self.device)
@@ -92,6 +115,23 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// `scheme://user:<redacted>@host/…` for a URL with a password; other URLs unchanged.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    match (rest.find('@'), rest.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}://{}:<redacted>{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
 impl Config {
     /// A configuration with every default, for tests and embedding.
     pub fn for_data_dir(data_dir: &Path) -> Self {
@@ -100,6 +140,9 @@ impl Config {
             data_dir: data_dir.to_path_buf(),
             database_url: None,
             storage_url: None,
+            no_worker: false,
+            lease_ms: 30_000,
+            heartbeat_ms: 5_000,
             api_key: None,
             device: "cpu".into(),
             model_dirs: String::new(),
@@ -125,6 +168,20 @@ impl Config {
             .filter(|s| !s.trim().is_empty())
             .map(PathBuf::from)
             .collect()
+    }
+
+    /// The worker's lease and heartbeat intervals, checked against each other.
+    pub fn lease_timing(&self) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+        let (lease, beat) = (self.lease_ms, self.heartbeat_ms);
+        if beat == 0 || beat * 2 > lease {
+            anyhow::bail!(
+                "SFTD_HEARTBEAT_MS ({beat}) must be positive and at most half of SFTD_LEASE_MS ({lease})"
+            );
+        }
+        Ok((
+            std::time::Duration::from_millis(lease),
+            std::time::Duration::from_millis(beat),
+        ))
     }
 
     /// The API key, treating an empty string as unset.

@@ -22,8 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the API server and the training worker (the default).
+    /// Run the API server and the training worker (the default); `--no-worker`: the API only.
     Serve(Config),
+    /// Run a worker: claim and train jobs from the shared database (SFTD_DATABASE_URL), serving
+    /// only /healthz, /readyz and /metrics on SFTD_ADDR.
+    Worker(Config),
     /// Exit 0 if the server at SFTD_ADDR answers GET /healthz, else 1 (for container HEALTHCHECK).
     Healthcheck(Config),
     /// Run one fine-tuning job from a JSON file, without a server.
@@ -46,6 +49,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(config)) => serve(config),
+        Some(Command::Worker(config)) => {
+            sftd::api::init_tracing(&config);
+            tokio::runtime::Runtime::new()?.block_on(sftd::api::serve_worker(config))
+        }
         Some(Command::Healthcheck(config)) => {
             std::process::exit(if sftd::api::health::probe(config.addr) {
                 0

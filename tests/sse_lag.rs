@@ -9,7 +9,7 @@ use sftd::api::{router, AppState};
 use sftd::config::Config;
 use sftd::hub::Hub;
 use sftd::store::jobs::NewJob;
-use sftd::store::{NewEvent, Store};
+use sftd::store::{Claimant, Lease, NewEvent, Store};
 use sftd::worker::Worker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,8 +52,8 @@ async fn server(dir: &std::path::Path, capacity: usize) -> (String, Store, Shutd
 
 type Shutdown = tokio::sync::watch::Sender<bool>;
 
-/// Creates a job and moves it to `running` (3 events).
-async fn running_job(store: &Store, id: &str) {
+/// Creates a job and moves it to `running` (3 events); returns the claim's lease.
+async fn running_job(store: &Store, id: &str) -> Lease {
     store
         .create_job(&NewJob {
             id: id.into(),
@@ -70,7 +70,13 @@ async fn running_job(store: &Store, id: &str) {
         .await
         .unwrap();
     store.mark_queued(id).await.unwrap();
-    assert_eq!(store.claim_next_job().await.unwrap().unwrap().id, id);
+    let claimed = store
+        .claim_next_job(&Claimant::any("wrk-test"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, id);
+    claimed.lease()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +84,7 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let (base, store, _shutdown) = server(dir.path(), 4).await;
     let id = "ftjob-lag";
-    running_job(&store, id).await;
+    let lease = running_job(&store, id).await;
 
     let client = reqwest::Client::new();
     // The worker could not open its device: not ready.
@@ -106,7 +112,11 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     let start = Instant::now();
     for i in 0..n {
         let ev = NewEvent::info(format!("event {i} {}", "x".repeat(5000)));
-        assert!(store.append_running_event(id, &ev).await.unwrap().is_some());
+        assert!(store
+            .append_running_event(&lease, &ev)
+            .await
+            .unwrap()
+            .is_some());
     }
     let writing = start.elapsed();
     store.cancel_job(id).await.unwrap();

@@ -8,7 +8,7 @@ use super::models::{resolve, Models};
 use super::AppState;
 use crate::train::generate::{ContextExceeded, FinishReason, Generation, SamplingParams};
 use crate::train::tool_calls::{parse_assistant, AssistantTurn};
-use crate::worker::Lease;
+use crate::worker::DeviceLoan;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
@@ -210,8 +210,8 @@ async fn create(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let (done, job) = oneshot::channel();
-    let queued = s.worker.on_device(Box::new(move |lease: &Lease<'_>| {
-        let _ = done.send(run(lease, resolved, plan, tx));
+    let queued = s.worker.on_device(Box::new(move |loan: &DeviceLoan<'_>| {
+        let _ = done.send(run(loan, resolved, plan, tx));
     }));
     if !queued {
         return Err(AppError::new(
@@ -246,12 +246,12 @@ fn not_run(_: oneshot::error::RecvError) -> AppError {
 /// Generates on the worker thread with the device lent to it: the running job's own model
 /// when the request uses its base, else a loaded serving copy. Blocking.
 fn run(
-    lease: &Lease<'_>,
+    loan: &DeviceLoan<'_>,
     resolved: super::models::Resolved,
     plan: Plan,
     tx: mpsc::UnboundedSender<Piece>,
 ) -> Result<Generation, AppError> {
-    let base = lease
+    let base = loan
         .model(&resolved.base_dir)
         .map_err(|e| AppError::internal(format!("{e:#}")))?;
     let adapter = match &resolved.adapter_dir {

@@ -1,5 +1,6 @@
 //! Probes and metrics: `/healthz` (the process answers), `/readyz` (database and worker are
-//! up), `/metrics` (Prometheus text: queue depth, jobs by status, tokens trained, SSE clients).
+//! up), `/metrics` (Prometheus text: queue depth, jobs by status, tokens trained, SSE clients,
+//! and every registered worker's state, free memory and heartbeat age).
 
 use super::AppState;
 use crate::store::JobStatus;
@@ -46,6 +47,13 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, super::error::AppError> {
     let counts = s.store.job_counts().await?;
+    let workers: Vec<super::workers::WorkerObject> = s
+        .store
+        .list_workers()
+        .await?
+        .into_iter()
+        .map(|w| super::workers::WorkerObject::new(w, s.config.lease_ms))
+        .collect();
     let tokens = s.store.trained_tokens_total().await?;
     let count = |st: JobStatus| {
         counts
@@ -92,6 +100,48 @@ async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, super::
         "gauge",
         "1 while the worker trains a job.",
         vec![(String::new(), i64::from(s.worker.running_job().is_some()))],
+    );
+    metric(
+        "sftd_workers",
+        "gauge",
+        "Registered workers by state (active: heartbeats within a lease).",
+        ["active", "lost"]
+            .iter()
+            .map(|st| {
+                let n = workers.iter().filter(|w| w.state == *st).count();
+                (format!("{{state=\"{st}\"}}"), n as i64)
+            })
+            .collect(),
+    );
+    let label = |w: &super::workers::WorkerObject| {
+        format!("{{worker=\"{}\",device=\"{}\"}}", w.id, w.device)
+    };
+    metric(
+        "sftd_worker_memory_free_bytes",
+        "gauge",
+        "Free memory of each registered worker's device at its last heartbeat.",
+        workers
+            .iter()
+            .filter_map(|w| Some((label(w), w.memory_free_bytes?)))
+            .collect(),
+    );
+    metric(
+        "sftd_worker_heartbeat_age_milliseconds",
+        "gauge",
+        "Time since each registered worker's last heartbeat.",
+        workers
+            .iter()
+            .map(|w| (label(w), (w.heartbeat_age_seconds * 1000.0).round() as i64))
+            .collect(),
+    );
+    metric(
+        "sftd_worker_running",
+        "gauge",
+        "1 while a registered worker runs a job.",
+        workers
+            .iter()
+            .map(|w| (label(w), i64::from(w.current_job.is_some())))
+            .collect(),
     );
     Ok((
         [(

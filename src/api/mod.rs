@@ -1,5 +1,6 @@
 //! The HTTP layer: the router (one sub-router per resource, `/v1` behind auth), shared state,
-//! and `serve`, which runs the server and the worker until SIGTERM/ctrl-c.
+//! and the two servers: `serve` (the API, with or without a worker) and `serve_worker` (a
+//! worker with only its probes and metrics), each running until SIGTERM/ctrl-c.
 
 pub mod auth;
 pub mod chat;
@@ -14,12 +15,13 @@ pub mod presets;
 pub mod types;
 pub mod ui;
 mod upload;
+pub mod workers;
 
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::storage::Storage;
 use crate::store::Store;
-use crate::worker::Worker;
+use crate::worker::{Role, Worker, WorkerOptions};
 use axum::Router;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -54,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::routes())
         .merge(presets::routes())
         .merge(events::routes())
+        .merge(workers::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
@@ -68,28 +71,63 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Runs `sftd serve`: opens the store, starts the worker, serves until SIGTERM or ctrl-c, then
-/// suspends the running job (checkpointed and left queued) and returns.
-pub async fn serve(mut config: Config) -> anyhow::Result<()> {
+/// The routes of `sftd worker`: the probes, and `/metrics` behind the API key.
+fn worker_router(state: AppState) -> Router {
+    let protected = Router::new().merge(health::metrics_routes()).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), auth::require_key),
+    );
+    Router::new()
+        .merge(health::routes())
+        .merge(protected)
+        .fallback(error::not_found)
+        .layer(TraceLayer::new_for_http().make_span_with(logging::request_span))
+        .with_state(state)
+}
+
+/// Runs `sftd serve`: opens the store, starts the worker (unless `--no-worker`), serves until
+/// SIGTERM or ctrl-c, then suspends the running job (checkpointed and left queued) and returns.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let role = if config.no_worker {
+        Role::Api
+    } else {
+        Role::All
+    };
+    run(config, role).await
+}
+
+/// Runs `sftd worker`: claims and trains jobs from the shared database, serving only
+/// `/healthz`, `/readyz` and `/metrics` on `SFTD_ADDR`; SIGTERM suspends the running job.
+pub async fn serve_worker(config: Config) -> anyhow::Result<()> {
+    run(config, Role::Trainer).await
+}
+
+async fn run(mut config: Config, role: Role) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     config.data_dir = config.data_dir.canonicalize()?;
-    tracing::info!(config = ?config, "starting sftd");
-    // A device that cannot be opened is a configuration error: fail now, not in a silent worker.
-    crate::train::device_from_str(&config.device)
-        .map_err(|e| anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device))?;
+    tracing::info!(config = ?config, ?role, "starting sftd");
+    let (lease, heartbeat) = config.lease_timing()?;
+    if role != Role::Api {
+        // A device that cannot be opened is a configuration error: fail now, not in a silent worker.
+        crate::train::device_from_str(&config.device).map_err(|e| {
+            anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device)
+        })?;
+    }
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
     let storage = Storage::open(config.storage_url.as_deref(), &config.data_dir)?;
     tracing::info!(storage = storage.location(), "artifact storage");
-    remove_orphans(&store, &storage).await?;
+    if store.is_exclusive() {
+        // A shared data dir's leftovers may be another node's uploads in progress.
+        remove_orphans(&store, &storage).await?;
+    }
     let hub = Hub::new(&config);
-    let worker = Worker::start(
-        store.clone(),
-        storage.clone(),
-        hub,
-        config.device.clone(),
-        config.max_attempts,
-    )
-    .await?;
+    let opts = WorkerOptions {
+        role,
+        device: config.device.clone(),
+        max_attempts: config.max_attempts,
+        lease,
+        heartbeat,
+    };
+    let worker = Worker::start_with(store.clone(), storage.clone(), hub, opts).await?;
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     match (config.api_key(), addr.ip().is_loopback()) {
@@ -105,9 +143,14 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find an ephemeral port.
     tracing::info!(%addr, "listening on http://{addr}");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let fanout = if role == Role::Trainer {
+        events::Fanout::idle(&store)
+    } else {
+        events::Fanout::start(&store)
+    };
     let state = AppState {
         config: Arc::new(config),
-        fanout: events::Fanout::start(&store),
+        fanout,
         store,
         storage,
         worker: worker.clone(),
@@ -120,7 +163,12 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         let _ = signalled.wait_for(|s| *s).await;
         tokio::task::spawn_blocking(move || worker.shutdown()).await
     });
-    axum::serve(listener, router(state))
+    let app = if role == Role::Trainer {
+        worker_router(state)
+    } else {
+        router(state)
+    };
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: suspending the running job");

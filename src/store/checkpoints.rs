@@ -1,7 +1,8 @@
 //! The `checkpoints` table: one row per saved training step, recorded with its event.
 
 use super::events::{insert as insert_event, NewEvent};
-use super::{new_id, now, JobStatus, Result, Store};
+use super::guard::{Guard, Lease};
+use super::{new_id, now, Result, Store};
 use sqlx::FromRow;
 
 #[derive(Debug, Clone, FromRow)]
@@ -19,16 +20,16 @@ pub struct CheckpointRow {
 const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";
 
 impl Store {
-    /// Records a checkpoint and its event while the job runs. A step already recorded (a
-    /// resumed run re-saving it) is ignored. Returns whether anything was written.
+    /// Records a checkpoint and its event while the job runs under `lease`. A step already
+    /// recorded (a resumed run re-saving it) is ignored. Returns whether anything was written.
     pub async fn add_checkpoint(
         &self,
-        job_id: &str,
+        lease: &Lease,
         step: i64,
         metrics: &serde_json::Value,
         path: &str,
     ) -> Result<bool> {
-        self.add_checkpoint_keeping(job_id, step, metrics, path, 0)
+        self.add_checkpoint_keeping(lease, step, metrics, path, 0)
             .await
     }
 
@@ -36,27 +37,30 @@ impl Store {
     /// (0 keeps all), matching the directories `save_total_limit` keeps on disk.
     pub async fn add_checkpoint_keeping(
         &self,
-        job_id: &str,
+        lease: &Lease,
         step: i64,
         metrics: &serde_json::Value,
         path: &str,
         keep: u32,
     ) -> Result<bool> {
+        let job_id = lease.job_id.as_str();
         let (_writer, mut tx) = self.begin_write().await?;
         let id = new_id("ftckpt");
-        let inserted = sqlx::query(
+        let holding = Guard::Holding(lease);
+        let inserted = sqlx::query(&format!(
             "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, path) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND status = ?7) \
+             SELECT $1, $2, $3, $4, $5, $6 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2{}) \
              ON CONFLICT (job_id, step) DO NOTHING",
-        )
+            holding.condition(self.backend, "$7")
+        ))
         .bind(&id)
         .bind(job_id)
         .bind(now())
         .bind(step)
         .bind(metrics.to_string())
         .bind(path)
-        .bind(JobStatus::Running)
+        .bind(lease.epoch)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -71,14 +75,14 @@ impl Store {
             data: Some(serde_json::json!({ "checkpoint_id": id, "step": step })),
             step: None,
         };
-        let ev = insert_event(&mut tx, job_id, &ev, Some(&[JobStatus::Running])).await?;
+        let ev = insert_event(&mut tx, self.backend, job_id, &ev, holding).await?;
         if keep > 0 {
             sqlx::query(
-                "DELETE FROM checkpoints WHERE job_id = ?1 AND step NOT IN \
-                 (SELECT step FROM checkpoints WHERE job_id = ?1 ORDER BY step DESC LIMIT ?2)",
+                "DELETE FROM checkpoints WHERE job_id = $1 AND step NOT IN \
+                 (SELECT step FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT $2)",
             )
             .bind(job_id)
-            .bind(keep)
+            .bind(i64::from(keep))
             .execute(&mut *tx)
             .await?;
         }
@@ -95,9 +99,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<CheckpointRow>> {
         Ok(sqlx::query_as::<_, CheckpointRow>(&format!(
-            "SELECT {COLUMNS} FROM checkpoints WHERE job_id = ?1 \
-             AND (?2 IS NULL OR step < (SELECT step FROM checkpoints WHERE id = ?2)) \
-             ORDER BY step DESC LIMIT ?3"
+            "SELECT {COLUMNS} FROM checkpoints WHERE job_id = $1 \
+             AND ($2 IS NULL OR step < (SELECT step FROM checkpoints WHERE id = $2)) \
+             ORDER BY step DESC LIMIT $3"
         ))
         .bind(job_id)
         .bind(after)

@@ -2,7 +2,8 @@
 
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::AnyConnection;
+use sqlx::FromRow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -38,9 +39,9 @@ pub struct NewFile {
 const COLUMNS: &str = "id, created_at, filename, purpose, bytes, path, rows, job_id";
 
 /// Registers `f` inside the caller's transaction (an upload's own, or a job's success).
-pub(super) async fn insert(conn: &mut SqliteConnection, f: &NewFile) -> Result<FileRow> {
+pub(super) async fn insert(conn: &mut AnyConnection, f: &NewFile) -> Result<FileRow> {
     Ok(sqlx::query_as::<_, FileRow>(&format!(
-        "INSERT INTO files ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+        "INSERT INTO files ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
     ))
     .bind(&f.id)
     .bind(now())
@@ -64,7 +65,7 @@ impl Store {
 
     pub async fn get_file(&self, id: &str) -> Result<Option<FileRow>> {
         Ok(
-            sqlx::query_as::<_, FileRow>(&format!("SELECT {COLUMNS} FROM files WHERE id = ?"))
+            sqlx::query_as::<_, FileRow>(&format!("SELECT {COLUMNS} FROM files WHERE id = $1"))
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -84,11 +85,12 @@ impl Store {
         } else {
             ("<", "DESC")
         };
+        let n = self.backend.file_order();
         let sql = format!(
             "SELECT {COLUMNS} FROM files \
-             WHERE (?1 IS NULL OR purpose = ?1) \
-               AND (?2 IS NULL OR rowid {cmp} (SELECT rowid FROM files WHERE id = ?2)) \
-             ORDER BY rowid {order} LIMIT ?3"
+             WHERE ($1 IS NULL OR purpose = $1) \
+               AND ($2 IS NULL OR {n} {cmp} (SELECT {n} FROM files WHERE id = $2)) \
+             ORDER BY {n} {order} LIMIT $3"
         );
         Ok(sqlx::query_as::<_, FileRow>(&sql)
             .bind(purpose)
@@ -102,10 +104,12 @@ impl Store {
     /// registered, in one query. A job without result files has no entry.
     pub async fn result_file_ids(&self, job_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
         let ids = serde_json::to_string(job_ids).expect("strings serialize. This is a bug.");
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT job_id, id FROM files \
-             WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
-        )
+             WHERE job_id IN (SELECT value FROM {}) ORDER BY {}",
+            self.backend.json_array("$1"),
+            self.backend.file_order()
+        ))
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
@@ -121,9 +125,10 @@ impl Store {
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
         let (_writer, mut tx) = self.begin_write().await?;
         let in_use: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT id FROM jobs WHERE (training_file = ?1 OR validation_file = ?1 \
-             OR json_extract(spec, '$.tool_eval_file') = ?1) \
+            "SELECT id FROM jobs WHERE (training_file = $1 OR validation_file = $1 \
+             OR {} = $1) \
              AND status IN ({}) LIMIT 1",
+            self.backend.json_field("spec", "'tool_eval_file'"),
             in_list(&[
                 JobStatus::ValidatingFiles,
                 JobStatus::Queued,
@@ -137,7 +142,7 @@ impl Store {
             return Ok(DeleteFile::InUse(job));
         }
         let row = sqlx::query_as::<_, FileRow>(&format!(
-            "DELETE FROM files WHERE id = ? RETURNING {COLUMNS}"
+            "DELETE FROM files WHERE id = $1 RETURNING {COLUMNS}"
         ))
         .bind(id)
         .fetch_optional(&mut *tx)

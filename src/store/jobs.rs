@@ -1,9 +1,12 @@
 //! The `jobs` table and its state machine. Each transition is one guarded
-//! `UPDATE … WHERE id = ? AND status IN (…)` plus its status event, in one transaction.
+//! `UPDATE … WHERE id = $2 AND status IN (…)` (and, for a worker's writes, its lease; see
+//! `lease`) plus its status event, in one transaction.
 
 use super::events::{insert as insert_event, EventRow, NewEvent};
 use super::files::{insert as insert_file, NewFile};
-use super::status::{in_list, JobStatus};
+use super::guard::{Guard, Lease};
+use super::sql::Backend;
+use super::status::JobStatus;
 use super::{now, Result, Store};
 use sqlx::FromRow;
 
@@ -35,6 +38,12 @@ pub struct JobRow {
     pub idempotency_key: Option<String>,
     /// Estimated peak memory of a training run (`train::memory`), once known.
     pub estimated_peak_memory_bytes: Option<i64>,
+    /// The fencing token: incremented by every claim (see `lease`).
+    pub epoch: i64,
+    /// Unix milliseconds (the database's clock) when the running claim lapses without a heartbeat.
+    pub lease_expires_at: Option<i64>,
+    /// The worker that claimed the job last.
+    pub worker_id: Option<String>,
 }
 
 /// A job to create (status `validating_files`).
@@ -65,12 +74,15 @@ pub struct JobError {
     pub param: Option<String>,
 }
 
-const COLUMNS: &str = "n, id, created_at, started_at, finished_at, model, training_file, \
-    validation_file, status, spec, config, seed, suffix, metadata, fine_tuned_model, \
-    trained_tokens, estimated_finish, error_code, error_message, error_param, attempts, \
-    idempotency_key, estimated_peak_memory_bytes";
+pub(super) const COLUMNS: &str = "n, id, created_at, started_at, finished_at, model, \
+    training_file, validation_file, status, spec, config, seed, suffix, metadata, \
+    fine_tuned_model, trained_tokens, estimated_finish, error_code, error_message, error_param, \
+    attempts, idempotency_key, estimated_peak_memory_bytes, epoch, lease_expires_at, worker_id";
 
 use JobStatus::*;
+
+/// What a requeue clears: nobody holds the job any more.
+const RELEASE: &str = ", lease_expires_at = NULL, worker_id = NULL";
 
 impl Store {
     /// Inserts the job and its first event; with an idempotency key already used, returns
@@ -79,7 +91,7 @@ impl Store {
         let (_writer, mut tx) = self.begin_write().await?;
         if let Some(key) = &j.idempotency_key {
             let existing = sqlx::query_as::<_, JobRow>(&format!(
-                "SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?"
+                "SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1"
             ))
             .bind(key)
             .fetch_optional(&mut *tx)
@@ -91,7 +103,7 @@ impl Store {
         let row = sqlx::query_as::<_, JobRow>(&format!(
             "INSERT INTO jobs (id, created_at, model, training_file, validation_file, status, \
              spec, config, seed, suffix, metadata, idempotency_key) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {COLUMNS}"
         ))
         .bind(&j.id)
         .bind(now())
@@ -112,7 +124,7 @@ impl Store {
             "info",
             format!("Created fine-tuning job: {}", j.id),
         );
-        let ev = insert_event(&mut tx, &j.id, &ev, None).await?;
+        let ev = insert_event(&mut tx, self.backend, &j.id, &ev, Guard::None).await?;
         tx.commit().await?;
         self.publish(ev);
         Ok(Created::New(row))
@@ -120,7 +132,7 @@ impl Store {
 
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
         Ok(
-            sqlx::query_as::<_, JobRow>(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
+            sqlx::query_as::<_, JobRow>(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"))
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -135,11 +147,12 @@ impl Store {
         limit: i64,
         metadata: &[(String, String)],
     ) -> Result<Vec<JobRow>> {
+        let pairs = self.backend.json_pairs("jobs.metadata");
         let filters: String = (0..metadata.len())
             .map(|i| {
                 format!(
-                    " AND EXISTS (SELECT 1 FROM json_each(jobs.metadata) m \
-                     WHERE m.key = ?{} AND m.value = ?{})",
+                    " AND EXISTS (SELECT 1 FROM {pairs} m \
+                     WHERE m.key = ${} AND m.value = ${})",
                     3 + 2 * i,
                     4 + 2 * i
                 )
@@ -147,8 +160,8 @@ impl Store {
             .collect();
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs \
-             WHERE (?1 IS NULL OR n < (SELECT n FROM jobs WHERE id = ?1)){filters} \
-             ORDER BY n DESC LIMIT ?2"
+             WHERE ($1 IS NULL OR n < (SELECT n FROM jobs WHERE id = $1)){filters} \
+             ORDER BY n DESC LIMIT $2"
         );
         let mut q = sqlx::query_as::<_, JobRow>(&sql).bind(after).bind(limit);
         for (k, v) in metadata {
@@ -157,42 +170,62 @@ impl Store {
         Ok(q.fetch_all(&self.pool).await?)
     }
 
-    /// Runs a guarded status change `from → to` with `extra_set` (SQL assignments, binding
-    /// nothing) and appends `event` in the same transaction. `None`: the job was not in `from`.
+    /// Runs a status change `from → to` guarded by `guard` on the row, with `extra_set` (SQL
+    /// assignments that may use `$3`, the time in unix seconds) and appends `event` in the same
+    /// transaction. `None`: the guard did not hold.
     async fn transition(
         &self,
         id: &str,
-        from: &[JobStatus],
+        guard: Guard<'_>,
         to: JobStatus,
         extra_set: &str,
         event: NewEvent,
     ) -> Result<Option<(JobRow, EventRow)>> {
         let (_writer, mut tx) = self.begin_write().await?;
+        // PostgreSQL refuses a bound parameter the statement does not use.
+        let uses_now = extra_set.contains("$3");
         let sql = format!(
-            "UPDATE jobs SET status = ?1{extra_set} WHERE id = ?2 AND status IN ({}) RETURNING {COLUMNS}",
-            in_list(from)
+            "UPDATE jobs SET status = $1{extra_set} WHERE id = $2{} RETURNING {COLUMNS}",
+            guard.condition(self.backend, if uses_now { "$4" } else { "$3" })
         );
-        let Some(row) = sqlx::query_as::<_, JobRow>(&sql)
-            .bind(to)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
+        let mut q = sqlx::query_as::<_, JobRow>(&sql).bind(to).bind(id);
+        if uses_now {
+            q = q.bind(now());
+        }
+        if let Some(epoch) = guard.epoch() {
+            q = q.bind(epoch);
+        }
+        let Some(row) = q.fetch_optional(&mut *tx).await? else {
             return Ok(None);
         };
-        let ev = insert_event(&mut tx, id, &event, None)
+        let ev = insert_event(&mut tx, self.backend, id, &event, Guard::None)
             .await?
             .expect("an unguarded event insert returns its row. This is a bug.");
+        if to == Queued {
+            self.notify_queue(&mut tx).await?;
+        }
         tx.commit().await?;
         self.publish([ev.clone()]);
         Ok(Some((row, ev)))
+    }
+
+    /// Wakes every worker's claim loop at commit (PostgreSQL; a SQLite worker is woken in
+    /// process by whoever queued the job).
+    async fn notify_queue(&self, tx: &mut sqlx::AnyConnection) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(super::sql::QUEUE_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records a job's estimated peak memory; returns the updated row.
     pub async fn set_estimated_memory(&self, id: &str, bytes: u64) -> Result<Option<JobRow>> {
         let (_writer, mut tx) = self.begin_write().await?;
         let row = sqlx::query_as::<_, JobRow>(&format!(
-            "UPDATE jobs SET estimated_peak_memory_bytes = ? WHERE id = ? RETURNING {COLUMNS}"
+            "UPDATE jobs SET estimated_peak_memory_bytes = $1 WHERE id = $2 RETURNING {COLUMNS}"
         ))
         .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
         .bind(id)
@@ -206,67 +239,52 @@ impl Store {
     pub async fn mark_queued(&self, id: &str) -> Result<bool> {
         let ev = NewEvent::status(Queued, "info", "Files validated; job queued");
         Ok(self
-            .transition(id, &[ValidatingFiles], Queued, "", ev)
+            .transition(id, Guard::Statuses(&[ValidatingFiles]), Queued, "", ev)
             .await?
             .is_some())
     }
 
-    /// Claims the oldest queued job (`queued → running`), counting the attempt.
-    pub async fn claim_next_job(&self) -> Result<Option<JobRow>> {
-        let id: Option<String> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE status = ? ORDER BY n LIMIT 1")
-                .bind(Queued)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some(id) = id else { return Ok(None) };
-        let ev = NewEvent::status(Running, "info", "Fine-tuning job started");
-        let set = ", started_at = COALESCE(started_at, unixepoch()), attempts = attempts + 1";
-        // Lost a race (cancelled in between): the caller simply asks again.
-        Ok(self
-            .transition(&id, &[Queued], Running, set, ev)
-            .await?
-            .map(|(row, _)| row))
-    }
-
-    /// `running → queued` (suspended for shutdown, or found running after a crash).
-    pub async fn requeue(&self, id: &str, message: &str) -> Result<bool> {
+    /// `running → queued` by the worker holding `lease` (suspended for a shutdown).
+    pub async fn requeue(&self, lease: &Lease, message: &str) -> Result<bool> {
         let ev = NewEvent::status(Queued, "info", message);
         Ok(self
-            .transition(id, &[Running], Queued, "", ev)
+            .transition(&lease.job_id, Guard::Holding(lease), Queued, RELEASE, ev)
             .await?
             .is_some())
     }
 
-    /// `running → queued` for a job a previous process left running: the status event carries
-    /// `interrupted: true`, which is what [`Store::interruptions`] counts.
-    pub async fn requeue_interrupted(&self, id: &str, message: &str) -> Result<bool> {
+    /// `running → queued` for a job whose holder is gone (its lease expired, or its process
+    /// died): the status event carries `interrupted: true`, which is what
+    /// [`Store::interruptions`] counts.
+    pub async fn requeue_interrupted(&self, lease: &Lease, message: &str) -> Result<bool> {
         let mut ev = NewEvent::status(Queued, "info", message);
         if let Some(data) = ev.data.as_mut() {
             data["interrupted"] = true.into();
         }
         Ok(self
-            .transition(id, &[Running], Queued, "", ev)
+            .transition(&lease.job_id, Guard::Expired(lease), Queued, RELEASE, ev)
             .await?
             .is_some())
     }
 
     /// How many times a run of this job was interrupted by a crash (requeued at start-up).
     pub async fn interruptions(&self, id: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM events WHERE job_id = ? \
-             AND json_extract(data, '$.interrupted') = 1",
-        )
+        let interrupted = self.backend.json_field("data", "'interrupted'");
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM events WHERE job_id = $1 AND {interrupted} IS NOT NULL"
+        ))
         .bind(id)
         .fetch_one(&self.pool)
         .await?)
     }
 
-    /// Jobs a previous process left `running` or `validating_files`.
-    pub async fn interrupted_jobs(&self) -> Result<Vec<JobRow>> {
+    /// Jobs waiting for their files and model to be checked (a previous process may have left
+    /// them half-way).
+    pub async fn validating_jobs(&self) -> Result<Vec<JobRow>> {
         Ok(sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {COLUMNS} FROM jobs WHERE status IN ({}) ORDER BY n",
-            in_list(&[Running, ValidatingFiles])
+            "SELECT {COLUMNS} FROM jobs WHERE status = $1 ORDER BY n"
         ))
+        .bind(ValidatingFiles)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -278,34 +296,49 @@ impl Store {
         Ok(self
             .transition(
                 id,
-                &[ValidatingFiles, Queued, Running],
+                Guard::Statuses(&[ValidatingFiles, Queued, Running]),
                 Cancelled,
-                ", finished_at = unixepoch(), estimated_finish = NULL",
+                ", finished_at = $3, estimated_finish = NULL, lease_expires_at = NULL",
                 ev,
             )
             .await?
             .map(|(row, _)| row))
     }
 
-    /// `from → failed` with a message the user can act on.
+    /// `from → failed` with a message the user can act on (a job that never ran).
     pub async fn fail_job(&self, id: &str, from: &[JobStatus], err: &JobError) -> Result<bool> {
+        self.fail(id, Guard::Statuses(from), err).await
+    }
+
+    /// `running → failed` by the worker holding `lease`.
+    pub async fn fail_running(&self, lease: &Lease, err: &JobError) -> Result<bool> {
+        self.fail(&lease.job_id, Guard::Holding(lease), err).await
+    }
+
+    /// `running → failed` for a job whose holder is gone and that has been interrupted too often.
+    pub async fn fail_interrupted(&self, lease: &Lease, err: &JobError) -> Result<bool> {
+        self.fail(&lease.job_id, Guard::Expired(lease), err).await
+    }
+
+    async fn fail(&self, id: &str, guard: Guard<'_>, err: &JobError) -> Result<bool> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let done = sqlx::query(&format!(
-            "UPDATE jobs SET status = ?, finished_at = unixepoch(), estimated_finish = NULL, \
-             error_code = ?, error_message = ?, error_param = ? \
-             WHERE id = ? AND status IN ({})",
-            in_list(from)
-        ))
-        .bind(Failed)
-        .bind(&err.code)
-        .bind(&err.message)
-        .bind(&err.param)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !done {
+        let sql = format!(
+            "UPDATE jobs SET status = $1, finished_at = $2, estimated_finish = NULL, \
+             lease_expires_at = NULL, error_code = $3, error_message = $4, error_param = $5 \
+             WHERE id = $6{}",
+            guard.condition(self.backend, "$7")
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(Failed)
+            .bind(now())
+            .bind(&err.code)
+            .bind(&err.message)
+            .bind(&err.param)
+            .bind(id);
+        if let Some(epoch) = guard.epoch() {
+            q = q.bind(epoch);
+        }
+        if q.execute(&mut *tx).await?.rows_affected() != 1 {
             return Ok(false);
         }
         let ev = NewEvent::status(
@@ -313,34 +346,38 @@ impl Store {
             "error",
             format!("Fine-tuning job failed: {}", err.message),
         );
-        let ev = insert_event(&mut tx, id, &ev, None).await?;
+        let ev = insert_event(&mut tx, self.backend, id, &ev, Guard::None).await?;
         tx.commit().await?;
         self.publish(ev);
         Ok(true)
     }
 
-    /// `running → succeeded`, registering the result files in the same transaction. Returns
-    /// `false` (and writes nothing) if the job was cancelled meanwhile.
+    /// `running → succeeded` by the worker holding `lease`, registering the result files in
+    /// the same transaction. Returns `false` (and writes nothing) if the job was cancelled
+    /// meanwhile or the lease was lost.
     pub async fn succeed_job(
         &self,
-        id: &str,
+        lease: &Lease,
         trained_tokens: i64,
         fine_tuned_model: &str,
         results: &[NewFile],
     ) -> Result<bool> {
         let (_writer, mut tx) = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = ?1, finished_at = unixepoch(), estimated_finish = NULL, \
-             trained_tokens = ?2, fine_tuned_model = ?3 WHERE id = ?4 AND status = ?5",
-        )
-        .bind(Succeeded)
-        .bind(trained_tokens)
-        .bind(fine_tuned_model)
-        .bind(id)
-        .bind(Running)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+        let sql = format!(
+            "UPDATE jobs SET status = $1, finished_at = $2, estimated_finish = NULL, \
+             lease_expires_at = NULL, trained_tokens = $3, fine_tuned_model = $4 WHERE id = $5{}",
+            Guard::Holding(lease).condition(self.backend, "$6")
+        );
+        let done = sqlx::query(&sql)
+            .bind(Succeeded)
+            .bind(now())
+            .bind(trained_tokens)
+            .bind(fine_tuned_model)
+            .bind(&lease.job_id)
+            .bind(lease.epoch)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
             == 1;
         if !done {
             return Ok(false);
@@ -349,7 +386,7 @@ impl Store {
             insert_file(&mut tx, f).await?;
         }
         let ev = NewEvent::status(Succeeded, "info", "The job has successfully completed");
-        let ev = insert_event(&mut tx, id, &ev, None).await?;
+        let ev = insert_event(&mut tx, self.backend, &lease.job_id, &ev, Guard::None).await?;
         tx.commit().await?;
         self.publish(ev);
         Ok(true)
@@ -367,7 +404,7 @@ impl Store {
     /// Tokens trained by finished jobs, for `/metrics`.
     pub async fn trained_tokens_total(&self) -> Result<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COALESCE(SUM(trained_tokens), 0) FROM jobs")
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(trained_tokens), 0) AS BIGINT) FROM jobs")
                 .fetch_one(&self.pool)
                 .await?,
         )

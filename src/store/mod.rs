@@ -1,22 +1,31 @@
-//! Persistence: the SQLite pool, migrations, and the one place events are published after commit.
-//! Each submodule owns the SQL of one table; every state change is one transaction.
+//! Persistence: the pool (SQLite or PostgreSQL, chosen by the database URL), migrations, and the
+//! one place events are published after commit. Each submodule owns the SQL of one table (`sql`
+//! holds the few fragments the two engines spell differently); every state change is one
+//! transaction. Nothing outside this module knows which engine is behind it.
 
 pub mod checkpoints;
 pub mod events;
+mod feed;
 pub mod files;
+mod guard;
 pub mod jobs;
+pub mod lease;
+mod sql;
 pub mod status;
+pub mod workers;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sql::Backend;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyConnection;
+use sqlx::{AnyPool, Executor};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
 pub use events::{EventRow, NewEvent};
 pub use jobs::JobRow;
+pub use lease::{Claimant, Lease};
 pub use status::JobStatus;
 
 /// Store failures. Constraint and guard failures are reported by the functions' return values,
@@ -34,6 +43,8 @@ pub enum StoreError {
          stop it, or give this one its own SFTD_DATA_DIR"
     )]
     Locked(PathBuf),
+    #[error("SFTD_DATABASE_URL must start with sqlite:// or postgres:// (got {0:?})")]
+    UnsupportedUrl(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -52,14 +63,19 @@ const BROADCAST_CAPACITY: usize = 4096;
 /// Cheap to clone: a pool handle, the data dir and the event broadcast.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+    database_url: Arc<str>,
     data_dir: PathBuf,
     events_tx: broadcast::Sender<Arc<Published>>,
     broadcast_capacity: usize,
     write_lock: Arc<tokio::sync::Mutex<()>>,
-    /// The open lock file: its exclusive `flock` keeps a second process off this data dir
-    /// until this process exits (or dies: the kernel drops the lock).
-    _dir_lock: Arc<std::fs::File>,
+    /// SQLite only: the open lock file, whose exclusive `flock` keeps a second process off this
+    /// data dir until this process exits (or dies: the kernel drops the lock). Its presence is
+    /// what makes this process the only writer ([`Store::is_exclusive`]).
+    _dir_lock: Option<Arc<std::fs::File>>,
+    /// PostgreSQL only: wakes this process's event feed at once after its own commits.
+    feed: feed::Seen,
 }
 
 impl Store {
@@ -74,45 +90,60 @@ impl Store {
         data_dir: &Path,
         broadcast_capacity: usize,
     ) -> Result<Self> {
+        let backend = Backend::of_url(database_url)
+            .ok_or_else(|| StoreError::UnsupportedUrl(redact_url(database_url)))?;
+        sqlx::any::install_default_drivers();
         std::fs::create_dir_all(data_dir)?;
-        let dir_lock = lock_data_dir(data_dir)?;
+        // SQLite lives in one process; a PostgreSQL data dir may be shared by many (a cluster).
+        let dir_lock = match backend {
+            Backend::Sqlite => Some(Arc::new(lock_data_dir(data_dir)?)),
+            Backend::Postgres => None,
+        };
         for sub in ["files", "jobs", "models", "tmp"] {
             std::fs::create_dir_all(data_dir.join(sub))?;
         }
-        // FULL: a commit returns only after the WAL is fsync'd, so a committed state change or
-        // event survives power loss, not only a crash of the process.
-        let options = SqliteConnectOptions::from_str(database_url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let pool = match backend {
+            Backend::Sqlite => open_sqlite(database_url).await?,
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(database_url)
+                    .await?
+            }
+        };
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
         let (events_tx, _) = broadcast::channel(broadcast_capacity);
         Ok(Self {
             pool,
+            backend,
+            database_url: database_url.into(),
             data_dir: data_dir.to_path_buf(),
             events_tx,
             broadcast_capacity,
             write_lock: Default::default(),
-            _dir_lock: Arc::new(dir_lock),
+            _dir_lock: dir_lock,
+            feed: Default::default(),
         })
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
+    /// Whether this process is the database's only writer (SQLite: it holds the data dir's
+    /// lock). Then a job found `running` at start-up was left by a dead process, whatever its
+    /// lease says; with a shared database only an expired lease says so.
+    pub fn is_exclusive(&self) -> bool {
+        self._dir_lock.is_some()
+    }
+
     /// Every event committed from now on, in commit order (per job; see `events` for gaps).
+    /// With a shared database, call [`Store::follow_other_writers`] once so that events committed
+    /// by other processes arrive here too.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events_tx.subscribe()
     }
@@ -125,28 +156,71 @@ impl Store {
     /// Broadcasts events that are already committed. Called only after `COMMIT`.
     fn publish(&self, events: impl IntoIterator<Item = EventRow>) {
         for e in events {
+            self.feed.saw(&e);
             // No receivers is fine: nobody is watching.
             let _ = self.events_tx.send(Arc::new(Published { row: e }));
         }
     }
 
-    /// A write transaction. Writers queue on an in-process lock (SQLite has one writer anyway,
-    /// and its busy handler sleeps in coarse steps), then take SQLite's write lock up front so
-    /// a read lock never has to be upgraded. Hold the guard until the commit.
+    /// A write transaction. SQLite: writers queue on an in-process lock (SQLite has one writer
+    /// anyway, and its busy handler sleeps in coarse steps), then take SQLite's write lock up
+    /// front so a read lock never has to be upgraded. PostgreSQL: a plain transaction (the
+    /// queries lock the rows they change). Hold the guard until the commit.
     async fn begin_write(
         &self,
     ) -> Result<(
-        tokio::sync::OwnedMutexGuard<()>,
-        sqlx::Transaction<'static, sqlx::Sqlite>,
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+        sqlx::Transaction<'static, sqlx::Any>,
     )> {
-        let guard = self.write_lock.clone().lock_owned().await;
-        Ok((guard, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+        match self.backend {
+            Backend::Sqlite => {
+                let guard = self.write_lock.clone().lock_owned().await;
+                Ok((Some(guard), self.pool.begin_with("BEGIN IMMEDIATE").await?))
+            }
+            Backend::Postgres => Ok((None, self.pool.begin().await?)),
+        }
     }
 
     /// Liveness of the database for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// The SQLite pool: WAL, `FULL` sync (a commit returns only after the WAL is fsync'd, so a
+/// committed state change or event survives power loss, not only a crash of the process),
+/// a busy timeout and foreign keys, set on every connection.
+async fn open_sqlite(database_url: &str) -> Result<AnyPool> {
+    let url = if database_url.contains("mode=") {
+        database_url.to_string()
+    } else if database_url.contains('?') {
+        format!("{database_url}&mode=rwc")
+    } else {
+        format!("{database_url}?mode=rwc")
+    };
+    Ok(AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn: &mut AnyConnection, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await?)
+}
+
+/// A database URL without its password, for error messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
     }
 }
 
@@ -182,11 +256,18 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", &u[..24])
 }
 
+/// The throwaway PostgreSQL server of the integration tests, shared with the unit tests.
+#[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
+pub(crate) mod test_postgres;
+
 /// Fixtures shared by the unit tests of the store and of the modules that use it.
 #[cfg(test)]
 pub(crate) mod testing {
     use super::jobs::NewJob;
     use super::Store;
+
+    pub(crate) use super::test_postgres as postgres;
 
     /// A store in a fresh temporary directory (kept alive by the returned guard).
     pub async fn temp_store() -> (tempfile::TempDir, Store) {
@@ -194,6 +275,17 @@ pub(crate) mod testing {
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let s = Store::open(&url, dir.path()).await.unwrap();
         (dir, s)
+    }
+
+    /// A store on a fresh PostgreSQL server, or `None` (the test is skipped, with a message)
+    /// when PostgreSQL is not installed.
+    pub async fn pg_store() -> Option<(postgres::PgServer, tempfile::TempDir, Store)> {
+        let server = postgres::PgServer::start()?;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&server.database().await, dir.path())
+            .await
+            .unwrap();
+        Some((server, dir, s))
     }
 
     /// A job on the demo model, optionally with an idempotency key.
@@ -211,147 +303,30 @@ pub(crate) mod testing {
             idempotency_key: key.map(String::from),
         }
     }
+
+    /// Runs the async fn `$body(Store)` as two tests, `$name::sqlite` and `$name::postgres`.
+    macro_rules! on_both_backends {
+        ($name:ident, $body:ident) => {
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    let (_dir, store) = $crate::store::testing::temp_store().await;
+                    super::$body(store).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let Some((_server, _dir, store)) = $crate::store::testing::pg_store().await
+                    else {
+                        return;
+                    };
+                    super::$body(store).await;
+                }
+            }
+        };
+    }
+    pub(crate) use on_both_backends;
 }
 
 #[cfg(test)]
-mod tests {
-    use super::jobs::{Created, JobError};
-    use super::*;
-
-    use super::testing::{new_job as job, temp_store as store};
-
-    fn statuses(events: &[EventRow]) -> Vec<String> {
-        events
-            .iter()
-            .filter_map(|e| e.status().map(|s| s.to_string()))
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn transitions_are_guarded_and_events_numbered() {
-        let (_d, s) = store().await;
-        let mut live = s.subscribe();
-        assert!(matches!(
-            s.create_job(&job("ftjob-a", None)).await.unwrap(),
-            Created::New(_)
-        ));
-        // Not queued yet: nothing to claim, and running-only events are refused.
-        assert!(s.claim_next_job().await.unwrap().is_none());
-        assert!(s
-            .append_running_event("ftjob-a", &NewEvent::info("x"))
-            .await
-            .unwrap()
-            .is_none());
-        assert!(s.mark_queued("ftjob-a").await.unwrap());
-        assert!(!s.mark_queued("ftjob-a").await.unwrap());
-        let claimed = s.claim_next_job().await.unwrap().unwrap();
-        assert_eq!((claimed.id.as_str(), claimed.attempts), ("ftjob-a", 1));
-        assert!(s
-            .append_running_event("ftjob-a", &NewEvent::info("log"))
-            .await
-            .unwrap()
-            .is_some());
-        assert!(s.cancel_job("ftjob-a").await.unwrap().is_some());
-        // After the terminal event nothing else lands: no events, no success, no failure, no requeue.
-        assert!(s
-            .append_running_event("ftjob-a", &NewEvent::info("late"))
-            .await
-            .unwrap()
-            .is_none());
-        assert!(!s.succeed_job("ftjob-a", 1, "ft", &[]).await.unwrap());
-        let err = JobError::new("x", "y", None);
-        assert!(!s
-            .fail_job("ftjob-a", &[JobStatus::Running], &err)
-            .await
-            .unwrap());
-        assert!(!s.requeue("ftjob-a", "r").await.unwrap());
-        assert!(!s
-            .add_checkpoint("ftjob-a", 1, &serde_json::json!({}), "p")
-            .await
-            .unwrap());
-        assert!(s.cancel_job("ftjob-a").await.unwrap().is_none());
-
-        let events = s.list_events("ftjob-a", 0, 100).await.unwrap();
-        assert_eq!(
-            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5]
-        );
-        assert_eq!(
-            statuses(&events),
-            ["validating_files", "queued", "running", "cancelled"]
-        );
-        assert!(events.last().unwrap().is_terminal());
-        // Every committed event was broadcast, in order.
-        for e in &events {
-            assert_eq!(live.try_recv().unwrap().row, *e);
-        }
-        assert!(live.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn a_second_store_on_the_same_data_dir_is_refused_until_the_first_closes() {
-        let (dir, s) = store().await;
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let second = Store::open(&url, dir.path()).await;
-        assert!(
-            matches!(&second, Err(StoreError::Locked(p)) if p == dir.path()),
-            "{:?}",
-            second.err()
-        );
-        drop(s);
-        Store::open(&url, dir.path()).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn interruptions_are_counted_from_the_requeue_events() {
-        let (_d, s) = store().await;
-        s.create_job(&job("ftjob-i", None)).await.unwrap();
-        s.mark_queued("ftjob-i").await.unwrap();
-        for n in 1..=2 {
-            s.claim_next_job().await.unwrap().unwrap();
-            assert!(s.requeue_interrupted("ftjob-i", "crash").await.unwrap());
-            assert_eq!(s.interruptions("ftjob-i").await.unwrap(), n);
-        }
-        // A requeue for a clean shutdown is not an interruption.
-        s.claim_next_job().await.unwrap().unwrap();
-        assert!(s.requeue("ftjob-i", "suspended").await.unwrap());
-        assert_eq!(s.interruptions("ftjob-i").await.unwrap(), 2);
-    }
-
-    #[tokio::test]
-    async fn fifo_requeue_and_idempotency_key() {
-        let (_d, s) = store().await;
-        for id in ["ftjob-1", "ftjob-2"] {
-            s.create_job(&job(id, None)).await.unwrap();
-        }
-        s.mark_queued("ftjob-2").await.unwrap();
-        s.mark_queued("ftjob-1").await.unwrap();
-        assert_eq!(s.claim_next_job().await.unwrap().unwrap().id, "ftjob-1");
-        assert!(s.requeue("ftjob-1", "suspended").await.unwrap());
-        // The requeued job is older, so it goes first again.
-        let again = s.claim_next_job().await.unwrap().unwrap();
-        assert_eq!((again.id.as_str(), again.attempts), ("ftjob-1", 2));
-        assert!(s
-            .add_checkpoint("ftjob-1", 4, &serde_json::json!({"step": 4}), "p")
-            .await
-            .unwrap());
-        assert!(!s
-            .add_checkpoint("ftjob-1", 4, &serde_json::json!({"step": 4}), "p")
-            .await
-            .unwrap());
-        assert_eq!(
-            s.list_checkpoints("ftjob-1", None, 10).await.unwrap().len(),
-            1
-        );
-
-        assert!(matches!(
-            s.create_job(&job("ftjob-k", Some("key"))).await.unwrap(),
-            Created::New(_)
-        ));
-        match s.create_job(&job("ftjob-k2", Some("key"))).await.unwrap() {
-            Created::Existing(row) => assert_eq!(row.id, "ftjob-k"),
-            Created::New(_) => panic!("a reused key must not create a job"),
-        }
-        assert!(s.get_job("ftjob-k2").await.unwrap().is_none());
-    }
-}
+mod tests;

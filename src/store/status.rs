@@ -1,11 +1,10 @@
-//! A job's status, stored as text: the enum, its text both ways (in Rust and as a SQLite
-//! column), and SQL `IN (…)` lists of it for the guarded transitions. Both the `jobs` and the
-//! `events` tables need it.
+//! A job's status, stored as text: the enum, its text both ways (in Rust and as a text column
+//! of either backend), and SQL `IN (…)` lists of it for the guarded transitions. Both the
+//! `jobs` and the `events` tables need it.
 
+use sqlx::any::{Any, AnyTypeInfo, AnyValueRef};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
-use sqlx::sqlite::{Sqlite, SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
-use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -66,26 +65,25 @@ impl FromStr for JobStatus {
 }
 
 /// Stored as its text, so rows carry the enum and binds take it as is.
-impl sqlx::Type<Sqlite> for JobStatus {
-    fn type_info() -> SqliteTypeInfo {
-        <str as sqlx::Type<Sqlite>>::type_info()
+impl sqlx::Type<Any> for JobStatus {
+    fn type_info() -> AnyTypeInfo {
+        <str as sqlx::Type<Any>>::type_info()
     }
 }
 
 /// A value that is not a status fails the row's decode (a corrupt database).
-impl<'r> sqlx::Decode<'r, Sqlite> for JobStatus {
-    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
-        Ok(<&str as sqlx::Decode<Sqlite>>::decode(value)?.parse()?)
+impl<'r> sqlx::Decode<'r, Any> for JobStatus {
+    fn decode(value: AnyValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(<String as sqlx::Decode<Any>>::decode(value)?.parse()?)
     }
 }
 
-impl<'q> sqlx::Encode<'q, Sqlite> for JobStatus {
+impl<'q> sqlx::Encode<'q, Any> for JobStatus {
     fn encode_by_ref(
         &self,
-        args: &mut Vec<SqliteArgumentValue<'q>>,
+        buf: &mut <Any as sqlx::Database>::ArgumentBuffer<'q>,
     ) -> Result<IsNull, BoxDynError> {
-        args.push(SqliteArgumentValue::Text(Cow::Borrowed(self.as_str())));
-        Ok(IsNull::No)
+        <&str as sqlx::Encode<Any>>::encode(self.as_str(), buf)
     }
 }
 

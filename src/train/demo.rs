@@ -97,6 +97,11 @@ pub fn ensure_demo_model(data_dir: &Path) -> Result<std::path::PathBuf> {
     if built.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    // Another process sharing the data dir (a cluster) may have put the same model in place
+    // first; the rename onto it then fails, and its copy is as good as ours.
+    if built.is_err() && dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
     built?;
     Ok(dir)
 }

@@ -1,8 +1,8 @@
 //! What a training run reports while it runs, and how its owner steers it (cancel, checkpoint-and-stop).
 
-pub use crate::train::tool_eval::ToolEvalMetrics;
 use crate::train::interlude::Interlude;
 use crate::train::model::Qwen3;
+pub use crate::train::tool_eval::ToolEvalMetrics;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};

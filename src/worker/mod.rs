@@ -1,23 +1,26 @@
-//! The worker: one `std::thread` that owns the training device and runs queued jobs oldest
-//! first, serving generation requests on the same device (between a job's micro-batches, or
-//! when idle), plus the file/model checks that move a new job from `validating_files` to
-//! `queued`. Other code talks to it through [`Worker`]'s methods (wake, cancel, on_device,
-//! shutdown).
+//! The worker: one `std::thread` that owns the training device and claims queued jobs oldest
+//! first under a lease its heartbeat renews (`heartbeat.rs`), serving generation requests on the
+//! same device (between a job's micro-batches, or when idle), plus the file/model checks that
+//! move a new job from `validating_files` to `queued`. Other code talks to it through
+//! [`Worker`]'s methods (wake, cancel, on_device, shutdown). A process runs either or both
+//! halves ([`Role`]): `sftd serve` both, `sftd serve --no-worker` the checks, `sftd worker` the
+//! thread.
 
 mod artifacts;
+mod heartbeat;
 mod recorder;
 mod run;
 mod serve;
 mod submit;
 
 pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
-pub use serve::{DeviceTask, Lease, ServingModel};
+pub use serve::{DeviceLoan, DeviceTask, ServingModel};
 pub use submit::{MemoryBudget, SubmitError};
 
 use crate::hub::Hub;
 use crate::storage::Storage;
 use crate::store::jobs::JobError;
-use crate::store::{JobRow, JobStatus, Store};
+use crate::store::{Claimant, JobRow, JobStatus, Lease, Store};
 use crate::train::events::Control;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -25,8 +28,55 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How often an idle worker looks at the queue even without a wake-up (belt and braces).
+/// How often an idle worker looks at the queue even without a wake-up (belt and braces; the
+/// heartbeat also wakes it, to take over jobs whose lease expired).
 const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// Which halves of the worker this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Checks new jobs and trains (`sftd serve`).
+    All,
+    /// Checks new jobs; other processes train them (`sftd serve --no-worker`).
+    Api,
+    /// Trains; other processes accept and check jobs (`sftd worker`).
+    Trainer,
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub role: Role,
+    /// `cpu`, `cuda:N` or `auto`.
+    pub device: String,
+    /// Interruptions (crash, lost lease) a job survives; the next one fails it.
+    pub max_attempts: u32,
+    /// How long a claim lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often the heartbeat renews the lease and reports the worker.
+    pub heartbeat: Duration,
+}
+
+impl WorkerOptions {
+    /// Both halves, with the default lease (30 s) and heartbeat (5 s).
+    pub fn all(device: &str, max_attempts: u32) -> Self {
+        Self {
+            role: Role::All,
+            device: device.into(),
+            max_attempts,
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+
+    fn trains(&self) -> bool {
+        self.role != Role::Api
+    }
+
+    fn checks(&self) -> bool {
+        self.role != Role::Trainer
+    }
+}
 
 enum Command {
     /// A job may have been queued.
@@ -42,12 +92,19 @@ struct Ctx {
     hub: Hub,
     rt: tokio::runtime::Handle,
     device: String,
+    claimant: Claimant,
+    max_attempts: u32,
 }
 
-/// State shared between the handle and the thread.
+/// The job the thread is running: the lease its writes carry and the flag that steers it.
+struct Running {
+    lease: Lease,
+    control: Control,
+}
+
+/// State shared between the handle, the thread and the heartbeat.
 struct Shared {
-    /// The job the thread is running and the flag that steers it.
-    current: Mutex<Option<(String, Control)>>,
+    current: Mutex<Option<Running>>,
     shutting_down: AtomicBool,
     alive: AtomicBool,
     /// Generation tasks waiting for the device.
@@ -79,19 +136,38 @@ pub struct Worker {
     validations: tokio::sync::mpsc::UnboundedSender<JobRow>,
     /// The device's memory, for the creation-time check (`None`: no device, no check).
     memory: Option<MemoryBudget>,
+    /// This process's id in the worker registry, when it trains.
+    id: Option<String>,
 }
 
 impl Worker {
-    /// Requeues what a previous process left running, re-validates jobs it left validating,
-    /// and starts the thread. Must be called inside the tokio runtime. A job found running (its
-    /// process died) is resumed unless that has happened `max_attempts` times already; then it
-    /// fails with a message naming the last step reached.
+    /// [`Worker::start_with`] for `sftd serve`: both halves, default lease and heartbeat.
     pub async fn start(
         store: Store,
         storage: Storage,
         hub: Hub,
         device: String,
         max_attempts: u32,
+    ) -> crate::store::Result<Self> {
+        Self::start_with(
+            store,
+            storage,
+            hub,
+            WorkerOptions::all(&device, max_attempts),
+        )
+        .await
+    }
+
+    /// Starts the halves `opts.role` names. Checking: re-validates jobs left validating.
+    /// Training: registers the worker, requeues jobs whose holder is gone (at start-up of the
+    /// database's only process, every running job; a job interrupted `max_attempts` times
+    /// fails instead, with a message naming the last step reached) and starts the thread and
+    /// its heartbeat. Must be called inside the tokio runtime.
+    pub async fn start_with(
+        store: Store,
+        storage: Storage,
+        hub: Hub,
+        opts: WorkerOptions,
     ) -> crate::store::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -101,37 +177,59 @@ impl Worker {
             tasks: Default::default(),
         });
         let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
-        let memory = MemoryBudget::probe(&device);
-        tokio::spawn(validation_loop(
-            store.clone(),
-            storage.clone(),
-            hub.clone(),
-            tx.clone(),
-            pending,
-            memory.clone(),
-        ));
-        let worker = Self {
+        let memory = MemoryBudget::probe(&opts.device);
+        if opts.checks() {
+            tokio::spawn(validation_loop(
+                store.clone(),
+                storage.clone(),
+                hub.clone(),
+                tx.clone(),
+                pending,
+                // An API-only node's device is not where jobs run: it estimates nothing.
+                memory.clone().filter(|_| opts.trains()),
+            ));
+        }
+        let mut worker = Self {
             validations,
             tx,
             shared: shared.clone(),
             thread: Arc::new(Mutex::new(None)),
             store: store.clone(),
             hub: hub.clone(),
-            memory,
+            memory: memory.clone().filter(|_| opts.trains()),
+            id: None,
         };
-        for job in store.interrupted_jobs().await? {
-            match job.status {
-                JobStatus::Running => recover_interrupted(&store, &job.id, max_attempts).await?,
-                _ => worker.validate(job),
+        if opts.checks() {
+            for job in store.validating_jobs().await? {
+                worker.validate(job);
             }
         }
+        if !opts.trains() {
+            return Ok(worker);
+        }
+        for job in store.orphaned_jobs(true).await? {
+            recover_interrupted(&store, &job, opts.max_attempts).await?;
+        }
+        let id = crate::store::new_id("wrk");
+        let claimant = Claimant {
+            worker_id: id.clone(),
+            memory_bytes: memory.as_ref().map(|m| m.info.available_memory_bytes),
+            lease: opts.lease,
+        };
+        heartbeat::start(&store, &id, &opts, memory.as_ref(), &worker).await?;
+        let wake = worker.tx.clone();
+        store.on_queue_change(move || {
+            let _ = wake.send(Command::Wake);
+        });
         let rt = tokio::runtime::Handle::current();
         let ctx = Ctx {
             store,
             storage,
             hub,
             rt,
-            device,
+            device: opts.device.clone(),
+            claimant,
+            max_attempts: opts.max_attempts,
         };
         let thread = std::thread::Builder::new()
             .name("sftd-worker".into())
@@ -141,6 +239,7 @@ impl Worker {
             })
             .expect("spawning the worker thread");
         *worker.thread.lock().expect("worker thread lock") = Some(thread);
+        worker.id = Some(id);
         Ok(worker)
     }
 
@@ -149,11 +248,12 @@ impl Worker {
         let _ = self.tx.send(Command::Wake);
     }
 
-    /// Stops the job if it is the one running (the status change itself is the store's).
+    /// Stops the job if it is the one running here (the status change itself is the store's;
+    /// a worker in another process sees it at its next write or heartbeat).
     pub fn cancel(&self, job_id: &str) {
-        if let Some((id, control)) = self.shared.current.lock().expect("worker lock").as_ref() {
-            if id == job_id {
-                control.cancel();
+        if let Some(run) = self.shared.current.lock().expect("worker lock").as_ref() {
+            if run.lease.job_id == job_id {
+                run.control.cancel();
             }
         }
     }
@@ -174,6 +274,11 @@ impl Worker {
         true
     }
 
+    /// This process's id in the worker registry (`None`: it does not train).
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
     /// Whether the thread is up (for `/readyz`).
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
@@ -186,21 +291,31 @@ impl Worker {
             .lock()
             .expect("worker lock")
             .as_ref()
-            .map(|(id, _)| id.clone())
+            .map(|run| run.lease.job_id.clone())
     }
 
     /// Stops taking jobs, asks the running one to checkpoint and suspend, and waits for the
     /// thread to requeue it and exit. Blocking: call from `spawn_blocking`.
     pub fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        if let Some((_, control)) = self.shared.current.lock().expect("worker lock").as_ref() {
-            control.suspend();
+        if let Some(run) = self.shared.current.lock().expect("worker lock").as_ref() {
+            run.control.suspend();
         }
         let _ = self.tx.send(Command::Shutdown);
         let handle = self.thread.lock().expect("worker thread lock").take();
         if let Some(h) = handle {
             if h.join().is_err() {
                 tracing::error!("the worker thread panicked");
+            }
+        }
+        if let Some(id) = &self.id {
+            let store = self.store.clone();
+            let id = id.clone();
+            // Blocking context (see above): leave the registry on the runtime's own thread pool.
+            let left = tokio::runtime::Handle::try_current()
+                .map(|rt| rt.block_on(async move { store.remove_worker(&id).await }));
+            if let Ok(Err(e)) = left {
+                tracing::warn!(error = %e, "could not leave the worker registry");
             }
         }
     }
@@ -213,21 +328,23 @@ impl Worker {
     }
 }
 
-/// Requeues a job a dead process left running, or fails it once it has been interrupted more
-/// than `max_attempts` times (a job that kills the server, e.g. by exhausting memory, would
-/// otherwise crash every restart and block the queue behind it).
+/// Requeues a job whose holder is gone (its process died, or its lease expired), or fails it
+/// once it has been interrupted more than `max_attempts` times (a job that kills its worker,
+/// e.g. by exhausting memory, would otherwise crash every worker in turn and block the queue).
 async fn recover_interrupted(
     store: &Store,
-    id: &str,
+    job: &JobRow,
     max_attempts: u32,
 ) -> crate::store::Result<()> {
+    let (id, lease) = (job.id.as_str(), job.lease());
     let times = store.interruptions(id).await? + 1;
     if times <= i64::from(max_attempts) {
-        tracing::info!(job = %id, times, "requeueing a job interrupted by a restart");
+        tracing::info!(job = %id, times, "requeueing a job whose worker is gone");
         store
             .requeue_interrupted(
-                id,
-                "Job interrupted by a server restart; it will resume from its last checkpoint",
+                &lease,
+                "Job interrupted by a server restart or a lost worker (its lease expired); \
+                 it will resume from its last checkpoint",
             )
             .await?;
         return Ok(());
@@ -237,18 +354,14 @@ async fn recover_interrupted(
         None => "it never completed a step".to_string(),
     };
     let message = format!(
-        "Job interrupted {times} times: the server process died while running it each time \
-         (killed, out of memory, or power loss); {reached}. It was resumed {max_attempts} times \
-         (SFTD_MAX_ATTEMPTS) and is not retried again; check the server's memory and logs \
-         before creating it again."
+        "Job interrupted {times} times: the worker process died while running it each time \
+         (killed, out of memory, power loss, or lost contact with the database); {reached}. \
+         It was resumed {max_attempts} times (SFTD_MAX_ATTEMPTS) and is not retried again; \
+         check the worker's memory and logs before creating it again."
     );
     tracing::warn!(job = %id, times, "failing a job interrupted too often");
     store
-        .fail_job(
-            id,
-            &[JobStatus::Running],
-            &JobError::new("job_interrupted", message, None),
-        )
+        .fail_interrupted(&lease, &JobError::new("job_interrupted", message, None))
         .await?;
     Ok(())
 }
@@ -311,11 +424,16 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
             break;
         }
         serving.run_idle();
-        match ctx.rt.block_on(ctx.store.claim_next_job()) {
+        if let Err(e) = ctx.rt.block_on(reclaim_expired(&ctx)) {
+            tracing::error!(error = %e, "could not look for expired leases");
+        }
+        match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
             Ok(Some(job)) => {
                 let control = Control::new();
-                *shared.current.lock().expect("worker lock") =
-                    Some((job.id.clone(), control.clone()));
+                *shared.current.lock().expect("worker lock") = Some(Running {
+                    lease: job.lease(),
+                    control: control.clone(),
+                });
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     control.suspend();
                 }
@@ -323,7 +441,7 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                 // flip; it did change the status, which this re-read sees.
                 let still_running = matches!(
                     ctx.rt.block_on(ctx.store.get_job(&job.id)),
-                    Ok(Some(j)) if j.status == JobStatus::Running
+                    Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
                 );
                 if still_running {
                     run::run_job(&ctx, &job, &control, &device, &serving);
@@ -340,6 +458,15 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     }
     tracing::info!("worker stopped");
+}
+
+/// Requeues (or fails) the jobs whose lease expired: their worker died or lost contact.
+async fn reclaim_expired(ctx: &Ctx) -> crate::store::Result<()> {
+    for job in ctx.store.orphaned_jobs(false).await? {
+        tracing::warn!(job = %job.id, worker = ?job.worker_id, "taking over a job whose lease expired");
+        recover_interrupted(&ctx.store, &job, ctx.max_attempts).await?;
+    }
+    Ok(())
 }
 
 impl JobError {

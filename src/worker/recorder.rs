@@ -4,7 +4,7 @@
 //! times before stopping the run rather than leave a hole in its record.
 
 use super::{artifacts, Ctx};
-use crate::store::NewEvent;
+use crate::store::{Lease, NewEvent};
 use crate::train::checkpoint;
 use crate::train::events::{
     CheckpointInfo, Control, EvalMetrics, Level, StepMetrics, ToolEvalMetrics, TrainEvent,
@@ -24,6 +24,8 @@ const RECORD_RETRY_DELAYS: [Duration; 3] = [
 pub(super) struct Recorder<'a> {
     ctx: &'a Ctx,
     job_id: &'a str,
+    /// Carried by every write, so nothing lands once the job is no longer this worker's.
+    lease: &'a Lease,
     control: &'a Control,
     last_train_step: i64,
     last_eval_step: i64,
@@ -37,13 +39,15 @@ pub(super) struct Recorder<'a> {
 }
 
 impl<'a> Recorder<'a> {
-    /// A recorder for `job_id` that skips the steps its earlier runs already recorded.
+    /// A recorder for the job `lease` holds that skips the steps its earlier runs already
+    /// recorded.
     pub(super) fn new(
         ctx: &'a Ctx,
-        job_id: &'a str,
+        lease: &'a Lease,
         control: &'a Control,
         keep_checkpoints: u32,
     ) -> Self {
+        let job_id = lease.job_id.as_str();
         let last = |key| {
             ctx.rt
                 .block_on(ctx.store.last_metrics_step(job_id, key))
@@ -53,6 +57,7 @@ impl<'a> Recorder<'a> {
         Self {
             ctx,
             job_id,
+            lease,
             control,
             last_train_step: last("train_loss").unwrap_or(0),
             last_eval_step: last("valid_loss").unwrap_or(0),
@@ -98,12 +103,12 @@ impl<'a> Recorder<'a> {
     }
 
     pub(super) fn record(&mut self, ev: NewEvent) {
-        let (ctx, job_id) = (self.ctx, self.job_id);
+        let (ctx, lease) = (self.ctx, self.lease);
         let what = format!("the event {:?}", ev.message);
         let appended = self.store_write(&what, || {
-            ctx.rt.block_on(ctx.store.append_running_event(job_id, &ev))
+            ctx.rt.block_on(ctx.store.append_running_event(lease, &ev))
         });
-        // The job left `running` (cancelled): stop training it.
+        // The job left `running` (cancelled) or is no longer this worker's: stop training it.
         if let Some(None) = appended {
             self.control.cancel();
         }
@@ -167,7 +172,7 @@ impl<'a> Recorder<'a> {
     }
 
     fn checkpoint(&mut self, c: &CheckpointInfo) {
-        let (ctx, job_id, keep) = (self.ctx, self.job_id, self.keep_checkpoints);
+        let (ctx, lease, keep) = (self.ctx, self.lease, self.keep_checkpoints);
         let store = &ctx.store;
         let tool = c.tool_eval.as_ref();
         let metrics = serde_json::json!({
@@ -192,7 +197,7 @@ impl<'a> Recorder<'a> {
         };
         let recorded = self.store_write(&what, || {
             ctx.rt.block_on(store.add_checkpoint_keeping(
-                job_id,
+                lease,
                 c.step as i64,
                 &metrics,
                 &key,
@@ -200,11 +205,13 @@ impl<'a> Recorder<'a> {
             ))
         });
         if recorded.is_some() {
-            let pruned = ctx
-                .rt
-                .block_on(artifacts::prune_checkpoints(&ctx.storage, job_id, keep));
+            let pruned = ctx.rt.block_on(artifacts::prune_checkpoints(
+                &ctx.storage,
+                &lease.job_id,
+                keep,
+            ));
             if let Err(e) = pruned {
-                tracing::warn!(job = job_id, error = %e, "could not delete old stored checkpoints");
+                tracing::warn!(job = %lease.job_id, error = %e, "could not delete old stored checkpoints");
             }
         }
     }

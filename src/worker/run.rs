@@ -8,7 +8,7 @@ use crate::hub::Hub;
 use crate::storage::Storage;
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
 use crate::store::jobs::JobError;
-use crate::store::{new_id, JobRow, JobStatus, NewEvent, Store};
+use crate::store::{new_id, JobRow, JobStatus, Lease, NewEvent, Store};
 use crate::train::checkpoint::{self, durable};
 use crate::train::events::{Control, Outcome};
 use crate::train::spec::{JobSpec, TrainConfig};
@@ -163,19 +163,22 @@ pub(super) fn run_job(
 ) {
     let store = &ctx.store;
     let id = job.id.as_str();
+    let lease = job.lease();
     let fail = |err: JobError| {
         tracing::warn!(job = id, error = %err.message, "job failed");
-        if let Err(e) = ctx
-            .rt
-            .block_on(store.fail_job(id, &[JobStatus::Running], &err))
-        {
-            tracing::error!(job = id, error = %e, "could not record the failure");
+        match ctx.rt.block_on(store.fail_running(&lease, &err)) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                job = id,
+                "the failure was not recorded: the job was cancelled or its lease lost"
+            ),
+            Err(e) => tracing::error!(job = id, error = %e, "could not record the failure"),
         }
     };
     if control.is_suspended() {
         requeue(
             ctx,
-            id,
+            &lease,
             "Server shutting down before the job started; it stays queued",
         );
         return;
@@ -200,7 +203,7 @@ pub(super) fn run_job(
         Err(e) => return fail(e),
     };
     let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
-    let mut recorder = Recorder::new(ctx, id, control, inputs.config.save_total_limit);
+    let mut recorder = Recorder::new(ctx, &lease, control, inputs.config.save_total_limit);
     let data_dir = store.data_dir().to_string_lossy().into_owned();
     for reason in passed_over.into_iter().chain(torn) {
         recorder.record(NewEvent {
@@ -264,14 +267,14 @@ pub(super) fn run_job(
         }
         Ok(Ok(Outcome::Suspended { step, .. })) => requeue(
             ctx,
-            id,
+            &lease,
             &format!("Job suspended at step {step} for a server shutdown; it will resume from this checkpoint"),
         ),
         Ok(Ok(Outcome::Cancelled { step })) => {
             tracing::info!(job = id, step, "training cancelled");
         }
         Ok(Err(_)) | Err(_) if control.is_cancelled() => {}
-        Ok(Err(_)) if control.is_suspended() => requeue(ctx, id, "Job suspended for a server shutdown"),
+        Ok(Err(_)) if control.is_suspended() => requeue(ctx, &lease, "Job suspended for a server shutdown"),
         Ok(Err(e)) => {
             let message = user_message(&format!("{e:#}"), job, &train_job, store.data_dir());
             if is_disk_full(&message) {
@@ -320,8 +323,9 @@ fn job_tool_eval_file(job: &JobRow) -> Option<String> {
         .and_then(|s| s.tool_eval_file)
 }
 
-fn requeue(ctx: &Ctx, id: &str, message: &str) {
-    match ctx.rt.block_on(ctx.store.requeue(id, message)) {
+fn requeue(ctx: &Ctx, lease: &Lease, message: &str) {
+    let id = lease.job_id.as_str();
+    match ctx.rt.block_on(ctx.store.requeue(lease, message)) {
         Ok(true) => tracing::info!(job = id, "job requeued"),
         Ok(false) => {}
         Err(e) => tracing::error!(job = id, error = %e, "could not requeue"),
@@ -362,7 +366,7 @@ fn finish(
         .collect::<Vec<_>>();
     let name = fine_tuned_model_name(&job.model, spec.suffix.as_deref(), &job.id);
     ctx.rt
-        .block_on(store.succeed_job(&job.id, trained_tokens as i64, &name, &results))?;
+        .block_on(store.succeed_job(&job.lease(), trained_tokens as i64, &name, &results))?;
     Ok(())
 }
 

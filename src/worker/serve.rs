@@ -20,7 +20,7 @@ const MAX_BASES: usize = 2;
 const MAX_ADAPTERS: usize = 32;
 
 /// Work to run on the device, with what the device holds at that moment.
-pub type DeviceTask = Box<dyn FnOnce(&Lease<'_>) + Send>;
+pub type DeviceTask = Box<dyn FnOnce(&DeviceLoan<'_>) + Send>;
 
 /// Tasks waiting for the worker thread, oldest first.
 #[derive(Default)]
@@ -50,11 +50,11 @@ impl TaskQueue {
     /// Runs the tasks waiting now (not those queued meanwhile: a stream of requests cannot
     /// starve the training job, which gets at least one micro-batch between two rounds). A task
     /// that panics is logged and does not take the worker (or its job) down.
-    pub(super) fn run_waiting(&self, lease: &Lease<'_>) {
+    pub(super) fn run_waiting(&self, loan: &DeviceLoan<'_>) {
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("task queue lock"));
         self.len.store(0, Ordering::SeqCst);
         for task in tasks {
-            let run = std::panic::AssertUnwindSafe(|| task(lease));
+            let run = std::panic::AssertUnwindSafe(|| task(loan));
             if std::panic::catch_unwind(run).is_err() {
                 tracing::error!("a generation task panicked");
             }
@@ -82,7 +82,7 @@ impl Serving {
 
     /// Serves what waits while no job trains.
     pub(super) fn run_idle(&self) {
-        self.queue.run_waiting(&Lease {
+        self.queue.run_waiting(&DeviceLoan {
             cache: &self.cache,
             training: None,
         });
@@ -108,7 +108,7 @@ impl Interlude for JobInterlude {
     }
 
     fn run(&self, model: &Qwen3) {
-        self.serving.queue.run_waiting(&Lease {
+        self.serving.queue.run_waiting(&DeviceLoan {
             cache: &self.serving.cache,
             training: Some((&self.model_dir, model)),
         });
@@ -116,7 +116,7 @@ impl Interlude for JobInterlude {
 }
 
 /// The device lent to a task: the serving models, and the model being trained if a job runs.
-pub struct Lease<'a> {
+pub struct DeviceLoan<'a> {
     cache: &'a ModelCache,
     training: Option<(&'a Path, &'a Qwen3)>,
 }
@@ -135,7 +135,7 @@ pub struct ServingModel<'a> {
     pub format: Arc<ChatFormat>,
 }
 
-impl<'a> Lease<'a> {
+impl<'a> DeviceLoan<'a> {
     /// The base model in `dir`: the running job's own weights when it trains that base in f32,
     /// else a serving copy (loaded on first use). Blocking.
     pub fn model(&self, dir: &Path) -> Result<ServingModel<'a>> {
@@ -215,18 +215,18 @@ mod tests {
         let dir = crate::train::demo::ensure_demo_model(tmp.path()).unwrap();
         let serving = Serving::new(Default::default(), Device::Cpu);
         let trained = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let busy = Lease {
+        let busy = DeviceLoan {
             cache: &serving.cache,
             training: Some((&dir, &trained)),
         };
         assert!(busy.model(&dir).unwrap().is_training_model());
         let half = Qwen3::load(&dir, DType::BF16, &Device::Cpu).unwrap();
-        let busy_half = Lease {
+        let busy_half = DeviceLoan {
             cache: &serving.cache,
             training: Some((&dir, &half)),
         };
         assert!(!busy_half.model(&dir).unwrap().is_training_model());
-        let idle = Lease {
+        let idle = DeviceLoan {
             cache: &serving.cache,
             training: None,
         };
@@ -240,10 +240,12 @@ mod tests {
         let ran = Arc::new(AtomicBool::new(false));
         let requeue = queue.clone();
         let flag = ran.clone();
-        queue.push(Box::new(|_: &Lease<'_>| panic!("a bug in one request")));
-        queue.push(Box::new(move |_: &Lease<'_>| {
+        queue.push(Box::new(|_: &DeviceLoan<'_>| {
+            panic!("a bug in one request")
+        }));
+        queue.push(Box::new(move |_: &DeviceLoan<'_>| {
             // Queued during the round: waits for the next one.
-            requeue.push(Box::new(move |_: &Lease<'_>| {
+            requeue.push(Box::new(move |_: &DeviceLoan<'_>| {
                 flag.store(true, Ordering::SeqCst)
             }));
         }));

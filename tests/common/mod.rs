@@ -2,6 +2,7 @@
 //! dir, and small HTTP helpers over reqwest.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod s3;
 
 use serde_json::{json, Value};
@@ -56,7 +57,12 @@ impl Env {
     }
 
     pub fn start(&self) -> Server {
-        Server::start(self)
+        Server::start(self, &[])
+    }
+
+    /// Starts `sftd` with these arguments (`["worker"]`, `["serve", "--no-worker"]`).
+    pub fn start_args(&self, args: &[&str]) -> Server {
+        Server::start(self, args)
     }
 }
 
@@ -70,9 +76,10 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(env: &Env) -> Self {
+    fn start(env: &Env, args: &[&str]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.env_clear()
+        cmd.args(args)
+            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -136,6 +143,20 @@ impl Server {
             self.log.push(l);
         }
         &self.log
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal}");
+    }
+
+    /// Whether any log line so far contains `needle`.
+    pub fn logged(&mut self, needle: &str) -> bool {
+        self.logs().iter().any(|l| l.contains(needle))
     }
 
     pub fn kill9(&mut self) {

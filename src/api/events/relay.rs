@@ -36,11 +36,20 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// Starts the relay on the store's event broadcast. Must be called inside the tokio runtime.
+    /// Starts the relay on the store's event broadcast, which (with a shared database) the
+    /// store's feed fills with the events other processes commit too: it is woken by their
+    /// `NOTIFY`, with a poll behind it. Must be called inside the tokio runtime.
     pub fn start(store: &Store) -> Self {
         // A stream further behind than this many batches catches up from the database.
         let (tx, _) = broadcast::channel(store.broadcast_capacity());
         tokio::spawn(relay(store.subscribe(), tx.clone()));
+        store.follow_other_writers();
+        Self { tx }
+    }
+
+    /// A fan-out with no relay, for a process that serves no event streams (`sftd worker`).
+    pub fn idle(store: &Store) -> Self {
+        let (tx, _) = broadcast::channel(store.broadcast_capacity().max(1));
         Self { tx }
     }
 
@@ -142,7 +151,12 @@ mod tests {
         let id = "ftjob-burst";
         store.create_job(&new_job(id, None)).await.unwrap();
         store.mark_queued(id).await.unwrap();
-        store.claim_next_job().await.unwrap().unwrap();
+        let lease = store
+            .claim_next_job(&crate::store::Claimant::any("wrk-test"))
+            .await
+            .unwrap()
+            .unwrap()
+            .lease();
         let fanout = Fanout::start(&store);
         let mut streams: Vec<_> = (0..1000).map(|_| fanout.subscribe()).collect();
 
@@ -150,7 +164,11 @@ mod tests {
         let n = 40;
         for i in 0..n {
             let ev = NewEvent::info(format!("event {i}"));
-            store.append_running_event(id, &ev).await.unwrap().unwrap();
+            store
+                .append_running_event(&lease, &ev)
+                .await
+                .unwrap()
+                .unwrap();
         }
         let appended = start.elapsed();
         // created, queued and running came before the streams subscribed.

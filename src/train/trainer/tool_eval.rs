@@ -118,7 +118,9 @@ impl ToolEval {
             if control.is_cancelled() || control.is_suspended() {
                 return Ok(None);
             }
-            let out = generate(model, Tuning::Attached, &self.format, ids, &params, |_| true)?;
+            let out = generate(model, Tuning::Attached, &self.format, ids, &params, |_| {
+                true
+            })?;
             scores.push(score(reference, &out.text));
         }
         let seconds = started.elapsed().as_secs_f64();
