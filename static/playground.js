@@ -7,7 +7,7 @@ import { emptyAnswer, foldChunk, formatToolCall, sseData } from './chatstream.js
 import { h } from './dom.js';
 
 export function playgroundCard(jobId) {
-  const st = { job: null, presets: [], tools: [], aborts: [], alive: true };
+  const st = { job: null, presets: [], tools: [], aborts: [], alive: true, picked: false };
   const model = h('select', { 'data-testid': 'play-model', 'aria-label': 'Model' });
   const preset = h('select', { 'data-testid': 'play-preset', 'aria-label': 'Example prompt' },
     h('option', { value: '' }, 'Example prompts from the job’s data…'));
@@ -34,6 +34,9 @@ export function playgroundCard(jobId) {
   const card = h('section', { class: 'card area-play', 'aria-label': 'Playground', 'data-testid': 'playground' },
     h('h2', {}, 'Playground'), note, form, answers);
 
+  // A model the user chose stays chosen as the list grows; otherwise the first (the final
+  // model once there is one) is the default.
+  model.addEventListener('change', () => { st.picked = true; });
   preset.addEventListener('change', () => {
     const p = st.presets.find((x) => x.id === preset.value);
     if (!p) return;
@@ -145,7 +148,7 @@ export function playgroundCard(jobId) {
       if (ids.join('\n') !== have.join('\n')) {
         const keep = model.value;
         model.replaceChildren(...ids.map((id) => h('option', { value: id }, id.includes(':ckpt-step-') ? `checkpoint step ${id.split(':ckpt-step-')[1]}` : `${id} (final)`)));
-        if (ids.includes(keep)) model.value = keep;
+        if (st.picked && ids.includes(keep)) model.value = keep;
       }
       form.hidden = ids.length === 0;
       note.hidden = ids.length > 0;

@@ -1,6 +1,8 @@
 //! sftd as a cluster on a real PostgreSQL server (started by the test in a temporary directory):
 //! API nodes (`sftd serve --no-worker`) and workers (`sftd worker`) as separate processes of the
-//! real binary, sharing one database and one data directory. Shows that jobs spread over the
+//! real binary, sharing one database and, in the main test, one bucket of a real S3-compatible
+//! server (`s3s-fs`) with a data directory of its own per process (the 200-job test shares one
+//! data directory instead). Shows that jobs spread over the
 //! workers, that a killed worker's job is taken over after its lease and succeeds, that a
 //! frozen worker past its lease writes nothing once it wakes (fencing), that an event stream
 //! moves from one API node to another with `Last-Event-ID` and sees every event exactly once,
@@ -9,6 +11,7 @@
 mod common;
 
 use common::postgres::PgServer;
+use common::s3::S3Server;
 use common::{example, open_stream, read_sse, tiny_job, Env, Server};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -101,9 +104,11 @@ fn long_job(file: &str) -> Value {
 async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
     let Some(pg) = PgServer::start() else { return };
     let url = pg.database().await;
-    let env = cluster_env(&url);
-    let (a, b) = (api_node(&env), api_node(&env));
-    let (mut w1, mut w2) = (worker(&env), worker(&env));
+    let s3 = S3Server::start();
+    // Nothing shared but the database and the bucket: each process has its own data dir.
+    let env = s3.storage_env(cluster_env(&url), "cluster");
+    let (a, b) = (api_node(&env.node("api-a")), api_node(&env.node("api-b")));
+    let (mut w1, mut w2) = (worker(&env.node("worker-1")), worker(&env.node("worker-2")));
     let mut workers = vec![(worker_id(&mut w1), w1), (worker_id(&mut w2), w2)];
     let db = PgPool::connect(&url).await.unwrap();
     let file = a.upload(&example("text.jsonl")).await;
@@ -203,7 +208,7 @@ async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
         .find(|w| w["id"] == holder.as_str())
         .cloned();
     assert_eq!(dead.unwrap()["state"], "lost");
-    let mut replacement = worker(&env);
+    let mut replacement = worker(&env.node("worker-3"));
     workers.push((worker_id(&mut replacement), replacement));
 
     // A worker frozen (SIGSTOP) past its lease, then woken (SIGCONT), writes nothing more for

@@ -179,8 +179,16 @@ test('a demo job submitted through the form draws every step live and ends succe
   // Phone width: one column, nothing wider than the screen.
   await page.setViewportSize({ width: 390, height: 844 });
   await sleep(300);
-  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  assert.ok(overflow <= 0, `job page fits a 390 px screen (overflow ${overflow}px)`);
+  const { overflow, widest } = await page.evaluate(() => {
+    // Name the innermost elements that stick out, so a failure says what to fix.
+    const out = [...document.querySelectorAll('body *')]
+      .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 1)
+      .filter((e) => ![...e.children].some((c) => c.getBoundingClientRect().right > window.innerWidth + 1))
+      .slice(0, 5)
+      .map((e) => `${e.tagName.toLowerCase()}.${e.className || ''}[${e.dataset.testid || ''}] ${Math.round(e.getBoundingClientRect().width)}px`);
+    return { overflow: document.documentElement.scrollWidth - window.innerWidth, widest: out.join(', ') };
+  });
+  assert.ok(overflow <= 0, `job page fits a 390 px screen (overflow ${overflow}px: ${widest})`);
   assert.deepEqual(page.jsErrors(), []);
 });
 

@@ -85,8 +85,13 @@ test('a finished job: a preset from its validation data, streamed, side by side 
 
   // The final model first, then each checkpoint.
   const model = page.getByTestId('play-model');
-  await waitFor(async () => (await model.locator('option').count()) >= 3, { timeoutMs: 30_000, what: 'the model choices' });
-  const ids = await model.locator('option').evaluateAll((os) => os.map((o) => o.value));
+  const optionIds = () => model.locator('option').evaluateAll((os) => os.map((o) => o.value));
+  // The page learns that the job succeeded (and its model id) at its next refresh.
+  await waitFor(async () => {
+    const ids = await optionIds();
+    return ids.length >= 3 && ids[0] === done.fine_tuned_model;
+  }, { timeoutMs: 30_000, what: 'the model choices, the final model first' });
+  const ids = await optionIds();
   assert.equal(ids[0], done.fine_tuned_model);
   assert.ok(ids.includes(`${done.fine_tuned_model}:ckpt-step-3`), ids.join(' '));
 

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_sftd");
 
 /// A data dir that outlives server processes (for restart tests).
+#[derive(Clone)]
 pub struct Env {
-    pub dir: tempfile::TempDir,
+    /// Shared by the clones of one Env (and the nodes made from it), removed with the last.
+    pub dir: std::sync::Arc<tempfile::TempDir>,
     pub vars: Vec<(String, String)>,
 }
 
@@ -39,7 +41,19 @@ impl Env {
             ("RUST_LOG".into(), "info".into()),
             ("NO_COLOR".into(), "1".into()),
         ];
-        Self { dir, vars }
+        Self {
+            dir: std::sync::Arc::new(dir),
+            vars,
+        }
+    }
+
+    /// These settings with a data dir (and hub cache) of its own under `name`: one node of a
+    /// cluster that shares nothing with the others but the database and the artifact storage.
+    pub fn node(&self, name: &str) -> Env {
+        let root = self.dir.path().join(name);
+        self.clone()
+            .with("SFTD_DATA_DIR", &root.join("data").display().to_string())
+            .with("HF_HOME", &root.join("hf").display().to_string())
     }
 
     pub fn with(mut self, key: &str, value: &str) -> Self {
@@ -53,7 +67,8 @@ impl Env {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        let dir = self.vars.iter().find(|(k, _)| k == "SFTD_DATA_DIR");
+        PathBuf::from(&dir.expect("SFTD_DATA_DIR is always set").1)
     }
 
     pub fn start(&self) -> Server {
