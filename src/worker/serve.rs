@@ -6,7 +6,7 @@ use crate::train::generate::{
     generate, BaseModel, ChatFormat, Generation, ModelCache, SamplingParams,
 };
 use crate::train::interlude::Interlude;
-use crate::train::model::qwen3::{AdapterWeights, Tuning};
+use crate::train::model::qwen3::AdapterWeights;
 use crate::train::model::Qwen3;
 use anyhow::Result;
 use candle_core::DType;
@@ -191,7 +191,7 @@ impl ServingModel<'_> {
         params: &SamplingParams,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let tuning = adapter.map_or(Tuning::Base, Tuning::Adapter);
+        let tuning = adapter.into();
         generate(
             self.weights(),
             tuning,
