@@ -10,91 +10,16 @@
 
 mod common;
 
+use common::cluster::{
+    api_node, checkpoint_steps, claim_of, cluster_env, metric_steps, wait_until, worker, worker_id,
+    LONG,
+};
 use common::postgres::PgServer;
 use common::s3::S3Server;
-use common::{example, open_stream, read_sse, tiny_job, Env, Server};
+use common::{example, open_stream, read_sse, tiny_job, Server};
 use serde_json::Value;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
-
-const LEASE_MS: &str = "2000";
-const HEARTBEAT_MS: &str = "400";
-const LONG: Duration = Duration::from_secs(180);
-
-/// The shared settings of every process of one cluster.
-fn cluster_env(database_url: &str) -> Env {
-    Env::new()
-        .with("SFTD_DATABASE_URL", database_url)
-        .with("SFTD_LEASE_MS", LEASE_MS)
-        .with("SFTD_HEARTBEAT_MS", HEARTBEAT_MS)
-}
-
-fn api_node(env: &Env) -> Server {
-    env.start_args(&["serve", "--no-worker"])
-}
-
-fn worker(env: &Env) -> Server {
-    env.start_args(&["worker"])
-}
-
-/// The registry id of a worker process, from its start-up log.
-fn worker_id(w: &mut Server) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(line) = w.logs().iter().find(|l| l.contains("worker registered")) {
-            let i = line.find("wrk-").expect("the worker id");
-            let id: String = line[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            return id;
-        }
-        assert!(Instant::now() < deadline, "the worker did not register");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A job's metrics steps in event order, from the database.
-async fn metric_steps(db: &PgPool, job: &str) -> Vec<i64> {
-    sqlx::query_scalar(
-        "SELECT step FROM events WHERE job_id = $1 AND type = 'metrics' \
-         AND data::jsonb ? 'train_loss' ORDER BY seq",
-    )
-    .bind(job)
-    .fetch_all(db)
-    .await
-    .unwrap()
-}
-
-/// `(worker_id, epoch, attempts)` of a job.
-async fn claim_of(db: &PgPool, job: &str) -> (Option<String>, i64, i64) {
-    sqlx::query_as("SELECT worker_id, epoch, attempts FROM jobs WHERE id = $1")
-        .bind(job)
-        .fetch_one(db)
-        .await
-        .unwrap()
-}
-
-/// Waits until `cond` holds for the job's claim and steps.
-async fn wait_until(
-    db: &PgPool,
-    job: &str,
-    what: &str,
-    cond: impl Fn(&(Option<String>, i64, i64), &[i64]) -> bool,
-) -> ((Option<String>, i64, i64), Vec<i64>) {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let (claim, steps) = (claim_of(db, job).await, metric_steps(db, job).await);
-        if cond(&claim, &steps) {
-            return (claim, steps);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {claim:?} {steps:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn long_job(file: &str) -> Value {
     tiny_job(file, 40, 4)
@@ -234,14 +159,24 @@ async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
         metric_steps(&db, &frozen_job).await,
         (1..=40).collect::<Vec<_>>()
     );
-    let checkpoints: Vec<i64> =
-        sqlx::query_scalar("SELECT step FROM checkpoints WHERE job_id = $1 ORDER BY step")
+    let checkpoints = checkpoint_steps(&db, &frozen_job).await;
+    assert_eq!(checkpoints, (1..=10).map(|i| 4 * i).collect::<Vec<_>>());
+    assert_eq!(claim_of(&db, &frozen_job).await.1, 2);
+    // Every committed checkpoint is whole in the bucket: the woken worker checks its lease
+    // before each upload, so it overwrote none of them (each verifies against its manifest
+    // and is the step its row says).
+    let keys: Vec<(i64, String)> =
+        sqlx::query_as("SELECT step, path FROM checkpoints WHERE job_id = $1 ORDER BY step")
             .bind(&frozen_job)
             .fetch_all(&db)
             .await
             .unwrap();
-    assert_eq!(checkpoints, (1..=10).map(|i| 4 * i).collect::<Vec<_>>());
-    assert_eq!(claim_of(&db, &frozen_job).await.1, 2);
+    for (step, key) in keys {
+        let stored = s3.object_path(&format!("cluster/{key}"));
+        let state = sftd::train::checkpoint::verify(&stored)
+            .unwrap_or_else(|e| panic!("stored checkpoint {key}: {e:#}"));
+        assert_eq!(state.step as i64, step, "{key}");
+    }
     // The woken worker found out through its heartbeat or its first write, and stopped.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !workers[i].1.logged("lease lost") {

@@ -52,7 +52,7 @@ async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, super::
         .list_workers()
         .await?
         .into_iter()
-        .map(|w| super::workers::WorkerObject::new(w, s.config.lease_ms))
+        .map(|w| super::workers::WorkerObject::from(w).judged(s.config.lease_ms))
         .collect();
     let tokens = s.store.trained_tokens_total().await?;
     let count = |st: JobStatus| {

@@ -33,9 +33,10 @@ pub struct WorkerObject {
     pub state: &'static str,
 }
 
-impl WorkerObject {
-    pub fn new(w: WorkerRow, lease_ms: u64) -> Self {
-        let lost = w.heartbeat_age_ms > i64::try_from(lease_ms).unwrap_or(i64::MAX);
+impl From<WorkerRow> for WorkerObject {
+    /// The row as shown, `active` until [`WorkerObject::judged`] compares its heartbeat's age
+    /// with the lease.
+    fn from(w: WorkerRow) -> Self {
         Self {
             object: "worker",
             id: w.id,
@@ -47,8 +48,18 @@ impl WorkerObject {
             started_at: w.started_at,
             last_heartbeat_at: w.heartbeat_at as f64 / 1000.0,
             heartbeat_age_seconds: w.heartbeat_age_ms as f64 / 1000.0,
-            state: if lost { "lost" } else { "active" },
+            state: "active",
         }
+    }
+}
+
+impl WorkerObject {
+    /// `lost` when no heartbeat came within a lease of `lease_ms`.
+    pub fn judged(mut self, lease_ms: u64) -> Self {
+        if self.heartbeat_age_seconds * 1000.0 > lease_ms as f64 {
+            self.state = "lost";
+        }
+        self
     }
 }
 
@@ -56,7 +67,7 @@ async fn list(State(s): State<AppState>) -> Result<Json<List<WorkerObject>>, App
     let rows = s.store.list_workers().await?;
     let data: Vec<WorkerObject> = rows
         .into_iter()
-        .map(|w| WorkerObject::new(w, s.config.lease_ms))
+        .map(|w| WorkerObject::from(w).judged(s.config.lease_ms))
         .collect();
     let n = data.len() as i64;
     Ok(Json(List::page(data, n, |w| w.id.clone())))

@@ -235,6 +235,38 @@ impl Store {
         Ok(row)
     }
 
+    /// The oldest queued jobs without a memory estimate (created on an API node, which has no
+    /// device to estimate for): a worker estimates them for its device before it claims.
+    pub async fn queued_without_estimate(&self, limit: i64) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = $1 \
+             AND estimated_peak_memory_bytes IS NULL ORDER BY n LIMIT $2"
+        ))
+        .bind(Queued)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records the estimate of a queued job that has none yet (the first worker to estimate
+    /// it wins; all of a cluster's workers of one kind estimate the same). `false`: it had one,
+    /// or left the queue.
+    pub async fn set_queued_estimate(&self, id: &str, bytes: u64) -> Result<bool> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET estimated_peak_memory_bytes = $1 WHERE id = $2 AND status = $3 \
+             AND estimated_peak_memory_bytes IS NULL",
+        )
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(id)
+        .bind(Queued)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
     /// `validating_files → queued`.
     pub async fn mark_queued(&self, id: &str) -> Result<bool> {
         let ev = NewEvent::status(Queued, "info", "Files validated; job queued");
@@ -257,12 +289,30 @@ impl Store {
     /// died): the status event carries `interrupted: true`, which is what
     /// [`Store::interruptions`] counts.
     pub async fn requeue_interrupted(&self, lease: &Lease, message: &str) -> Result<bool> {
+        self.requeue_counted(Guard::Expired(lease), lease, message)
+            .await
+    }
+
+    /// `running → queued` by the worker holding `lease`, for a run stopped by a failure that
+    /// should pass (the artifact storage down): counted like an interruption, so
+    /// `SFTD_MAX_ATTEMPTS` caps these retries too.
+    pub async fn requeue_held_interrupted(&self, lease: &Lease, message: &str) -> Result<bool> {
+        self.requeue_counted(Guard::Holding(lease), lease, message)
+            .await
+    }
+
+    async fn requeue_counted(
+        &self,
+        guard: Guard<'_>,
+        lease: &Lease,
+        message: &str,
+    ) -> Result<bool> {
         let mut ev = NewEvent::status(Queued, "info", message);
         if let Some(data) = ev.data.as_mut() {
             data["interrupted"] = true.into();
         }
         Ok(self
-            .transition(&lease.job_id, Guard::Expired(lease), Queued, RELEASE, ev)
+            .transition(&lease.job_id, guard, Queued, RELEASE, ev)
             .await?
             .is_some())
     }

@@ -1,12 +1,14 @@
 //! A job's artifacts between the artifact storage and the local paths training needs: inputs
 //! fetched before a run, the newest stored checkpoint fetched for a resume on any host,
 //! checkpoints published (manifest last) before their row is committed, result files published
-//! before the job succeeds. With the default storage (the data dir itself) there is nothing to
-//! copy and each of these only checks.
+//! before the job succeeds, and the local copies a run needed dropped when it ends. With the
+//! default storage (the data dir itself) there is nothing to copy and each of these only checks.
 
 use crate::storage::{Storage, StorageError};
 use crate::store::jobs::JobError;
+use crate::store::{JobRow, Store};
 use crate::train::checkpoint;
+use crate::train::spec::JobSpec;
 use std::path::{Path, PathBuf};
 
 /// Where a job's checkpoints are stored: `jobs/<id>/checkpoints/step-<N>/…`.
@@ -34,11 +36,13 @@ pub(super) async fn fetch_inputs(
     storage: &Storage,
     training_file: &Path,
     validation_file: Option<&Path>,
+    tool_eval_file: Option<&Path>,
     init_adapter: Option<&Path>,
 ) -> Result<(), JobError> {
     for (param, path) in [
         ("training_file", Some(training_file)),
         ("validation_file", validation_file),
+        ("tool_eval_file", tool_eval_file),
     ] {
         let Some(key) = path.and_then(|p| storage.key_of(p)) else {
             continue;
@@ -179,4 +183,41 @@ pub(super) async fn publish_results(
         out.push((key, bytes));
     }
     Ok(out)
+}
+
+/// Deletes this host's copies of what a run of `job` fetched or wrote that the artifact storage
+/// keeps: its dataset files and its checkpoints (the adapter stays: chat on this node may be
+/// using it). Any later run, here or elsewhere, fetches them again. Nothing is deleted when the
+/// storage is the data dir itself: those files are the objects.
+pub(super) async fn drop_local_copies(store: &Store, storage: &Storage, job: &JobRow) {
+    if storage.is_in_place() {
+        return;
+    }
+    let tool_eval = serde_json::from_str::<JobSpec>(&job.spec)
+        .ok()
+        .and_then(|s| s.tool_eval_file);
+    let ids = [Some(&job.training_file), job.validation_file.as_ref()];
+    for id in ids.into_iter().flatten().chain(tool_eval.as_ref()) {
+        match store.get_file(id).await {
+            Ok(Some(file)) => remove(&storage.local_path(&file.path)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(file = %id, error = %e, "could not look up a local copy to drop")
+            }
+        }
+    }
+    remove(&storage.local_path(&checkpoints_prefix(&job.id)));
+}
+
+fn remove(path: &Path) {
+    let gone = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match gone {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not drop a local copy"),
+    }
 }

@@ -7,6 +7,7 @@
 //! thread.
 
 mod artifacts;
+mod estimate;
 mod heartbeat;
 mod recorder;
 mod run;
@@ -31,6 +32,10 @@ use std::time::Duration;
 /// How often an idle worker looks at the queue even without a wake-up (belt and braces; the
 /// heartbeat also wakes it, to take over jobs whose lease expired).
 const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// How long a worker waits before its next claim after a run stopped because the artifact
+/// storage was down (the job itself was requeued, for any worker).
+const STORAGE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Which halves of the worker this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +99,8 @@ struct Ctx {
     device: String,
     claimant: Claimant,
     max_attempts: u32,
+    /// The device's memory, for estimating queued jobs that have no estimate.
+    memory: Option<MemoryBudget>,
 }
 
 /// The job the thread is running: the lease its writes carry and the flag that steers it.
@@ -213,7 +220,11 @@ impl Worker {
         let id = crate::store::new_id("wrk");
         let claimant = Claimant {
             worker_id: id.clone(),
-            memory_bytes: memory.as_ref().map(|m| m.info.available_memory_bytes),
+            // The share of the memory a job may use, as the creation-time check judges.
+            memory_bytes: memory.as_ref().map(|m| {
+                (m.info.available_memory_bytes as f64 * crate::train::memory::USABLE_FRACTION)
+                    as u64
+            }),
             lease: opts.lease,
         };
         heartbeat::start(&store, &id, &opts, memory.as_ref(), &worker).await?;
@@ -230,6 +241,7 @@ impl Worker {
             device: opts.device.clone(),
             claimant,
             max_attempts: opts.max_attempts,
+            memory,
         };
         let thread = std::thread::Builder::new()
             .name("sftd-worker".into())
@@ -419,6 +431,7 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
     };
     tracing::info!(device = ?device, "worker started");
     let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
+    let mut unestimable = estimate::Unestimable::default();
     loop {
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
@@ -426,6 +439,10 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         serving.run_idle();
         if let Err(e) = ctx.rt.block_on(reclaim_expired(&ctx)) {
             tracing::error!(error = %e, "could not look for expired leases");
+        }
+        if let Some(budget) = &ctx.memory {
+            ctx.rt
+                .block_on(estimate::estimate_queued(&ctx, budget, &mut unestimable));
         }
         match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
             Ok(Some(job)) => {
@@ -443,10 +460,17 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                     ctx.rt.block_on(ctx.store.get_job(&job.id)),
                     Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
                 );
-                if still_running {
-                    run::run_job(&ctx, &job, &control, &device, &serving);
-                }
+                let ended = if still_running {
+                    run::run_job(&ctx, &job, &control, &device, &serving)
+                } else {
+                    run::Ended::Normally
+                };
                 *shared.current.lock().expect("worker lock") = None;
+                ctx.rt
+                    .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, &job));
+                if ended == run::Ended::StorageDown {
+                    backoff(shared);
+                }
                 continue;
             }
             Ok(None) => {}
@@ -458,6 +482,14 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     }
     tracing::info!("worker stopped");
+}
+
+/// Waits [`STORAGE_BACKOFF`] before the next claim, or less if the worker is shutting down.
+fn backoff(shared: &Shared) {
+    let until = std::time::Instant::now() + STORAGE_BACKOFF;
+    while std::time::Instant::now() < until && !shared.shutting_down.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Requeues (or fails) the jobs whose lease expired: their worker died or lost contact.

@@ -36,6 +36,9 @@ pub(super) struct Recorder<'a> {
     /// Set when an event or checkpoint could not be stored even after retries: the run is
     /// stopped and the job fails with this, rather than go on with a hole in its record.
     lost: Option<String>,
+    /// What was lost was a checkpoint's upload: the artifact storage is down, which should
+    /// pass, so the job is requeued rather than failed.
+    storage_down: bool,
 }
 
 impl<'a> Recorder<'a> {
@@ -64,12 +67,18 @@ impl<'a> Recorder<'a> {
             last_tool_eval_step: last("tool_eval_examples"),
             keep_checkpoints,
             lost: None,
+            storage_down: false,
         }
     }
 
     /// Why the run had to be stopped, if a write failed for good (see `lost`).
     pub(super) fn take_lost(&mut self) -> Option<String> {
         self.lost.take()
+    }
+
+    /// Whether the write that failed for good was an upload to the artifact storage.
+    pub(super) fn storage_down(&self) -> bool {
+        self.storage_down
     }
 
     /// Runs a store (or storage) write with bounded retries. `None` once it has failed for good
@@ -187,12 +196,29 @@ impl<'a> Recorder<'a> {
             "no_call_accuracy": tool.and_then(|t| t.no_call_accuracy),
         });
         let what = format!("the checkpoint of step {}", c.step);
+        // No upload once the job is no longer this worker's (cancelled, or its lease lost while
+        // it was paused): the lease is checked, and renewed, right before.
+        match ctx
+            .rt
+            .block_on(store.renew_lease(lease, ctx.claimant.lease))
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(job = %lease.job_id, "lease lost before a checkpoint upload: stopping the run");
+                self.control.cancel();
+                return;
+            }
+            // The database is down: the row write below will say so (with its retries).
+            Err(e) => tracing::warn!(job = %lease.job_id, error = %e, "could not renew the lease"),
+        }
         // Every object first (manifest last), then the row: a row always names a whole
         // checkpoint, on any host.
+        let already_lost = self.lost.is_some();
         let Some(key) = self.store_write(&what, || {
             ctx.rt
                 .block_on(artifacts::publish_checkpoint(&ctx.storage, &c.path))
         }) else {
+            self.storage_down = !already_lost;
             return;
         };
         let recorded = self.store_write(&what, || {
@@ -204,7 +230,8 @@ impl<'a> Recorder<'a> {
                 keep,
             ))
         });
-        if recorded.is_some() {
+        // Only the holder prunes: a refused row means the job is someone else's now.
+        if recorded == Some(true) {
             let pruned = ctx.rt.block_on(artifacts::prune_checkpoints(
                 &ctx.storage,
                 &lease.job_id,

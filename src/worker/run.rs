@@ -153,6 +153,16 @@ pub fn job_dir(store: &Store, job_id: &str) -> PathBuf {
     store.data_dir().join("jobs").join(job_id)
 }
 
+/// How a run ended, for what the worker does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// Recorded as succeeded, failed, cancelled or requeued for a shutdown.
+    Normally,
+    /// The artifact storage was down: the job was requeued (or failed, past its attempts), and
+    /// this worker waits a little before it claims again.
+    StorageDown,
+}
+
 /// Runs `job` (already `running`) to its end on this thread and records the outcome.
 pub(super) fn run_job(
     ctx: &Ctx,
@@ -160,7 +170,7 @@ pub(super) fn run_job(
     control: &Control,
     device: &candle_core::Device,
     serving: &super::serve::Serving,
-) {
+) -> Ended {
     let store = &ctx.store;
     let id = job.id.as_str();
     let lease = job.lease();
@@ -174,6 +184,7 @@ pub(super) fn run_job(
             ),
             Err(e) => tracing::error!(job = id, error = %e, "could not record the failure"),
         }
+        Ended::Normally
     };
     if control.is_suspended() {
         requeue(
@@ -181,10 +192,11 @@ pub(super) fn run_job(
             &lease,
             "Server shutting down before the job started; it stays queued",
         );
-        return;
+        return Ended::Normally;
     }
     let inputs = match ctx.rt.block_on(prepare(store, &ctx.storage, &ctx.hub, job)) {
         Ok(i) => i,
+        Err(e) if e.code == STORAGE_UNAVAILABLE => return storage_down(ctx, &lease, &e.message),
         Err(e) => return fail(e),
     };
     let output_dir = job_dir(store, id);
@@ -193,6 +205,7 @@ pub(super) fn run_job(
             &ctx.storage,
             &inputs.training_file,
             inputs.validation_file.as_deref(),
+            inputs.tool_eval_file.as_deref(),
             inputs.init_adapter.as_deref(),
         )
         .await?;
@@ -200,6 +213,7 @@ pub(super) fn run_job(
     });
     let passed_over = match fetched {
         Ok(reasons) => reasons,
+        Err(e) if e.code == STORAGE_UNAVAILABLE => return storage_down(ctx, &lease, &e.message),
         Err(e) => return fail(e),
     };
     let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
@@ -245,6 +259,11 @@ pub(super) fn run_job(
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine::run(&train_job, control, &mut |ev| recorder.on_event(ev))
     }));
+    if recorder.storage_down() {
+        if let Some(lost) = recorder.take_lost() {
+            return storage_down(ctx, &lease, &lost);
+        }
+    }
     if let Some(lost) = recorder.take_lost() {
         return fail(JobError::new(
             "events_not_recorded",
@@ -262,7 +281,7 @@ pub(super) fn run_job(
             if let Err(e) = finish(ctx, job, &inputs.spec, &adapter_dir, trained_tokens) {
                 let message = format!("could not register the results: {e:#}");
                 let code = if is_disk_full(&message) { "disk_full" } else { "internal_error" };
-                fail(JobError::new(code, message.replace(&data_dir, "<data dir>"), None));
+                return fail(JobError::new(code, message.replace(&data_dir, "<data dir>"), None));
             }
         }
         Ok(Ok(Outcome::Suspended { step, .. })) => requeue(
@@ -277,7 +296,7 @@ pub(super) fn run_job(
         Ok(Err(_)) if control.is_suspended() => requeue(ctx, &lease, "Job suspended for a server shutdown"),
         Ok(Err(e)) => {
             let message = user_message(&format!("{e:#}"), job, &train_job, store.data_dir());
-            if is_disk_full(&message) {
+            return if is_disk_full(&message) {
                 fail(JobError::new(
                     "disk_full",
                     format!("The disk holding the data directory is full: {message}. Nothing partial was kept; free space, then create the job again."),
@@ -285,7 +304,7 @@ pub(super) fn run_job(
                 ))
             } else {
                 fail(JobError::new("training_failed", message, None))
-            }
+            };
         }
         Err(panic) => {
             let what = panic
@@ -293,9 +312,53 @@ pub(super) fn run_job(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            fail(JobError::new("internal_error", format!("the trainer crashed: {what}"), None))
+            return fail(JobError::new("internal_error", format!("the trainer crashed: {what}"), None));
         }
     }
+    Ended::Normally
+}
+
+/// The `code` of errors that come from the artifact storage being unreachable.
+const STORAGE_UNAVAILABLE: &str = "storage_unavailable";
+
+/// A run stopped because the artifact storage is down: requeued (from its last stored
+/// checkpoint, on any worker) as an interruption, so `SFTD_MAX_ATTEMPTS` caps the retries; past
+/// them the job fails with `storage_unavailable`.
+fn storage_down(ctx: &Ctx, lease: &Lease, reason: &str) -> Ended {
+    let store = &ctx.store;
+    let id = lease.job_id.as_str();
+    let times = ctx.rt.block_on(store.interruptions(id)).unwrap_or(0) + 1;
+    let written = if times <= i64::from(ctx.max_attempts) {
+        tracing::warn!(
+            job = id,
+            times,
+            reason,
+            "artifact storage down: requeueing the job"
+        );
+        let message = format!(
+            "The artifact storage is unavailable ({reason}); the job was requeued and resumes \
+             from its last stored checkpoint"
+        );
+        ctx.rt
+            .block_on(store.requeue_held_interrupted(lease, &message))
+    } else {
+        let message = format!(
+            "The artifact storage stayed unavailable ({reason}); the job was requeued {} times \
+             (SFTD_MAX_ATTEMPTS) and is not retried again; create it again once the storage is back",
+            ctx.max_attempts
+        );
+        let err = JobError::new(STORAGE_UNAVAILABLE, message, None);
+        ctx.rt.block_on(store.fail_running(lease, &err))
+    };
+    match written {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            job = id,
+            "the job was cancelled or its lease lost meanwhile"
+        ),
+        Err(e) => tracing::error!(job = id, error = %e, "could not record the storage failure"),
+    }
+    Ended::StorageDown
 }
 
 /// Whether an error message (with its causes) reports ENOSPC.

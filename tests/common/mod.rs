@@ -2,6 +2,7 @@
 //! dir, and small HTTP helpers over reqwest.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod postgres;
 pub mod s3;
 

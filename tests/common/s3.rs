@@ -43,27 +43,18 @@ impl S3Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(binary())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn s3s-fs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Self {
-            child,
+            child: spawn(port, root.path()),
             endpoint: format!("http://127.0.0.1:{port}"),
             root,
         }
+    }
+
+    /// Starts the server again after [`S3Server::stop`], on the same port over the same
+    /// objects (storage coming back after an outage).
+    pub fn restart(&mut self) {
+        let port: u16 = self.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = spawn(port, self.root.path());
     }
 
     /// The environment that points sftd (or `Storage::open`) at this server.
@@ -96,6 +87,27 @@ impl S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `s3s-fs` over `root` on `port` and waits until it accepts connections.
+fn spawn(port: u16, root: &Path) -> Child {
+    let child = Command::new(binary())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn s3s-fs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "s3s-fs did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 impl Drop for S3Server {

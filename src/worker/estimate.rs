@@ -1,0 +1,51 @@
+//! Memory estimates made at claim time. A job created on an API node (`sftd serve --no-worker`)
+//! has no estimate: that node has no training device to estimate for. Before each claim a
+//! worker estimates the oldest such queued jobs for its own device, the way `sftd serve` does at
+//! creation, and records each estimate on the job's row; the claim then takes only a job whose
+//! estimate fits, so a job too big for this worker stays queued for a bigger one.
+
+use super::{Ctx, MemoryBudget};
+use crate::train::spec::TrainConfig;
+use std::collections::HashSet;
+
+/// Queued jobs estimated per look at the queue (the oldest first).
+const PER_PASS: i64 = 8;
+
+/// Jobs this worker could not estimate (the model's config unreadable, a precision its device
+/// cannot run): they are claimed like any job, and their run reports why.
+#[derive(Default)]
+pub(super) struct Unestimable(HashSet<String>);
+
+/// Records an estimate on each of the oldest queued jobs that have none, for `budget`'s device.
+pub(super) async fn estimate_queued(ctx: &Ctx, budget: &MemoryBudget, skip: &mut Unestimable) {
+    let jobs = match ctx.store.queued_without_estimate(PER_PASS).await {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the queued jobs to estimate");
+            return;
+        }
+    };
+    for job in jobs {
+        if skip.0.contains(&job.id) {
+            continue;
+        }
+        let Some(bytes) = estimate(ctx, budget, &job.model, &job.config).await else {
+            skip.0.insert(job.id);
+            continue;
+        };
+        match ctx.store.set_queued_estimate(&job.id, bytes).await {
+            Ok(_) => tracing::info!(job = %job.id, bytes, "estimated a queued job's memory"),
+            Err(e) => tracing::warn!(job = %job.id, error = %e, "could not record an estimate"),
+        }
+    }
+}
+
+/// The job's peak memory on this device, whether it fits or not (`None`: cannot be estimated).
+async fn estimate(ctx: &Ctx, budget: &MemoryBudget, model: &str, config: &str) -> Option<u64> {
+    let config: TrainConfig = serde_json::from_str(config).ok()?;
+    let dir = ctx.hub.resolve(model).await.ok()?;
+    match budget.check(&dir, &config) {
+        Ok(bytes) => bytes,
+        Err(too_big) => Some(too_big.estimated_peak_memory_bytes),
+    }
+}
