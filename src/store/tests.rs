@@ -274,6 +274,72 @@ async fn memory_fit(s: Store) {
     );
 }
 
+on_both_backends!(
+    queued_jobs_without_an_estimate_get_one_before_the_claim,
+    estimate_at_claim
+);
+async fn estimate_at_claim(s: Store) {
+    for id in ["ftjob-unestimated", "ftjob-small"] {
+        s.create_job(&job(id, None)).await.unwrap();
+        s.mark_queued(id).await.unwrap();
+    }
+    s.set_estimated_memory("ftjob-small", 1 << 30)
+        .await
+        .unwrap();
+    let ids = |jobs: Vec<JobRow>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let todo = s.queued_without_estimate(8).await.unwrap();
+    assert_eq!(ids(todo), ["ftjob-unestimated"]);
+    // The first estimate wins; a second worker's is not recorded.
+    assert!(s
+        .set_queued_estimate("ftjob-unestimated", 8 << 30)
+        .await
+        .unwrap());
+    assert!(!s.set_queued_estimate("ftjob-unestimated", 1).await.unwrap());
+    assert!(s.queued_without_estimate(8).await.unwrap().is_empty());
+    let small_worker = Claimant {
+        memory_bytes: Some(4 << 30),
+        ..claimant()
+    };
+    let got = s.claim_next_job(&small_worker).await.unwrap().unwrap();
+    assert_eq!(got.id, "ftjob-small");
+    assert!(s.claim_next_job(&small_worker).await.unwrap().is_none());
+    // Only a queued job is estimated.
+    assert!(!s.set_queued_estimate("ftjob-small", 1).await.unwrap());
+}
+
+on_both_backends!(
+    a_holder_requeueing_for_a_transient_failure_counts_an_interruption,
+    held_interruptions
+);
+async fn held_interruptions(s: Store) {
+    s.create_job(&job("ftjob-h", None)).await.unwrap();
+    s.mark_queued("ftjob-h").await.unwrap();
+    let lease = s
+        .claim_next_job(&claimant())
+        .await
+        .unwrap()
+        .unwrap()
+        .lease();
+    assert!(s
+        .requeue_held_interrupted(&lease, "storage down")
+        .await
+        .unwrap());
+    assert_eq!(s.interruptions("ftjob-h").await.unwrap(), 1);
+    let job_row = s.get_job("ftjob-h").await.unwrap().unwrap();
+    assert_eq!(job_row.status, JobStatus::Queued);
+    // A lease already lost cannot requeue.
+    let expired = Claimant {
+        lease: Duration::ZERO,
+        ..claimant()
+    };
+    let lease = s.claim_next_job(&expired).await.unwrap().unwrap().lease();
+    assert!(!s
+        .requeue_held_interrupted(&lease, "storage down")
+        .await
+        .unwrap());
+    assert_eq!(s.interruptions("ftjob-h").await.unwrap(), 1);
+}
+
 on_both_backends!(workers_register_and_heartbeat, registry);
 async fn registry(s: Store) {
     s.register_worker(&workers::NewWorker {

@@ -278,6 +278,12 @@ pub(super) fn run_job(
             steps,
         })) => {
             tracing::info!(job = id, steps, trained_tokens, "training completed");
+            // The result files' keys are the job's: once the job is no longer this worker's
+            // (cancelled, or its lease lost), it must not upload over what another run stored.
+            if !matches!(ctx.rt.block_on(store.renew_lease(&lease, ctx.claimant.lease)), Ok(true)) {
+                tracing::warn!(job = id, "lease lost (or the database unreachable) before the results were uploaded: not recording them; the job is taken over once its lease expires");
+                return Ended::Normally;
+            }
             if let Err(e) = finish(ctx, job, &inputs.spec, &adapter_dir, trained_tokens) {
                 let message = format!("could not register the results: {e:#}");
                 let code = if is_disk_full(&message) { "disk_full" } else { "internal_error" };
