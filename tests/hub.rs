@@ -335,12 +335,9 @@ async fn a_job_on_a_hub_model_downloads_it_and_trains() {
     let file = s.upload(&common::example("text.jsonl")).await;
     let mut body = common::tiny_job(&file, 2, 0);
     body["model"] = json!("acme/demo-qwen3");
-    let job = s.create_job(&body).await;
-    let id = job["id"].as_str().unwrap();
+    let id = s.start_job(&body).await;
     let job = s
-        .wait_for(id, std::time::Duration::from_secs(120), |j| {
-            j["finished_at"].is_number()
-        })
+        .wait_finished(&id, std::time::Duration::from_secs(120))
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["model"], "acme/demo-qwen3");
