@@ -5,6 +5,7 @@
 pub mod jobs;
 pub mod postgres;
 pub mod s3;
+pub mod train;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
