@@ -8,6 +8,7 @@
 
 mod artifacts;
 mod heartbeat;
+mod liveness;
 mod recorder;
 mod run;
 mod serve;
@@ -107,6 +108,8 @@ struct Shared {
     current: Mutex<Option<Running>>,
     shutting_down: AtomicBool,
     alive: AtomicBool,
+    /// Whether the thread, while up, still comes round to take jobs.
+    liveness: liveness::Liveness,
     /// Generation tasks waiting for the device.
     tasks: Arc<serve::TaskQueue>,
 }
@@ -174,6 +177,7 @@ impl Worker {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            liveness: liveness::Liveness::new(opts.lease),
             tasks: Default::default(),
         });
         let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
@@ -282,6 +286,13 @@ impl Worker {
     /// Whether the thread is up (for `/readyz`).
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Whether this process's worker thread is up but stuck: neither training nor generating,
+    /// it has not come round to the queue for a whole lease (for `/readyz`). Always `false` in a
+    /// process that does not train.
+    pub fn is_stalled(&self) -> bool {
+        self.id.is_some() && self.is_alive() && self.shared.liveness.stalled()
     }
 
     /// The id of the job being trained, if any.
@@ -419,34 +430,20 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
     };
     tracing::info!(device = ?device, "worker started");
     let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
+    let live = &shared.liveness;
     loop {
+        live.turned();
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
         }
-        serving.run_idle();
+        live.busy(|| serving.run_idle());
         if let Err(e) = ctx.rt.block_on(reclaim_expired(&ctx)) {
             tracing::error!(error = %e, "could not look for expired leases");
         }
+        crate::fault::hang("worker_claim");
         match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
             Ok(Some(job)) => {
-                let control = Control::new();
-                *shared.current.lock().expect("worker lock") = Some(Running {
-                    lease: job.lease(),
-                    control: control.clone(),
-                });
-                if shared.shutting_down.load(Ordering::SeqCst) {
-                    control.suspend();
-                }
-                // A cancel that landed between the claim and the line above found no control to
-                // flip; it did change the status, which this re-read sees.
-                let still_running = matches!(
-                    ctx.rt.block_on(ctx.store.get_job(&job.id)),
-                    Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
-                );
-                if still_running {
-                    run::run_job(&ctx, &job, &control, &device, &serving);
-                }
-                *shared.current.lock().expect("worker lock") = None;
+                live.busy(|| run_claimed(&ctx, shared, &job, &device, &serving));
                 continue;
             }
             Ok(None) => {}
@@ -458,6 +455,34 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     }
     tracing::info!("worker stopped");
+}
+
+/// Runs a job the thread has just claimed, unless it was cancelled meanwhile.
+fn run_claimed(
+    ctx: &Ctx,
+    shared: &Shared,
+    job: &JobRow,
+    device: &candle_core::Device,
+    serving: &serve::Serving,
+) {
+    let control = Control::new();
+    *shared.current.lock().expect("worker lock") = Some(Running {
+        lease: job.lease(),
+        control: control.clone(),
+    });
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        control.suspend();
+    }
+    // A cancel that landed between the claim and the line above found no control to
+    // flip; it did change the status, which this re-read sees.
+    let still_running = matches!(
+        ctx.rt.block_on(ctx.store.get_job(&job.id)),
+        Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
+    );
+    if still_running {
+        run::run_job(ctx, job, &control, device, serving);
+    }
+    *shared.current.lock().expect("worker lock") = None;
 }
 
 /// Requeues (or fails) the jobs whose lease expired: their worker died or lost contact.
@@ -489,6 +514,7 @@ mod tests {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            liveness: liveness::Liveness::new(Duration::from_secs(30)),
             tasks: Default::default(),
         });
         let in_thread = shared.clone();
