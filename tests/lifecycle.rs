@@ -298,13 +298,20 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
         .unwrap();
     let last: Value = serde_json::from_str(&got.last().unwrap().data).unwrap();
     assert_eq!(last["data"]["status"], "cancelled");
-    // Training stopped: no event after the terminal one, the worker is idle, nothing ran.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Training stopped: the worker lets go of the job (at its next micro-batch), and once it has,
+    // no event follows the terminal one and the queued job never ran.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let (_, m) = s.get("/metrics").await;
+        if m.as_str().unwrap().contains("sftd_worker_busy 0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still busy: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let events = s.all_events(&running).await;
     assert_eq!(events.last().unwrap()["data"]["status"], "cancelled");
     assert_gap_free(&events);
-    let (_, m) = s.get("/metrics").await;
-    assert!(m.as_str().unwrap().contains("sftd_worker_busy 0"), "{m}");
     let q = s.job(&queued).await;
     assert!(
         q["started_at"].is_null() && q["result_files"] == json!([]),

@@ -374,11 +374,13 @@ pub async fn read_sse(
     out
 }
 
-/// Opens the event stream of a job.
+/// Opens the event stream of a job. It lasts as long as the job: the client's 60 s limit on a
+/// whole request does not apply to it.
 pub async fn open_stream(s: &Server, job: &str, last_event_id: Option<i64>) -> reqwest::Response {
     let mut req = s
         .client
         .get(s.url(&format!("/v1/fine_tuning/jobs/{job}/events")))
+        .timeout(Duration::from_secs(600))
         .header("accept", "text/event-stream");
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id.to_string());
