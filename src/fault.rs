@@ -1,7 +1,9 @@
 //! Fault injection for the crash tests. `SFTD_FAULT_POINT=name:n` aborts the process (no
 //! cleanup, like `kill -9`) the n-th time execution reaches `fault::point("name")`;
 //! `SFTD_FAULT_FAIL=name:n` makes `fault::fails("name")` true from its n-th call on (a store
-//! write that keeps failing). Unset, each check only reads a once-initialised static.
+//! write that keeps failing); `SFTD_FAULT_HANG=name:n` blocks the calling thread for good at
+//! the n-th `fault::hang("name")` (a thread that is stuck rather than dead). Unset, each check
+//! only reads a once-initialised static.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -32,6 +34,7 @@ impl Armed {
 
 static ABORT: OnceLock<Option<Armed>> = OnceLock::new();
 static FAIL: OnceLock<Option<Armed>> = OnceLock::new();
+static HANG: OnceLock<Option<Armed>> = OnceLock::new();
 
 /// Aborts here if this is the n-th hit of the point `SFTD_FAULT_POINT` names.
 pub fn point(name: &str) {
@@ -53,4 +56,21 @@ pub fn fails(name: &str) -> bool {
         return false;
     };
     armed.hit(name).is_some_and(|n| n >= armed.nth)
+}
+
+/// Blocks the calling thread for good if this is the n-th hit of the point `SFTD_FAULT_HANG`
+/// names.
+pub fn hang(name: &str) {
+    let Some(armed) = HANG.get_or_init(|| Armed::from_env("SFTD_FAULT_HANG")) else {
+        return;
+    };
+    if armed.hit(name) == Some(armed.nth) {
+        eprintln!(
+            "sftd: SFTD_FAULT_HANG {name}:{} reached; this thread hangs",
+            armed.nth
+        );
+        loop {
+            std::thread::park();
+        }
+    }
 }

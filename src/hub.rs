@@ -23,6 +23,11 @@ pub enum HubError {
     /// Nothing by that name (HTTP 404).
     #[error("{0}")]
     NotFound(String),
+    /// The hub refused this server the repo (its 401/403): gated or private, or (to a caller
+    /// without a token, to whom the hub answers 401 for unknown repos too) perhaps missing. HTTP
+    /// 403 `model_access_denied`, the message saying what to do with HF_TOKEN.
+    #[error("{0}")]
+    Denied(String),
     /// The model exists but could not be made available (the job fails with this message).
     #[error("{0}")]
     Unavailable(String),
@@ -39,6 +44,7 @@ impl HubError {
         match self {
             HubError::Invalid(_) => "invalid_model",
             HubError::NotFound(_) => "model_not_found",
+            HubError::Denied(_) => "model_access_denied",
             HubError::Unavailable(_) => "model_unavailable",
             HubError::Unreachable(_) => "hub_unavailable",
         }
@@ -128,15 +134,17 @@ impl Hub {
         let api = self.api()?;
         match tokio::time::timeout(CHECK_TIMEOUT, api.model(model.to_string()).info()).await {
             Ok(Ok(_)) => Ok(ModelRef::Hub(model.to_string())),
-            Ok(Err(ApiError::RequestError(e)))
-                if e.status().is_some_and(|s| is_absent(s.as_u16())) =>
-            {
+            Ok(Err(ApiError::RequestError(e))) if e.status().is_some_and(|s| s == 404) => {
                 Err(HubError::NotFound(format!(
-                    "model {model:?} was not found on the Hugging Face hub at {} (HTTP {}); \
-                     check the name, or set HF_TOKEN for a gated or private model",
-                    self.endpoint,
-                    e.status().map(|s| s.as_u16()).unwrap_or(0)
+                    "model {model:?} was not found on the Hugging Face hub at {} (HTTP 404); \
+                     check the name",
+                    self.endpoint
                 )))
+            }
+            Ok(Err(ApiError::RequestError(e)))
+                if e.status().is_some_and(|s| is_refusal(s.as_u16())) =>
+            {
+                Err(self.refused(model, e.status().map_or(0, |s| s.as_u16())))
             }
             Ok(Err(e)) => Err(HubError::Unreachable(format!(
                 "model {model:?} is not in the local cache and the Hugging Face hub at {} \
@@ -260,12 +268,43 @@ impl Hub {
         weights_cached.then(|| config.parent().map(Path::to_path_buf))?
     }
 
+    /// What a refusal (401/403) of `model` means for this server, with what to do about it.
+    fn refused(&self, model: &str, status: u16) -> HubError {
+        let hub = &self.endpoint;
+        HubError::Denied(match (&self.token, status) {
+            (None, _) => format!(
+                "the Hugging Face hub at {hub} refused model {model:?} (HTTP {status}): it is \
+                 gated or private, or does not exist; set HF_TOKEN on the server to a token that \
+                 can read it"
+            ),
+            (Some(_), 401) => format!(
+                "the Hugging Face hub at {hub} rejected the server's HF_TOKEN for model \
+                 {model:?} (HTTP 401): the token is invalid or expired, or the repo does not exist"
+            ),
+            (Some(_), _) => format!(
+                "the server's HF_TOKEN may not read model {model:?} (HTTP {status} from {hub}): \
+                 request access to the gated model on the hub with the token's account, or use a \
+                 token that has it"
+            ),
+        })
+    }
+
     async fn download(&self, id: &str) -> Result<PathBuf, HubError> {
-        let unavailable = |e: ApiError| {
-            HubError::Unavailable(format!(
+        let unavailable = |e: ApiError| match &e {
+            ApiError::RequestError(r) if r.status().is_some_and(|s| is_refusal(s.as_u16())) => {
+                self.refused(id, r.status().map_or(0, |s| s.as_u16()))
+            }
+            ApiError::RequestError(r) if r.is_connect() || r.is_timeout() => {
+                HubError::Unreachable(format!(
+                    "downloading {id:?}: the Hugging Face hub at {} could not be reached ({e}); \
+                     retry later",
+                    self.endpoint
+                ))
+            }
+            _ => HubError::Unavailable(format!(
                 "downloading {id:?} from {} failed: {e}",
                 self.endpoint
-            ))
+            )),
         };
         let api = self.api()?;
         let repo = api.model(id.to_string());
@@ -314,11 +353,11 @@ impl Hub {
     }
 }
 
-/// Statuses by which the hub says a repo does not exist for this caller: it answers 401 for an
-/// unknown repo to an anonymous caller, 403 or 404 otherwise. Anything else (429, 5xx) is the
-/// hub failing, not the model missing.
-fn is_absent(status: u16) -> bool {
-    matches!(status, 401 | 403 | 404)
+/// Statuses by which the hub refuses this caller a repo: gated or private without a token that
+/// may read it, a bad token, or (the hub answers 401 for an unknown repo to an anonymous caller)
+/// no such repo. 404 is the repo missing; anything else (429, 5xx) is the hub failing.
+fn is_refusal(status: u16) -> bool {
+    matches!(status, 401 | 403)
 }
 
 /// A model as the command line names it: ready on disk (the demo model, generated if needed, or

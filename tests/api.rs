@@ -537,12 +537,7 @@ async fn jobs_list_filters_by_metadata() {
     let mut ids = Vec::new();
     for (team, run) in [("a", "1"), ("b", "1"), ("a", "2")] {
         let body = json!({"model": "sftd-demo", "training_file": file, "metadata": {"team": team, "run": run}});
-        ids.push(
-            s.create_job(&body).await["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(s.start_job(&body).await);
     }
     let ids_of = |v: &Value| -> Vec<String> {
         v["data"]

@@ -110,9 +110,11 @@ async fn request_errors_have_openai_shape() {
     let (st, v) = chat(&s, &hello("no-such-model")).await;
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["error"]["code"], "hub_unavailable");
+    // Not a model name at all: the request is malformed (as on job creation).
     let (st, v) = chat(&s, &hello("not a model id")).await;
-    assert_eq!(st, 404, "{v}");
-    assert_eq!(v["error"]["code"], "model_not_found");
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_model");
+    assert_eq!(v["error"]["param"], "model");
     let (st, v) = chat(&s, &hello("ft:sftd-demo:x:ftjob-doesnotexist")).await;
     assert_eq!(
         (st, v["error"]["code"].as_str()),

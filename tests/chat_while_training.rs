@@ -5,24 +5,12 @@
 
 mod common;
 
+use common::jobs::step_losses;
 use common::{example, read_sse, tiny_job, Env, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 const STEPS: u32 = 24;
-
-fn losses(events: &[Value]) -> Vec<(i64, f64)> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
-        .map(|e| {
-            (
-                e["data"]["step"].as_i64().unwrap(),
-                e["data"]["train_loss"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn ask(model: &str, stream: bool) -> Value {
     json!({
@@ -76,17 +64,13 @@ async fn a_checkpoint_answers_while_its_job_trains_without_changing_the_losses()
     let body = tiny_job(&file, STEPS, 2);
 
     // The reference: the same job with no requests.
-    let reference = s.create_job(&body).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let reference = s.start_job(&body).await;
     s.wait_status(&reference, "succeeded", Duration::from_secs(600))
         .await;
-    let want = losses(&s.all_events(&reference).await);
+    let want = step_losses(&s.all_events(&reference).await);
     assert_eq!(want.len(), STEPS as usize);
 
-    let job = s.create_job(&body).await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = s.start_job(&body).await;
     let deadline = Instant::now() + Duration::from_secs(300);
     let name = loop {
         let (_, cks) = s
@@ -126,7 +110,7 @@ async fn a_checkpoint_answers_while_its_job_trains_without_changing_the_losses()
     s.wait_status(&id, "succeeded", Duration::from_secs(600))
         .await;
     assert_eq!(
-        losses(&s.all_events(&id).await),
+        step_losses(&s.all_events(&id).await),
         want,
         "requests served between micro-batches must not change the training"
     );

@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::jobs::{step_losses, step_numbers};
 use common::{example, tiny_job, Env, Server};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -38,66 +39,21 @@ fn set_var(env: &mut Env, key: &str, value: Option<&str>) {
     }
 }
 
-async fn train_steps(s: &Server, job: &str) -> Vec<Value> {
-    s.all_events(job)
-        .await
-        .into_iter()
-        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
-        .collect()
-}
-
-async fn wait_steps(s: &Server, job: &str, at_least: usize) {
-    let deadline = Instant::now() + LONG;
-    while train_steps(s, job).await.len() < at_least {
-        assert!(Instant::now() < deadline, "no progress on {job}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits for a server that is to abort itself (an armed fault point).
-fn wait_exit(s: &mut Server) -> std::process::ExitStatus {
-    let deadline = Instant::now() + LONG;
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fault point was never reached"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-async fn download(s: &Server, file_id: &str) -> String {
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/files/{file_id}/content")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap()
-}
-
 /// `(step, train_loss)` of every training step in `metrics.csv`.
 async fn csv_losses(s: &Server, job: &Value) -> Vec<(i64, f64)> {
-    for f in job["result_files"].as_array().unwrap() {
-        let id = f.as_str().unwrap();
-        let (_, meta) = s.get(&format!("/v1/files/{id}")).await;
-        if meta["filename"] == "metrics.csv" {
-            let text = download(s, id).await;
-            return text
-                .lines()
-                .skip(1)
-                .map(|l| {
-                    let cells: Vec<&str> = l.split(',').collect();
-                    (cells[0].parse().unwrap(), cells[1].parse().unwrap())
-                })
-                .collect();
-        }
-    }
-    panic!("no metrics.csv in {job}");
+    let csv = s
+        .result_file(job, "metrics.csv")
+        .await
+        .unwrap_or_else(|| panic!("no metrics.csv in {job}"));
+    String::from_utf8(csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[0].parse().unwrap(), cells[1].parse().unwrap())
+        })
+        .collect()
 }
 
 /// A succeeded job whose events are gap-free with each step once, whose metrics.csv has each
@@ -108,7 +64,7 @@ async fn check_succeeded(
     reference: Option<&[(i64, f64)]>,
     ctx: &str,
 ) -> Vec<(i64, f64)> {
-    let job = s.wait_for(id, LONG, |j| j["finished_at"].is_number()).await;
+    let job = s.wait_finished(id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{ctx}: {job}");
     let events = s.all_events(id).await;
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
@@ -117,16 +73,7 @@ async fn check_succeeded(
         (1..=seqs.len() as i64).collect::<Vec<_>>(),
         "{ctx}: seq gap"
     );
-    let steps: Vec<(i64, f64)> = train_steps(s, id)
-        .await
-        .iter()
-        .map(|e| {
-            (
-                e["data"]["step"].as_i64().unwrap(),
-                e["data"]["train_loss"].as_f64().unwrap(),
-            )
-        })
-        .collect();
+    let steps = step_losses(&events);
     assert_eq!(
         steps.iter().map(|s| s.0).collect::<Vec<_>>(),
         (1..=STEPS).collect::<Vec<_>>(),
@@ -159,10 +106,7 @@ async fn kill_9_at_random_points_always_resumes_each_step_exactly_once() {
     // save_steps 1: a checkpoint (and its row and event) at every step, so a random moment is
     // as likely to fall in a checkpoint write or an event commit as in a step.
     let body = tiny_job(&train, STEPS as u32, 1);
-    let id = s.create_job(&body).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = s.start_job(&body).await;
     let reference = check_succeeded(&s, &id, None, "uninterrupted").await;
     let points = ["checkpoint_files", "checkpoint_renamed", "event_insert"];
     for round in 1..=24 {
@@ -183,21 +127,18 @@ async fn kill_9_at_random_points_always_resumes_each_step_exactly_once() {
             s = env.start();
             set_var(&mut env, "SFTD_FAULT_POINT", None);
         }
-        let id = s.create_job(&body).await["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = s.start_job(&body).await;
         match fault {
             Fault::Kill {
                 after_steps,
                 delay_ms,
             } => {
-                wait_steps(&s, &id, after_steps).await;
+                s.wait_train_steps(&id, after_steps, LONG).await;
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 s.kill9();
             }
             Fault::Abort(_) => {
-                let status = wait_exit(&mut s);
+                let status = s.wait_exit(LONG);
                 assert!(!status.success(), "{ctx}: {status:?}");
             }
         }
@@ -213,14 +154,8 @@ async fn a_job_that_keeps_crashing_the_server_fails_after_the_cap_and_the_queue_
     let train = s.upload(&example("text.jsonl")).await;
     // No checkpoint cadence: each crash sends it back to step 0, like a job that runs out of
     // memory at its first steps.
-    let crasher = s.create_job(&tiny_job(&train, 400, 0)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let next = s.create_job(&tiny_job(&train, 2, 0)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let crasher = s.start_job(&tiny_job(&train, 400, 0)).await;
+    let next = s.start_job(&tiny_job(&train, 2, 0)).await;
     for run in 1..=3 {
         // This run has claimed the job (its own `running` event) and is training.
         let deadline = Instant::now() + LONG;
@@ -237,13 +172,11 @@ async fn a_job_that_keeps_crashing_the_server_fails_after_the_cap_and_the_queue_
             assert!(Instant::now() < deadline, "run {run} never started");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        wait_steps(&s, &crasher, 1).await;
+        s.wait_train_steps(&crasher, 1, LONG).await;
         s.kill9();
         s = env.start();
     }
-    let job = s
-        .wait_for(&crasher, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let job = s.wait_finished(&crasher, LONG).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "job_interrupted", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
@@ -256,9 +189,7 @@ async fn a_job_that_keeps_crashing_the_server_fails_after_the_cap_and_the_queue_
         .filter(|e| e["data"]["interrupted"] == true)
         .count();
     assert_eq!(interrupted, 2, "two resumes, then the failure");
-    let ok = s
-        .wait_for(&next, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let ok = s.wait_finished(&next, LONG).await;
     assert_eq!(ok["status"], "succeeded", "{ok}");
 }
 
@@ -293,22 +224,13 @@ async fn an_event_the_store_cannot_record_fails_the_job_instead_of_leaving_a_hol
     let env = Env::new().with("SFTD_FAULT_FAIL", "event_insert:6");
     let s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let id = s.create_job(&tiny_job(&train, 40, 0)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job = s
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let id = s.start_job(&tiny_job(&train, 40, 0)).await;
+    let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "events_not_recorded", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains("could not record the event"), "{message}");
-    let steps: Vec<i64> = train_steps(&s, &id)
-        .await
-        .iter()
-        .map(|e| e["data"]["step"].as_i64().unwrap())
-        .collect();
+    let steps = step_numbers(&s.all_events(&id).await);
     assert!(steps.len() < 40);
     assert_eq!(steps, (1..=steps.len() as i64).collect::<Vec<_>>());
     assert_eq!(s.get("/readyz").await.0, 200);
@@ -375,16 +297,11 @@ async fn a_full_disk_fails_the_job_cleanly_and_the_server_serves_on() {
     let _tmpfs = Tmpfs::mount(&jobs, "32m");
     let s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let id = s.create_job(&tiny_job(&train, 400, 1)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    wait_steps(&s, &id, 2).await;
+    let id = s.start_job(&tiny_job(&train, 400, 1)).await;
+    s.wait_train_steps(&id, 2, LONG).await;
     let filler = jobs.join("filler");
     fill(&filler);
-    let job = s
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "disk_full", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
@@ -406,12 +323,7 @@ async fn a_full_disk_fails_the_job_cleanly_and_the_server_serves_on() {
     // The server serves on, and trains again once there is room.
     assert_eq!(s.get("/readyz").await.0, 200);
     std::fs::remove_file(&filler).unwrap();
-    let next = s.create_job(&tiny_job(&train, 2, 1)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ok = s
-        .wait_for(&next, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let next = s.start_job(&tiny_job(&train, 2, 1)).await;
+    let ok = s.wait_finished(&next, LONG).await;
     assert_eq!(ok["status"], "succeeded", "{ok}");
 }

@@ -177,9 +177,14 @@ async fn hub_models_download_into_hf_home_and_work_offline_after() {
         Err(HubError::NotFound(m)) => assert!(m.contains("acme/missing"), "{m}"),
         other => panic!("{other:?}"),
     }
-    // Gated repo: refused without HF_TOKEN, downloaded with it.
+    // Gated repo: refused without HF_TOKEN (and with a wrong one), downloaded with it.
     match hub.check("acme/gated").await {
-        Err(HubError::NotFound(m)) => assert!(m.contains("HF_TOKEN"), "{m}"),
+        Err(HubError::Denied(m)) => assert!(m.contains("set HF_TOKEN"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let wrong_token = Hub::new(&config(dir.path(), &endpoint, Some("hf_wrong")));
+    match wrong_token.check("acme/gated").await {
+        Err(HubError::Denied(m)) => assert!(m.contains("rejected the server's HF_TOKEN"), "{m}"),
         other => panic!("{other:?}"),
     }
     let with_token = Hub::new(&config(dir.path(), &endpoint, Some(TOKEN)));
@@ -260,8 +265,11 @@ async fn local_models_only_under_allowed_roots() {
     ));
 }
 
-/// Through the API: an unknown hub model is a 404 `model_not_found`; a hub that fails (5xx) or
-/// cannot be reached is a retryable 503 `hub_unavailable`; nothing is stored either way.
+/// Through the API, on job creation and chat alike: an unknown hub model (or local directory)
+/// is a 404 `model_not_found`; a gated one without a token that may read it is a 403
+/// `model_access_denied` that says what to do with HF_TOKEN; a hub that fails (5xx) or cannot be
+/// reached is a retryable 503 `hub_unavailable`; a model the hub lists but that cannot be
+/// fetched is a 502 `model_unavailable`; no job is stored for any of them.
 #[tokio::test]
 async fn hub_errors_are_labelled_through_the_api() {
     let (endpoint, _server) = fake_hub(repos()).await;
@@ -290,6 +298,66 @@ async fn hub_errors_are_labelled_through_the_api() {
     assert_eq!(v["error"]["type"], "server_error");
     assert_eq!(v["error"]["param"], "model");
 
+    // Gated, no HF_TOKEN: a 403 naming the fix, on both routes.
+    let (st, v) = s
+        .post_json("/v1/fine_tuning/jobs", &create("acme/gated"))
+        .await;
+    assert_denied(st, &v, "set HF_TOKEN");
+    let (st, v) = s
+        .post_json("/v1/chat/completions", &chat("acme/gated"))
+        .await;
+    assert_denied(st, &v, "set HF_TOKEN");
+    // A wrong HF_TOKEN is named as the cause.
+    let wrong_env = common::Env::new()
+        .with("HF_ENDPOINT", &endpoint)
+        .with("HF_TOKEN", "hf_wrong");
+    let wrong = wrong_env.start();
+    let (st, v) = wrong
+        .post_json("/v1/chat/completions", &chat("acme/gated"))
+        .await;
+    assert_denied(st, &v, "rejected the server's HF_TOKEN");
+    // Known to the hub, but without weights: the hub's side failed the request, a 502.
+    let (st, v) = s
+        .post_json("/v1/chat/completions", &chat("acme/no-weights"))
+        .await;
+    assert_eq!(st, 502, "{v}");
+    assert_eq!(v["error"]["code"], "model_unavailable");
+    assert_eq!(v["error"]["param"], "model");
+    // An unknown hub model on the chat route.
+    let (st, v) = s
+        .post_json("/v1/chat/completions", &chat("acme/missing"))
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    // A local directory that does not exist under the allowed root: 404 on both routes.
+    let root = env.path().join("models");
+    std::fs::create_dir_all(&root).unwrap();
+    let local_env = common::Env::new().with("SFTD_MODEL_DIRS", &root.display().to_string());
+    let local = local_env.start();
+    let missing = root.join("no-such-model").display().to_string();
+    let file = local.upload(&common::example("text.jsonl")).await;
+    let (st, v) = local
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": missing, "training_file": file}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+    assert_eq!(v["error"]["param"], "model");
+    let (st, v) = local
+        .post_json("/v1/chat/completions", &chat(&missing))
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+
     // Nothing listens on port 9: the hub is unreachable.
     let down_env = common::Env::new();
     let down = down_env.start();
@@ -302,10 +370,39 @@ async fn hub_errors_are_labelled_through_the_api() {
         .await;
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["error"]["code"], "hub_unavailable");
-    for server in [&s, &down] {
+    let r = down
+        .client
+        .post(down.url("/v1/chat/completions"))
+        .json(&chat("acme/tiny-qwen3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "30");
+    let (st, v) = common::status_json(r).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (503, Some("hub_unavailable")),
+        "{v}"
+    );
+    for server in [&s, &down, &wrong, &local] {
         let (_, list) = server.get("/v1/fine_tuning/jobs").await;
         assert_eq!(list["data"], json!([]));
     }
+}
+
+fn chat(model: &str) -> serde_json::Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2})
+}
+
+/// A 403 `model_access_denied` on `model` whose message contains `hint`.
+fn assert_denied(status: u16, v: &serde_json::Value, hint: &str) {
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["error"]["code"], "model_access_denied");
+    assert_eq!(v["error"]["param"], "model");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(hint),
+        "{v}"
+    );
 }
 
 /// Through the API: a job on a (gated) hub model is downloaded with HF_TOKEN into HF_HOME
@@ -335,12 +432,9 @@ async fn a_job_on_a_hub_model_downloads_it_and_trains() {
     let file = s.upload(&common::example("text.jsonl")).await;
     let mut body = common::tiny_job(&file, 2, 0);
     body["model"] = json!("acme/demo-qwen3");
-    let job = s.create_job(&body).await;
-    let id = job["id"].as_str().unwrap();
+    let id = s.start_job(&body).await;
     let job = s
-        .wait_for(id, std::time::Duration::from_secs(120), |j| {
-            j["finished_at"].is_number()
-        })
+        .wait_finished(&id, std::time::Duration::from_secs(120))
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["model"], "acme/demo-qwen3");

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{example, open_stream, read_sse, tiny_job, Env, Server};
+use common::jobs::{assert_gap_free, statuses};
+use common::{example, open_stream, read_sse, tiny_job, Env};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -15,62 +16,6 @@ fn is_terminal(ev: &common::SseEvent) -> bool {
         v["data"]["status"].as_str(),
         Some("succeeded" | "failed" | "cancelled")
     )
-}
-
-/// Seqs are exactly 1..=n and metrics steps strictly increase by one from 1.
-fn assert_gap_free(events: &[Value]) {
-    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as i64).collect::<Vec<_>>(),
-        "seq gap or duplicate"
-    );
-    let steps: Vec<i64> = events
-        .iter()
-        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
-        .map(|e| e["data"]["step"].as_i64().unwrap())
-        .collect();
-    assert_eq!(
-        steps,
-        (1..=steps.len() as i64).collect::<Vec<_>>(),
-        "step gap or duplicate"
-    );
-}
-
-fn statuses(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| e["data"]["status"].as_str().map(String::from))
-        .collect()
-}
-
-async fn metrics_steps(s: &Server, job: &str) -> i64 {
-    s.all_events(job)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "metrics")
-        .filter_map(|e| e["data"]["step"].as_i64())
-        .max()
-        .unwrap_or(0)
-}
-
-async fn wait_steps(s: &Server, job: &str, at_least: i64) {
-    let deadline = std::time::Instant::now() + LONG;
-    while metrics_steps(s, job).await < at_least {
-        assert!(std::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn download(s: &Server, file_id: &str) -> Vec<u8> {
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/files/{file_id}/content")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap().to_vec()
 }
 
 #[tokio::test]
@@ -146,7 +91,7 @@ async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
     for r in results {
         let (_, f) = s.get(&format!("/v1/files/{}", r.as_str().unwrap())).await;
         assert_eq!(f["purpose"], "fine-tune-results");
-        let bytes = download(&s, r.as_str().unwrap()).await;
+        let bytes = s.download(r.as_str().unwrap()).await;
         assert_eq!(bytes.len() as i64, f["bytes"].as_i64().unwrap());
         let name = f["filename"].as_str().unwrap().to_string();
         match name.as_str() {
@@ -223,11 +168,7 @@ async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
     let mut cont = tiny_job(&train, 2, 0);
     cont["init_adapter"] = json!(id);
     let c = s.create_job(&cont).await;
-    let c = s
-        .wait_for(c["id"].as_str().unwrap(), LONG, |j| {
-            j["finished_at"].is_number()
-        })
-        .await;
+    let c = s.wait_finished(c["id"].as_str().unwrap(), LONG).await;
     assert_eq!(c["status"], "succeeded", "{c}");
 }
 
@@ -236,8 +177,7 @@ async fn sse_replay_from_last_event_id_equals_the_uninterrupted_stream() {
     let env = Env::new();
     let s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let job = s.create_job(&tiny_job(&train, 12, 4)).await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = s.start_job(&tiny_job(&train, 12, 4)).await;
 
     let full = tokio::spawn({
         let resp = open_stream(&s, &id, None).await;
@@ -306,11 +246,9 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
     let env = Env::new();
     let s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let running = s.create_job(&tiny_job(&train, 100_000, 0)).await;
-    let running = running["id"].as_str().unwrap().to_string();
-    let queued = s.create_job(&tiny_job(&train, 2, 0)).await;
-    let queued = queued["id"].as_str().unwrap().to_string();
-    wait_steps(&s, &running, 2).await;
+    let running = s.start_job(&tiny_job(&train, 100_000, 0)).await;
+    let queued = s.start_job(&tiny_job(&train, 2, 0)).await;
+    s.wait_train_steps(&running, 2, LONG).await;
     assert_eq!(s.job(&queued).await["status"], "queued");
     let r = s.job(&running).await;
     assert_eq!(r["status"], "running");
@@ -360,13 +298,20 @@ async fn cancel_stops_a_running_job_and_a_queued_one() {
         .unwrap();
     let last: Value = serde_json::from_str(&got.last().unwrap().data).unwrap();
     assert_eq!(last["data"]["status"], "cancelled");
-    // Training stopped: no event after the terminal one, the worker is idle, nothing ran.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Training stopped: the worker lets go of the job (at its next micro-batch), and once it has,
+    // no event follows the terminal one and the queued job never ran.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let (_, m) = s.get("/metrics").await;
+        if m.as_str().unwrap().contains("sftd_worker_busy 0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still busy: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let events = s.all_events(&running).await;
     assert_eq!(events.last().unwrap()["data"]["status"], "cancelled");
     assert_gap_free(&events);
-    let (_, m) = s.get("/metrics").await;
-    assert!(m.as_str().unwrap().contains("sftd_worker_busy 0"), "{m}");
     let q = s.job(&queued).await;
     assert!(
         q["started_at"].is_null() && q["result_files"] == json!([]),
@@ -387,23 +332,16 @@ async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
     let env = Env::new();
     let mut s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let job = s.create_job(&tiny_job(&train, 24, 4)).await;
-    let id = job["id"].as_str().unwrap().to_string();
-    wait_steps(&s, &id, 6).await;
+    let id = s.start_job(&tiny_job(&train, 24, 4)).await;
+    s.wait_train_steps(&id, 6, LONG).await;
     s.kill9();
 
     let s = env.start();
-    let job = s
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
-    let steps = events
-        .iter()
-        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
-        .count();
-    assert_eq!(steps, 24);
+    assert_eq!(common::jobs::train_events(&events).len(), 24);
     let messages: Vec<&str> = events
         .iter()
         .map(|e| e["message"].as_str().unwrap())
@@ -450,9 +388,8 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
     let env = Env::new();
     let mut s = env.start();
     let train = s.upload(&example("text.jsonl")).await;
-    let job = s.create_job(&tiny_job(&train, 16, 0)).await;
-    let id = job["id"].as_str().unwrap().to_string();
-    wait_steps(&s, &id, 3).await;
+    let id = s.start_job(&tiny_job(&train, 16, 0)).await;
+    s.wait_train_steps(&id, 3, LONG).await;
     // A follower is connected when the server goes down; its stream ends, it does not hang the exit.
     let before = tokio::spawn(read_sse(open_stream(&s, &id, None).await, |_| false));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -478,9 +415,7 @@ async fn sigterm_checkpoints_requeues_and_exits_zero() {
     // It reconnects to the restarted server with Last-Event-ID and misses nothing.
     let last_seen = before.last().unwrap().id.as_ref().unwrap().parse().unwrap();
     let after = read_sse(open_stream(&s, &id, Some(last_seen)).await, |_| false).await;
-    let job = s
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
@@ -540,10 +475,6 @@ async fn a_job_the_trainer_rejects_fails_with_a_message_and_the_stream_closes() 
     let ok = s
         .create_job(&tiny_job(&s.upload(&example("text.jsonl")).await, 2, 0))
         .await;
-    let ok = s
-        .wait_for(ok["id"].as_str().unwrap(), LONG, |j| {
-            j["finished_at"].is_number()
-        })
-        .await;
+    let ok = s.wait_finished(ok["id"].as_str().unwrap(), LONG).await;
     assert_eq!(ok["status"], "succeeded");
 }

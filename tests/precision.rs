@@ -3,13 +3,14 @@
 //! grows and survives a resume, a forward f16 overflow fails naming the layer, and the frozen
 //! linear's input gradient under narrow weights matches f32.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
-use sftd::train::demo::{write_model, DemoSize};
-use sftd::train::events::{Control, Outcome, StepMetrics, TrainEvent};
+use common::train::{run_steps, tiny_model, train_job};
+use sftd::train::events::{Control, Outcome, StepMetrics};
 use sftd::train::loss_scale::{with_test_hook, ScalerTestHook};
 use sftd::train::nn::frozen_linear;
-use sftd::train::spec::JobSpec;
-use sftd::train::trainer::{self, TrainJob};
+use sftd::train::trainer;
 use std::path::{Path, PathBuf};
 
 /// Largest |Δ loss| allowed between a bf16 or f16 run and the f32 run, per step (docs/gpu.md).
@@ -17,54 +18,6 @@ const LOSS_TOLERANCE_BF16: f64 = 2e-2;
 const LOSS_TOLERANCE_F16: f64 = 2e-3;
 /// Relative difference allowed in the first step's gradient norm.
 const GRAD_NORM_REL_TOLERANCE: f64 = 1e-2;
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    write_model(&m, DemoSize::TINY, 11).unwrap();
-    m
-}
-
-fn job(dir: &Path, model: &Path, out: &str, hp: serde_json::Value) -> TrainJob {
-    let data = dir.join("train.jsonl");
-    if !data.exists() {
-        let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
-            .lines()
-            .take(24)
-            .collect();
-        std::fs::write(&data, lines.join("\n")).unwrap();
-    }
-    let spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "model": "tiny", "training_file": "x", "seed": 5,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}
-    }))
-    .unwrap();
-    TrainJob {
-        model_dir: model.to_path_buf(),
-        base_model_name: "tiny".into(),
-        training_file: data,
-        validation_file: None,
-        tool_eval_file: None,
-        init_adapter: None,
-        config: spec.resolve().unwrap(),
-        output_dir: dir.join(out),
-        resume_from: None,
-        device: Device::Cpu,
-    }
-}
-
-fn run(job: &TrainJob, suspend_after: Option<u64>) -> anyhow::Result<(Outcome, Vec<StepMetrics>)> {
-    let control = Control::new();
-    let mut steps = Vec::new();
-    let outcome = trainer::run(job, &control, &mut |ev| {
-        if let TrainEvent::Metrics(m) = ev {
-            if Some(m.step) == suspend_after {
-                control.suspend();
-            }
-            steps.push(m);
-        }
-    })?;
-    Ok((outcome, steps))
-}
 
 fn hp(precision: &str) -> serde_json::Value {
     serde_json::json!({
@@ -77,15 +30,24 @@ fn hp(precision: &str) -> serde_json::Value {
 #[test]
 fn bf16_and_f16_base_weights_train_within_tolerance_of_f32() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let (_, reference) = run(&job(tmp.path(), &model, "f32", hp("f32")), None).unwrap();
+    let model = tiny_model(tmp.path(), 11);
+    let (_, reference) = run_steps(
+        &train_job(tmp.path(), &model, "f32", 24, 5, hp("f32")),
+        &Control::new(),
+        None,
+    )
+    .unwrap();
     assert_eq!(reference.len(), 8);
     assert!(reference
         .iter()
         .all(|m| m.loss_scale.is_none() && m.skipped_steps == 0));
     for (precision, tol) in [("bf16", LOSS_TOLERANCE_BF16), ("f16", LOSS_TOLERANCE_F16)] {
-        let (outcome, steps) =
-            run(&job(tmp.path(), &model, precision, hp(precision)), None).unwrap();
+        let (outcome, steps) = run_steps(
+            &train_job(tmp.path(), &model, precision, 24, 5, hp(precision)),
+            &Control::new(),
+            None,
+        )
+        .unwrap();
         assert!(matches!(outcome, Outcome::Completed { steps: 8, .. }));
         let mut worst = 0f64;
         for (a, b) in reference.iter().zip(&steps) {
@@ -136,15 +98,15 @@ fn bf16_and_f16_base_weights_train_within_tolerance_of_f32() {
 #[test]
 fn injected_overflows_skip_the_step_back_off_and_grow_again() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
+    let model = tiny_model(tmp.path(), 11);
     let mut h = hp("f16");
     h["max_steps"] = 6.into();
-    let j = job(tmp.path(), &model, "out", h);
+    let j = train_job(tmp.path(), &model, "out", 24, 5, h);
     let hook = ScalerTestHook {
         nonfinite_grad_at_steps: vec![3],
         growth_interval: Some(2),
     };
-    let (outcome, steps) = with_test_hook(hook, || run(&j, None)).unwrap();
+    let (outcome, steps) = with_test_hook(hook, || run_steps(&j, &Control::new(), None)).unwrap();
     assert!(matches!(outcome, Outcome::Completed { steps: 6, .. }));
     let scales: Vec<f64> = steps.iter().map(|m| m.loss_scale.unwrap()).collect();
     // Two clean steps grow 2^16 to 2^17; the overflow at step 3 halves it; two more clean
@@ -186,31 +148,33 @@ fn injected_overflows_skip_the_step_back_off_and_grow_again() {
 #[test]
 fn an_overflow_without_loss_scaling_is_a_divergence() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let j = job(tmp.path(), &model, "out", hp("bf16"));
+    let model = tiny_model(tmp.path(), 11);
+    let j = train_job(tmp.path(), &model, "out", 24, 5, hp("bf16"));
     let hook = ScalerTestHook {
         nonfinite_grad_at_steps: vec![2],
         growth_interval: None,
     };
-    let err = with_test_hook(hook, || run(&j, None)).unwrap_err();
+    let err = with_test_hook(hook, || run_steps(&j, &Control::new(), None)).unwrap_err();
     assert!(err.to_string().contains("diverged at step 2"), "{err}");
 }
 
 #[test]
 fn resume_restores_the_loss_scaler_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
+    let model = tiny_model(tmp.path(), 11);
     let mut h = hp("f16");
     h["save_steps"] = 3.into();
     let hook = ScalerTestHook {
         nonfinite_grad_at_steps: vec![2],
         growth_interval: Some(3),
     };
-    let full = job(tmp.path(), &model, "full", h.clone());
-    let (_, reference) = with_test_hook(hook.clone(), || run(&full, None)).unwrap();
+    let full = train_job(tmp.path(), &model, "full", 24, 5, h.clone());
+    let (_, reference) =
+        with_test_hook(hook.clone(), || run_steps(&full, &Control::new(), None)).unwrap();
 
-    let mut split = job(tmp.path(), &model, "split", h);
-    let (outcome, first) = with_test_hook(hook.clone(), || run(&split, Some(4))).unwrap();
+    let mut split = train_job(tmp.path(), &model, "split", 24, 5, h);
+    let (outcome, first) =
+        with_test_hook(hook.clone(), || run_steps(&split, &Control::new(), Some(4))).unwrap();
     let Outcome::Suspended { checkpoint, .. } = outcome else {
         panic!("{outcome:?}")
     };
@@ -221,7 +185,7 @@ fn resume_restores_the_loss_scaler_exactly() {
             nonfinite_grad_at_steps: vec![2],
             growth_interval: None,
         },
-        || run(&split, None),
+        || run_steps(&split, &Control::new(), None),
     )
     .unwrap();
     let resumed: Vec<&StepMetrics> = first.iter().chain(&rest).collect();
@@ -249,7 +213,7 @@ fn resume_restores_the_loss_scaler_exactly() {
 /// The tiny model with layer 1's `up_proj` able to overflow f16 (|output| > 65504) but not f32:
 /// the post-attention norm passes only feature 0 (×10), and every weight of `up_proj` is 60000.
 fn overflowing_model(dir: &Path) -> PathBuf {
-    let m = tiny_model(dir);
+    let m = tiny_model(dir, 11);
     let path = m.join("model.safetensors");
     let mut w = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let norm = "model.layers.1.post_attention_layernorm.weight";
@@ -273,7 +237,12 @@ fn a_forward_f16_overflow_fails_naming_the_layer() {
     let model = overflowing_model(tmp.path());
     let mut h = hp("f16");
     h["max_steps"] = 2.into();
-    let err = run(&job(tmp.path(), &model, "f16", h.clone()), None).unwrap_err();
+    let err = run_steps(
+        &train_job(tmp.path(), &model, "f16", 24, 5, h.clone()),
+        &Control::new(),
+        None,
+    )
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "f16 overflow in model.layers.1.mlp.up_proj output at step 1; use precision f32 or bf16"
@@ -281,7 +250,12 @@ fn a_forward_f16_overflow_fails_naming_the_layer() {
     // The same model trains in f32 and bf16 (whose exponent range is f32's).
     for p in ["f32", "bf16"] {
         h["precision"] = p.into();
-        let (outcome, steps) = run(&job(tmp.path(), &model, p, h.clone()), None).unwrap();
+        let (outcome, steps) = run_steps(
+            &train_job(tmp.path(), &model, p, 24, 5, h.clone()),
+            &Control::new(),
+            None,
+        )
+        .unwrap();
         assert!(
             matches!(outcome, Outcome::Completed { steps: 2, .. }),
             "{p}"

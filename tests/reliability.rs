@@ -1,8 +1,8 @@
 //! The API under hostile or unlucky conditions, over real sockets: secrets never logged (even at
 //! `RUST_LOG=trace`), an oversized upload answered with a 413 the client can read, a full disk
 //! answered with a clean 507 and nothing left behind, every extractor rejection in the JSON
-//! error shape, `/readyz` 503 once the worker thread is gone, and (ignored: minutes and a GB of
-//! disk) the memory a 500 MB upload costs the server.
+//! error shape, `/readyz` 503 once the worker thread is gone or stuck, and (ignored: minutes and
+//! a GB of disk) the memory a 500 MB upload costs the server.
 
 mod common;
 
@@ -440,6 +440,52 @@ async fn readyz_is_503_once_the_worker_thread_is_gone() {
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["worker"], false);
     assert_eq!(v["database"], true);
+}
+
+/// A worker thread that hangs outside a job (here in its claim, by `SFTD_FAULT_HANG`) is up but
+/// takes no jobs: once it has not come round to the queue for a lease, `/readyz` answers 503
+/// `worker_state: stalled`, and a job created then stays queued. A healthy idle worker with the
+/// same short lease stays ready all along.
+#[tokio::test]
+async fn readyz_is_503_once_the_worker_thread_hangs() {
+    let short_lease = || {
+        Env::new()
+            .with("SFTD_LEASE_MS", "4000")
+            .with("SFTD_HEARTBEAT_MS", "1000")
+    };
+    // The first claims run at start-up and at the first heartbeats; the third one hangs.
+    let hung_env = short_lease().with("SFTD_FAULT_HANG", "worker_claim:3");
+    let mut hung = hung_env.start();
+    let healthy_env = short_lease();
+    let healthy = healthy_env.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (st, v) = loop {
+        let (st, v) = healthy.get("/readyz").await;
+        assert_eq!(st, 200, "the healthy worker: {v}");
+        assert_eq!(v["worker_state"], "running", "{v}");
+        let got = hung.get("/readyz").await;
+        if got.0 != 200 {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "still ready: {}", got.1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["status"], "unavailable");
+    assert_eq!(v["worker_state"], "stalled");
+    assert_eq!(v["worker"], false);
+    assert_eq!(v["database"], true);
+    assert!(hung.logged("SFTD_FAULT_HANG worker_claim:3 reached"));
+    // It takes no job (while the healthy one does), and stays unready.
+    let file = hung.upload(&example("text.jsonl")).await;
+    let id = hung.start_job(&common::tiny_job(&file, 2, 0)).await;
+    let file = healthy.upload(&example("text.jsonl")).await;
+    let ok = healthy.start_job(&common::tiny_job(&file, 2, 0)).await;
+    let ok = healthy.wait_finished(&ok, Duration::from_secs(120)).await;
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert_eq!(hung.job(&id).await["status"], "queued");
+    assert_eq!(hung.get("/readyz").await.0, 503);
+    assert_eq!(healthy.get("/readyz").await.0, 200);
 }
 
 /// `cargo nextest run --run-ignored only -E 'test(upload_memory)'`: a 500 MB upload, then two at

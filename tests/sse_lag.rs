@@ -106,19 +106,20 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     let fast = tokio::spawn(common::read_sse(open().await.unwrap(), |_| false));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // 4,000 events of 5 kB (far more than the broadcast and the per-client buffer hold) while `slow`
-    // reads nothing. The writer must not wait on it.
-    let n = 4000;
-    let start = Instant::now();
+    // 20 MB in 600 events of 34 kB while `slow` reads nothing: far more than the broadcast (4
+    // batches), the socket buffers and one 500-event page of the catch-up hold. The writer must
+    // not wait on `slow`: `slow` is read only after this loop, so a writer held up by it would
+    // never finish. (Few large events rather than many small ones: each append is a commit with
+    // an fsync, and it is the commits, not the bytes, that cost.)
+    let n = 600;
     for i in 0..n {
-        let ev = NewEvent::info(format!("event {i} {}", "x".repeat(5000)));
+        let ev = NewEvent::info(format!("event {i} {}", "x".repeat(34_000)));
         assert!(store
             .append_running_event(&lease, &ev)
             .await
             .unwrap()
             .is_some());
     }
-    let writing = start.elapsed();
     store.cancel_job(id).await.unwrap();
 
     let fast = tokio::time::timeout(Duration::from_secs(60), fast)
@@ -129,7 +130,7 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
     let slow = tokio::time::timeout(Duration::from_secs(60), common::read_sse(slow, |_| false))
         .await
         .unwrap();
-    // created, queued, running, 4,000 events, cancelled.
+    // created, queued, running, 600 events, cancelled.
     let total = n + 4;
     for (name, got) in [("fast", &fast), ("slow", &slow)] {
         let ids: Vec<i64> = got
@@ -140,10 +141,6 @@ async fn a_lagging_subscriber_catches_up_from_the_database() {
         let last: Value = serde_json::from_str(&got.last().unwrap().data).unwrap();
         assert_eq!(last["data"]["status"], "cancelled", "{name}");
     }
-    assert!(
-        writing < Duration::from_secs(30),
-        "writer was held up: {writing:?}"
-    );
 }
 
 /// Nothing happens for 15 s: the stream carries a `: keep-alive` comment (and stays open).

@@ -5,25 +5,15 @@
 
 mod common;
 
+use common::jobs::step_numbers;
 use common::s3::S3Server;
 use common::{example, memory_kib, tiny_job, Env, Server};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(300);
 const PREFIX: &str = "team/sftd";
-
-async fn download(s: &Server, file_id: &str) -> Vec<u8> {
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/files/{file_id}/content")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "download {file_id}");
-    r.bytes().await.unwrap().to_vec()
-}
 
 /// The bytes the S3 server holds for `key` (relative to the prefix).
 fn object(s3: &S3Server, key: &str) -> Option<Vec<u8>> {
@@ -49,7 +39,7 @@ async fn results_match_the_bucket(
             _ => format!("jobs/{id}/adapter/{name}"),
         };
         let stored = object(s3, &key).unwrap_or_else(|| panic!("{key} is not in the bucket"));
-        let got = download(s, fid).await;
+        let got = s.download(fid).await;
         assert!(
             got == stored,
             "{name}: the download differs from the bucket's object"
@@ -69,16 +59,6 @@ async fn results_match_the_bucket(
     out
 }
 
-/// The training steps the job's events record, in order.
-async fn train_steps(s: &Server, id: &str) -> Vec<i64> {
-    s.all_events(id)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
-        .map(|e| e["data"]["step"].as_i64().unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_keeps_every_artifact_in_s3_and_serves_it_back_intact() {
     let s3 = S3Server::start();
@@ -90,17 +70,12 @@ async fn a_job_keeps_every_artifact_in_s3_and_serves_it_back_intact() {
     // The upload is an object in the bucket, not a file in the node's data dir.
     assert!(object(&s3, &format!("files/{file}.jsonl")).unwrap() == dataset);
     assert!(!env.data_dir().join(format!("files/{file}.jsonl")).exists());
-    assert!(download(&s, &file).await == dataset);
+    assert!(s.download(&file).await == dataset);
 
-    let id = s.create_job(&tiny_job(&file, 4, 2)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job = s
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let id = s.start_job(&tiny_job(&file, 4, 2)).await;
+    let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(train_steps(&s, &id).await, [1, 2, 3, 4]);
+    assert_eq!(step_numbers(&s.all_events(&id).await), [1, 2, 3, 4]);
 
     // Each checkpoint is whole in the bucket: every file its manifest lists, with its size.
     for step in [2, 4] {
@@ -145,18 +120,9 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         .with("SFTD_FAULT_POINT", "checkpoint_files:3");
     let mut a = env_a.start();
     let file = a.upload(&example("text.jsonl")).await;
-    let id = a.create_job(&tiny_job(&file, 8, 2)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let deadline = Instant::now() + LONG;
-    while a.child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "host A never reached its fault point"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let id = a.start_job(&tiny_job(&file, 8, 2)).await;
+    // Host A reaches its fault point and aborts.
+    assert!(!a.wait_exit(LONG).success());
     let checkpoints = format!("jobs/{id}/checkpoints");
     for step in [2, 4] {
         assert!(object(&s3, &format!("{checkpoints}/step-{step}/manifest.json")).is_some());
@@ -172,13 +138,10 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         .storage_env(Env::new(), PREFIX)
         .with("SFTD_DATABASE_URL", &db);
     let b = env_b.start();
-    let job = b
-        .wait_for(&id, LONG, |j| j["finished_at"].is_number())
-        .await;
+    let job = b.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let messages: Vec<String> = b
-        .all_events(&id)
-        .await
+    let events = b.all_events(&id).await;
+    let messages: Vec<String> = events
         .iter()
         .map(|e| e["message"].as_str().unwrap().to_string())
         .collect();
@@ -189,7 +152,7 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         "{messages:#?}"
     );
     // Every step recorded once, in order, across both hosts.
-    assert_eq!(train_steps(&b, &id).await, (1..=8).collect::<Vec<_>>());
+    assert_eq!(step_numbers(&events), (1..=8).collect::<Vec<_>>());
     // B trained from what it fetched: the dataset and step 2, into its own data dir.
     assert!(env_b
         .data_dir()

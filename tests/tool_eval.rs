@@ -34,13 +34,8 @@ fn hp(body: &mut Value) -> &mut Value {
 }
 
 async fn finished(s: &Server, body: &Value) -> (String, Vec<Value>) {
-    let job = s.create_job(body).await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let done = s
-        .wait_for(&id, LONG, |j| {
-            ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap())
-        })
-        .await;
+    let id = s.start_job(body).await;
+    let done = s.wait_finished(&id, LONG).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let events = s.all_events(&id).await;
     (id, events)
@@ -167,21 +162,11 @@ async fn a_job_with_a_validation_file_reports_tool_call_accuracy() {
 
     // metrics.csv: the four columns, filled on the evaluated steps (step 0 its own row).
     let job = s.job(&id).await;
-    let mut csv = None;
-    for f in job["result_files"].as_array().unwrap() {
-        let fid = f.as_str().unwrap();
-        let (_, meta) = s.get(&format!("/v1/files/{fid}")).await;
-        if meta["filename"] == "metrics.csv" {
-            let r = s
-                .client
-                .get(s.url(&format!("/v1/files/{fid}/content")))
-                .send()
-                .await
-                .unwrap();
-            csv = Some(r.text().await.unwrap());
-        }
-    }
-    let csv = csv.expect("metrics.csv is a result file");
+    let csv = s
+        .result_file(&job, "metrics.csv")
+        .await
+        .expect("metrics.csv is a result file");
+    let csv = String::from_utf8(csv).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();

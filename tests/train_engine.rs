@@ -2,41 +2,18 @@
 //! gradient flow to every LoRA tensor, checkpointing equivalence, PEFT file format, exact resume,
 //! weight loading variants, and clear errors for bad data.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::train::{encoded_examples, run_steps, tiny_model, train_job};
 use sftd::train::checkpoint;
-use sftd::train::data::encode::{Encoder, Example};
-use sftd::train::data::parse_jsonl;
-use sftd::train::data::template::ChatTemplate;
+use sftd::train::data::encode::Example;
 use sftd::train::demo::{write_model, DemoSize};
 use sftd::train::events::{Control, Outcome, StepMetrics, TrainEvent};
 use sftd::train::model::Qwen3;
-use sftd::train::spec::{JobSpec, LossOn, TrainConfig};
-use sftd::train::trainer::{self, build_model, make_batch, micro_step, TrainJob};
+use sftd::train::spec::TrainConfig;
+use sftd::train::trainer::{self, build_model, make_batch, micro_step};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    write_model(&m, DemoSize::TINY, 7).unwrap();
-    m
-}
-
-fn examples(model_dir: &Path, n: usize, max_len: usize) -> Vec<Example> {
-    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
-    let tmpl = ChatTemplate::from_model_dir(model_dir).unwrap();
-    let rows = parse_jsonl(include_bytes!("../examples/tool_calls.jsonl")).unwrap();
-    // Short windows of long rows: label everything so each has targets.
-    let enc = Encoder {
-        tokenizer: &tok,
-        template: &tmpl,
-        loss_on: LossOn::All,
-        max_seq_len: max_len,
-    };
-    rows[..n]
-        .iter()
-        .map(|(l, r)| enc.encode(*l, r).unwrap())
-        .collect()
-}
 
 /// LoRA with random non-zero A and B (drawn from `seed`), so every gradient is informative.
 fn random_lora(model: &mut Qwen3, seed: u64) {
@@ -89,10 +66,10 @@ fn loss_only(model: &Qwen3, exs: &[Example]) -> f64 {
 fn lora_gradients_match_finite_differences() {
     use rand::{Rng, SeedableRng};
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path());
+    let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
     random_lora(&mut model, 1);
-    let exs = examples(&dir, 2, 48);
+    let exs = encoded_examples(&dir, 2, 48);
     let refs: Vec<&Example> = exs.iter().collect();
     let (loss, grads) = loss_and_grads(&model, &refs, true);
     assert!((loss - loss_only(&model, &exs)).abs() < 1e-12);
@@ -141,10 +118,10 @@ fn lora_gradients_match_finite_differences() {
 #[test]
 fn every_lora_tensor_gets_a_gradient_and_checkpointing_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path());
+    let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
     random_lora(&mut model, 2);
-    let exs = examples(&dir, 3, 64);
+    let exs = encoded_examples(&dir, 3, 64);
     let refs: Vec<&Example> = exs.iter().collect();
     let (l1, g1) = loss_and_grads(&model, &refs, true);
     let (l2, g2) = loss_and_grads(&model, &refs, false);
@@ -171,10 +148,10 @@ fn every_lora_tensor_gets_a_gradient_and_checkpointing_changes_nothing() {
 #[test]
 fn packed_batch_gradient_equals_sum_of_single_sequences() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path());
+    let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
     random_lora(&mut model, 3);
-    let exs = examples(&dir, 2, 40);
+    let exs = encoded_examples(&dir, 2, 40);
     let (_, both) = loss_and_grads(&model, &[&exs[0], &exs[1]], true);
     let n = [exs[0].n_targets() as f64, exs[1].n_targets() as f64];
     let (_, a) = loss_and_grads(&model, &[&exs[0]], true);
@@ -196,70 +173,24 @@ fn packed_batch_gradient_equals_sum_of_single_sequences() {
     }
 }
 
-fn job(dir: &Path, model: &Path, out: &str, hp: serde_json::Value) -> TrainJob {
-    let data = dir.join("train.jsonl");
-    if !data.exists() {
-        let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
-            .lines()
-            .take(24)
-            .collect();
-        std::fs::write(&data, lines.join("\n")).unwrap();
-    }
-    let spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "model": "tiny", "training_file": "x", "seed": 3,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}
-    }))
-    .unwrap();
-    TrainJob {
-        model_dir: model.to_path_buf(),
-        base_model_name: "tiny".into(),
-        training_file: data,
-        validation_file: None,
-        tool_eval_file: None,
-        init_adapter: None,
-        config: spec.resolve().unwrap(),
-        output_dir: dir.join(out),
-        resume_from: None,
-        device: Device::Cpu,
-    }
-}
-
-fn run_collect(
-    job: &TrainJob,
-    control: &Control,
-    suspend_after: Option<u64>,
-) -> (Outcome, Vec<StepMetrics>) {
-    let mut steps = Vec::new();
-    let outcome = trainer::run(job, control, &mut |ev| {
-        if let TrainEvent::Metrics(m) = ev {
-            if Some(m.step) == suspend_after {
-                control.suspend();
-            }
-            steps.push(m);
-        }
-    })
-    .unwrap();
-    (outcome, steps)
-}
-
 #[test]
 fn suspended_and_resumed_run_reproduces_the_uninterrupted_losses() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
+    let model = tiny_model(tmp.path(), 7);
     let hp = serde_json::json!({
         "n_epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "max_seq_len": 96, "loss_on": "all",
         "learning_rate": 0.01, "save_steps": 4, "lora": {"r": 4, "dropout": 0.1}
     });
-    let full = job(tmp.path(), &model, "full", hp.clone());
-    let (outcome, reference) = run_collect(&full, &Control::new(), None);
+    let full = train_job(tmp.path(), &model, "full", 24, 3, hp.clone());
+    let (outcome, reference) = run_steps(&full, &Control::new(), None).unwrap();
     assert_eq!(reference.len(), 12, "24 rows / (2 × 2) × 2 epochs");
     assert!(matches!(outcome, Outcome::Completed { steps: 12, .. }));
     // Warmup: step 1 runs at lr 0, as in transformers.
     assert_eq!(reference[0].learning_rate, 0.0);
 
-    let mut split = job(tmp.path(), &model, "split", hp);
+    let mut split = train_job(tmp.path(), &model, "split", 24, 3, hp);
     let control = Control::new();
-    let (outcome, first) = run_collect(&split, &control, Some(5));
+    let (outcome, first) = run_steps(&split, &control, Some(5)).unwrap();
     let Outcome::Suspended { checkpoint, step } = outcome else {
         panic!("{outcome:?}")
     };
@@ -269,7 +200,7 @@ fn suspended_and_resumed_run_reproduces_the_uninterrupted_losses() {
         trainer::latest_checkpoint(&split.output_dir).unwrap()
     );
     split.resume_from = Some(checkpoint);
-    let (outcome, rest) = run_collect(&split, &Control::new(), None);
+    let (outcome, rest) = run_steps(&split, &Control::new(), None).unwrap();
     assert!(matches!(outcome, Outcome::Completed { steps: 12, .. }));
     let resumed: Vec<&StepMetrics> = first.iter().chain(rest.iter()).collect();
     assert_eq!(
@@ -310,11 +241,11 @@ fn suspended_and_resumed_run_reproduces_the_uninterrupted_losses() {
 #[test]
 fn adapter_files_are_in_peft_format_and_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
+    let model = tiny_model(tmp.path(), 7);
     let hp = serde_json::json!({"max_steps": 1, "batch_size": 2, "gradient_accumulation_steps": 1, "max_seq_len": 64, "loss_on": "all",
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}});
-    let j = job(tmp.path(), &model, "out", hp);
-    let (outcome, _) = run_collect(&j, &Control::new(), None);
+    let j = train_job(tmp.path(), &model, "out", 24, 3, hp);
+    let (outcome, _) = run_steps(&j, &Control::new(), None).unwrap();
     let Outcome::Completed { adapter_dir, .. } = outcome else {
         panic!()
     };
@@ -375,7 +306,7 @@ fn adapter_files_are_in_peft_format_and_round_trip() {
 #[test]
 fn bf16_and_sharded_checkpoints_load_like_the_f32_original() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path());
+    let dir = tiny_model(tmp.path(), 7);
     let weights =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     // bf16 copy, split over two shards with an index, as large HF checkpoints ship.
@@ -423,11 +354,13 @@ fn bf16_and_sharded_checkpoints_load_like_the_f32_original() {
 #[test]
 fn bad_training_rows_fail_with_their_line_numbers() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let mut j = job(
+    let model = tiny_model(tmp.path(), 7);
+    let mut j = train_job(
         tmp.path(),
         &model,
         "out",
+        24,
+        3,
         serde_json::json!({"max_steps": 1}),
     );
     let bad = tmp.path().join("bad.jsonl");
@@ -450,11 +383,13 @@ fn bad_training_rows_fail_with_their_line_numbers() {
 #[test]
 fn cancel_stops_within_one_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let j = job(
+    let model = tiny_model(tmp.path(), 7);
+    let j = train_job(
         tmp.path(),
         &model,
         "out",
+        24,
+        3,
         serde_json::json!({"batch_size": 1, "gradient_accumulation_steps": 4, "max_seq_len": 48, "loss_on": "all"}),
     );
     let control = Control::new();
@@ -493,15 +428,17 @@ fn merged_export_gives_the_adapted_models_logits_untied_head_included() {
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     assert!(weights.contains_key("lm_head.weight"));
     // Train a few steps so B is non-zero, then merge.
-    let j = job(
+    let j = train_job(
         tmp.path(),
         &dir,
         "out",
+        24,
+        3,
         serde_json::json!({"max_steps": 2, "batch_size": 2,
         "gradient_accumulation_steps": 1, "max_seq_len": 64, "loss_on": "all", "learning_rate": 0.05,
         "warmup_ratio": 0.0, "lora": {"r": 4, "use_rslora": true}}),
     );
-    let (outcome, _) = run_collect(&j, &Control::new(), None);
+    let (outcome, _) = run_steps(&j, &Control::new(), None).unwrap();
     let Outcome::Completed { adapter_dir, .. } = outcome else {
         panic!()
     };
@@ -513,7 +450,7 @@ fn merged_export_gives_the_adapted_models_logits_untied_head_included() {
     })
     .unwrap();
 
-    let ids = &examples(&dir, 1, 40)[0].ids;
+    let ids = &encoded_examples(&dir, 1, 40)[0].ids;
     let lora = TrainConfig::default().lora;
     let (adapted, eff) = build_model(&dir, &Device::Cpu, &lora, Some(&adapter_dir), 0).unwrap();
     assert!(eff.use_rslora);

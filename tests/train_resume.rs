@@ -3,17 +3,16 @@
 //! or damaged checkpoint for the previous good one; `save_total_limit` and the epoch-end
 //! checkpoint cadence.
 
+mod common;
+
+use common::BIN;
 use serde_json::{json, Value};
 use sftd::train::checkpoint::{self, latest_checkpoint, latest_verified_checkpoint};
-use sftd::train::demo::{write_model, DemoSize};
-use sftd::train::events::{Control, Outcome, StepMetrics, TrainEvent};
-use sftd::train::spec::JobSpec;
-use sftd::train::trainer::{self, TrainJob};
+use sftd::train::events::{Control, Outcome, StepMetrics};
+use sftd::train::trainer::TrainJob;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sftd");
 
 /// A 12-step job on the demo model as `sftd train` reads it.
 fn job_file(dir: &Path) -> PathBuf {
@@ -133,46 +132,18 @@ fn sigterm_checkpoints_exits_75_and_resume_repeats_the_uninterrupted_losses_exac
     assert_eq!(adapter("split"), adapter("full"));
 }
 
+/// A job of `hp` on a tiny model (made once in `dir`) and 20 rows of the tool-call dataset.
 fn tiny_job(dir: &Path, out: &str, hp: Value) -> TrainJob {
     let model = dir.join("model");
     if !model.exists() {
-        write_model(&model, DemoSize::TINY, 7).unwrap();
+        common::train::tiny_model(dir, 7);
     }
-    let data = dir.join("train.jsonl");
-    if !data.exists() {
-        let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
-            .lines()
-            .take(20)
-            .collect();
-        std::fs::write(&data, lines.join("\n")).unwrap();
-    }
-    let spec: JobSpec = serde_json::from_value(json!({
-        "model": "tiny", "training_file": "x", "seed": 3,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}
-    }))
-    .unwrap();
-    TrainJob {
-        model_dir: model,
-        base_model_name: "tiny".into(),
-        training_file: data,
-        validation_file: None,
-        tool_eval_file: None,
-        init_adapter: None,
-        config: spec.resolve().unwrap(),
-        output_dir: dir.join(out),
-        resume_from: None,
-        device: candle_core::Device::Cpu,
-    }
+    common::train::train_job(dir, &model, out, 20, 3, hp)
 }
 
+/// Runs `job` to completion; every step's metrics.
 fn run(job: &TrainJob) -> Vec<StepMetrics> {
-    let mut steps = Vec::new();
-    let outcome = trainer::run(job, &Control::new(), &mut |ev| {
-        if let TrainEvent::Metrics(m) = ev {
-            steps.push(m);
-        }
-    })
-    .unwrap();
+    let (outcome, steps) = common::train::run_steps(job, &Control::new(), None).unwrap();
     assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
     steps
 }

@@ -143,6 +143,30 @@ impl IntoResponse for AppError {
     }
 }
 
+/// Seconds a client is told to wait before retrying a request the unreachable hub failed.
+pub(super) const RETRY_HUB_AFTER_SECS: u64 = 30;
+
+/// A model the local roots or the Hugging Face hub cannot give, for the `model` field: 400 a
+/// malformed name or refused path, 404 no such model, 403 the hub refused the server (gated,
+/// private, bad HF_TOKEN), 502 the hub answered but the model could not be fetched or used,
+/// 503 with `Retry-After` the hub could not be reached.
+impl From<crate::hub::HubError> for AppError {
+    fn from(e: crate::hub::HubError) -> Self {
+        use crate::hub::HubError;
+        let code = e.code();
+        let error = match e {
+            HubError::Invalid(m) => AppError::bad_request(m),
+            HubError::NotFound(m) => AppError::not_found(m),
+            HubError::Denied(m) => AppError::new(StatusCode::FORBIDDEN, m),
+            HubError::Unavailable(m) => AppError::new(StatusCode::BAD_GATEWAY, m),
+            HubError::Unreachable(m) => {
+                AppError::new(StatusCode::SERVICE_UNAVAILABLE, m).retry_after(RETRY_HUB_AFTER_SECS)
+            }
+        };
+        error.param("model").code(code)
+    }
+}
+
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
         AppError::internal(e)

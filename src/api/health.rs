@@ -1,6 +1,7 @@
-//! Probes and metrics: `/healthz` (the process answers), `/readyz` (database and worker are
-//! up), `/metrics` (Prometheus text: queue depth, jobs by status, tokens trained, SSE clients,
-//! and every registered worker's state, free memory and heartbeat age).
+//! Probes and metrics: `/healthz` (the process answers), `/readyz` (the database answers and
+//! the worker thread runs and still comes round to the queue), `/metrics` (Prometheus text:
+//! queue depth, jobs by status, tokens trained, SSE clients, and every registered worker's
+//! state, free memory and heartbeat age).
 
 use super::AppState;
 use crate::store::JobStatus;
@@ -31,7 +32,14 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let db = s.store.ping().await.is_ok();
-    let worker = s.worker.is_alive();
+    let worker_state = if !s.worker.is_alive() {
+        "stopped"
+    } else if s.worker.is_stalled() {
+        "stalled"
+    } else {
+        "running"
+    };
+    let worker = worker_state == "running";
     let status = if db && worker {
         StatusCode::OK
     } else {
@@ -41,6 +49,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
         "database": db,
         "worker": worker,
+        "worker_state": worker_state,
     });
     (status, Json(body))
 }

@@ -8,7 +8,7 @@ use crate::store::JobRow;
 use crate::train::spec::JobSpec;
 use crate::worker::SubmitError;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,9 +23,6 @@ pub fn routes() -> Router<AppState> {
             get(checkpoints),
         )
 }
-
-/// `Retry-After` of a 503 `hub_unavailable`.
-pub(super) const RETRY_HUB_AFTER_SECS: u64 = 30;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -179,21 +176,7 @@ fn submit_error(e: SubmitError) -> AppError {
             code,
             message,
         } => AppError::bad_request(message).param(param).code(code),
-        SubmitError::NotFound {
-            param,
-            code,
-            message,
-        } => AppError::new(StatusCode::NOT_FOUND, message)
-            .param(param)
-            .code(code),
-        SubmitError::Unavailable {
-            param,
-            code,
-            message,
-        } => AppError::new(StatusCode::SERVICE_UNAVAILABLE, message)
-            .param(param)
-            .code(code)
-            .retry_after(RETRY_HUB_AFTER_SECS),
+        SubmitError::Model(e) => e.into(),
         e @ SubmitError::IdempotencyConflict(_) => AppError::conflict(e.to_string())
             .param("Idempotency-Key")
             .code("idempotency_key_reused"),

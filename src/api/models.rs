@@ -6,7 +6,7 @@
 use super::error::{AppError, AppPath};
 use super::types::List;
 use super::AppState;
-use crate::hub::{Hub, HubError};
+use crate::hub::Hub;
 use crate::store::{JobRow, JobStatus};
 use crate::train::spec::DEMO_MODEL;
 use axum::extract::State;
@@ -177,19 +177,7 @@ pub async fn resolve(
 }
 
 async fn base_dir(models: &Models, model: &str) -> Result<PathBuf, AppError> {
-    models.hub.resolve(model).await.map_err(|e| match e {
-        HubError::Invalid(m) | HubError::NotFound(m) => AppError::not_found(m)
-            .param("model")
-            .code("model_not_found"),
-        HubError::Unavailable(m) => AppError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("the model {model:?} could not be made available: {m}"),
-        ),
-        HubError::Unreachable(m) => AppError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, m)
-            .param("model")
-            .code("hub_unavailable")
-            .retry_after(super::jobs::RETRY_HUB_AFTER_SECS),
-    })
+    Ok(models.hub.resolve(model).await?)
 }
 
 async fn resolve_fine_tuned(

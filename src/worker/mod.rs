@@ -9,6 +9,7 @@
 mod artifacts;
 mod estimate;
 mod heartbeat;
+mod liveness;
 mod recorder;
 mod run;
 mod serve;
@@ -114,6 +115,8 @@ struct Shared {
     current: Mutex<Option<Running>>,
     shutting_down: AtomicBool,
     alive: AtomicBool,
+    /// Whether the thread, while up, still comes round to take jobs.
+    liveness: liveness::Liveness,
     /// Generation tasks waiting for the device.
     tasks: Arc<serve::TaskQueue>,
 }
@@ -181,6 +184,7 @@ impl Worker {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            liveness: liveness::Liveness::new(opts.lease),
             tasks: Default::default(),
         });
         let (validations, pending) = tokio::sync::mpsc::unbounded_channel();
@@ -294,6 +298,13 @@ impl Worker {
     /// Whether the thread is up (for `/readyz`).
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Whether this process's worker thread is up but stuck: neither training nor generating,
+    /// it has not come round to the queue for a whole lease (for `/readyz`). Always `false` in a
+    /// process that does not train.
+    pub fn is_stalled(&self) -> bool {
+        self.id.is_some() && self.is_alive() && self.shared.liveness.stalled()
     }
 
     /// The id of the job being trained, if any.
@@ -432,42 +443,26 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
     tracing::info!(device = ?device, "worker started");
     let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
     let mut unestimable = estimate::Unestimable::default();
+    let live = &shared.liveness;
     loop {
+        live.turned();
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
         }
-        serving.run_idle();
+        live.busy(|| serving.run_idle());
         if let Err(e) = ctx.rt.block_on(reclaim_expired(&ctx)) {
             tracing::error!(error = %e, "could not look for expired leases");
         }
         if let Some(budget) = &ctx.memory {
-            ctx.rt
-                .block_on(estimate::estimate_queued(&ctx, budget, &mut unestimable));
+            live.busy(|| {
+                ctx.rt
+                    .block_on(estimate::estimate_queued(&ctx, budget, &mut unestimable))
+            });
         }
+        crate::fault::hang("worker_claim");
         match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
             Ok(Some(job)) => {
-                let control = Control::new();
-                *shared.current.lock().expect("worker lock") = Some(Running {
-                    lease: job.lease(),
-                    control: control.clone(),
-                });
-                if shared.shutting_down.load(Ordering::SeqCst) {
-                    control.suspend();
-                }
-                // A cancel that landed between the claim and the line above found no control to
-                // flip; it did change the status, which this re-read sees.
-                let still_running = matches!(
-                    ctx.rt.block_on(ctx.store.get_job(&job.id)),
-                    Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
-                );
-                let ended = if still_running {
-                    run::run_job(&ctx, &job, &control, &device, &serving)
-                } else {
-                    run::Ended::Normally
-                };
-                *shared.current.lock().expect("worker lock") = None;
-                ctx.rt
-                    .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, &job));
+                let ended = live.busy(|| run_claimed(&ctx, shared, &job, &device, &serving));
                 if ended == run::Ended::StorageDown {
                     backoff(shared);
                 }
@@ -490,6 +485,39 @@ fn backoff(shared: &Shared) {
     while std::time::Instant::now() < until && !shared.shutting_down.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Runs a job the thread has just claimed, unless it was cancelled meanwhile.
+fn run_claimed(
+    ctx: &Ctx,
+    shared: &Shared,
+    job: &JobRow,
+    device: &candle_core::Device,
+    serving: &serve::Serving,
+) -> run::Ended {
+    let control = Control::new();
+    *shared.current.lock().expect("worker lock") = Some(Running {
+        lease: job.lease(),
+        control: control.clone(),
+    });
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        control.suspend();
+    }
+    // A cancel that landed between the claim and the line above found no control to
+    // flip; it did change the status, which this re-read sees.
+    let still_running = matches!(
+        ctx.rt.block_on(ctx.store.get_job(&job.id)),
+        Ok(Some(j)) if j.status == JobStatus::Running && j.epoch == job.epoch
+    );
+    let ended = if still_running {
+        run::run_job(ctx, job, &control, device, serving)
+    } else {
+        run::Ended::Normally
+    };
+    *shared.current.lock().expect("worker lock") = None;
+    ctx.rt
+        .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, job));
+    ended
 }
 
 /// Requeues (or fails) the jobs whose lease expired: their worker died or lost contact.
@@ -521,6 +549,7 @@ mod tests {
             current: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            liveness: liveness::Liveness::new(Duration::from_secs(30)),
             tasks: Default::default(),
         });
         let in_thread = shared.clone();

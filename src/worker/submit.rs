@@ -21,19 +21,9 @@ pub enum SubmitError {
         code: &'static str,
         message: String,
     },
-    #[error("{message}")]
-    NotFound {
-        param: String,
-        code: &'static str,
-        message: String,
-    },
-    /// A service the check needs (the model hub) is down: worth retrying.
-    #[error("{message}")]
-    Unavailable {
-        param: String,
-        code: &'static str,
-        message: String,
-    },
+    /// The `model` cannot be used (or the hub cannot say whether it can).
+    #[error(transparent)]
+    Model(HubError),
     #[error("Idempotency-Key {0:?} was already used with a different request body")]
     IdempotencyConflict(String),
     #[error(transparent)]
@@ -78,28 +68,11 @@ impl Worker {
         if let Some(v) = &spec.tool_eval_file {
             self.check_dataset(v, "tool_eval_file").await?;
         }
-        let model = self.hub.check(&spec.model).await.map_err(|e| {
-            let (param, code) = ("model".to_string(), e.code());
-            match e {
-                HubError::NotFound(message) => SubmitError::NotFound {
-                    param,
-                    code,
-                    message,
-                },
-                HubError::Unreachable(message) => SubmitError::Unavailable {
-                    param,
-                    code,
-                    message,
-                },
-                HubError::Invalid(message) | HubError::Unavailable(message) => {
-                    SubmitError::Invalid {
-                        param,
-                        code,
-                        message,
-                    }
-                }
-            }
-        })?;
+        let model = self
+            .hub
+            .check(&spec.model)
+            .await
+            .map_err(SubmitError::Model)?;
         let estimate = self.estimate_memory(&model, &config).await?;
         if let Some(a) = &spec.init_adapter {
             run::init_adapter_dir(&self.store, &self.hub, a)

@@ -1,40 +1,15 @@
 // The dashboard in a real headless Chromium against the real sftd binary.
 //   cd tests/browser && npm ci && SFTD_BIN=../../target/debug/sftd npm test
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Server, launchBrowser, waitFor, tempDir, metricSteps, sleep, jobPageState, parseRanges, EXAMPLE, EXAMPLE_VAL, MODEL } from './harness.mjs';
+import { pageSuite } from './page_suite.mjs';
+import { Server, waitFor, tempDir, metricSteps, sleep, jobPageState, parseRanges, EXAMPLE, EXAMPLE_VAL, MODEL } from './harness.mjs';
 
 const JOB_TIMEOUT = Number(process.env.SFTD_JOB_TIMEOUT_MS || 300_000);
 const RESTART_STEPS = Number(process.env.SFTD_RESTART_STEPS || 16);
-let browser;
-let server;
-
-before(async () => {
-  browser = await launchBrowser();
-  server = await new Server({ name: 'sftd' }).start();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
-
-async function newPage(t) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(e.message));
-  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
-  t.after(async () => {
-    for (const e of errors) t.diagnostic(`browser console: ${e}`);
-    await context.close();
-  });
-  page.jsErrors = () => errors.filter((e) => !/Failed to load resource|EventSource|net::ERR/.test(e));
-  return page;
-}
-
+const { server, newPage } = pageSuite({ name: 'sftd', viewport: { width: 1280, height: 800 } });
 
 /** Follow the job page until a terminal status, recording every point count it showed. */
 async function followJob(page, { timeoutMs = JOB_TIMEOUT, onTick, srv = server } = {}) {

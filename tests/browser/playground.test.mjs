@@ -2,37 +2,13 @@
 // trained demo jobs: presets from the job's validation data, the answer streamed from
 // /v1/chat/completions, side by side with the base model, and a checkpoint while the job trains.
 //   cd tests/browser && npm ci && SFTD_BIN=../../target/debug/sftd node --test playground.test.mjs
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Server, launchBrowser, waitFor, EXAMPLE_VAL, MODEL } from './harness.mjs';
+import { waitFor, EXAMPLE_VAL, MODEL } from './harness.mjs';
+import { pageSuite } from './page_suite.mjs';
 
 const JOB_TIMEOUT = Number(process.env.SFTD_JOB_TIMEOUT_MS || 300_000);
-let browser;
-let server;
-
-before(async () => {
-  browser = await launchBrowser();
-  server = await new Server({ name: 'sftd-playground' }).start();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
-
-async function newPage(t) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(e.message));
-  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
-  t.after(async () => {
-    for (const e of errors) t.diagnostic(`browser console: ${e}`);
-    await context.close();
-  });
-  page.jsErrors = () => errors.filter((e) => !/Failed to load resource|EventSource|net::ERR/.test(e));
-  return page;
-}
+const { server, newPage } = pageSuite({ name: 'sftd-playground', viewport: { width: 1280, height: 900 } });
 
 async function waitJob(id, done) {
   return waitFor(async () => {

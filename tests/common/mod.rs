@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod jobs;
 pub mod postgres;
 pub mod s3;
+pub mod train;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -187,17 +189,7 @@ impl Server {
             .status()
             .unwrap();
         assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit(Duration::from_secs(60))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -383,11 +375,13 @@ pub async fn read_sse(
     out
 }
 
-/// Opens the event stream of a job.
+/// Opens the event stream of a job. It lasts as long as the job: the client's 60 s limit on a
+/// whole request does not apply to it.
 pub async fn open_stream(s: &Server, job: &str, last_event_id: Option<i64>) -> reqwest::Response {
     let mut req = s
         .client
         .get(s.url(&format!("/v1/fine_tuning/jobs/{job}/events")))
+        .timeout(Duration::from_secs(600))
         .header("accept", "text/event-stream");
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id.to_string());
