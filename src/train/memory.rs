@@ -178,10 +178,18 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     let lora_gradients = 2 * lora_elems * 4;
     let optimizer_state = 2 * lora_elems * 4;
 
-    // One layer's autograd graph in elements (the inventory is in docs/memory.md). Every
-    // projection keeps its output; a LoRA one also keeps B·A·x, its scaled copy and the sum,
-    // A·x, and with dropout the mask and the masked input.
+    // One layer's autograd graph in elements (the inventory is in docs/memory.md).
     let composed = target.cuda;
+    // On the CPU without a dropout mask to draw, a decoder layer is one op (`nn/layer.rs`) that
+    // keeps exactly the activations its hand-written backward reads.
+    let one_op = !composed && !recipe.lora_dropout && !targets.is_empty();
+    // The one-op layer keeps: its output (the next layer's input), the normed input, the mid
+    // residual and its norm (4 N×H); q before and after norm and rotary, the attention output
+    // (3 N×A); k before and after, v (3 N×K); gate, up, their product (3 N×F); x·Aᵀ (N×r) per
+    // LoRA projection.
+    let one_op_graph = n * (4 * h + 3 * a + 3 * k + 3 * f + r * targets.len() as u64);
+    // The per-op path: every projection keeps its output; a LoRA one also keeps B·A·x, its
+    // scaled copy and the sum, A·x, and with dropout the mask and the masked input.
     let norm = if composed { 3 } else { 1 }; // rms_norm: fused kernel vs sqr, div, mul
     let rope = if composed { 4 } else { 1 }; // rope: fused kernel vs 4 products, sub/add, cat
     let lora_graph: u64 = targets
@@ -192,7 +200,11 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
         + n * a * (4 + norm + rope + u64::from(b > 1)) // q, norm, rope, 3 head-major copies, cat
         + n * k * (4 + norm + rope) // k, v, norm, rope, 2 head-major copies
         + n * f * 4; // gate, silu, up, product
-    let layer_graph = (base_graph + lora_graph) * ACT;
+    let layer_graph = if one_op {
+        one_op_graph * ACT
+    } else {
+        (base_graph + lora_graph) * ACT
+    };
     // Backward: candle also computes the gradient of every dropout mask (kept until the
     // backward returns) and holds about three in-flight gradients of the widest activation.
     let mask_grads: u64 = if recipe.lora_dropout {
@@ -200,13 +212,29 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     } else {
         0
     };
-    let in_flight = 3 * n * f.max(a).max(h) * ACT;
+    // The one-op backward frees each gradient buffer once consumed: its widest moment is the
+    // SwiGLU backward (dz, dgate, dup: 3 N×F) or the attention backward (d(attention output),
+    // dq, dk, dv, then dq before norm and rotary: about 3 N×A + 2 N×K), beside the incoming and
+    // outgoing N×H gradients.
+    let in_flight = if one_op {
+        n * ((3 * f).max(3 * a + 2 * k) + 2 * h) * ACT
+    } else {
+        3 * n * f.max(a).max(h) * ACT
+    };
     // Attention: scores and probabilities (composed: scale, mask, shift, exp, divide as well)
     // for every sequence, plus four T×T buffers while one sequence's softmax is differentiated.
     let hq = m.heads as u64;
-    let score_buffers = if composed { 7 } else { 2 };
+    // The one-op layer keeps only the probabilities, and its backward works through them one
+    // block of query rows at a time (a 64×T buffer per thread, not counted).
+    let score_buffers = if composed {
+        7
+    } else if one_op {
+        1
+    } else {
+        2
+    };
     let attention_graph = score_buffers * hq * b * t * t * ACT;
-    let attention_backward = 4 * hq * t * t * ACT;
+    let attention_backward = if one_op { 0 } else { 4 * hq * t * t * ACT };
 
     // `kept`: alive through the whole backward; `backward`: the largest moment within it.
     let (saved_activations, kept_scores, layer_activations) = if recipe.gradient_checkpointing {
@@ -216,16 +244,20 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
         (saved, 0, n * h * ACT + layer_graph + mask_grads + in_flight)
     } else {
         // The first layer's input is not differentiated, so its LoRA projections also leave
-        // behind the gradients of their frozen output and of A's input.
-        let first_layer: u64 = m
-            .projections()
-            .iter()
-            .zip(recipe.lora_targets)
-            .enumerate()
-            .filter(|(j, (_, on))| *on && ![3, 6].contains(j))
-            .map(|(_, (&(i, o), _))| n * (i + o) as u64)
-            .sum::<u64>()
-            * ACT;
+        // behind the gradients of their frozen output and of A's input (per-op path only: the
+        // one-op layer skips its input gradient).
+        let first_layer: u64 = if one_op {
+            0
+        } else {
+            m.projections()
+                .iter()
+                .zip(recipe.lora_targets)
+                .enumerate()
+                .filter(|(j, (_, on))| *on && ![3, 6].contains(j))
+                .map(|(_, (&(i, o), _))| n * (i + o) as u64)
+                .sum::<u64>()
+                * ACT
+        };
         let saved = l * layer_graph + n * h * ACT;
         (
             saved,

@@ -18,7 +18,8 @@
 #          position's logits either way, so it runs once and both sftd settings compare to it
 #   SEQ [512]  STEPS [5] timed steps (after one warm-up)  THREADS [2]
 #   HF [1]: 0 skips transformers (an sftd before/after comparison only)
-# Results: one JSON file per run in WORKDIR/runs, the summary table in WORKDIR/summary.md.
+# Results: one JSON file per run in WORKDIR/runs, the summary table in WORKDIR/summary.md; each
+# run's line on stdout ends with the load average (1, 5, 15 min) when it finished.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/sftd-bench}
@@ -60,19 +61,19 @@ for s in $SHAPES; do
           out="$W/runs/${s}_b${b}_ckpt${c}_${l}_sftd_r$r.json"
           "$SFTD" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
             --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
-          echo "sftd $s b$b ckpt $c loss $l run $r: $(cat "$out")"
+          echo "sftd $s b$b ckpt $c loss $l run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(cat "$out")"
           if [ -n "${SFTD_BEFORE:-}" ]; then
             out="$W/runs/${s}_b${b}_ckpt${c}_${l}_before_r$r.json"
             "$SFTD_BEFORE" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
               --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
-            echo "sftd (before) $s b$b ckpt $c loss $l run $r: $(cat "$out")"
+            echo "sftd (before) $s b$b ckpt $c loss $l run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(cat "$out")"
           fi
         done
         [ "${HF:-1}" = 0 ] && continue
         out="$W/runs/${s}_b${b}_ckpt${c}_hf_r$r.json"
         "$PY" tools/bench/compare.py --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
           --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc "$c" --json-out "$out" > /dev/null
-        echo "transformers $s b$b ckpt $c run $r: $(grep -o '"tokens_per_second": [0-9.]*' "$out")"
+        echo "transformers $s b$b ckpt $c run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -o '"tokens_per_second": [0-9.]*' "$out")"
       done
     done
   done

@@ -8,71 +8,8 @@
 //!
 //! Shapes: rows of C elements; N tokens, H heads, D head dim, T sequence length.
 
+pub(crate) use super::real::Real;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
-
-/// The float types the kernels run in (f32 for training, f64 for gradient checks).
-pub(crate) trait Real: WithDType {
-    fn exp(self) -> Self;
-    /// `Σ xs` in f64 precision.
-    fn sum(xs: &[Self]) -> f64;
-}
-
-impl Real for f32 {
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-
-    fn sum(xs: &[Self]) -> f64 {
-        // Eight f32 lanes per block of 256 (vectorizable), blocks added in f64.
-        xs.chunks(256)
-            .map(|block| {
-                let mut lanes = [0f32; 8];
-                let mut it = block.chunks_exact(8);
-                for c in &mut it {
-                    for (l, v) in lanes.iter_mut().zip(c) {
-                        *l += v;
-                    }
-                }
-                let rest: f32 = it.remainder().iter().sum();
-                lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
-            })
-            .sum()
-    }
-}
-
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-
-    fn sum(xs: &[Self]) -> f64 {
-        xs.iter().sum()
-    }
-}
-
-/// `e^x` in f32 without a libm call, so that loops over it vectorize: `x = n·ln2 + r` with
-/// `|r| ≤ ln2/2`, `e^r` by Cephes' degree-7 polynomial, `2^n` built in the exponent bits. Within
-/// 2 ulp of `f32::exp` on [-87, 88]; NaN stays NaN; below -87.3 (never reached after a max shift
-/// by more than a float can resolve) it flushes to the smallest normal.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_2e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
 
 /// The contiguous elements of a storage under its layout.
 fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -489,24 +426,6 @@ mod tests {
             "gradients differ by {}",
             max_diff(&g1, &g2)
         );
-    }
-
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_libm() {
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (want, got) = (x.exp(), exp_f32(x));
-            assert!(
-                (want - got).abs() <= 2.0 * f32::EPSILON * want,
-                "exp({x}) = {got}, libm {want}"
-            );
-            x += 0.0137;
-        }
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
-        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
-        let want: f64 = xs.iter().map(|&v| v as f64).sum();
-        assert!((<f32 as Real>::sum(&xs) - want).abs() < 1e-4);
     }
 
     #[test]

@@ -400,8 +400,12 @@ impl LayerOp {
             unsafe { project_bwd(&s.h2, p[5], &s.xa[5], &dup, (n, h, f), Some(add(&mut dh2))) };
         unsafe { dh2.set_len(n * h) };
         keep(5, ab, (h, f));
+        // Each gradient buffer is dropped as soon as it is consumed: the backward's peak is
+        // then its widest moment, not the sum of every buffer it makes.
+        drop((dgate, dup));
         let mut dxm = g.to_vec();
         rms_rows_bwd(&s.x_mid, &dh2, self.norm(1), eps, &mut dxm, true);
+        drop(dh2);
         // Attention: x_mid = x + o(attention(rope(norm(q)), rope(norm(k)), v)).
         let mut dattn = Vec::with_capacity(n * qd);
         let ab = unsafe {
@@ -428,12 +432,17 @@ impl LayerOp {
             &self.segments,
             &offsets,
         );
+        drop(dattn);
         let mut dq_pre = vec![T::zero(); n * qd];
         let dqn = rope_rows(&dq, (hq, d), &self.cos, &self.sin, true);
+        drop(dq);
         rms_rows_bwd(&s.q_pre, &dqn, self.norm(2), eps, &mut dq_pre, false);
+        drop(dqn);
         let mut dk_pre = vec![T::zero(); n * kd];
         let dkn = rope_rows(&dk, (hkv, d), &self.cos, &self.sin, true);
+        drop(dk);
         rms_rows_bwd(&s.k_pre, &dkn, self.norm(3), eps, &mut dk_pre, false);
+        drop(dkn);
         let mut dh1 = want_dx.then(|| Vec::with_capacity(n * h));
         let ab = unsafe {
             project_bwd(
@@ -446,6 +455,7 @@ impl LayerOp {
             )
         };
         keep(0, ab, (h, qd));
+        drop(dq_pre);
         let ab = unsafe {
             project_bwd(
                 &s.h1,
@@ -457,6 +467,7 @@ impl LayerOp {
             )
         };
         keep(1, ab, (h, kd));
+        drop(dk_pre);
         let ab = unsafe {
             project_bwd(
                 &s.h1,

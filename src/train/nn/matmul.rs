@@ -60,7 +60,13 @@ impl<T> SendPtr<T> {
 
 /// `dst (m, n)` with row stride `dst_rs` (columns contiguous) `= β·lhs (m, k)·rhs (k, n)`,
 /// plus `dst`'s own values when `accumulate`. `threaded`: split this one product over candle's
-/// CPU threads (the gemm crate still runs small products on one).
+/// CPU threads (small products still run on one).
+///
+/// The split is ours, not gemm's: gemm transposes a row-major product (`dstᵀ = rhsᵀ·lhsᵀ`) and
+/// then hands each thread a share of `dst`'s rows, so every thread packs the whole of `rhs` (in
+/// a layer, the frozen weight) into its own buffer. Here each thread takes a band of `dst`'s
+/// columns (rows when there are too few columns) and runs gemm on one thread over it, so each
+/// packs only its band of the weight, and no thread waits on another between gemm's blocks.
 ///
 /// # Safety
 /// `dst` addresses m rows of n elements at stride `dst_rs` (initialized when `accumulate`), the
@@ -88,12 +94,95 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threaded && threads > 1 {
+    let threads = if threaded {
+        candle_core::utils::get_num_threads()
+    } else {
+        1
+    };
+    if threads > 1 && m * n * k >= SPLIT_MIN_WORK {
+        let split = if n >= SPLIT_MIN_SIDE * threads {
+            Some((n, true))
+        } else if m >= SPLIT_MIN_SIDE * threads {
+            Some((m, false))
+        } else {
+            None
+        };
+        if let Some((side, columns)) = split {
+            let per = side.div_ceil(threads).next_multiple_of(SPLIT_ALIGN);
+            let parts = side.div_ceil(per);
+            let (dst, lhs_at, rhs_at) = (dst as usize, lhs.ptr as usize, rhs.ptr as usize);
+            (0..parts).into_par_iter().for_each(|p| {
+                let (a, len) = (p * per, per.min(side - p * per));
+                let size = std::mem::size_of::<T>() as isize;
+                // SAFETY: part p reads and writes only columns (or rows) a..a + len of dst, and
+                // the matching columns of rhs (or rows of lhs), all inside the caller's operands;
+                // the parts are disjoint and all joined before this call returns.
+                unsafe {
+                    let (d, l, r, mnk) = if columns {
+                        let r = rhs_at as isize + a as isize * rhs.cs * size;
+                        (dst + a * size as usize, lhs_at as isize, r, (m, len, k))
+                    } else {
+                        let l = lhs_at as isize + a as isize * lhs.rs * size;
+                        (
+                            dst + a * dst_rs * size as usize,
+                            l,
+                            rhs_at as isize,
+                            (len, n, k),
+                        )
+                    };
+                    let lhs = View {
+                        ptr: l as *const T,
+                        ..lhs
+                    };
+                    let rhs = View {
+                        ptr: r as *const T,
+                        ..rhs
+                    };
+                    gemm_one(
+                        d as *mut T,
+                        dst_rs,
+                        mnk,
+                        accumulate,
+                        lhs,
+                        rhs,
+                        beta,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            return;
+        }
+    }
+    let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
+    gemm_one(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta, par);
+}
+
+/// Products below this many multiply-adds run on one thread (gemm's own threshold).
+const SPLIT_MIN_WORK: usize = 48 * 48 * 256;
+/// A product is split over threads along a side at least this long per thread.
+const SPLIT_MIN_SIDE: usize = 64;
+/// Parts start at multiples of this many columns (rows): whole tiles of gemm's micro-kernels.
+const SPLIT_ALIGN: usize = 16;
+
+/// One `gemm::gemm` call for [`gemm_into`]'s arguments.
+///
+/// # Safety
+/// As [`gemm_into`], with `k > 0`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_one<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+    par: gemm::Parallelism,
+) {
     gemm::gemm(
         m,
         n,
@@ -294,6 +383,53 @@ mod tests {
     use crate::train::nn::testing::max_diff;
     use crate::train::nn::{frozen_linear, frozen_linear_grad};
     use candle_core::{DType, Device, Tensor, Var};
+
+    /// Products large enough to be split over threads, along columns (wide outputs) and along
+    /// rows (narrow ones, e.g. a LoRA gradient's r columns), with transposed operands, sizes that
+    /// do not divide evenly, and accumulation into an existing destination, against the plain
+    /// triple loop in f64. (The split needs more than one thread: candle's thread count, 2 here.)
+    #[test]
+    fn split_products_equal_naive_product() {
+        use super::{gemm_into, View};
+        for (m, n, k) in [(37, 1000, 70), (1000, 16, 50), (130, 190, 300)] {
+            let a: Vec<f64> = (0..m * k)
+                .map(|i| ((i * 7 % 23) as f64 - 11.0) / 7.0)
+                .collect();
+            let b: Vec<f64> = (0..k * n)
+                .map(|i| ((i * 5 % 19) as f64 - 9.0) / 5.0)
+                .collect();
+            // lhs (m, k) row-major; rhs (k, n) read as the transpose of a row-major (n, k).
+            let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let want =
+                |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>();
+            for accumulate in [false, true] {
+                let mut dst = vec![0.5f64; m * n];
+                // SAFETY: dst is m×n and initialized; the views address a (m×k) and bt (n×k).
+                unsafe {
+                    gemm_into(
+                        dst.as_mut_ptr(),
+                        n,
+                        (m, n, k),
+                        accumulate,
+                        View::rows(&a, k),
+                        View::t(&bt, k),
+                        2.0,
+                        true,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = 2.0 * want(i, j) + if accumulate { 0.5 } else { 0.0 };
+                        let got = dst[i * n + j];
+                        assert!(
+                            (got - w).abs() < 1e-9 * (1.0 + w.abs()),
+                            "{m}x{n}x{k} ({i},{j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// A single row (decoding) takes the split-over-threads path; it equals candle's matmul for
     /// output counts that split evenly, unevenly, and too few to split.

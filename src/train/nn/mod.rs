@@ -7,6 +7,7 @@ pub mod linear;
 pub mod lora_op;
 mod matmul;
 pub mod ops;
+mod real;
 pub mod swiglu;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};

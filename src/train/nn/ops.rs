@@ -344,17 +344,11 @@ fn xent_rows<T: Real + Send>(
 /// One row: returns `(lse − x[t], argmax == t)`; with `scale`, rewrites the row as
 /// `scale · (softmax − onehot(t))`. A NaN anywhere in the row makes the loss NaN.
 fn xent_row<T: Real>(row: &mut [T], t: usize, scale: Option<f64>) -> (f64, bool) {
-    let max = row
-        .iter()
-        .copied()
-        .fold(row[0], |m, v| if v > m { v } else { m });
+    let max = T::max_of(row);
     let arg = row.iter().position(|&v| v == max).unwrap_or(0);
     let picked = row[t].to_f64();
     // In place: the logits buffer is ours, and the gradient is built in it.
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-    }
-    let sum = T::sum(row);
+    let sum = T::exp_shifted(row, max, T::one());
     if let Some(s) = scale {
         let k = T::from_f64(s / sum);
         row.iter_mut().for_each(|x| *x *= k);

@@ -1,0 +1,279 @@
+//! The float types the CPU kernels run in, with the row loops of the softmaxes (largest element,
+//! shifted exponentials and their sum, dot products) written so that they vectorize.
+//!
+//! The default build targets baseline x86-64 (SSE2), where these loops run four f32 lanes wide
+//! and the scalar `max` fold runs one element per compare-and-select latency. For f32 each loop
+//! is also compiled for AVX-512F and picked at run time where the CPU has it: the LM head's
+//! cross-entropy runs them over every labelled token's full-vocabulary row of logits, and
+//! attention over every query row.
+
+/// `$fast(args)` (the loop compiled for AVX-512F) where the CPU has AVX-512F, else `$plain(args)`.
+macro_rules! by_isa {
+    ($fast:ident, $plain:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only thing `$fast` adds to `$plain`.
+            return unsafe { $fast($($arg),*) };
+        }
+        $plain($($arg),*)
+    }};
+}
+
+/// The float types the kernels run in (f32 for training, f64 for gradient checks).
+pub(crate) trait Real: candle_core::WithDType {
+    fn exp(self) -> Self;
+    /// `Σ xs` in f64 precision.
+    fn sum(xs: &[Self]) -> f64;
+    /// The largest element (NaNs are skipped; `-inf` for an empty or all-NaN slice).
+    fn max_of(xs: &[Self]) -> Self;
+    /// `xs[i] = e^((xs[i] − shift)·scale)` in place; returns `Σ xs` (after) in f64 precision.
+    fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) -> f64;
+    /// `Σ a[i]·b[i]` over the shorter of the two.
+    fn dot(a: &[Self], b: &[Self]) -> f64;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+
+    fn sum(xs: &[Self]) -> f64 {
+        // Eight f32 lanes per block of 256 (vectorizable), blocks added in f64.
+        xs.chunks(256)
+            .map(|block| {
+                let mut lanes = [0f32; 8];
+                let mut it = block.chunks_exact(8);
+                for c in &mut it {
+                    for (l, v) in lanes.iter_mut().zip(c) {
+                        *l += v;
+                    }
+                }
+                let rest: f32 = it.remainder().iter().sum();
+                lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
+            })
+            .sum()
+    }
+
+    fn max_of(xs: &[Self]) -> Self {
+        by_isa!(max_avx512, max_lanes(xs))
+    }
+
+    fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) -> f64 {
+        by_isa!(exp_shifted_avx512, exp_shifted_lanes(xs, shift, scale))
+    }
+
+    fn dot(a: &[Self], b: &[Self]) -> f64 {
+        by_isa!(dot_avx512, dot_lanes(a, b))
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+
+    fn sum(xs: &[Self]) -> f64 {
+        xs.iter().sum()
+    }
+
+    fn max_of(xs: &[Self]) -> Self {
+        xs.iter()
+            .fold(f64::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+
+    fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) -> f64 {
+        xs.iter_mut()
+            .map(|x| {
+                *x = ((*x - shift) * scale).exp();
+                *x
+            })
+            .sum()
+    }
+
+    fn dot(a: &[Self], b: &[Self]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
+
+/// Independent accumulators per loop: a few vector registers' worth, so that the loop is bound by
+/// throughput rather than by one accumulator's add or compare latency.
+const LANES: usize = 32;
+/// Elements summed in f32 lanes before the lanes are added in f64.
+const BLOCK: usize = 512;
+
+#[inline(always)]
+fn max_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = xs.chunks_exact(LANES);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let rest = it.remainder().iter().copied();
+    acc.into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+}
+
+#[inline(always)]
+fn exp_shifted_lanes(xs: &mut [f32], shift: f32, scale: f32) -> f64 {
+    let mut total = 0f64;
+    for block in xs.chunks_mut(BLOCK) {
+        let mut acc = [0f32; LANES];
+        let mut it = block.chunks_exact_mut(LANES);
+        for c in &mut it {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp_f32((*v - shift) * scale);
+                *a += *v;
+            }
+        }
+        let mut rest = 0f32;
+        for v in it.into_remainder() {
+            *v = exp_f32((*v - shift) * scale);
+            rest += *v;
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+    }
+    total
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len().min(b.len());
+    let mut total = 0f64;
+    for (ba, bb) in a[..n].chunks(BLOCK).zip(b[..n].chunks(BLOCK)) {
+        let mut acc = [0f32; LANES];
+        let (mut ia, mut ib) = (ba.chunks_exact(LANES), bb.chunks_exact(LANES));
+        for (ca, cb) in (&mut ia).zip(&mut ib) {
+            for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+                *s += x * y;
+            }
+        }
+        let rest: f32 = ia
+            .remainder()
+            .iter()
+            .zip(ib.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        total += acc.iter().map(|&s| s as f64).sum::<f64>() + rest as f64;
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_avx512(xs: &[f32]) -> f32 {
+    max_lanes(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(xs: &mut [f32], shift: f32, scale: f32) -> f64 {
+    exp_shifted_lanes(xs, shift, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f64 {
+    dot_lanes(a, b)
+}
+
+/// `e^x` in f32 without a libm call, so that loops over it vectorize: `x = n·ln2 + r` with
+/// `|r| ≤ ln2/2`, `e^r` by Cephes' degree-7 polynomial, `2^n` built in the exponent bits. Within
+/// 2 ulp of `f32::exp` on [-87, 88]; NaN stays NaN; below -87.3 (never reached after a max shift
+/// by more than a float can resolve) it flushes to the smallest normal.
+#[inline(always)]
+pub(super) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_2e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (want, got) = (x.exp(), exp_f32(x));
+            assert!(
+                (want - got).abs() <= 2.0 * f32::EPSILON * want,
+                "exp({x}) = {got}, libm {want}"
+            );
+            x += 0.0137;
+        }
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: f64 = xs.iter().map(|&v| v as f64).sum();
+        assert!((<f32 as Real>::sum(&xs) - want).abs() < 1e-4);
+    }
+
+    /// Rows of awkward lengths (empty, under one lane block, a remainder after whole blocks),
+    /// each row loop against the plain scalar computation in f64, through whichever of the
+    /// AVX-512 and baseline loops this CPU runs, and the baseline loops directly.
+    #[test]
+    fn row_loops_equal_scalar_reference() {
+        for n in [0usize, 1, 7, 31, 32, 33, 100, 511, 512, 513, 1500, 151_936] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i as f32 * 0.731).sin() * 9.0) + (i % 17) as f32 * 0.1)
+                .collect();
+            let ys: Vec<f32> = (0..n).map(|i| (i as f32 * 0.377).cos()).collect();
+            let want_max = xs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(<f32 as Real>::max_of(&xs), want_max, "max, n={n}");
+            assert_eq!(max_lanes(&xs), want_max, "baseline max, n={n}");
+            let want_dot: f64 = xs.iter().zip(&ys).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let tol = 1e-5 * (1.0 + want_dot.abs()) + 1e-6 * n as f64;
+            assert!(
+                (<f32 as Real>::dot(&xs, &ys) - want_dot).abs() < tol,
+                "dot n={n}"
+            );
+            assert!(
+                (dot_lanes(&xs, &ys) - want_dot).abs() < tol,
+                "baseline dot n={n}"
+            );
+            let (shift, scale) = (want_max, 0.7f32);
+            let want: Vec<f64> = xs
+                .iter()
+                .map(|&v| (((v - shift) * scale) as f64).exp())
+                .collect();
+            let want_sum: f64 = want.iter().sum();
+            for fast in [true, false] {
+                let mut got = xs.clone();
+                let sum = if fast {
+                    <f32 as Real>::exp_shifted(&mut got, shift, scale)
+                } else {
+                    exp_shifted_lanes(&mut got, shift, scale)
+                };
+                assert!(
+                    (sum - want_sum).abs() <= 1e-5 * want_sum.max(1.0),
+                    "sum n={n}"
+                );
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() <= 1e-6 * w.max(1e-30), "exp n={n}");
+                }
+            }
+        }
+        let with_nan = [1.0f32, f32::NAN, 3.0, -2.0];
+        assert_eq!(<f32 as Real>::max_of(&with_nan), 3.0);
+        let mut e = with_nan;
+        assert!(<f32 as Real>::exp_shifted(&mut e, 3.0, 1.0).is_nan());
+        assert_eq!(<f64 as Real>::max_of(&[1.0, f64::NAN, 3.0]), 3.0);
+    }
+}
