@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use sftd::train::checkpoint::load_adapter;
-use sftd::train::generate::{BaseModel, FinishReason, SamplingParams};
+use sftd::train::generate::{generate, BaseModel, FinishReason, Generation, SamplingParams};
 use sftd::train::model::qwen3::{AdapterWeights, KvCache, Tuning};
 use sftd::train::model::Qwen3;
 use std::path::{Path, PathBuf};
@@ -64,9 +64,7 @@ fn greedy_output_is_token_identical_to_transformers_peft() {
             if ended {
                 want.pop();
             }
-            let g = base
-                .generate(lora, &ids, &SamplingParams::greedy(max_new), |_| true)
-                .unwrap();
+            let g = greedy(&base, lora, &ids, max_new).unwrap();
             assert_eq!(g.completion_ids, want, "{key} generation of {messages:?}");
             let finish = if ended {
                 FinishReason::Stop
@@ -85,12 +83,8 @@ fn the_adapter_changes_the_output() {
         .format
         .encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    let plain = base
-        .generate(None, &ids, &SamplingParams::greedy(8), |_| true)
-        .unwrap();
-    let tuned = base
-        .generate(Some(&adapter), &ids, &SamplingParams::greedy(8), |_| true)
-        .unwrap();
+    let plain = greedy(&base, None, &ids, 8).unwrap();
+    let tuned = greedy(&base, Some(&adapter), &ids, 8).unwrap();
     assert_ne!(plain.completion_ids, tuned.completion_ids);
 }
 
@@ -170,16 +164,30 @@ fn a_prompt_beyond_the_context_is_refused() {
     let (_dir, base, _) = load();
     let n = base.format.context_len;
     let ids = vec![5u32; n];
-    let err = base
-        .generate(None, &ids, &SamplingParams::greedy(1), |_| true)
-        .unwrap_err();
+    let err = greedy(&base, None, &ids, 1).unwrap_err();
     assert!(err
         .downcast_ref::<sftd::train::generate::ContextExceeded>()
         .is_some());
-    let err = base
-        .generate(None, &ids[..n - 4], &SamplingParams::greedy(8), |_| true)
-        .unwrap_err();
+    let err = greedy(&base, None, &ids[..n - 4], 8).unwrap_err();
     assert!(err.to_string().contains("exceed"), "{err}");
+}
+
+/// Greedy generation of up to `max_new` tokens on `base`, with `adapter` beside it.
+fn greedy(
+    base: &BaseModel,
+    adapter: Option<&AdapterWeights>,
+    ids: &[u32],
+    max_new: usize,
+) -> anyhow::Result<Generation> {
+    let params = SamplingParams::greedy(max_new);
+    generate(
+        &base.model,
+        adapter.into(),
+        &base.format,
+        ids,
+        &params,
+        |_| true,
+    )
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

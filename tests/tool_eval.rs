@@ -175,7 +175,7 @@ async fn a_job_with_a_validation_file_reports_tool_call_accuracy() {
     for row in &rows {
         let step: u64 = row[0].parse().unwrap();
         let filled = !row[col("tool_name_accuracy")].is_empty();
-        assert_eq!(filled, step % 2 == 0, "step {step}: {csv}");
+        assert_eq!(filled, step.is_multiple_of(2), "step {step}: {csv}");
         if filled {
             let t = tools.iter().find(|t| t["step"] == step).unwrap();
             let v: f64 = row[col("tool_json_valid")].parse().unwrap();

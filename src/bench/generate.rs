@@ -71,7 +71,7 @@ pub fn bench(args: &GenerateArgs) -> Result<()> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One untimed warm-up run, then `steps` timed ones.
     for run in 0..=args.steps {
-        let mut cache = KvCache::new();
+        let mut cache = KvCache::with_capacity(prompt.len() + new_tokens);
         let t = Instant::now();
         let mut logits = base.model.forward_cached(&prompt, &mut cache, None)?;
         let mut next = argmax(&logits.to_vec1::<f32>()?);

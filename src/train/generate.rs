@@ -103,7 +103,9 @@ impl ChatFormat {
     }
 }
 
-/// A base model loaded for serving: its weights (no LoRA attached) and its chat format.
+/// A base model loaded for serving: its weights (no LoRA attached) and its chat format. Requests
+/// generate on it through the worker's `ServingModel`, which also serves a training model's
+/// weights; both run [`generate`].
 pub struct BaseModel {
     pub model: Qwen3,
     pub format: Arc<ChatFormat>,
@@ -116,25 +118,11 @@ impl BaseModel {
             format: Arc::new(ChatFormat::load(dir)?),
         })
     }
-
-    /// [`generate`] on this model, with `adapter` beside it (or the base alone).
-    pub fn generate(
-        &self,
-        adapter: Option<&AdapterWeights>,
-        prompt: &[u32],
-        params: &SamplingParams,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation> {
-        generate(
-            &self.model,
-            adapter.into(),
-            &self.format,
-            prompt,
-            params,
-            on_text,
-        )
-    }
 }
+
+/// Completion positions the cache reserves room for up front (beyond, it grows by doubling):
+/// enough for most answers without reserving the whole context for every request.
+const RESERVED_NEW_TOKENS: usize = 512;
 
 /// Generates a completion of `prompt` with `model` under `tuning`, handing each piece of text
 /// that is final (it can no longer turn into a stop string) to `on_text`; `on_text` returning
@@ -150,7 +138,7 @@ pub fn generate(
 ) -> Result<Generation> {
     let max_new = format.budget(prompt.len(), params.max_new_tokens)?;
     let mut sampler = Sampler::new(params);
-    let mut cache = KvCache::new();
+    let mut cache = KvCache::with_capacity(prompt.len() + max_new.min(RESERVED_NEW_TOKENS));
     let started = Instant::now();
     let mut logits = model.forward_cached(prompt, &mut cache, tuning)?;
     let prefill_seconds = started.elapsed().as_secs_f64();

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod cached;
+mod decode;
+#[cfg(test)]
+mod decode_tests;
 #[cfg(test)]
 mod layer_tests;
 pub use cached::{AdapterWeights, KvCache, Tuning};
@@ -93,10 +96,13 @@ impl Qwen3Config {
                 self.hidden_act
             );
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim must be even for rotary embeddings");
         }
         Ok(())

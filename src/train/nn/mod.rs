@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod gemv;
 pub mod layer;
 pub mod linear;
 pub mod lora_op;

@@ -74,7 +74,7 @@ pub(super) fn evals_from(step: u64, total: u64, every: u32) -> u64 {
     let every = every as u64;
     let multiples_to = |n: u64| n.checked_div(every).unwrap_or(0);
     let periodic = multiples_to(total) - multiples_to(step.saturating_sub(1));
-    let last_extra = every == 0 || total % every != 0;
+    let last_extra = every == 0 || !total.is_multiple_of(every);
     periodic + last_extra as u64
 }
 

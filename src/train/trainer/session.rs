@@ -188,7 +188,7 @@ impl<'a> Session<'a> {
         on_event(TrainEvent::Metrics(metrics));
         let step = self.state.step;
         let last = step == self.plan.total_steps;
-        let due = |every: u32| last || (every > 0 && step % every as u64 == 0);
+        let due = |every: u32| last || (every > 0 && step.is_multiple_of(every as u64));
         if due(cfg.eval_steps) && (self.val.is_some() || self.tool_eval.is_some()) {
             let started = Instant::now();
             if let Some(v) = &self.val {

@@ -205,9 +205,15 @@ mod tests {
             |_| true,
         )
         .unwrap();
-        let b = base
-            .generate(Some(&served), &prompt, &params, |_| true)
-            .unwrap();
+        let b = generate(
+            &base.model,
+            Tuning::Adapter(&served),
+            &base.format,
+            &prompt,
+            &params,
+            |_| true,
+        )
+        .unwrap();
         assert_eq!(a.completion_ids, b.completion_ids);
     }
 }

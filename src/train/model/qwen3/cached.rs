@@ -1,5 +1,6 @@
 //! Inference-only forward pass with a key/value cache, and LoRA adapters kept beside the frozen
-//! base (never merged) so many adapters can share one loaded base model.
+//! base (never merged) so many adapters can share one loaded base model. This file holds the
+//! cache, the adapters and the op-by-op pass (any dtype or device); `decode` the f32 CPU pass.
 //!
 //! Shapes: T new tokens, P cached positions, H hidden, Hq/Hkv heads, G = Hq/Hkv, D head dim,
 //! I/O a projection's in/out features, r LoRA rank, V vocab.
@@ -11,16 +12,31 @@ use crate::train::nn::Pass;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
-/// Keys and values of every position seen so far, per layer: `(Hkv, P, D)` each.
+/// Keys and values of every position seen so far, per layer.
 #[derive(Default)]
 pub struct KvCache {
+    /// `(Hkv, P, D)` tensors each, grown by concatenation: the op-by-op pass (f16/bf16 weights,
+    /// other devices).
     layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    /// Row-major `(P, Hkv·D)` keys and values, written in place: the f32 CPU pass. A position
+    /// appends one row, so growth is a vector's amortized doubling.
+    pub(super) rows: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Positions to reserve room for when the rows are first allocated.
+    reserve: usize,
+    pub(super) len: usize,
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache with room for `positions` (prompt plus expected completion) before it must grow.
+    pub fn with_capacity(positions: usize) -> Self {
+        Self {
+            reserve: positions,
+            ..Self::default()
+        }
     }
 
     /// Positions cached so far.
@@ -30,6 +46,16 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Allocates the per-layer rows of `width` elements per position on first use.
+    pub(super) fn reserve_rows(&mut self, layers: usize, width: usize) {
+        if self.rows.len() < layers {
+            let cap = self.reserve.max(self.len) * width;
+            self.rows.resize_with(layers, || {
+                (Vec::with_capacity(cap), Vec::with_capacity(cap))
+            });
+        }
     }
 
     /// Appends this step's `(Hkv, T, D)` keys and values of layer `i`; returns all of them.
@@ -63,17 +89,17 @@ impl<'a> From<Option<&'a AdapterWeights>> for Tuning<'a> {
     }
 }
 
-/// One LoRA pair, stored transposed for `x A^T B^T`: `at (I, r)`, `bt (r, O)`.
-struct LoraPair {
-    at: Tensor,
-    bt: Tensor,
+/// One LoRA pair as PEFT stores it: `a (r, I)`, `b (O, r)`, contiguous.
+pub(super) struct LoraPair {
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
 }
 
 /// A PEFT adapter prepared for one base model: `ΔW x = scaling · B(A x)` per targeted projection.
 pub struct AdapterWeights {
-    scaling: f64,
+    pub(super) scaling: f64,
     /// Per layer, per projection in [`MODULES`] order.
-    layers: Vec<Vec<Option<LoraPair>>>,
+    pub(super) layers: Vec<Vec<Option<LoraPair>>>,
 }
 
 impl AdapterWeights {
@@ -106,11 +132,11 @@ impl AdapterWeights {
                             t.dims()
                         );
                     }
-                    Ok(t.to_dtype(dtype)?.t()?.contiguous()?)
+                    Ok(t.to_dtype(dtype)?.contiguous()?)
                 };
                 pairs.push(Some(LoraPair {
-                    at: get("A", [adapter.r, in_f])?,
-                    bt: get("B", [out_f, adapter.r])?,
+                    a: get("A", [adapter.r, in_f])?,
+                    b: get("B", [out_f, adapter.r])?,
                 }));
             }
             layers.push(pairs);
@@ -122,7 +148,8 @@ impl AdapterWeights {
 impl Qwen3 {
     /// Runs `ids` (T new tokens) after the `cache.len()` positions already cached, appends their
     /// keys and values, and returns the logits of the last new token, `(V,)` in f32.
-    /// No autograd: every tensor here is detached.
+    /// No autograd: every tensor here is detached. f32 weights on the CPU run on plain slices
+    /// (`decode`), anything else op by op; a cache serves one model.
     pub fn forward_cached<'a>(
         &self,
         ids: &[u32],
@@ -142,6 +169,26 @@ impl Qwen3 {
                 self.cfg.max_position_embeddings
             );
         }
+        if super::decode::usable(self) {
+            if !cache.layers.is_empty() {
+                bail!("this cache was filled by another model");
+            }
+            return self.forward_slices(ids, cache, tuning);
+        }
+        if !cache.rows.is_empty() {
+            bail!("this cache was filled by another model");
+        }
+        self.forward_ops(ids, cache, tuning)
+    }
+
+    /// [`Self::forward_cached`] op by op on tensors, for any dtype and device.
+    pub(super) fn forward_ops(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        tuning: Tuning<'_>,
+    ) -> Result<Tensor> {
+        let (t, past) = (ids.len(), cache.len);
         let ids = Tensor::from_slice(ids, t, &self.device)?;
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
@@ -194,9 +241,9 @@ impl Qwen3 {
                 None => Ok(y),
                 Some((pair, s)) => {
                     // PEFT: the input in the adapter's dtype, `B(A x) · scaling`, cast back.
-                    let xa = h.to_dtype(pair.at.dtype())?;
+                    let xa = h.to_dtype(pair.a.dtype())?;
                     // (T, I) @ (I, r) -> (T, r) @ (r, O) -> (T, O)
-                    let delta = (xa.matmul(&pair.at)?.matmul(&pair.bt)? * s)?;
+                    let delta = (xa.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * s)?;
                     let delta = delta.to_dtype(y.dtype())?;
                     Ok((y + delta)?)
                 }
