@@ -186,9 +186,9 @@ pub(super) async fn publish_results(
 }
 
 /// Deletes this host's copies of what a run of `job` fetched or wrote that the artifact storage
-/// keeps: its dataset files and its checkpoints (the adapter stays: chat on this node may be
-/// using it). Any later run, here or elsewhere, fetches them again. Nothing is deleted when the
-/// storage is the data dir itself: those files are the objects.
+/// keeps: its dataset files and its checkpoints (the adapter stays, for chat on a node that
+/// shares this data dir). Any later run, here or elsewhere, fetches them again. Nothing is
+/// deleted when the storage is the data dir itself: those files are the objects.
 pub(super) async fn drop_local_copies(store: &Store, storage: &Storage, job: &JobRow) {
     if storage.is_in_place() {
         return;

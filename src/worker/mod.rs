@@ -102,6 +102,9 @@ struct Ctx {
     max_attempts: u32,
     /// The device's memory, for estimating queued jobs that have no estimate.
     memory: Option<MemoryBudget>,
+    /// Whether a run's local copies are deleted when it ends: in `sftd worker` only. In
+    /// `sftd serve` the API half shares the data dir and answers chat from those copies.
+    drops_local_copies: bool,
 }
 
 /// The job the thread is running: the lease its writes carry and the flag that steers it.
@@ -246,6 +249,7 @@ impl Worker {
             claimant,
             max_attempts: opts.max_attempts,
             memory,
+            drops_local_copies: opts.role == Role::Trainer,
         };
         let thread = std::thread::Builder::new()
             .name("sftd-worker".into())
@@ -515,8 +519,10 @@ fn run_claimed(
         run::Ended::Normally
     };
     *shared.current.lock().expect("worker lock") = None;
-    ctx.rt
-        .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, job));
+    if ctx.drops_local_copies {
+        ctx.rt
+            .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, job));
+    }
     ended
 }
 
