@@ -1,6 +1,7 @@
 //! Inference-only forward pass with a key/value cache, and LoRA adapters kept beside the frozen
 //! base (never merged) so many adapters can share one loaded base model. This file holds the
-//! cache, the adapters and the op-by-op pass (any dtype or device); `decode` the f32 CPU pass.
+//! cache, the adapters and the op-by-op pass (any dtype or device); `decode` the f32 CPU pass and
+//! `Qwen3::forward_cached`, which picks one of the two.
 //!
 //! Shapes: T new tokens, P cached positions, H hidden, Hq/Hkv heads, G = Hq/Hkv, D head dim,
 //! I/O a projection's in/out features, r LoRA rank, V vocab.
@@ -46,6 +47,20 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Refuses a cache the other pass has filled: `slices` for the f32 CPU pass's rows, else the
+    /// op-by-op pass's tensors (a cache serves one model).
+    pub(super) fn check_pass(&self, slices: bool) -> Result<()> {
+        let other_filled = if slices {
+            !self.layers.is_empty()
+        } else {
+            !self.rows.is_empty()
+        };
+        if other_filled {
+            bail!("this cache was filled by another model");
+        }
+        Ok(())
     }
 
     /// Allocates the per-layer rows of `width` elements per position on first use.
@@ -146,42 +161,7 @@ impl AdapterWeights {
 }
 
 impl Qwen3 {
-    /// Runs `ids` (T new tokens) after the `cache.len()` positions already cached, appends their
-    /// keys and values, and returns the logits of the last new token, `(V,)` in f32.
-    /// No autograd: every tensor here is detached. f32 weights on the CPU run on plain slices
-    /// (`decode`), anything else op by op; a cache serves one model.
-    pub fn forward_cached<'a>(
-        &self,
-        ids: &[u32],
-        cache: &mut KvCache,
-        tuning: impl Into<Tuning<'a>>,
-    ) -> Result<Tensor> {
-        let tuning = tuning.into();
-        let t = ids.len();
-        let past = cache.len;
-        if t == 0 {
-            bail!("forward_cached needs at least one token");
-        }
-        if past + t > self.cfg.max_position_embeddings {
-            bail!(
-                "{} positions exceed max_position_embeddings {}",
-                past + t,
-                self.cfg.max_position_embeddings
-            );
-        }
-        if super::decode::usable(self) {
-            if !cache.layers.is_empty() {
-                bail!("this cache was filled by another model");
-            }
-            return self.forward_slices(ids, cache, tuning);
-        }
-        if !cache.rows.is_empty() {
-            bail!("this cache was filled by another model");
-        }
-        self.forward_ops(ids, cache, tuning)
-    }
-
-    /// [`Self::forward_cached`] op by op on tensors, for any dtype and device.
+    /// [`Qwen3::forward_cached`] op by op on tensors, for any dtype and device.
     pub(super) fn forward_ops(
         &self,
         ids: &[u32],

@@ -1,12 +1,12 @@
 //! The cached forward pass on plain f32 slices, for f32 weights on the CPU (every other dtype and
-//! device takes the op-by-op pass in `cached`). One function per decoder layer, no tensor built
-//! or dispatched per operation: RMSNorm, the q/k/v projections (for one token: one pass of the
-//! pool over the three weight matrices), per-head q/k norms and rotary, keys and values written
-//! into the cache in place, attention over the cache, the output projection, SwiGLU. LoRA pairs
-//! stay beside the base: `y += s·(x Aᵀ) Bᵀ`, never merged.
+//! device takes the op-by-op pass in `cached`; `forward_cached` here picks). One function per
+//! decoder layer, no tensor built or dispatched per operation: RMSNorm, the q/k/v projections (for
+//! one token: one pass of the pool over the three weight matrices), per-head q/k norms and rotary,
+//! keys and values written into the cache in place, attention over the cache, the output
+//! projection, SwiGLU. LoRA pairs stay beside the base: `y += s·(x Aᵀ) Bᵀ`, never merged.
 //!
-//! Shapes: T new tokens, P cached positions, H hidden, Hq/Hkv heads, G = Hq/Hkv, D head dim,
-//! F intermediate, I/O a projection's in/out features, r LoRA rank, V vocab.
+//! Shapes: T new tokens, P cached positions, H hidden, Hq/Hkv heads, G = Hq/Hkv, D head dim, F
+//! intermediate, I/O a projection's in/out features, r LoRA rank, V vocab.
 
 use super::cached::{KvCache, Tuning};
 use super::Qwen3;
@@ -54,6 +54,38 @@ pub(super) fn usable(model: &Qwen3) -> bool {
 }
 
 impl Qwen3 {
+    /// Runs `ids` (T new tokens) after the `cache.len()` positions already cached, appends their
+    /// keys and values, and returns the logits of the last new token, `(V,)` in f32.
+    /// No autograd: every tensor here is detached. f32 weights on the CPU run on plain slices
+    /// (this file), anything else op by op (`cached`); a cache serves one model.
+    pub fn forward_cached<'a>(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        tuning: impl Into<Tuning<'a>>,
+    ) -> Result<Tensor> {
+        let tuning = tuning.into();
+        let t = ids.len();
+        let past = cache.len;
+        if t == 0 {
+            bail!("forward_cached needs at least one token");
+        }
+        if past + t > self.cfg.max_position_embeddings {
+            bail!(
+                "{} positions exceed max_position_embeddings {}",
+                past + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let slices = usable(self);
+        cache.check_pass(slices)?;
+        if slices {
+            self.forward_slices(ids, cache, tuning)
+        } else {
+            self.forward_ops(ids, cache, tuning)
+        }
+    }
+
     /// [`Qwen3::forward_cached`] on slices: runs `ids` after the cached positions, appends their
     /// keys and values, returns the last token's logits `(V,)`.
     pub(super) fn forward_slices(
