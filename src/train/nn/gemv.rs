@@ -4,7 +4,8 @@
 //!
 //! Shapes: I in-features, O out-features, W (O, I) row-major.
 
-use candle_core::utils::{barrier_pool, get_num_threads};
+use super::matmul::{gemm_into, View};
+use candle_core::utils::barrier_pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One product of a group: `out (O) = W (O, I) · x (I)`.
@@ -172,92 +173,6 @@ mod avx512 {
     }
 }
 
-/// A strided f32 matrix: element (r, c) at `ptr + r·rs + c·cs`.
-#[derive(Clone, Copy)]
-pub struct Mat {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl Mat {
-    /// The row-major `(rows, cols)` matrix `s`.
-    pub fn rows(s: &[f32], cols: usize) -> Self {
-        Mat {
-            ptr: s.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-
-    /// The transpose `(cols, rows)` of the row-major `(rows, cols)` matrix `s`, not copied.
-    pub fn t(s: &[f32], cols: usize) -> Self {
-        Mat {
-            ptr: s.as_ptr(),
-            rs: 1,
-            cs: cols as isize,
-        }
-    }
-}
-
-/// `dst (m, n)` at row stride `dst_rs` (columns contiguous) `= β·lhs (m, k)·rhs (k, n)`, added
-/// to what `dst` holds when `accumulate`; over candle's threads when `threaded`.
-///
-/// # Safety
-/// `dst` addresses m rows of n elements at stride `dst_rs` (initialized when `accumulate`, and
-/// not read by another thread meanwhile); `lhs` and `rhs` address m×k and k×n elements of live
-/// buffers.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    dst: *mut f32,
-    dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-    threaded: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                std::ptr::write_bytes(dst.add(r * dst_rs), 0, n);
-            }
-        }
-        return;
-    }
-    let threads = get_num_threads();
-    let par = if threaded && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        par,
-    );
-}
-
 /// `y (T, O) = x (T, I) · Wᵀ` for row-major `w (O, I)`: one GEMV group for a single row, a
 /// threaded gemm for more.
 pub fn x_wt(x: &[f32], w: &[f32], i: usize) -> Vec<f32> {
@@ -276,13 +191,13 @@ pub fn x_wt(x: &[f32], w: &[f32], i: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(t * o);
     // SAFETY: capacity t·o, every element written (no accumulate) before the length is set.
     unsafe {
-        gemm(
+        gemm_into(
             y.as_mut_ptr(),
             o,
             (t, o, i),
             false,
-            Mat::rows(x, i),
-            Mat::t(w, i),
+            View::rows(x, i),
+            View::t(w, i),
             1.0,
             true,
         );

@@ -6,7 +6,7 @@ pub mod gemv;
 pub mod layer;
 pub mod linear;
 pub mod lora_op;
-mod matmul;
+pub(crate) mod matmul;
 pub mod ops;
 mod real;
 pub mod swiglu;

@@ -10,7 +10,8 @@
 
 use super::cached::{KvCache, Tuning};
 use super::Qwen3;
-use crate::train::nn::gemv::{self, gemm, Gemv, Mat};
+use crate::train::nn::gemv::{self, Gemv};
+use crate::train::nn::matmul::{gemm_into, View};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,23 +229,23 @@ fn project_group<const N: usize>(x: &[f32], t: usize, ps: [&Proj<'_>; N]) -> [Ve
             // SAFETY: xa is (T, r), y is (T, O); A is (r, I), B is (O, r), x is (T, I).
             unsafe {
                 // (T, I) @ (I, r) -> (T, r); y += s · (T, r) @ (r, O).
-                gemm(
+                gemm_into(
                     xa.as_mut_ptr(),
                     r,
                     (t, r, i),
                     false,
-                    Mat::rows(x, i),
-                    Mat::t(a, i),
+                    View::rows(x, i),
+                    View::t(a, i),
                     1.0,
                     false,
                 );
-                gemm(
+                gemm_into(
                     y.as_mut_ptr(),
                     o,
                     (t, o, r),
                     true,
-                    Mat::rows(&xa, r),
-                    Mat::t(b, r),
+                    View::rows(&xa, r),
+                    View::t(b, r),
                     *s,
                     false,
                 );
@@ -309,18 +310,18 @@ fn attention(
         let (j0, j1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(t));
         let (m, keys) = (j1 - j0, past + j1);
         let mut s = vec![0f32; m * keys];
-        let q_rows = Mat {
+        let q_rows = View {
             ptr: q[(j0 * hq + head) * d..].as_ptr(),
             rs: (hq * d) as isize,
             cs: 1,
         };
         // Kᵀ (D, keys) and V (keys, D) of this key/value head, read where they lie.
-        let k_t = Mat {
+        let k_t = View {
             ptr: k[kv * d..].as_ptr(),
             rs: 1,
             cs: (hkv * d) as isize,
         };
-        let v_rows = Mat {
+        let v_rows = View {
             ptr: v[kv * d..].as_ptr(),
             rs: (hkv * d) as isize,
             cs: 1,
@@ -328,7 +329,7 @@ fn attention(
         // SAFETY: s is (m, keys); q, k, v hold the rows these views address; this job alone
         // writes rows j0..j1 of head `head` in `out`, and `out` outlives the jobs.
         unsafe {
-            gemm(
+            gemm_into(
                 s.as_mut_ptr(),
                 keys,
                 (m, keys, d),
@@ -342,12 +343,12 @@ fn attention(
                 softmax_prefix(row, past + j0 + jj + 1);
             }
             let dst = (out_ptr as *mut f32).add((j0 * hq + head) * d);
-            gemm(
+            gemm_into(
                 dst,
                 hq * d,
                 (m, d, keys),
                 false,
-                Mat::rows(&s, keys),
+                View::rows(&s, keys),
                 v_rows,
                 1.0,
                 false,
