@@ -246,6 +246,29 @@ async fn fencing(s: Store) {
         .add_checkpoint(&new, 2, &serde_json::json!({}), "p")
         .await
         .unwrap());
+    // The stale holder cannot point the row at its own objects; the holder saving the step
+    // again can (its row then names the new objects, and says so in an event).
+    assert!(!s
+        .add_checkpoint(&old, 2, &serde_json::json!({}), "stale")
+        .await
+        .unwrap());
+    assert!(s
+        .add_checkpoint(&new, 2, &serde_json::json!({}), "q")
+        .await
+        .unwrap());
+    let rows = s.list_checkpoints("ftjob-f", None, 10).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.step, r.path.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "q")]
+    );
+    let saved = s.list_events("ftjob-f", 0, 100).await.unwrap();
+    let saved = saved
+        .iter()
+        .filter(|e| e.message == "Checkpoint saved at step 2")
+        .count();
+    assert_eq!(saved, 2);
     assert!(s.succeed_job(&new, 10, "ft", &[]).await.unwrap());
     assert_eq!(
         s.get_job("ftjob-f").await.unwrap().unwrap().status,

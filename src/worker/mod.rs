@@ -7,6 +7,7 @@
 //! thread.
 
 mod artifacts;
+pub mod checkpoints;
 mod estimate;
 mod heartbeat;
 mod liveness;
