@@ -328,6 +328,17 @@ async fn estimate_at_claim(s: Store) {
     assert!(s.claim_next_job(&small_worker).await.unwrap().is_none());
     // Only a queued job is estimated.
     assert!(!s.set_queued_estimate("ftjob-small", 1).await.unwrap());
+    // A job queued after the worker's estimate pass is not claimed unjudged; one the worker
+    // tried and could not estimate is.
+    s.create_job(&job("ftjob-later", None)).await.unwrap();
+    s.mark_queued("ftjob-later").await.unwrap();
+    let judging = |ok: &[&str]| Claimant {
+        unestimated_ok: Some(ok.iter().map(|id| id.to_string()).collect()),
+        ..small_worker.clone()
+    };
+    assert!(s.claim_next_job(&judging(&[])).await.unwrap().is_none());
+    let got = s.claim_next_job(&judging(&["ftjob-later"])).await.unwrap();
+    assert_eq!(got.unwrap().id, "ftjob-later");
 }
 
 on_both_backends!(

@@ -17,13 +17,23 @@ use std::collections::HashSet;
 const PER_PASS: i64 = 8;
 
 /// Jobs this worker could not estimate (the model's config unreadable, a precision its device
-/// cannot run): they are claimed like any job, and their run reports why.
+/// cannot run): they are claimed like any job, and their run reports why. Other jobs without
+/// an estimate are not claimed until an estimate pass has looked at them.
 #[derive(Default)]
 pub(super) struct Unestimable(HashSet<String>);
 
+impl Unestimable {
+    /// The ids, for [`crate::store::Claimant::unestimated_ok`].
+    pub(super) fn ids(&self) -> Vec<String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
 /// Records an estimate on each of the oldest queued jobs that have none, for `budget`'s device.
 pub(super) async fn estimate_queued(ctx: &Ctx, budget: &MemoryBudget, skip: &mut Unestimable) {
-    let jobs = match ctx.store.queued_without_estimate(PER_PASS).await {
+    // Past the ones already found unestimable, so they cannot hide younger jobs.
+    let limit = PER_PASS + skip.0.len() as i64;
+    let jobs = match ctx.store.queued_without_estimate(limit).await {
         Ok(jobs) => jobs,
         Err(e) => {
             tracing::warn!(error = %e, "could not list the queued jobs to estimate");

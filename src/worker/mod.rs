@@ -245,6 +245,7 @@ impl Worker {
                     as u64
             }),
             lease: opts.lease,
+            unestimated_ok: None,
         };
         heartbeat::start(&store, &id, &opts, memory.as_ref(), &worker).await?;
         let wake = worker.tx.clone();
@@ -479,7 +480,11 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
             live.busy(|| ctx.rt.block_on(estimate::fail_too_big(&ctx)));
         }
         crate::fault::hang("worker_claim");
-        match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
+        let mut claimant = ctx.claimant.clone();
+        if ctx.memory.is_some() {
+            claimant.unestimated_ok = Some(unestimable.ids());
+        }
+        match ctx.rt.block_on(ctx.store.claim_next_job(&claimant)) {
             Ok(Some(job)) => {
                 let ended = live.busy(|| run_claimed(&ctx, shared, &job, &device, &serving));
                 if ended == run::Ended::StorageDown {
