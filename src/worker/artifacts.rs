@@ -9,7 +9,7 @@ use crate::store::{JobRow, Store};
 use crate::train::spec::JobSpec;
 use std::path::{Path, PathBuf};
 
-pub(super) fn storage_failure(what: &str, e: &StorageError) -> JobError {
+fn storage_failure(what: &str, e: &StorageError) -> JobError {
     JobError::new(
         "storage_unavailable",
         format!("could not fetch {what} from the artifact storage: {e}"),

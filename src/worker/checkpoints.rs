@@ -10,7 +10,6 @@
 //! storage is the data dir itself. Rows written before per-claim keys name
 //! `jobs/<id>/checkpoints/step-<N>`; they are resumed from like any row.
 
-use super::artifacts::storage_failure;
 use crate::storage::{Storage, StorageError};
 use crate::store::jobs::JobError;
 use crate::store::{Lease, Store};
@@ -130,7 +129,13 @@ pub async fn fetch_committed(
                     }
                 },
                 Err(StorageError::NotFound(_)) => "it is gone from the artifact storage".into(),
-                Err(e) => return Err(storage_failure(&name, &e)),
+                Err(e) => {
+                    return Err(JobError::new(
+                        "storage_unavailable",
+                        format!("could not fetch the {name} from the artifact storage: {e}"),
+                        None,
+                    ))
+                }
             },
         };
         out.passed_over.push(format!("{name}: {error}"));
