@@ -43,6 +43,12 @@ pub struct Config {
     #[arg(long, env = "SFTD_HEARTBEAT_MS", default_value_t = 5_000)]
     pub heartbeat_ms: u64,
 
+    /// How long, in milliseconds, a queued job whose memory estimate exceeds every live
+    /// worker's device memory waits (and a worker must have been up) before a worker fails it;
+    /// time for workers started together to register.
+    #[arg(long, env = "SFTD_PLACEMENT_GRACE_MS", default_value_t = 120_000)]
+    pub placement_grace_ms: u64,
+
     /// When set, every `/v1` route requires `Authorization: Bearer <key>` or `X-Api-Key: <key>`
     /// (the event stream also accepts `?access_token=<key>`). Never logged.
     #[arg(long, env = "SFTD_API_KEY", hide_env_values = true)]
@@ -101,6 +107,7 @@ impl std::fmt::Debug for Config {
             .field("no_worker", &self.no_worker)
             .field("lease_ms", &self.lease_ms)
             .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("placement_grace_ms", &self.placement_grace_ms)
             .field("storage_url", &self.storage_url)
             .field("api_key", &redact(&self.api_key))
             .field("device", &self.device)
@@ -143,6 +150,7 @@ impl Config {
             no_worker: false,
             lease_ms: 30_000,
             heartbeat_ms: 5_000,
+            placement_grace_ms: 120_000,
             api_key: None,
             device: "cpu".into(),
             model_dirs: String::new(),

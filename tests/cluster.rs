@@ -162,15 +162,29 @@ async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
     let checkpoints = checkpoint_steps(&db, &frozen_job).await;
     assert_eq!(checkpoints, (1..=10).map(|i| 4 * i).collect::<Vec<_>>());
     assert_eq!(claim_of(&db, &frozen_job).await.1, 2);
-    // Every committed checkpoint is whole in the bucket: the woken worker checks its lease
-    // before each upload, so it overwrote none of them (each verifies against its manifest
-    // and is the step its row says).
+    // Every committed checkpoint is whole in the bucket, under the keys of the claim that
+    // committed it: the frozen worker's (epoch 1) only for steps it reached before it froze,
+    // the rest the new holder's (epoch 2). Whatever the woken worker still uploaded went under
+    // epoch 1 keys that no row committed after the take-over names (each verifies against its
+    // manifest and is the step its row says).
     let keys: Vec<(i64, String)> =
         sqlx::query_as("SELECT step, path FROM checkpoints WHERE job_id = $1 ORDER BY step")
             .bind(&frozen_job)
             .fetch_all(&db)
             .await
             .unwrap();
+    for (step, key) in &keys {
+        let prefix = format!("jobs/{frozen_job}/checkpoints/epoch-");
+        let epoch = key
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(&format!("/step-{step}")))
+            .unwrap_or_else(|| panic!("{key} is not a per-claim key of step {step}"));
+        match epoch {
+            "1" => assert!(*step as usize <= frozen_at, "{key} after the freeze"),
+            "2" => {}
+            _ => panic!("{key}: epoch {epoch}"),
+        }
+    }
     for (step, key) in keys {
         let stored = s3.object_path(&format!("cluster/{key}"));
         let state = sftd::train::checkpoint::verify(&stored)

@@ -5,7 +5,8 @@
 //! worker then drops the job's local copies); SIGTERM of an `sftd worker` checkpoints and
 //! requeues its job, which another worker resumes; `sftd serve` (API and worker in one
 //! process) runs a job on PostgreSQL and streams it; a job created on an API node is
-//! estimated by the worker and left queued when it is too big for it; a checkpoint upload that
+//! estimated by the worker and left queued when it is too big for it, and failed once it has
+//! waited the placement grace; a checkpoint upload that
 //! fails because the storage is down requeues the job, which succeeds once the storage is back.
 
 mod common;
@@ -256,7 +257,8 @@ async fn a_job_from_an_api_node_is_estimated_by_the_worker_and_left_queued_when_
     assert_eq!(big["estimated_peak_memory_bytes"], Value::Null, "{big}");
     a.wait_status(&big_id, "queued", LONG).await;
 
-    let _w = worker(&env);
+    // (An hour's placement grace: however slow this machine, the worker does not fail it yet.)
+    let _w = worker(&env.clone().with("SFTD_PLACEMENT_GRACE_MS", "3600000"));
     let small = a.create_job(&tiny_job(&file, 2, 0)).await["id"]
         .as_str()
         .unwrap()
@@ -280,6 +282,28 @@ async fn a_job_from_an_api_node_is_estimated_by_the_worker_and_left_queued_when_
         .post_json(&format!("/v1/fine_tuning/jobs/{big_id}/cancel"), &json!({}))
         .await;
     assert_eq!(st, 200, "{v}");
+
+    // With a short placement grace (a second worker's), such a job does not wait forever: it
+    // fails with `insufficient_memory` naming its estimate and the largest live worker's memory,
+    // and its event stream through the API node ends with that failure.
+    let mut big = tiny_job(&file, 2, 0);
+    big["method"]["supervised"]["hyperparameters"]["max_seq_len"] = json!(131072);
+    big["method"]["supervised"]["hyperparameters"]["batch_size"] = json!(4);
+    let doomed = a.create_job(&big).await["id"].as_str().unwrap().to_string();
+    let _impatient = worker(&env.clone().with("SFTD_PLACEMENT_GRACE_MS", "1"));
+    let streamed = read_sse(open_stream(&a, &doomed, None).await, |_| false).await;
+    let last: Value = serde_json::from_str(&streamed.last().unwrap().data).unwrap();
+    assert_eq!(last["data"]["status"], "failed", "{last}");
+    let j = a.wait_status(&doomed, "failed", LONG).await;
+    assert_eq!(j["error"]["code"], "insufficient_memory", "{j}");
+    let message = j["error"]["message"].as_str().unwrap();
+    let estimate = j["estimated_peak_memory_bytes"].as_u64().unwrap();
+    assert!(
+        message.contains(&format!("({estimate} bytes)")),
+        "{message}"
+    );
+    assert!(message.contains(&format!("({memory} bytes)")), "{message}");
+    assert_eq!(claim_of(&db_of(&url).await, &doomed).await, (None, 0, 0));
 }
 
 async fn db_of(url: &str) -> PgPool {

@@ -315,10 +315,30 @@ async fn a_full_disk_fails_the_job_cleanly_and_the_server_serves_on() {
     let mut partial = Vec::new();
     files_named(&jobs, &|n| n.ends_with(".partial"), &mut partial);
     assert!(partial.is_empty(), "{partial:?}");
+    // (Each claim's checkpoints are under `checkpoints/epoch-<E>/`.)
     let ckpts = jobs.join(&id).join("checkpoints");
+    let mut verified = 0;
     for e in std::fs::read_dir(&ckpts).unwrap() {
-        sftd::train::checkpoint::verify(&e.unwrap().path()).unwrap();
+        let path = e.unwrap().path();
+        let claims = path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("epoch-");
+        let dirs: Vec<_> = if claims {
+            std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
+        } else {
+            vec![path]
+        };
+        for dir in dirs {
+            sftd::train::checkpoint::verify(&dir).unwrap();
+            verified += 1;
+        }
     }
+    assert!(verified >= 1, "{verified} checkpoints");
     assert!(!jobs.join(&id).join("adapter").exists());
     // The server serves on, and trains again once there is room.
     assert_eq!(s.get("/readyz").await.0, 200);

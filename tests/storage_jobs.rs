@@ -79,7 +79,8 @@ async fn a_job_keeps_every_artifact_in_s3_and_serves_it_back_intact() {
 
     // Each checkpoint is whole in the bucket: every file its manifest lists, with its size.
     for step in [2, 4] {
-        let dir = format!("jobs/{id}/checkpoints/step-{step}");
+        // One claim (epoch 1): its checkpoints are under its own keys.
+        let dir = format!("jobs/{id}/checkpoints/epoch-1/step-{step}");
         let manifest: Value =
             serde_json::from_slice(&object(&s3, &format!("{dir}/manifest.json")).unwrap()).unwrap();
         let files = manifest["files"].as_object().unwrap();
@@ -123,12 +124,14 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
     let id = a.start_job(&tiny_job(&file, 8, 2)).await;
     // Host A reaches its fault point and aborts.
     assert!(!a.wait_exit(LONG).success());
-    let checkpoints = format!("jobs/{id}/checkpoints");
+    // Host A's claim is epoch 1: its checkpoints are under `epoch-1`.
+    let checkpoints = format!("jobs/{id}/checkpoints/epoch-1");
     for step in [2, 4] {
         assert!(object(&s3, &format!("{checkpoints}/step-{step}/manifest.json")).is_some());
     }
     assert!(object(&s3, &format!("{checkpoints}/step-6/manifest.json")).is_none());
-    // As if A had died publishing step 4: its files are there, its manifest is not.
+    // As if A had died publishing step 4: its files are there, its manifest is not (a
+    // committed row naming a damaged checkpoint).
     std::fs::remove_file(s3.object_path(&format!("{PREFIX}/{checkpoints}/step-4/manifest.json")))
         .unwrap();
 
@@ -162,8 +165,15 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         .data_dir()
         .join(format!("{checkpoints}/step-2/manifest.json"))
         .is_file());
-    // Step 4 was published again, whole, by B.
-    assert!(object(&s3, &format!("{checkpoints}/step-4/manifest.json")).is_some());
+    assert!(messages
+        .iter()
+        .any(|m| m.starts_with("Skipping a damaged checkpoint: committed checkpoint step-4")));
+    // Step 4 was published again, whole, by B under its own claim's keys (epoch 2).
+    assert!(object(
+        &s3,
+        &format!("jobs/{id}/checkpoints/epoch-2/step-4/manifest.json")
+    )
+    .is_some());
     results_match_the_bucket(&b, &s3, &job).await;
 
     // A third node, with nothing local, answers with the fine-tuned model: it fetches the

@@ -126,6 +126,7 @@ async fn run(mut config: Config, role: Role) -> anyhow::Result<()> {
         max_attempts: config.max_attempts,
         lease,
         heartbeat,
+        placement_grace: std::time::Duration::from_millis(config.placement_grace_ms),
     };
     let worker = Worker::start_with(store.clone(), storage.clone(), hub, opts).await?;
     let listener = tokio::net::TcpListener::bind(config.addr).await?;

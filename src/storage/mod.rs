@@ -5,8 +5,8 @@
 //! local copies under the same keys (training reads and writes paths, not objects).
 //!
 //! A key is a `/`-separated path relative to the data dir (`files/<id>.jsonl`,
-//! `jobs/<id>/checkpoints/step-4/manifest.json`); the database stores keys, so one row means
-//! the same bytes on every host.
+//! `jobs/<id>/checkpoints/epoch-1/step-4/manifest.json`); the database stores keys, so one row
+//! means the same bytes on every host.
 
 mod transfer;
 

@@ -13,15 +13,19 @@ pub struct CheckpointRow {
     pub step: i64,
     /// JSON: step, train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy.
     pub metrics: String,
-    /// Relative to the data dir.
+    /// The key of the checkpoint's objects in the artifact storage (= its path relative to the
+    /// data dir): `jobs/<id>/checkpoints/epoch-<E>/step-<N>`, or `…/checkpoints/step-<N>` for
+    /// rows written before per-claim keys.
     pub path: String,
 }
 
 const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";
 
 impl Store {
-    /// Records a checkpoint and its event while the job runs under `lease`. A step already
-    /// recorded (a resumed run re-saving it) is ignored. Returns whether anything was written.
+    /// Records a checkpoint (`path`: the key of its objects) and its event while the job runs
+    /// under `lease`. A step already recorded under the same path is ignored; under another
+    /// path (the step saved again by a later run) the row is pointed at the new objects.
+    /// Returns whether anything was written.
     pub async fn add_checkpoint(
         &self,
         lease: &Lease,
@@ -45,29 +49,30 @@ impl Store {
     ) -> Result<bool> {
         let job_id = lease.job_id.as_str();
         let (_writer, mut tx) = self.begin_write().await?;
-        let id = new_id("ftckpt");
         let holding = Guard::Holding(lease);
-        let inserted = sqlx::query(&format!(
+        // A step recorded before (a run that resumed from an older checkpoint because the newer
+        // one was damaged or gone, and saved this step again) now names the new objects.
+        let id: Option<String> = sqlx::query_scalar(&format!(
             "INSERT INTO checkpoints (id, job_id, created_at, step, metrics, path) \
              SELECT $1, $2, $3, $4, $5, $6 \
              WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2{}) \
-             ON CONFLICT (job_id, step) DO NOTHING",
+             ON CONFLICT (job_id, step) DO UPDATE SET created_at = excluded.created_at, \
+             metrics = excluded.metrics, path = excluded.path \
+             WHERE checkpoints.path <> excluded.path RETURNING id",
             holding.condition(self.backend, "$7")
         ))
-        .bind(&id)
+        .bind(new_id("ftckpt"))
         .bind(job_id)
         .bind(now())
         .bind(step)
         .bind(metrics.to_string())
         .bind(path)
         .bind(lease.epoch)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !inserted {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else {
             return Ok(false);
-        }
+        };
         let ev = NewEvent {
             level: "info",
             kind: "message",

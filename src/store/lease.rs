@@ -22,6 +22,10 @@ pub struct Claimant {
     pub memory_bytes: Option<u64>,
     /// How long a claim (and each renewal) lasts without a heartbeat.
     pub lease: Duration,
+    /// Which jobs without a memory estimate it may take. `None`: any. `Some(ids)`: only these
+    /// (the ones it tried and failed to estimate), so that a job queued between a worker's
+    /// estimate pass and its claim waits for the next pass rather than run unjudged.
+    pub unestimated_ok: Option<Vec<String>>,
 }
 
 impl Claimant {
@@ -31,6 +35,7 @@ impl Claimant {
             worker_id: worker_id.into(),
             memory_bytes: None,
             lease: Duration::from_secs(3600),
+            unestimated_ok: None,
         }
     }
 }
@@ -55,18 +60,27 @@ impl Store {
     /// other's locked rows, so no job is claimed twice and no claimant waits on another.
     pub async fn claim_next_job(&self, who: &Claimant) -> Result<Option<JobRow>> {
         let (_writer, mut tx) = self.begin_write().await?;
+        let unestimated = match &who.unestimated_ok {
+            None => "TRUE".to_string(),
+            Some(ids) if ids.is_empty() => "FALSE".to_string(),
+            Some(ids) => {
+                let params: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 7)).collect();
+                format!("id IN ({})", params.join(", "))
+            }
+        };
         let sql = format!(
             "UPDATE jobs SET status = $1, epoch = epoch + 1, attempts = attempts + 1, \
              started_at = COALESCE(started_at, $2), lease_expires_at = {now} + $3, worker_id = $4 \
              WHERE n = (SELECT n FROM jobs WHERE status = $5 \
                  AND ($6 IS NULL OR estimated_peak_memory_bytes IS NULL \
                       OR estimated_peak_memory_bytes <= $6) \
+                 AND (estimated_peak_memory_bytes IS NOT NULL OR {unestimated}) \
                  ORDER BY n LIMIT 1{skip}) \
              AND status = $5 RETURNING {COLUMNS}",
             now = self.backend.now_ms(),
             skip = self.backend.skip_locked(),
         );
-        let Some(row) = sqlx::query_as::<_, JobRow>(&sql)
+        let mut claim = sqlx::query_as::<_, JobRow>(&sql)
             .bind(JobStatus::Running)
             .bind(now())
             .bind(millis(who.lease))
@@ -75,10 +89,11 @@ impl Store {
             .bind(
                 who.memory_bytes
                     .map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
-            )
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
+            );
+        for id in who.unestimated_ok.iter().flatten() {
+            claim = claim.bind(id);
+        }
+        let Some(row) = claim.fetch_optional(&mut *tx).await? else {
             return Ok(None);
         };
         let ev = NewEvent::status(JobStatus::Running, "info", "Fine-tuning job started");

@@ -10,6 +10,7 @@ pub mod files;
 mod guard;
 pub mod jobs;
 pub mod lease;
+mod placement;
 mod sql;
 pub mod status;
 pub mod workers;

@@ -246,6 +246,29 @@ async fn fencing(s: Store) {
         .add_checkpoint(&new, 2, &serde_json::json!({}), "p")
         .await
         .unwrap());
+    // The stale holder cannot point the row at its own objects; the holder saving the step
+    // again can (its row then names the new objects, and says so in an event).
+    assert!(!s
+        .add_checkpoint(&old, 2, &serde_json::json!({}), "stale")
+        .await
+        .unwrap());
+    assert!(s
+        .add_checkpoint(&new, 2, &serde_json::json!({}), "q")
+        .await
+        .unwrap());
+    let rows = s.list_checkpoints("ftjob-f", None, 10).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.step, r.path.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "q")]
+    );
+    let saved = s.list_events("ftjob-f", 0, 100).await.unwrap();
+    let saved = saved
+        .iter()
+        .filter(|e| e.message == "Checkpoint saved at step 2")
+        .count();
+    assert_eq!(saved, 2);
     assert!(s.succeed_job(&new, 10, "ft", &[]).await.unwrap());
     assert_eq!(
         s.get_job("ftjob-f").await.unwrap().unwrap().status,
@@ -305,6 +328,17 @@ async fn estimate_at_claim(s: Store) {
     assert!(s.claim_next_job(&small_worker).await.unwrap().is_none());
     // Only a queued job is estimated.
     assert!(!s.set_queued_estimate("ftjob-small", 1).await.unwrap());
+    // A job queued after the worker's estimate pass is not claimed unjudged; one the worker
+    // tried and could not estimate is.
+    s.create_job(&job("ftjob-later", None)).await.unwrap();
+    s.mark_queued("ftjob-later").await.unwrap();
+    let judging = |ok: &[&str]| Claimant {
+        unestimated_ok: Some(ok.iter().map(|id| id.to_string()).collect()),
+        ..small_worker.clone()
+    };
+    assert!(s.claim_next_job(&judging(&[])).await.unwrap().is_none());
+    let got = s.claim_next_job(&judging(&["ftjob-later"])).await.unwrap();
+    assert_eq!(got.unwrap().id, "ftjob-later");
 }
 
 on_both_backends!(

@@ -1,27 +1,13 @@
 //! A job's artifacts between the artifact storage and the local paths training needs: inputs
-//! fetched before a run, the newest stored checkpoint fetched for a resume on any host,
-//! checkpoints published (manifest last) before their row is committed, result files published
-//! before the job succeeds, and the local copies a run needed dropped when it ends. With the
-//! default storage (the data dir itself) there is nothing to copy and each of these only checks.
+//! fetched before a run, result files published before the job succeeds, and the local copies
+//! a run needed dropped when it ends. With the default storage (the data dir itself) there is
+//! nothing to copy and each of these only checks. Checkpoints are `checkpoints.rs`'s.
 
 use crate::storage::{Storage, StorageError};
 use crate::store::jobs::JobError;
 use crate::store::{JobRow, Store};
-use crate::train::checkpoint;
 use crate::train::spec::JobSpec;
 use std::path::{Path, PathBuf};
-
-/// Where a job's checkpoints are stored: `jobs/<id>/checkpoints/step-<N>/…`.
-fn checkpoints_prefix(job_id: &str) -> String {
-    format!("jobs/{job_id}/checkpoints")
-}
-
-/// The step and file name of a key under `prefix/step-<N>/`.
-fn step_of<'k>(key: &'k str, prefix: &str) -> Option<(u64, &'k str)> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix("/step-")?;
-    let (step, file) = rest.split_once('/')?;
-    Some((step.parse().ok()?, file))
-}
 
 fn storage_failure(what: &str, e: &StorageError) -> JobError {
     JobError::new(
@@ -74,101 +60,6 @@ pub(super) async fn fetch_inputs(
     Ok(())
 }
 
-/// Makes the newest complete stored checkpoint of `job_id` available under `output_dir`, so a
-/// run on any host resumes from it. A stored checkpoint is complete when its manifest is there
-/// (published last); one whose files then fail the manifest's check is passed over. Returns
-/// why each newer one was passed over.
-pub(super) async fn fetch_latest_checkpoint(
-    storage: &Storage,
-    job_id: &str,
-    output_dir: &Path,
-) -> Result<Vec<String>, JobError> {
-    if storage.is_in_place() {
-        return Ok(Vec::new());
-    }
-    let prefix = checkpoints_prefix(job_id);
-    let objects = storage
-        .list(&prefix)
-        .await
-        .map_err(|e| storage_failure("the job's checkpoints", &e))?;
-    let mut steps: Vec<u64> = objects
-        .iter()
-        .filter_map(|o| step_of(&o.key, &prefix))
-        .filter(|(_, file)| *file == checkpoint::MANIFEST)
-        .map(|(step, _)| step)
-        .collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
-    let mut rejected = Vec::new();
-    for step in steps {
-        let local = checkpoint::checkpoint_dir(output_dir, step);
-        if checkpoint::verify(&local).is_ok() {
-            return Ok(rejected);
-        }
-        let key = format!("{prefix}/step-{step}");
-        let fetched = storage
-            .fetch_dir(&key, true)
-            .await
-            .map_err(|e| storage_failure(&format!("checkpoint step-{step}"), &e))?;
-        match checkpoint::verify(&fetched) {
-            Ok(_) => return Ok(rejected),
-            Err(e) => {
-                rejected.push(format!("stored checkpoint step-{step}: {e:#}"));
-                let _ = std::fs::remove_dir_all(&fetched);
-            }
-        }
-    }
-    Ok(rejected)
-}
-
-/// Publishes a checkpoint directory written by the trainer, manifest last; returns its key.
-/// Its row may be committed once this returns.
-pub(super) async fn publish_checkpoint(
-    storage: &Storage,
-    dir: &Path,
-) -> Result<String, StorageError> {
-    let key = storage
-        .key_of(dir)
-        .ok_or_else(|| StorageError::NotFound(dir.display().to_string()))?;
-    // Already stored (a resume re-registering the checkpoint it fetched): the manifest names
-    // every file's hash, so the same manifest means the same checkpoint.
-    let manifest_key = format!("{key}/{}", checkpoint::MANIFEST);
-    if !storage.is_in_place() && storage.size(&manifest_key).await?.is_some() {
-        let local = tokio::fs::read(dir.join(checkpoint::MANIFEST)).await?;
-        if storage.get_bytes(&manifest_key).await? == local {
-            return Ok(key);
-        }
-    }
-    storage.publish_dir(&key, dir, checkpoint::MANIFEST).await?;
-    Ok(key)
-}
-
-/// Deletes the stored checkpoints of `job_id` beyond the `keep` newest (`save_total_limit`;
-/// 0 keeps all), as the trainer does with its local directories.
-pub(super) async fn prune_checkpoints(
-    storage: &Storage,
-    job_id: &str,
-    keep: u32,
-) -> Result<(), StorageError> {
-    if keep == 0 || storage.is_in_place() {
-        return Ok(());
-    }
-    let prefix = checkpoints_prefix(job_id);
-    let mut steps: Vec<u64> = storage
-        .list(&prefix)
-        .await?
-        .iter()
-        .filter_map(|o| step_of(&o.key, &prefix).map(|(step, _)| step))
-        .collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
-    steps.dedup();
-    for step in steps.into_iter().skip(keep as usize) {
-        storage
-            .delete_prefix(&format!("{prefix}/step-{step}"))
-            .await?;
-    }
-    Ok(())
-}
-
 /// Publishes a finished run's result files; returns each one's key and size.
 pub(super) async fn publish_results(
     storage: &Storage,
@@ -206,7 +97,7 @@ pub(super) async fn drop_local_copies(store: &Store, storage: &Storage, job: &Jo
             }
         }
     }
-    remove(&storage.local_path(&checkpoints_prefix(&job.id)));
+    remove(&storage.local_path(&super::checkpoints::prefix(&job.id)));
 }
 
 fn remove(path: &Path) {

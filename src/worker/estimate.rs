@@ -2,9 +2,14 @@
 //! has no estimate: that node has no training device to estimate for. Before each claim a
 //! worker estimates the oldest such queued jobs for its own device, the way `sftd serve` does at
 //! creation, and records each estimate on the job's row; the claim then takes only a job whose
-//! estimate fits, so a job too big for this worker stays queued for a bigger one.
+//! estimate fits, so a job too big for this worker stays queued for a bigger one. A job too
+//! big for every live worker's device (its total memory) would wait forever: once it and this
+//! worker have been around for the placement grace (`SFTD_PLACEMENT_GRACE_MS`, time for
+//! workers started together to register), it fails with `insufficient_memory`.
 
+use super::submit::MEMORY_PARAM;
 use super::{Ctx, MemoryBudget};
+use crate::store::jobs::JobError;
 use crate::train::spec::TrainConfig;
 use std::collections::HashSet;
 
@@ -12,13 +17,23 @@ use std::collections::HashSet;
 const PER_PASS: i64 = 8;
 
 /// Jobs this worker could not estimate (the model's config unreadable, a precision its device
-/// cannot run): they are claimed like any job, and their run reports why.
+/// cannot run): they are claimed like any job, and their run reports why. Other jobs without
+/// an estimate are not claimed until an estimate pass has looked at them.
 #[derive(Default)]
 pub(super) struct Unestimable(HashSet<String>);
 
+impl Unestimable {
+    /// The ids, for [`crate::store::Claimant::unestimated_ok`].
+    pub(super) fn ids(&self) -> Vec<String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
 /// Records an estimate on each of the oldest queued jobs that have none, for `budget`'s device.
 pub(super) async fn estimate_queued(ctx: &Ctx, budget: &MemoryBudget, skip: &mut Unestimable) {
-    let jobs = match ctx.store.queued_without_estimate(PER_PASS).await {
+    // Past the ones already found unestimable, so they cannot hide younger jobs.
+    let limit = PER_PASS + skip.0.len() as i64;
+    let jobs = match ctx.store.queued_without_estimate(limit).await {
         Ok(jobs) => jobs,
         Err(e) => {
             tracing::warn!(error = %e, "could not list the queued jobs to estimate");
@@ -47,5 +62,41 @@ async fn estimate(ctx: &Ctx, budget: &MemoryBudget, model: &str, config: &str) -
     match budget.check(&dir, &config) {
         Ok(bytes) => bytes,
         Err(too_big) => Some(too_big.estimated_peak_memory_bytes),
+    }
+}
+
+/// Fails the queued jobs whose estimate no live worker's device can hold (see the module
+/// comment), once this worker has been up for the placement grace.
+pub(super) async fn fail_too_big(ctx: &Ctx) {
+    if ctx.started.elapsed() < ctx.placement_grace {
+        return;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let why = |estimate: u64, largest: u64| {
+        JobError::new(
+            "insufficient_memory",
+            format!(
+                "No worker can run this job: its estimated peak memory is {:.2} GiB ({estimate} \
+                 bytes), and the largest device of a live worker has {:.2} GiB ({largest} bytes). \
+                 Lower batch_size or max_seq_len (or use a smaller model), or add a worker with \
+                 more memory, then create the job again.",
+                gib(estimate),
+                gib(largest)
+            ),
+            Some(MEMORY_PARAM),
+        )
+    };
+    let live = ctx.claimant.lease;
+    match ctx
+        .store
+        .fail_queued_too_big(live, ctx.placement_grace, why)
+        .await
+    {
+        Ok(failed) => {
+            for job in failed {
+                tracing::warn!(job = %job, "failed a queued job too big for every live worker");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not look for jobs too big for every worker"),
     }
 }

@@ -7,6 +7,7 @@
 //! thread.
 
 mod artifacts;
+pub mod checkpoints;
 mod estimate;
 mod heartbeat;
 mod liveness;
@@ -38,6 +39,9 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// storage was down (the job itself was requeued, for any worker).
 const STORAGE_BACKOFF: Duration = Duration::from_secs(5);
 
+/// `SFTD_PLACEMENT_GRACE_MS`'s default: time for workers started together to register.
+pub const DEFAULT_PLACEMENT_GRACE: Duration = Duration::from_secs(120);
+
 /// Which halves of the worker this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -61,6 +65,9 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// How often the heartbeat renews the lease and reports the worker.
     pub heartbeat: Duration,
+    /// How long a queued job too big for every live worker (and this worker itself) must have
+    /// been around before the job is failed (`estimate.rs`).
+    pub placement_grace: Duration,
 }
 
 impl WorkerOptions {
@@ -72,6 +79,7 @@ impl WorkerOptions {
             max_attempts,
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
+            placement_grace: DEFAULT_PLACEMENT_GRACE,
         }
     }
 
@@ -102,6 +110,10 @@ struct Ctx {
     max_attempts: u32,
     /// The device's memory, for estimating queued jobs that have no estimate.
     memory: Option<MemoryBudget>,
+    /// See [`WorkerOptions::placement_grace`].
+    placement_grace: Duration,
+    /// When this worker started, for the placement grace.
+    started: std::time::Instant,
     /// Whether a run's local copies are deleted when it ends: in `sftd worker` only. In
     /// `sftd serve` the API half shares the data dir and answers chat from those copies.
     drops_local_copies: bool,
@@ -233,6 +245,7 @@ impl Worker {
                     as u64
             }),
             lease: opts.lease,
+            unestimated_ok: None,
         };
         heartbeat::start(&store, &id, &opts, memory.as_ref(), &worker).await?;
         let wake = worker.tx.clone();
@@ -249,6 +262,8 @@ impl Worker {
             claimant,
             max_attempts: opts.max_attempts,
             memory,
+            placement_grace: opts.placement_grace,
+            started: std::time::Instant::now(),
             drops_local_copies: opts.role == Role::Trainer,
         };
         let thread = std::thread::Builder::new()
@@ -462,9 +477,14 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
                 ctx.rt
                     .block_on(estimate::estimate_queued(&ctx, budget, &mut unestimable))
             });
+            live.busy(|| ctx.rt.block_on(estimate::fail_too_big(&ctx)));
         }
         crate::fault::hang("worker_claim");
-        match ctx.rt.block_on(ctx.store.claim_next_job(&ctx.claimant)) {
+        let mut claimant = ctx.claimant.clone();
+        if ctx.memory.is_some() {
+            claimant.unestimated_ok = Some(unestimable.ids());
+        }
+        match ctx.rt.block_on(ctx.store.claim_next_job(&claimant)) {
             Ok(Some(job)) => {
                 let ended = live.busy(|| run_claimed(&ctx, shared, &job, &device, &serving));
                 if ended == run::Ended::StorageDown {

@@ -1,15 +1,13 @@
 //! The event recorder of a running job: turns the engine's events into stored (then
-//! broadcast) events and checkpoint rows (each checkpoint published to the artifact storage
-//! before its row), skips the steps a resumed run repeats, and retries a failed write a few
+//! broadcast) events and checkpoint rows (each checkpoint published to the artifact storage,
+//! under its claim's own keys, before its row), skips the steps a resumed run repeats, and retries a failed write a few
 //! times before stopping the run rather than leave a hole in its record.
 
-use super::{artifacts, Ctx};
+use super::{checkpoints, Ctx};
 use crate::store::{Lease, NewEvent};
-use crate::train::checkpoint;
 use crate::train::events::{
     CheckpointInfo, Control, EvalMetrics, Level, StepMetrics, ToolEvalMetrics, TrainEvent,
 };
-use std::path::Path;
 use std::time::Duration;
 
 /// Waits before retrying a store write that failed (a locked or briefly full database); after
@@ -123,22 +121,6 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Records the checkpoint a run resumes from if a crash came between writing it and
-    /// committing its row (ignored when the row exists).
-    pub(super) fn register_resumed_checkpoint(&mut self, dir: &Path) {
-        if let Ok(state) = checkpoint::load_state(dir) {
-            self.checkpoint(&CheckpointInfo {
-                step: state.step,
-                path: dir.to_path_buf(),
-                train_loss: state.last_train_loss,
-                train_mean_token_accuracy: state.last_train_accuracy,
-                eval_loss: state.last_eval_loss,
-                eval_mean_token_accuracy: state.last_eval_accuracy,
-                tool_eval: state.last_tool_eval,
-            });
-        }
-    }
-
     pub(super) fn on_event(&mut self, ev: TrainEvent) {
         match ev {
             TrainEvent::Log { level, message } => self.record(NewEvent {
@@ -211,12 +193,12 @@ impl<'a> Recorder<'a> {
             // The database is down: the row write below will say so (with its retries).
             Err(e) => tracing::warn!(job = %lease.job_id, error = %e, "could not renew the lease"),
         }
-        // Every object first (manifest last), then the row: a row always names a whole
-        // checkpoint, on any host.
+        // Every object first (manifest last), under this claim's own keys, then the row: a row
+        // always names a whole checkpoint, on any host, that only this claim wrote.
         let already_lost = self.lost.is_some();
         let Some(key) = self.store_write(&what, || {
             ctx.rt
-                .block_on(artifacts::publish_checkpoint(&ctx.storage, &c.path))
+                .block_on(checkpoints::publish(&ctx.storage, lease, c.step, &c.path))
         }) else {
             self.storage_down = !already_lost;
             return;
@@ -232,11 +214,9 @@ impl<'a> Recorder<'a> {
         });
         // Only the holder prunes: a refused row means the job is someone else's now.
         if recorded == Some(true) {
-            let pruned = ctx.rt.block_on(artifacts::prune_checkpoints(
-                &ctx.storage,
-                &lease.job_id,
-                keep,
-            ));
+            let pruned = ctx
+                .rt
+                .block_on(checkpoints::prune(store, &ctx.storage, lease));
             if let Err(e) = pruned {
                 tracing::warn!(job = %lease.job_id, error = %e, "could not delete old stored checkpoints");
             }

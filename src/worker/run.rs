@@ -1,9 +1,9 @@
 //! Running one job on the worker thread: resolve its inputs (fetched from the artifact storage),
-//! drive the engine (its events go through the [`Recorder`]), and record how the run ended,
-//! publishing and registering the result files.
+//! resume from its newest committed checkpoint, drive the engine (its events go through the
+//! [`Recorder`]), and record how the run ended, publishing and registering the result files.
 
 use super::recorder::Recorder;
-use super::{artifacts, Ctx};
+use super::{artifacts, checkpoints, Ctx};
 use crate::hub::Hub;
 use crate::storage::Storage;
 use crate::store::files::{NewFile, PURPOSE_FINE_TUNE, PURPOSE_RESULTS};
@@ -209,17 +209,17 @@ pub(super) fn run_job(
             inputs.init_adapter.as_deref(),
         )
         .await?;
-        artifacts::fetch_latest_checkpoint(&ctx.storage, id, &output_dir).await
+        checkpoints::fetch_committed(store, &ctx.storage, id).await
     });
-    let passed_over = match fetched {
-        Ok(reasons) => reasons,
+    let committed = match fetched {
+        Ok(c) => c,
         Err(e) if e.code == STORAGE_UNAVAILABLE => return storage_down(ctx, &lease, &e.message),
         Err(e) => return fail(e),
     };
-    let (resume_from, torn) = checkpoint::latest_verified_checkpoint(&output_dir);
-    let mut recorder = Recorder::new(ctx, &lease, control, inputs.config.save_total_limit);
+    let keep_checkpoints = inputs.config.save_total_limit;
+    let mut recorder = Recorder::new(ctx, &lease, control, keep_checkpoints);
     let data_dir = store.data_dir().to_string_lossy().into_owned();
-    for reason in passed_over.into_iter().chain(torn) {
+    for reason in committed.passed_over {
         recorder.record(NewEvent {
             level: "warn",
             ..NewEvent::info(format!(
@@ -228,8 +228,8 @@ pub(super) fn run_job(
             ))
         });
     }
+    let resume_from = committed.dir;
     if let Some(ck) = &resume_from {
-        recorder.register_resumed_checkpoint(ck);
         recorder.record(NewEvent::info(format!(
             "Resuming from checkpoint {}",
             ck.file_name().unwrap_or_default().to_string_lossy()
@@ -250,8 +250,13 @@ pub(super) fn run_job(
         validation_file: inputs.validation_file,
         tool_eval_file: inputs.tool_eval_file,
         init_adapter: inputs.init_adapter,
-        config: inputs.config,
-        output_dir: output_dir.clone(),
+        // The recorder deletes old checkpoints (`save_total_limit`) by their rows, as the
+        // holder; the trainer's own pruning would touch other claims' directories.
+        config: TrainConfig {
+            save_total_limit: 0,
+            ..inputs.config
+        },
+        output_dir,
         resume_from,
         device: device.clone(),
     };
