@@ -128,8 +128,7 @@ async fn a_cancel_on_an_api_node_stops_the_job_on_the_worker_host_that_runs_it()
     wait_gone(&next_dir.join("checkpoints")).await;
     wait_gone(&file_copy(&db, &worker_env.data_dir(), &file).await).await;
     assert!(next_dir
-        .join("adapter")
-        .join("adapter_config.json")
+        .join("results/epoch-1/adapter_config.json")
         .is_file());
     assert_eq!(checkpoint_steps(&db, &next).await, [2, 3]);
 }
@@ -180,6 +179,15 @@ async fn sigterm_of_a_worker_requeues_its_job_and_another_worker_resumes_it() {
     );
     assert_ne!(first, second);
     assert_eq!(metric_steps(&db, &job).await, (1..=40).collect::<Vec<_>>());
+    // The result files are the finishing claim's (epoch 2), under its own keys.
+    let results: Vec<String> = sqlx::query_scalar("SELECT path FROM files WHERE job_id = $1")
+        .bind(&job)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3, "{results:?}");
+    let epoch_2 = format!("jobs/{job}/results/epoch-2/");
+    assert!(results.iter().all(|p| p.starts_with(&epoch_2)), "{results:?}");
     let resumed = format!("Resuming from checkpoint step-{at}");
     assert!(a
         .all_events(&job)
@@ -234,7 +242,7 @@ async fn serve_on_postgresql_runs_a_job_and_streams_its_events() {
     // The adapter is in the bucket.
     assert!(s3
         .object_path(&format!(
-            "serve/jobs/{id}/adapter/adapter_model.safetensors"
+            "serve/jobs/{id}/results/epoch-1/adapter_model.safetensors"
         ))
         .is_file());
 }

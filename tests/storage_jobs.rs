@@ -34,10 +34,8 @@ async fn results_match_the_bucket(
         let (st, meta) = s.get(&format!("/v1/files/{fid}")).await;
         assert_eq!(st, 200, "{meta}");
         let name = meta["filename"].as_str().unwrap().to_string();
-        let key = match name.as_str() {
-            "metrics.csv" => format!("jobs/{id}/metrics.csv"),
-            _ => format!("jobs/{id}/adapter/{name}"),
-        };
+        // The first (only) claim's result keys.
+        let key = format!("jobs/{id}/results/epoch-1/{name}");
         let stored = object(s3, &key).unwrap_or_else(|| panic!("{key} is not in the bucket"));
         let got = s.download(fid).await;
         assert!(
@@ -197,7 +195,7 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
     assert_eq!(on_c["choices"][0]["message"], on_b["choices"][0]["message"]);
     assert!(env_c
         .data_dir()
-        .join(format!("jobs/{id}/adapter/adapter_model.safetensors"))
+        .join(format!("jobs/{id}/results/epoch-1/adapter_model.safetensors"))
         .is_file());
     drop(a);
 }

@@ -212,7 +212,21 @@ async fn resolve_fine_tuned(
                 .param("model")
                 .code("model_not_found"));
             }
-            format!("jobs/{}/adapter", job.id)
+            // Where the job's success row put the adapter's weights (its claim's own keys).
+            let weights = s
+                .store
+                .result_file_path(&job.id, crate::train::checkpoint::ADAPTER_WEIGHTS)
+                .await?
+                .ok_or_else(|| {
+                    AppError::not_found(format!(
+                        "the model {model:?} has no adapter: its result files were deleted"
+                    ))
+                    .param("model")
+                    .code("model_not_found")
+                })?;
+            weights
+                .rsplit_once('/')
+                .map_or(String::new(), |(dir, _)| dir.to_string())
         }
         Some(step) => {
             let ckpt = s

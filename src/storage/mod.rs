@@ -182,6 +182,22 @@ impl Storage {
         Ok(bytes)
     }
 
+    /// As [`Self::move_in`], but with another storage than the data dir `src` then stays as
+    /// this host's local copy of `key` (moved to [`Self::local_path`]), so that what reads the
+    /// object here next finds it without a download.
+    pub async fn move_in_keeping_copy(&self, key: &str, src: &Path) -> Result<u64> {
+        if self.0.in_place {
+            return self.move_in(key, src).await;
+        }
+        let bytes = self.put_file(key, src).await?;
+        let copy = self.local_path(key);
+        if let Some(parent) = copy.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        tokio::fs::rename(src, &copy).await?;
+        Ok(bytes)
+    }
+
     /// The object's size and its bytes as a stream (never all in memory).
     pub async fn get(&self, key: &str) -> Result<(u64, BoxStream<'static, Result<bytes::Bytes>>)> {
         let got = self.0.objects.get(&Key::from(key)).await?;

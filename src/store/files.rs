@@ -120,6 +120,18 @@ impl Store {
         Ok(by_job)
     }
 
+    /// The storage key of job `job_id`'s result file named `filename`, if it has one.
+    pub async fn result_file_path(&self, job_id: &str, filename: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT path FROM files WHERE job_id = $1 AND purpose = $2 AND filename = $3",
+        )
+        .bind(job_id)
+        .bind(PURPOSE_RESULTS)
+        .bind(filename)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// Deletes the row unless a job that has not finished uses the file; returns whether a row
     /// was deleted, or `Err(InUse)` through the outer result.
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {

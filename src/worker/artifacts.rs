@@ -5,7 +5,7 @@
 
 use crate::storage::{Storage, StorageError};
 use crate::store::jobs::JobError;
-use crate::store::{JobRow, Store};
+use crate::store::{JobRow, Lease, Store};
 use crate::train::spec::JobSpec;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ pub(super) async fn fetch_inputs(
             Err(e) => return Err(storage_failure(&format!("the {param}"), &e)),
         }
     }
-    // An earlier job's adapter (`jobs/<id>/adapter`); other adapters are local directories.
+    // An earlier job's adapter (under `jobs/<id>/`); other adapters are local directories.
     if let Some(key) = init_adapter
         .and_then(|p| storage.key_of(p))
         .filter(|k| k.starts_with("jobs/"))
@@ -60,17 +60,28 @@ pub(super) async fn fetch_inputs(
     Ok(())
 }
 
-/// Publishes a finished run's result files; returns each one's key and size.
+/// Where the claim `epoch` of job `job_id` stores its result file `name`. Per claim, like its
+/// checkpoints: a worker that lost its lease before it finished uploading can only write keys
+/// that the success row, committed by the lease holder alone, never names.
+fn result_key(job_id: &str, epoch: i64, name: &str) -> String {
+    format!("jobs/{job_id}/results/epoch-{epoch}/{name}")
+}
+
+/// Moves a finished run's result files into the storage under this claim's keys
+/// ([`result_key`]); returns each one's key and size.
 pub(super) async fn publish_results(
     storage: &Storage,
+    lease: &Lease,
     files: &[PathBuf],
 ) -> anyhow::Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     for path in files {
-        let key = storage
-            .key_of(path)
-            .ok_or_else(|| anyhow::anyhow!("{} is outside the data directory", path.display()))?;
-        let bytes = storage.put_file(&key, path).await?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("result file {} has no name", path.display()))?;
+        let key = result_key(&lease.job_id, lease.epoch, name);
+        let bytes = storage.move_in_keeping_copy(&key, path).await?;
         out.push((key, bytes));
     }
     Ok(out)

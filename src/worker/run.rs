@@ -134,7 +134,20 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
                 param,
             ));
         }
-        return Ok(job_dir(store, job_id).join("adapter"));
+        // The adapter's directory is where the job's success row put its weights.
+        let weights = store
+            .result_file_path(job_id, checkpoint::ADAPTER_WEIGHTS)
+            .await
+            .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+            .ok_or_else(|| {
+                JobError::new(
+                    "invalid_init_adapter",
+                    format!("job {job_id:?} has no adapter among its result files (deleted?)"),
+                    param,
+                )
+            })?;
+        let dir = weights.rsplit_once('/').map_or("", |(dir, _)| dir);
+        return Ok(store.data_dir().join(dir));
     }
     let dir = hub
         .allowed_dir(value, "init_adapter")
@@ -283,8 +296,9 @@ pub(super) fn run_job(
             steps,
         })) => {
             tracing::info!(job = id, steps, trained_tokens, "training completed");
-            // The result files' keys are the job's: once the job is no longer this worker's
-            // (cancelled, or its lease lost), it must not upload over what another run stored.
+            // No upload once the job is no longer this worker's (cancelled, or its lease lost).
+            // The result keys are this claim's own, so a worker that loses its lease during
+            // the upload writes only objects that the success row, refused to it, never names.
             if !matches!(ctx.rt.block_on(store.renew_lease(&lease, ctx.claimant.lease)), Ok(true)) {
                 tracing::warn!(job = id, "lease lost (or the database unreachable) before the results were uploaded: not recording them; the job is taken over once its lease expires");
                 return Ended::Normally;
@@ -423,9 +437,12 @@ fn finish(
         adapter_dir.join(checkpoint::ADAPTER_CONFIG),
         csv_path,
     ];
+    let lease = job.lease();
     let published = ctx
         .rt
-        .block_on(artifacts::publish_results(&ctx.storage, &files))?;
+        .block_on(artifacts::publish_results(&ctx.storage, &lease, &files))?;
+    // The trainer's staging directory, now empty.
+    let _ = std::fs::remove_dir(adapter_dir);
     let results = published
         .into_iter()
         .map(|(key, bytes)| NewFile {
@@ -440,7 +457,7 @@ fn finish(
         .collect::<Vec<_>>();
     let name = fine_tuned_model_name(&job.model, spec.suffix.as_deref(), &job.id);
     ctx.rt
-        .block_on(store.succeed_job(&job.lease(), trained_tokens as i64, &name, &results))?;
+        .block_on(store.succeed_job(&lease, trained_tokens as i64, &name, &results))?;
     Ok(())
 }
 
