@@ -187,7 +187,10 @@ async fn sigterm_of_a_worker_requeues_its_job_and_another_worker_resumes_it() {
         .unwrap();
     assert_eq!(results.len(), 3, "{results:?}");
     let epoch_2 = format!("jobs/{job}/results/epoch-2/");
-    assert!(results.iter().all(|p| p.starts_with(&epoch_2)), "{results:?}");
+    assert!(
+        results.iter().all(|p| p.starts_with(&epoch_2)),
+        "{results:?}"
+    );
     let resumed = format!("Resuming from checkpoint step-{at}");
     assert!(a
         .all_events(&job)

@@ -195,7 +195,9 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
     assert_eq!(on_c["choices"][0]["message"], on_b["choices"][0]["message"]);
     assert!(env_c
         .data_dir()
-        .join(format!("jobs/{id}/results/epoch-1/adapter_model.safetensors"))
+        .join(format!(
+            "jobs/{id}/results/epoch-1/adapter_model.safetensors"
+        ))
         .is_file());
     drop(a);
 }
