@@ -21,11 +21,13 @@ fn object(s3: &S3Server, key: &str) -> Option<Vec<u8>> {
 }
 
 /// Each result file of a succeeded job, by file name, downloaded through the API, checked
-/// against the object the bucket holds for it.
+/// against the object the bucket holds for it under the keys of the claim `epoch` that
+/// finished the job.
 async fn results_match_the_bucket(
     s: &Server,
     s3: &S3Server,
     job: &Value,
+    epoch: i64,
 ) -> BTreeMap<String, Vec<u8>> {
     let id = job["id"].as_str().unwrap();
     let mut out = BTreeMap::new();
@@ -34,8 +36,7 @@ async fn results_match_the_bucket(
         let (st, meta) = s.get(&format!("/v1/files/{fid}")).await;
         assert_eq!(st, 200, "{meta}");
         let name = meta["filename"].as_str().unwrap().to_string();
-        // The first (only) claim's result keys.
-        let key = format!("jobs/{id}/results/epoch-1/{name}");
+        let key = format!("jobs/{id}/results/epoch-{epoch}/{name}");
         let stored = object(s3, &key).unwrap_or_else(|| panic!("{key} is not in the bucket"));
         let got = s.download(fid).await;
         assert!(
@@ -97,7 +98,7 @@ async fn a_job_keeps_every_artifact_in_s3_and_serves_it_back_intact() {
             );
         }
     }
-    results_match_the_bucket(&s, &s3, &job).await;
+    results_match_the_bucket(&s, &s3, &job, 1).await;
 
     // Deleting the dataset deletes its object.
     let r = s
@@ -172,7 +173,8 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
         &format!("jobs/{id}/checkpoints/epoch-2/step-4/manifest.json")
     )
     .is_some());
-    results_match_the_bucket(&b, &s3, &job).await;
+    // B's claim (epoch 2) finished the job: the results are under its keys.
+    results_match_the_bucket(&b, &s3, &job, 2).await;
 
     // A third node, with nothing local, answers with the fine-tuned model: it fetches the
     // adapter from the bucket, and its answer is the training node's.
@@ -196,7 +198,7 @@ async fn a_job_resumes_on_another_host_from_the_last_checkpoint_fully_stored_in_
     assert!(env_c
         .data_dir()
         .join(format!(
-            "jobs/{id}/results/epoch-1/adapter_model.safetensors"
+            "jobs/{id}/results/epoch-2/adapter_model.safetensors"
         ))
         .is_file());
     drop(a);
