@@ -33,8 +33,16 @@ export function freePort() {
   });
 }
 
+/** Temporary directories made by this test process, removed when it exits. */
+const tempDirs = [];
+process.once('exit', () => {
+  for (const dir of tempDirs) fs.rmSync(dir, { recursive: true, force: true });
+});
+
 export function tempDir(prefix = 'sftd-browser-') {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  tempDirs.push(dir);
+  return dir;
 }
 
 /** One sftd process; restartable on the same port and data dir. */
