@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::s3::{S3Server, BUCKET};
+use common::s3::{as_strs, S3Server, BUCKET};
 use common::train::{run_steps, tiny_model, train_job};
 use serde_json::json;
 use sftd::storage::Storage;
@@ -252,14 +252,7 @@ async fn a_shared_directory_keeps_the_committed_checkpoint_of_a_stale_publish() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_keeps_the_committed_checkpoint_of_a_stale_publish() {
     let s3 = S3Server::start();
-    let options: Vec<(String, String)> = s3
-        .env()
-        .iter()
-        .map(|(k, v)| (k.to_lowercase(), v.clone()))
-        .collect();
-    let options: Vec<(&str, &str)> = options
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let options = s3.options();
+    let options = as_strs(&options);
     stale_publish_after_a_takeover(&format!("s3://{BUCKET}/fence"), &options).await;
 }

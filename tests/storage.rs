@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::s3::{S3Server, BUCKET};
+use common::s3::{as_strs, S3Server, BUCKET};
 use futures::StreamExt;
 use sftd::storage::{Storage, StorageError, PART_BYTES};
 use std::path::Path;
@@ -205,15 +205,8 @@ async fn a_shared_directory() {
 async fn s3_compatible_storage() {
     let s3 = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
-    let env = s3.env();
-    let options: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_lowercase(), v.clone()))
-        .collect();
-    let options: Vec<(&str, &str)> = options
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let options = s3.options();
+    let options = as_strs(&options);
     let url = format!("s3://{BUCKET}/some/prefix");
     let one = Storage::open_with(Some(&url), &data_dir(tmp.path(), "host1"), &options).unwrap();
     let two = Storage::open_with(Some(&url), &data_dir(tmp.path(), "host2"), &options).unwrap();
@@ -231,15 +224,8 @@ async fn s3_compatible_storage() {
 async fn a_storage_that_is_down_is_an_error_not_a_hang() {
     let mut s3 = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
-    let options: Vec<(String, String)> = s3
-        .env()
-        .iter()
-        .map(|(k, v)| (k.to_lowercase(), v.clone()))
-        .collect();
-    let options: Vec<(&str, &str)> = options
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let options = s3.options();
+    let options = as_strs(&options);
     let storage = Storage::open_with(
         Some(&format!("s3://{BUCKET}")),
         &data_dir(tmp.path(), "host"),

@@ -68,6 +68,15 @@ impl S3Server {
         ]
     }
 
+    /// [`Self::env`] as `object_store` options (lower-case keys), for `Storage::open_with`
+    /// through [`as_strs`].
+    pub fn options(&self) -> Vec<(String, String)> {
+        self.env()
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect()
+    }
+
     /// `env` with its artifacts in this server's bucket under `prefix`.
     pub fn storage_env(&self, env: super::Env, prefix: &str) -> super::Env {
         let mut env = env.with("SFTD_STORAGE_URL", &format!("s3://{BUCKET}/{prefix}"));
@@ -114,4 +123,12 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Borrowed pairs, the form `Storage::open_with` takes options in.
+pub fn as_strs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
