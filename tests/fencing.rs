@@ -8,11 +8,11 @@
 
 mod common;
 
+use common::jobs::queued_store_job;
 use common::s3::{as_strs, S3Server, BUCKET};
 use common::train::{run_steps, tiny_model, train_job};
 use serde_json::json;
 use sftd::storage::Storage;
-use sftd::store::jobs::NewJob;
 use sftd::store::{Claimant, Lease, Store};
 use sftd::train::checkpoint;
 use sftd::train::events::{Control, Outcome};
@@ -69,25 +69,6 @@ fn stage(storage: &Storage, job: &str, step: u64, from: &Path) -> PathBuf {
     dir
 }
 
-async fn queued_job(store: &Store, id: &str) {
-    store
-        .create_job(&NewJob {
-            id: id.into(),
-            model: "sftd-demo".into(),
-            training_file: "file-x".into(),
-            validation_file: None,
-            spec: "{}".into(),
-            config: "{}".into(),
-            seed: 1,
-            suffix: None,
-            metadata: None,
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    assert!(store.mark_queued(id).await.unwrap());
-}
-
 async fn claim(store: &Store, lease: Duration) -> Lease {
     let who = Claimant {
         lease,
@@ -122,7 +103,7 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
         .await
         .unwrap();
     let job = "ftjob-fence";
-    queued_job(&store, job).await;
+    queued_store_job(&store, job).await;
 
     // Host A's claim (epoch 1) commits step 2 of run 1.
     let lease_a = claim(&store, Duration::from_millis(300)).await;
@@ -220,7 +201,7 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
     // A row written before per-claim keys (`jobs/<id>/checkpoints/step-N`) still resumes,
     // and its holder's pruning keeps what it names.
     let old = "ftjob-old-layout";
-    queued_job(&store, old).await;
+    queued_store_job(&store, old).await;
     let lease = claim(&store, Duration::from_secs(3600)).await;
     let old_key = format!("jobs/{old}/checkpoints/step-2");
     let staged = stage(&a, old, 2, &ckpt[&(1, 2)]);

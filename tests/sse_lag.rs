@@ -4,11 +4,11 @@
 
 mod common;
 
+use common::jobs::queued_store_job;
 use serde_json::Value;
 use sftd::api::{router, AppState};
 use sftd::config::Config;
 use sftd::hub::Hub;
-use sftd::store::jobs::NewJob;
 use sftd::store::{Claimant, Lease, NewEvent, Store};
 use sftd::worker::Worker;
 use std::sync::Arc;
@@ -54,22 +54,7 @@ type Shutdown = tokio::sync::watch::Sender<bool>;
 
 /// Creates a job and moves it to `running` (3 events); returns the claim's lease.
 async fn running_job(store: &Store, id: &str) -> Lease {
-    store
-        .create_job(&NewJob {
-            id: id.into(),
-            model: "sftd-demo".into(),
-            training_file: "file-x".into(),
-            validation_file: None,
-            spec: "{}".into(),
-            config: "{}".into(),
-            seed: 0,
-            suffix: None,
-            metadata: None,
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    store.mark_queued(id).await.unwrap();
+    queued_store_job(store, id).await;
     let claimed = store
         .claim_next_job(&Claimant::any("wrk-test"))
         .await

@@ -134,3 +134,24 @@ pub fn statuses(events: &[Value]) -> Vec<String> {
         .filter_map(|e| e["data"]["status"].as_str().map(String::from))
         .collect()
 }
+
+/// Puts a job on the demo model straight into `store` and marks it queued, for store-level
+/// tests that claim it themselves.
+pub async fn queued_store_job(store: &sftd::store::Store, id: &str) {
+    store
+        .create_job(&sftd::store::jobs::NewJob {
+            id: id.into(),
+            model: "sftd-demo".into(),
+            training_file: "file-x".into(),
+            validation_file: None,
+            spec: "{}".into(),
+            config: "{}".into(),
+            seed: 1,
+            suffix: None,
+            metadata: None,
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert!(store.mark_queued(id).await.unwrap());
+}
