@@ -212,10 +212,7 @@ async fn resolve_fine_tuned(
                 .param("model")
                 .code("model_not_found"));
             }
-            // Where the job's success row put the adapter's weights (its claim's own keys).
-            let weights = s
-                .store
-                .result_file_path(&job.id, crate::train::checkpoint::ADAPTER_WEIGHTS)
+            crate::worker::adapter_key(&s.store, &job.id)
                 .await?
                 .ok_or_else(|| {
                     AppError::not_found(format!(
@@ -223,10 +220,7 @@ async fn resolve_fine_tuned(
                     ))
                     .param("model")
                     .code("model_not_found")
-                })?;
-            weights
-                .rsplit_once('/')
-                .map_or(String::new(), |(dir, _)| dir.to_string())
+                })?
         }
         Some(step) => {
             let ckpt = s

@@ -16,7 +16,7 @@ mod run;
 mod serve;
 mod submit;
 
-pub use run::{fine_tuned_model_name, job_dir, metrics_csv};
+pub use run::{adapter_key, fine_tuned_model_name, job_dir, metrics_csv};
 pub use serve::{DeviceLoan, DeviceTask, ServingModel};
 pub use submit::{MemoryBudget, SubmitError};
 

@@ -134,9 +134,7 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
                 param,
             ));
         }
-        // The adapter's directory is where the job's success row put its weights.
-        let weights = store
-            .result_file_path(job_id, checkpoint::ADAPTER_WEIGHTS)
+        let dir = adapter_key(store, job_id)
             .await
             .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
             .ok_or_else(|| {
@@ -146,7 +144,6 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
                     param,
                 )
             })?;
-        let dir = weights.rsplit_once('/').map_or("", |(dir, _)| dir);
         return Ok(store.data_dir().join(dir));
     }
     let dir = hub
@@ -160,6 +157,15 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
         ));
     }
     Ok(dir)
+}
+
+/// The storage key of the directory holding a succeeded job's adapter: where its success row
+/// put the weights (its finishing claim's keys). `None` when the job has no such result file.
+pub async fn adapter_key(store: &Store, job_id: &str) -> crate::store::Result<Option<String>> {
+    let weights = store
+        .result_file_path(job_id, checkpoint::ADAPTER_WEIGHTS)
+        .await?;
+    Ok(weights.map(|w| w.rsplit_once('/').map_or("", |(dir, _)| dir).to_string()))
 }
 
 pub fn job_dir(store: &Store, job_id: &str) -> PathBuf {
