@@ -64,9 +64,11 @@ impl<T> SendPtr<T> {
 ///
 /// The split is ours, not gemm's: gemm transposes a row-major product (`dstᵀ = rhsᵀ·lhsᵀ`) and
 /// then hands each thread a share of `dst`'s rows, so every thread packs the whole of `rhs` (in
-/// a layer, the frozen weight) into its own buffer. Here each thread takes a band of `dst`'s
-/// columns (rows when there are too few columns) and runs gemm on one thread over it, so each
-/// packs only its band of the weight, and no thread waits on another between gemm's blocks.
+/// a layer, the frozen weight) into its own buffer. Here the product is cut into bands of
+/// `dst`'s columns (rows when there are too few columns, or when `dst` is far taller than wide),
+/// a few per thread, and each band runs gemm on one thread, so each packs only its band of the
+/// weight, no thread waits on another between gemm's blocks, and a thread that finishes early
+/// takes the next band.
 ///
 /// # Safety
 /// `dst` addresses m rows of n elements at stride `dst_rs` (initialized when `accumulate`), the
@@ -100,7 +102,10 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
         1
     };
     if threads > 1 && m * n * k >= SPLIT_MIN_WORK {
-        let split = if n >= SPLIT_MIN_SIDE * threads {
+        // Columns share lhs between the parts, rows share rhs: split the side whose shared
+        // operand is the smaller, unless that side is too short to split.
+        let tall = m >= SPLIT_TALL * n;
+        let split = if n >= SPLIT_MIN_SIDE * threads && !(tall && m >= SPLIT_MIN_SIDE * threads) {
             Some((n, true))
         } else if m >= SPLIT_MIN_SIDE * threads {
             Some((m, false))
@@ -108,7 +113,10 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
             None
         };
         if let Some((side, columns)) = split {
-            let per = side.div_ceil(threads).next_multiple_of(SPLIT_ALIGN);
+            let per = side
+                .div_ceil(threads * SPLIT_PARTS_PER_THREAD)
+                .max(SPLIT_MIN_SIDE)
+                .next_multiple_of(SPLIT_ALIGN);
             let parts = side.div_ceil(per);
             let (dst, lhs_at, rhs_at) = (dst as usize, lhs.ptr as usize, rhs.ptr as usize);
             (0..parts).into_par_iter().for_each(|p| {
@@ -167,6 +175,14 @@ const SPLIT_MIN_WORK: usize = 48 * 48 * 256;
 const SPLIT_MIN_SIDE: usize = 64;
 /// Parts start at multiples of this many columns (rows): whole tiles of gemm's micro-kernels.
 const SPLIT_ALIGN: usize = 16;
+/// Parts per thread, taken by whichever thread is free. On a shared machine one core often runs
+/// slower than the other for a while; with one part per thread the fast one then idles until
+/// the slow one finishes (a fifth of a batch-1 layer step), with four it takes over the rest.
+const SPLIT_PARTS_PER_THREAD: usize = 4;
+/// A destination this many times taller than wide is split by rows even when it is wide enough
+/// to split by columns: its lhs (the LM head's vocabulary-major weight) is the operand that
+/// must not be read once per part.
+const SPLIT_TALL: usize = 4;
 
 /// One `gemm::gemm` call for [`gemm_into`]'s arguments.
 ///

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod fused;
 pub mod gemv;
+pub mod head;
 pub mod layer;
 pub mod linear;
 pub mod lora_op;

@@ -30,6 +30,11 @@ pub(crate) trait Real: candle_core::WithDType {
     fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) -> f64;
     /// `Σ a[i]·b[i]` over the shorter of the two.
     fn dot(a: &[Self], b: &[Self]) -> f64;
+    /// One row `r` of a running column-wise maximum: where `row[j] > max[j]` (NaNs skipped),
+    /// `max[j] = row[j]` and `arg[j] = r`.
+    fn max_cols(row: &[Self], max: &mut [Self], arg: &mut [u32], r: u32);
+    /// One row of a column-wise softmax: `row[j] = e^(row[j] − shift[j])`, `acc[j] += row[j]`.
+    fn exp_cols(row: &mut [Self], shift: &[Self], acc: &mut [Self]);
 }
 
 impl Real for f32 {
@@ -65,6 +70,14 @@ impl Real for f32 {
     fn dot(a: &[Self], b: &[Self]) -> f64 {
         by_isa!(dot_avx512, dot_lanes(a, b))
     }
+
+    fn max_cols(row: &[Self], max: &mut [Self], arg: &mut [u32], r: u32) {
+        by_isa!(max_cols_avx512, max_cols_lanes(row, max, arg, r))
+    }
+
+    fn exp_cols(row: &mut [Self], shift: &[Self], acc: &mut [Self]) {
+        by_isa!(exp_cols_avx512, exp_cols_lanes(row, shift, acc))
+    }
 }
 
 impl Real for f64 {
@@ -92,6 +105,22 @@ impl Real for f64 {
 
     fn dot(a: &[Self], b: &[Self]) -> f64 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    fn max_cols(row: &[Self], max: &mut [Self], arg: &mut [u32], r: u32) {
+        for ((&x, m), a) in row.iter().zip(max.iter_mut()).zip(arg.iter_mut()) {
+            if x > *m {
+                *m = x;
+                *a = r;
+            }
+        }
+    }
+
+    fn exp_cols(row: &mut [Self], shift: &[Self], acc: &mut [Self]) {
+        for ((x, &s), a) in row.iter_mut().zip(shift).zip(acc.iter_mut()) {
+            *x = (*x - s).exp();
+            *a += *x;
+        }
     }
 }
 
@@ -159,6 +188,36 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f64 {
         total += acc.iter().map(|&s| s as f64).sum::<f64>() + rest as f64;
     }
     total
+}
+
+#[inline(always)]
+fn max_cols_lanes(row: &[f32], max: &mut [f32], arg: &mut [u32], r: u32) {
+    // Selects rather than branches, so that the loop compiles to compares and blends.
+    for ((&x, m), a) in row.iter().zip(max.iter_mut()).zip(arg.iter_mut()) {
+        let greater = x > *m;
+        *m = if greater { x } else { *m };
+        *a = if greater { r } else { *a };
+    }
+}
+
+#[inline(always)]
+fn exp_cols_lanes(row: &mut [f32], shift: &[f32], acc: &mut [f32]) {
+    for ((x, &s), a) in row.iter_mut().zip(shift).zip(acc.iter_mut()) {
+        *x = exp_f32(*x - s);
+        *a += *x;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_cols_avx512(row: &[f32], max: &mut [f32], arg: &mut [u32], r: u32) {
+    max_cols_lanes(row, max, arg, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_cols_avx512(row: &mut [f32], shift: &[f32], acc: &mut [f32]) {
+    exp_cols_lanes(row, shift, acc)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -3,8 +3,8 @@
 
 use super::batch::Batch;
 use crate::train::model::Qwen3;
-use crate::train::nn::ops::softmax_xent;
-use crate::train::nn::{frozen_linear, frozen_linear_grad, Pass};
+use crate::train::nn::head::head_xent;
+use crate::train::nn::Pass;
 use anyhow::{anyhow, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
@@ -50,14 +50,10 @@ pub(super) fn head_loss(
         let c = rows.min(b.n_targets - start);
         let chunk = sel_detached.narrow(0, start, c)?;
         let tgt = b.targets.narrow(0, start, c)?;
-        let logits = frozen_linear(&chunk, &model.lm_head)?; // (C, V)
-        let (s, dlogits) = softmax_xent(logits, &tgt, scale)?;
+        let (s, dx) = head_xent(&chunk, &model.lm_head, &tgt, scale)?;
         stats.loss_sum += s.loss_sum;
         stats.correct += s.correct;
-        if let Some(g) = dlogits {
-            let g = g.to_dtype(model.lm_head.dtype())?;
-            sel_grads.push(frozen_linear_grad(&g, &model.lm_head)?); // (C, H)
-        }
+        sel_grads.extend(dx); // (C, H)
         start += c;
     }
     let Some(_) = scale else {
