@@ -99,8 +99,8 @@ fn cpu<T: Real + Send + Sync>(
 const GRAD_BANDS_PER_THREAD: usize = 2;
 
 /// `dx (C, H) = dlogits (C, V) · W (V, H)` from `lt = dlogitsᵀ (V, C)`: the depth V is cut into
-/// bands, each thread sums its bands' products into a buffer of its own, and the buffers are
-/// added. Cutting C or H instead would stream all of `lt` (as large as the logits) once per part.
+/// bands, each band's product goes into a (C, H) buffer of its own, and the buffers are added.
+/// Cutting C or H instead would stream all of `lt` (as large as the logits) once per part.
 fn input_grad<T: Real + Send + Sync>(
     lt: &[T],
     ws: &[T],
