@@ -133,8 +133,7 @@ pub struct Breakdown {
     pub layer_activations: u64,
     /// Attention scores and probabilities, `Hq × T × T` per sequence, kept and differentiated.
     pub attention_scores: u64,
-    /// One chunk of LM-head logits and its gradient, plus the selected hidden states and, with
-    /// checkpointing, the last layer's graph (kept from the forward, not recomputed).
+    /// One chunk of LM-head logits and its gradient, plus the selected hidden states.
     pub lm_head_chunk: u64,
     /// Reading the largest checkpoint tensor at load time (raw bytes and the converted copy).
     pub load_transient: u64,
@@ -239,7 +238,7 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
 
     // `kept`: alive through the whole backward; `backward`: the largest moment within it.
     let (saved_activations, kept_scores, layer_activations) = if recipe.gradient_checkpointing {
-        // Layer inputs and the final hidden state; a recomputed layer is alive only during
+        // Layer inputs and the final hidden state; the recomputed layer is alive only during
         // its own backward, and its input is copied into a Var.
         let saved = (l + 1) * n * h * ACT;
         (saved, 0, n * h * ACT + layer_graph + mask_grads + in_flight)
@@ -282,14 +281,7 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     } else {
         logits * 4
     };
-    // With checkpointing the last layer keeps its forward graph through the loss (its backward
-    // follows at once, so it is not recomputed).
-    let last_layer = if recipe.gradient_checkpointing {
-        layer_graph + attention_graph
-    } else {
-        0
-    };
-    let lm_head_chunk = logit_buffers + 5 * n * h * ACT + last_layer;
+    let lm_head_chunk = logit_buffers + 5 * n * h * ACT;
 
     // Loading: the raw bytes of the largest tensor, its copy as read and its conversion.
     let largest = (v * h).max(f * h);

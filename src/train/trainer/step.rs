@@ -108,44 +108,31 @@ pub fn micro_step(
         }
         return Ok(stats);
     }
-    // 1. Forward without a graph, keeping each layer's input. The last layer keeps its graph:
-    //    its backward comes straight after the loss, so recomputing it would only repeat this.
+    // 1. Forward without a graph, keeping each layer's input.
     let no_grad = Pass {
         track: false,
         dropout_key,
     };
-    let track = Pass {
-        track: true,
-        dropout_key,
-    };
-    let last = model.layers.len() - 1;
-    let mut inputs = Vec::with_capacity(last);
+    let mut inputs = Vec::with_capacity(model.layers.len());
     let mut h = x;
-    for i in 0..last {
+    for i in 0..model.layers.len() {
         let next = model.layer_forward(i, &h, &b.packed, no_grad)?;
         inputs.push(h);
         h = next;
     }
-    // The first layer's input (the embeddings) needs no gradient.
-    let last_in = (last > 0).then(|| Var::from_tensor(&h)).transpose()?;
-    let input = last_in.as_ref().map_or(&h, |v| v.as_tensor());
-    let out = model.layer_forward(last, input, &b.packed, track)?;
-    // 2. Loss, and its gradient through the last layer to that layer's input.
-    let (stats, grads) = head_loss(model, &out, b, Some(scale))?;
-    let grads = grads.expect("scaled");
-    for v in model.layer_vars(last) {
-        add(v, grads.get(v))?;
-    }
-    let Some(last_in) = last_in else {
-        return Ok(stats);
-    };
+    // 2. Loss and its gradient with respect to the last hidden state.
+    let hv = Var::from_tensor(&h)?;
+    let (stats, grads) = head_loss(model, hv.as_tensor(), b, Some(scale))?;
     let mut g = grads
-        .get(&last_in)
-        .cloned()
-        .ok_or_else(|| anyhow!("no gradient reached the last layer's input"))?;
-    // 3. Recompute each earlier layer with a graph, newest first, and pull the gradient through.
-    for (i, input) in inputs.iter().enumerate().rev() {
-        let xv = Var::from_tensor(input)?;
+        .and_then(|gs| gs.get(&hv).cloned())
+        .ok_or_else(|| anyhow!("no gradient reached the final hidden state"))?;
+    // 3. Recompute each layer with a graph, newest first, and pull the gradient through it.
+    let track = Pass {
+        track: true,
+        dropout_key,
+    };
+    for i in (0..model.layers.len()).rev() {
+        let xv = Var::from_tensor(&inputs[i])?;
         let out = model.layer_forward(i, xv.as_tensor(), &b.packed, track)?;
         let gs = (out * &g)?.sum_all()?.backward()?;
         for v in model.layer_vars(i) {
