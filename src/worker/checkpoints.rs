@@ -106,7 +106,7 @@ pub async fn fetch_committed(
     let rows = store
         .list_checkpoints(job_id, None, i64::MAX)
         .await
-        .map_err(|e| JobError::new("internal_error", e.to_string(), None))?;
+        .map_err(JobError::internal)?;
     let mut out = Committed::default();
     for row in rows {
         let local = storage.local_path(&row.path);

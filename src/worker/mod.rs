@@ -563,6 +563,11 @@ impl JobError {
             param: param.map(String::from),
         }
     }
+
+    /// An `internal_error`: a failure of sftd itself (database, storage), not of the request.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new("internal_error", e.to_string(), None)
+    }
 }
 
 #[cfg(test)]

@@ -36,10 +36,8 @@ pub(super) async fn prepare(
     hub: &Hub,
     job: &JobRow,
 ) -> Result<Inputs, JobError> {
-    let internal =
-        |e: &dyn std::fmt::Display| JobError::new("internal_error", format!("{e}"), None);
-    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| internal(&e))?;
-    let config: TrainConfig = serde_json::from_str(&job.config).map_err(|e| internal(&e))?;
+    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(JobError::internal)?;
+    let config: TrainConfig = serde_json::from_str(&job.config).map_err(JobError::internal)?;
     let training_file = dataset_path(store, storage, &job.training_file, "training_file").await?;
     let validation_file = match &job.validation_file {
         Some(id) => Some(dataset_path(store, storage, id, "validation_file").await?),
@@ -84,7 +82,7 @@ async fn dataset_path(
     let file = store
         .get_file(id)
         .await
-        .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+        .map_err(JobError::internal)?
         .ok_or_else(missing)?;
     if file.purpose != PURPOSE_FINE_TUNE {
         return Err(JobError::new(
@@ -116,7 +114,7 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
         let job = store
             .get_job(job_id)
             .await
-            .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+            .map_err(JobError::internal)?
             .ok_or_else(|| {
                 JobError::new(
                     "invalid_init_adapter",
@@ -136,7 +134,7 @@ pub async fn init_adapter_dir(store: &Store, hub: &Hub, value: &str) -> Result<P
         }
         let dir = adapter_key(store, job_id)
             .await
-            .map_err(|e| JobError::new("internal_error", e.to_string(), None))?
+            .map_err(JobError::internal)?
             .ok_or_else(|| {
                 JobError::new(
                     "invalid_init_adapter",
