@@ -11,11 +11,12 @@
 //!
 //! Shapes: C label positions, H hidden, V vocabulary.
 
+use super::layer::elems;
 use super::matmul::{gemm_into, SendPtr, View};
 use super::ops::{softmax_xent, XentStats};
 use super::real::Real;
 use super::{frozen_linear, frozen_linear_grad};
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Token cross-entropy of the LM head `w (V, H)` at the hidden states `x (C, H)` against
@@ -64,13 +65,11 @@ fn cpu<T: Real + Send + Sync>(
     targets: &[u32],
     grad_scale: Option<f64>,
 ) -> Result<(XentStats, Option<Tensor>)> {
-    let xs = x.flatten_all()?.to_vec1::<T>()?;
-    // The (V, H) weight is hundreds of MB at Qwen3's vocabulary: read in place, not copied.
-    let (storage, layout) = w.storage_and_layout();
-    let ws: &[T] = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(s), Some((a, b))) => &s.as_slice::<T>()?[a..b],
-        _ => candle_core::bail!("head_xent: a contiguous CPU weight expected"),
-    };
+    // Both read in place: the (V, H) weight is hundreds of MB at Qwen3's vocabulary.
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let xs: &[T] = elems(&x_storage, x_layout)?;
+    let ws: &[T] = elems(&w_storage, w_layout)?;
     let mut lt: Vec<T> = Vec::with_capacity(v * c);
     // SAFETY: lt has capacity V·C and every element is written (accumulate = false) before the
     // length is set; the views address the (V, H) weight and the (H, C) transpose of x.
@@ -81,7 +80,7 @@ fn cpu<T: Real + Send + Sync>(
             (v, c, h),
             false,
             View::rows(ws, h),
-            View::t(&xs, h),
+            View::t(xs, h),
             T::one(),
             true,
         );

@@ -176,9 +176,9 @@ struct Saved<T> {
 }
 
 /// A tensor's contiguous CPU elements.
-fn elems<'a, T: Real>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
+pub(super) fn elems<'a, T: Real>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
     let (Storage::Cpu(c), Some((a, b))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("decoder layer: contiguous CPU tensors expected")
+        candle_core::bail!("contiguous CPU tensors expected")
     };
     Ok(&c.as_slice::<T>()?[a..b])
 }
