@@ -11,6 +11,7 @@ pub(crate) mod matmul;
 pub mod ops;
 mod real;
 pub mod swiglu;
+mod transpose;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};
 #[cfg(test)]
