@@ -68,8 +68,22 @@ struct RmsNorm {
 
 /// `1/√(mean(x²) + eps)` of one row, accumulated in f64.
 fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
-    let ms = row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / row.len() as f64;
+    let ms = sum_f64(row.len(), |j| row[j].to_f64() * row[j].to_f64()) / row.len() as f64;
     1.0 / (ms + eps).sqrt()
+}
+
+/// `Σ term(j)` for `j < n` in f64, kept in eight running sums: one sum would make each add wait
+/// for the one before it (a row of a thousand elements, then, takes four thousand cycles).
+#[inline(always)]
+fn sum_f64(n: usize, term: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let whole = n / acc.len() * acc.len();
+    for j0 in (0..whole).step_by(acc.len()) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += term(j0 + l);
+        }
+    }
+    (whole..n).map(term).sum::<f64>() + acc.iter().sum::<f64>()
 }
 
 fn rms_norm_fwd<T: WithDType>(
@@ -152,7 +166,7 @@ pub(super) fn rms_rows_bwd<T: WithDType>(
         for (i, dr) in dxs.chunks_mut(c).enumerate() {
             let (xr, gr) = (&x[(r0 + i) * c..][..c], &g[(r0 + i) * c..][..c]);
             let r = inv_rms(xr, eps);
-            let dot: f64 = (0..c).map(|j| gr[j].to_f64() * w[j] * xr[j].to_f64()).sum();
+            let dot = sum_f64(c, |j| gr[j].to_f64() * w[j] * xr[j].to_f64());
             let k = r * r * r / c as f64 * dot;
             for j in 0..c {
                 let v = T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64());
