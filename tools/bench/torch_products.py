@@ -1,4 +1,4 @@
-"""PyTorch's side of `frozen_products` (tools/bench/frozen_products.rs): the forward `x @ w.T` and
+"""PyTorch's side of `frozen_products` (examples/frozen_products.rs): the forward `x @ w.T` and
 the input gradient `g @ w` of each projection of a Qwen3-0.6B decoder layer, at a given token
 count, f32 on the CPU, timed per call over eight copies of each weight used in turn.
 

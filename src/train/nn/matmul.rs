@@ -456,13 +456,38 @@ mod tests {
     use crate::train::nn::{frozen_linear, frozen_linear_grad};
     use candle_core::{DType, Device, Tensor, Var};
 
+    /// `2·a (m, k) · btᵀ` added to a destination of 0.5s (or written over it), through
+    /// [`super::gemm_into`] with the transposed view of `bt (n, k)`.
+    fn split_product<T: candle_core::WithDType>(
+        a: &[T],
+        bt: &[T],
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Vec<T> {
+        use super::{gemm_into, View};
+        let mut dst = vec![T::from_f64(0.5); m * n];
+        // SAFETY: dst is m×n and initialized; the views address a (m×k) and bt (n×k).
+        unsafe {
+            gemm_into(
+                dst.as_mut_ptr(),
+                n,
+                (m, n, k),
+                accumulate,
+                View::rows(a, k),
+                View::t(bt, k),
+                T::from_f64(2.0),
+                true,
+            )
+        };
+        dst
+    }
+
     /// Products large enough to be split over threads, along columns (wide outputs) and along
     /// rows (narrow ones, e.g. a LoRA gradient's r columns), with transposed operands, sizes that
     /// do not divide evenly, and accumulation into an existing destination, against the plain
     /// triple loop in f64. (The split needs more than one thread: candle's thread count, 2 here.)
     #[test]
     fn split_products_equal_naive_product() {
-        use super::{gemm_into, View};
         for (m, n, k) in [
             (37, 1000, 70),
             (1000, 16, 50),
@@ -479,40 +504,14 @@ mod tests {
             let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let want =
                 |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>();
+            // The same product in f32 too (AVX-512 kernels and transposes where the CPU has them).
+            let (a32, bt32): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|&v| v as f32).collect(),
+                bt.iter().map(|&v| v as f32).collect(),
+            );
             for accumulate in [false, true] {
-                let mut dst = vec![0.5f64; m * n];
-                // SAFETY: dst is m×n and initialized; the views address a (m×k) and bt (n×k).
-                unsafe {
-                    gemm_into(
-                        dst.as_mut_ptr(),
-                        n,
-                        (m, n, k),
-                        accumulate,
-                        View::rows(&a, k),
-                        View::t(&bt, k),
-                        2.0,
-                        true,
-                    )
-                };
-                // The same product in f32 (AVX-512 kernels and transposes where the CPU has them).
-                let (a32, bt32): (Vec<f32>, Vec<f32>) = (
-                    a.iter().map(|&v| v as f32).collect(),
-                    bt.iter().map(|&v| v as f32).collect(),
-                );
-                let mut dst32 = vec![0.5f32; m * n];
-                // SAFETY: as above, in f32.
-                unsafe {
-                    gemm_into(
-                        dst32.as_mut_ptr(),
-                        n,
-                        (m, n, k),
-                        accumulate,
-                        View::rows(&a32, k),
-                        View::t(&bt32, k),
-                        2.0,
-                        true,
-                    )
-                };
+                let dst = split_product(&a, &bt, (m, n, k), accumulate);
+                let dst32 = split_product(&a32, &bt32, (m, n, k), accumulate);
                 for i in 0..m {
                     for j in 0..n {
                         let w = 2.0 * want(i, j) + if accumulate { 0.5 } else { 0.0 };
