@@ -199,62 +199,32 @@ unsafe fn gemm_one<T: WithDType>(
     beta: T,
     par: gemm::Parallelism,
 ) {
-    if rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS {
-        // rhs is the transpose of a row-major matrix (a frozen weight read as `Wᵀ` in `x·Wᵀ`).
-        // gemm packs such an operand for its kernels one element at a time, gathering across
-        // 64 rows; copied into row-major order first, 16×16 tiles at a time (in registers with
-        // AVX-512), it is packed with vector loads instead. On a Qwen3-0.6B layer's forward
-        // products that is 1–16 % faster per call (docs/benchmarks.md).
-        let mut buf = TRANSPOSED.take();
+    // A rhs that is the transpose of a row-major matrix (a frozen weight read as `Wᵀ` in
+    // `x·Wᵀ`) gemm packs for its kernels one element at a time, gathering across 64 rows; copied
+    // into row-major order first, 16×16 tiles at a time (in registers with AVX-512), it is packed
+    // with vector loads instead: a Qwen3-0.6B layer's forward products run 3–10 % faster per call
+    // (docs/benchmarks.md).
+    let transpose = rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS;
+    let mut copy = if transpose {
+        TRANSPOSED.take()
+    } else {
+        Vec::new()
+    };
+    let rhs = if transpose {
         let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
-        if buf.len() < words {
-            buf = vec![0f64; words];
+        if copy.len() < words {
+            copy = vec![0f64; words];
         }
-        let copy = buf.as_mut_ptr() as *mut T;
-        super::transpose::columns_to_rows(copy, rhs.ptr, rhs.cs as usize, (k, n));
-        let rows = View {
-            ptr: copy as *const T,
+        let rows = copy.as_mut_ptr() as *mut T;
+        super::transpose::columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
+        View {
+            ptr: rows as *const T,
             rs: n as isize,
             cs: 1,
-        };
-        gemm_call(dst, dst_rs, (m, n, k), accumulate, lhs, rows, beta, par);
-        if buf.len() <= TRANSPOSED_KEEP_WORDS {
-            TRANSPOSED.set(buf);
         }
-        return;
-    }
-    gemm_call(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta, par);
-}
-
-/// Products with at least this many rows copy a transposed rhs into row-major order first: the
-/// copy moves each rhs element once, the product reads it `m` times.
-const TRANSPOSE_MIN_ROWS: usize = 64;
-
-/// Copies up to this many f64 words (16 MiB) are kept for the next call; a larger one (a whole
-/// activation read transposed, say) is freed rather than held for the life of the thread.
-const TRANSPOSED_KEEP_WORDS: usize = 2 << 20;
-
-thread_local! {
-    /// [`gemm_one`]'s row-major copy of a transposed rhs, kept between calls (f64 words, aligned
-    /// for f32 and f64). Taken out while in use, so a nested call allocates its own.
-    static TRANSPOSED: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// The `gemm::gemm` call itself.
-///
-/// # Safety
-/// As [`gemm_one`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_call<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: View<T>,
-    rhs: View<T>,
-    beta: T,
-    par: gemm::Parallelism,
-) {
+    } else {
+        rhs
+    };
     gemm::gemm(
         m,
         n,
@@ -276,6 +246,23 @@ unsafe fn gemm_call<T: WithDType>(
         false,
         par,
     );
+    if transpose && copy.len() <= TRANSPOSED_KEEP_WORDS {
+        TRANSPOSED.set(copy);
+    }
+}
+
+/// Products with at least this many rows copy a transposed rhs into row-major order first: the
+/// copy moves each rhs element once, the product reads it `m` times.
+const TRANSPOSE_MIN_ROWS: usize = 64;
+
+/// Copies up to this many f64 words (16 MiB) are kept for the next call; a larger one (a whole
+/// activation read transposed, say) is freed rather than held for the life of the thread.
+const TRANSPOSED_KEEP_WORDS: usize = 2 << 20;
+
+thread_local! {
+    /// [`gemm_one`]'s row-major copy of a transposed rhs, kept between calls (f64 words, aligned
+    /// for f32 and f64). Taken out while in use, so a nested call allocates its own.
+    static TRANSPOSED: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A fresh row-major `(m, n) = β·lhs·rhs` over candle's threads, not zero-filled first.
