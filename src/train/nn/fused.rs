@@ -1,5 +1,6 @@
-//! CPU kernels for the per-row ops of the decoder (RMSNorm, rotary embedding, causal softmax),
-//! each one pass over memory with a hand-written backward.
+//! CPU kernels for the per-row ops of the decoder (rotary embedding, causal softmax; RMSNorm in
+//! `rms_norm`), each one pass over memory with a hand-written backward, and the row-parallel
+//! helpers they share.
 //!
 //! candle's own fused kernels for these cut the gradient, and composing them from tensor ops
 //! costs a dozen passes and fresh buffers per call; a checkpointed step runs every one three
@@ -10,9 +11,10 @@
 
 pub(crate) use super::real::Real;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use std::mem::MaybeUninit;
 
 /// The contiguous elements of a storage under its layout.
-fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(super) fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("fused kernel: contiguous input expected"),
@@ -41,6 +43,24 @@ pub(super) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize,
     });
 }
 
+/// A vector of `len` elements written by [`par_rows`] over its uninitialized buffer: the kernels
+/// write every output element, so zero-filling the buffer first (a pass over megabytes per call)
+/// would be wasted.
+///
+/// # Safety
+/// `f(first_row, block)` writes every element of `block`.
+pub(super) unsafe fn par_rows_written<T: Send>(
+    len: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    par_rows(&mut out.spare_capacity_mut()[..len], row_len, f);
+    // SAFETY: `f` wrote all `len` elements (the caller's promise).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Runs `$f::<T>` for the f32 or f64 storage `$s`, passing the remaining arguments through.
 macro_rules! by_dtype {
     ($name:expr, $s:expr, $f:ident($($arg:expr),*)) => {
@@ -51,150 +71,7 @@ macro_rules! by_dtype {
         }
     };
 }
-
-// ---------------------------------------------------------------------------------------------
-// RMSNorm: y = w ⊙ x·r, r = (mean(x²) + eps)^(-1/2), over rows of C = w.len().
-
-/// `x (..., C)` -> `(..., C)`, with `w (C,)` frozen (it is captured, and gets no gradient).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let w = w.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op1(RmsNorm { w, eps })
-}
-
-struct RmsNorm {
-    w: Tensor,
-    eps: f64,
-}
-
-/// `1/√(mean(x²) + eps)` of one row, accumulated in f64.
-fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
-    let ms = sum_f64(row.len(), |j| row[j].to_f64() * row[j].to_f64()) / row.len() as f64;
-    1.0 / (ms + eps).sqrt()
-}
-
-/// `Σ term(j)` for `j < n` in f64, kept in eight running sums: one sum would make each add wait
-/// for the one before it (a row of a thousand elements, then, takes four thousand cycles).
-#[inline(always)]
-fn sum_f64(n: usize, term: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let whole = n / acc.len() * acc.len();
-    for j0 in (0..whole).step_by(acc.len()) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += term(j0 + l);
-        }
-    }
-    (whole..n).map(term).sum::<f64>() + acc.iter().sum::<f64>()
-}
-
-fn rms_norm_fwd<T: WithDType>(
-    x: &CpuStorage,
-    xl: &Layout,
-    w: &Tensor,
-    eps: f64,
-) -> Result<(CpuStorage, Shape)> {
-    let y = rms_rows(elems::<T>(x, xl)?, &w.to_vec1::<T>()?, eps);
-    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
-}
-
-/// RMSNorm of each row of C = `w.len()` elements of `x`.
-pub(super) fn rms_rows<T: WithDType>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
-    let c = w.len();
-    let mut y = vec![T::zero(); x.len()];
-    par_rows(&mut y, c, |r0, ys| {
-        for (i, yr) in ys.chunks_mut(c).enumerate() {
-            let xr = &x[(r0 + i) * c..][..c];
-            let r = T::from_f64(inv_rms(xr, eps));
-            for ((yv, &xv), &wj) in yr.iter_mut().zip(xr).zip(w) {
-                *yv = wj * (xv * r);
-            }
-        }
-    });
-    y
-}
-
-impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(self.name(), s, rms_norm_fwd(s, l, &self.w, self.eps))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let op = RmsNormGrad {
-            w: self.w.clone(),
-            eps: self.eps,
-        };
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?))
-    }
-}
-
-/// `dx = r·(g⊙w) − (r³/C)·x·Σ(g⊙w⊙x)`, row by row.
-struct RmsNormGrad {
-    w: Tensor,
-    eps: f64,
-}
-
-fn rms_norm_bwd<T: WithDType>(
-    x: &CpuStorage,
-    xl: &Layout,
-    g: &CpuStorage,
-    gl: &Layout,
-    w: &Tensor,
-    eps: f64,
-) -> Result<(CpuStorage, Shape)> {
-    let (x, g) = (elems::<T>(x, xl)?, elems::<T>(g, gl)?);
-    let w = w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-    let mut dx = vec![T::zero(); x.len()];
-    rms_rows_bwd(x, g, &w, eps, &mut dx, false);
-    Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
-}
-
-/// The input gradient of [`rms_rows`] for the output gradient `g`, written into `dx`, or added
-/// to what `dx` holds when `accumulate` (a residual branch's gradient joining the stream's).
-pub(super) fn rms_rows_bwd<T: WithDType>(
-    x: &[T],
-    g: &[T],
-    w: &[f64],
-    eps: f64,
-    dx: &mut [T],
-    accumulate: bool,
-) {
-    let c = w.len();
-    par_rows(dx, c, |r0, dxs| {
-        for (i, dr) in dxs.chunks_mut(c).enumerate() {
-            let (xr, gr) = (&x[(r0 + i) * c..][..c], &g[(r0 + i) * c..][..c]);
-            let r = inv_rms(xr, eps);
-            let dot = sum_f64(c, |j| gr[j].to_f64() * w[j] * xr[j].to_f64());
-            let k = r * r * r / c as f64 * dot;
-            for j in 0..c {
-                let v = T::from_f64(r * gr[j].to_f64() * w[j] - k * xr[j].to_f64());
-                dr[j] = if accumulate { dr[j] + v } else { v };
-            }
-        }
-    });
-}
-
-impl CustomOp2 for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(
-            self.name(),
-            x,
-            rms_norm_bwd(x, xl, g, gl, &self.w, self.eps)
-        )
-    }
-}
+pub(super) use by_dtype;
 
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding, half-split layout: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin). Its
@@ -246,23 +123,24 @@ pub(super) fn rope_rows<T: WithDType>(
 ) -> Vec<T> {
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    let mut y = vec![T::zero(); x.len()];
-    par_rows(&mut y, h * d, |t0, ys| {
-        for (i, yt) in ys.chunks_mut(h * d).enumerate() {
-            let t = t0 + i;
-            let (ct, st) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-            for (head, yh) in yt.chunks_mut(d).enumerate() {
-                let xh = &x[(t * h + head) * d..][..d];
-                for j in 0..half {
-                    let (c, s) = (T::from_f64(ct[j] as f64), T::from_f64(sign * st[j] as f64));
-                    let (x1, x2) = (xh[j], xh[j + half]);
-                    yh[j] = x1 * c - x2 * s;
-                    yh[j + half] = x2 * c + x1 * s;
+    // SAFETY: each token's rows are written whole, both halves of every head.
+    unsafe {
+        par_rows_written(x.len(), h * d, |t0, ys| {
+            for (i, yt) in ys.chunks_mut(h * d).enumerate() {
+                let t = t0 + i;
+                let (ct, st) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                for (head, yh) in yt.chunks_mut(d).enumerate() {
+                    let xh = &x[(t * h + head) * d..][..d];
+                    for j in 0..half {
+                        let (c, s) = (T::from_f64(ct[j] as f64), T::from_f64(sign * st[j] as f64));
+                        let (x1, x2) = (xh[j], xh[j + half]);
+                        yh[j].write(x1 * c - x2 * s);
+                        yh[j + half].write(x2 * c + x1 * s);
+                    }
                 }
             }
-        }
-    });
-    y
+        })
+    }
 }
 
 impl CustomOp1 for Rope {
@@ -397,72 +275,8 @@ impl CustomOp2 for SoftmaxGrad {
 mod tests {
     use super::*;
     use crate::train::nn::ops;
-    use crate::train::nn::testing::max_diff;
-    use candle_core::{DType, Device, Var};
-
-    /// Value and input gradient of `Σ f(x)⊙cot` at `x`.
-    fn value_and_grad(
-        f: impl Fn(&Tensor) -> Result<Tensor>,
-        x: &Tensor,
-        cot: &Tensor,
-    ) -> (Tensor, Tensor) {
-        let v = Var::from_tensor(x).unwrap();
-        let y = f(v.as_tensor()).unwrap();
-        let g = (y.clone() * cot)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        (y, g.get(&v).expect("gradient reaches x").clone())
-    }
-
-    /// Fused and composed forms agree in value and in gradient against one random cotangent.
-    fn check(
-        fused: impl Fn(&Tensor) -> Result<Tensor>,
-        composed: impl Fn(&Tensor) -> Result<Tensor>,
-        x: &Tensor,
-        tol: f64,
-    ) {
-        let cot = Tensor::randn(0f64, 1., x.shape(), x.device())
-            .unwrap()
-            .to_dtype(x.dtype())
-            .unwrap();
-        let (y1, g1) = value_and_grad(fused, x, &cot);
-        let (y2, g2) = value_and_grad(composed, x, &cot);
-        assert!(
-            max_diff(&y1, &y2) < tol,
-            "values differ by {}",
-            max_diff(&y1, &y2)
-        );
-        assert!(
-            max_diff(&g1, &g2) < tol,
-            "gradients differ by {}",
-            max_diff(&g1, &g2)
-        );
-    }
-
-    #[test]
-    fn rms_norm_equals_composed_ops_with_gradient() {
-        let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F64] {
-            let x = Tensor::randn(0f64, 2., (5, 3, 16), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let w = Tensor::randn(1f64, 0.5, 16, &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            check(
-                |x| rms_norm(x, &w, 1e-6),
-                |x| ops::rms_norm_composed(x, &w, 1e-6),
-                &x,
-                tol,
-            );
-        }
-    }
+    use crate::train::nn::testing::check_fused;
+    use candle_core::{DType, Device};
 
     #[test]
     fn rope_equals_composed_ops_with_gradient() {
@@ -478,7 +292,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            check(
+            check_fused(
                 |x| rope(x, &cos, &sin),
                 |x| ops::rope_composed(x, &cos, &sin),
                 &x,
@@ -496,7 +310,7 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
-            check(
+            check_fused(
                 |x| causal_softmax(x, 0.3),
                 |x| ops::causal_softmax_composed(x, 0.3),
                 &x,

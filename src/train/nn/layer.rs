@@ -12,9 +12,10 @@
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, r LoRA rank.
 
 use super::attention::{self, Dims};
-use super::fused::{rms_rows, rms_rows_bwd, rope_rows, Real};
+use super::fused::{rope_rows, Real};
 use super::lora_op::{backward_into, DxInto};
 use super::matmul::{gemm_into, product, View};
+use super::rms_norm::{rms_rows, rms_rows_bwd};
 use super::{swiglu, LoraLinear, Pass};
 use candle_core::{
     CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, TensorId,

@@ -10,6 +10,7 @@ pub mod lora_op;
 pub(crate) mod matmul;
 pub mod ops;
 mod real;
+pub mod rms_norm;
 pub mod swiglu;
 mod transpose;
 

@@ -26,7 +26,7 @@ fn fused_kernels(x: &Tensor) -> bool {
 /// `x (..., C)`, `w (C,)` -> `(..., C)` in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_kernels(x) {
-        return fused::rms_norm(x, w, eps);
+        return super::rms_norm::rms_norm(x, w, eps);
     }
     rms_norm_composed(x, w, eps)
 }

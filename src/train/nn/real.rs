@@ -18,6 +18,7 @@ macro_rules! by_isa {
         $plain($($arg),*)
     }};
 }
+pub(super) use by_isa;
 
 /// The float types the kernels run in (f32 for training, f64 for gradient checks).
 pub(crate) trait Real: candle_core::WithDType {

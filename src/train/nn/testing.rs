@@ -1,6 +1,7 @@
-//! Helpers the kernel tests share: how far apart two tensors are.
+//! Helpers the kernel tests share: how far apart two tensors are, and a fused kernel held to its
+//! composed form.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// The largest absolute element-wise difference, as f64.
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -16,4 +17,46 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// Value and input gradient of `Σ f(x)⊙cot` at `x`.
+pub fn value_and_grad(
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    cot: &Tensor,
+) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(x).unwrap();
+    let y = f(v.as_tensor()).unwrap();
+    let g = (y.clone() * cot)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    (y, g.get(&v).expect("gradient reaches x").clone())
+}
+
+/// Fused and composed forms agree in value and in gradient against one random cotangent.
+pub fn check_fused(
+    fused: impl Fn(&Tensor) -> Result<Tensor>,
+    composed: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    tol: f64,
+) {
+    let cot = Tensor::randn(0f64, 1., x.shape(), x.device())
+        .unwrap()
+        .to_dtype(x.dtype())
+        .unwrap();
+    let (y1, g1) = value_and_grad(fused, x, &cot);
+    let (y2, g2) = value_and_grad(composed, x, &cot);
+    assert!(
+        max_diff(&y1, &y2) < tol,
+        "values differ by {}",
+        max_diff(&y1, &y2)
+    );
+    assert!(
+        max_diff(&g1, &g2) < tol,
+        "gradients differ by {}",
+        max_diff(&g1, &g2)
+    );
 }
