@@ -121,6 +121,8 @@ pub(super) fn rope_rows<T: WithDType>(
     sin: &[f32],
     inverse: bool,
 ) -> Vec<T> {
+    // An odd head dimension would leave each head's last output element unwritten.
+    assert!(d % 2 == 0, "rotary: odd head dimension {d}");
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     // SAFETY: each token's rows are written whole, both halves of every head.

@@ -75,7 +75,9 @@ fn par_chunks2<T: Send>(a: &mut [T], b: &mut [T], f: impl Fn(usize, &mut [T], &m
 }
 
 pub(super) fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
-    // Written whole below, so not zero-filled first.
+    // Every output element is written below (so the buffer is not zero-filled first) only if
+    // the operands are as long as each other.
+    assert_eq!(u.len(), g.len(), "silu-mul: gate and up lengths differ");
     let mut y = Vec::with_capacity(g.len());
     let threads = candle_core::utils::get_num_threads().max(1);
     let per = if threads == 1 || g.len() < PAR_MIN {
@@ -104,6 +106,10 @@ pub(super) fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
 
 /// `(d gate, d up)` for the output gradient `dy`.
 pub(super) fn bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    assert!(
+        u.len() == g.len() && dy.len() == g.len(),
+        "silu-mul: lengths differ"
+    );
     let (mut dg, mut du) = (Vec::with_capacity(g.len()), Vec::with_capacity(g.len()));
     par_chunks2(
         &mut dg.spare_capacity_mut()[..g.len()],
