@@ -7,7 +7,7 @@
 //!
 //! Shapes: N tokens, F intermediate features; `gate` and `up` are `(N, F)`.
 
-use super::fused::Real;
+use super::fused::{par_rows_written, Real};
 use super::real::by_isa;
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
@@ -51,7 +51,7 @@ fn elems<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
-/// Below this many elements a pass runs on the calling thread: starting threads costs more.
+/// Below this many elements the backward runs on the calling thread: starting threads costs more.
 const PAR_MIN: usize = 1 << 16;
 
 /// Runs `f(offset, chunk_a, chunk_b)` over matching chunks of `a` and `b`, one per thread.
@@ -78,30 +78,8 @@ pub(super) fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     // Every output element is written below (so the buffer is not zero-filled first) only if
     // the operands are as long as each other.
     assert_eq!(u.len(), g.len(), "silu-mul: gate and up lengths differ");
-    let mut y = Vec::with_capacity(g.len());
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let per = if threads == 1 || g.len() < PAR_MIN {
-        g.len().max(1)
-    } else {
-        g.len().div_ceil(threads)
-    };
-    let run = |off: usize, ys: &mut [MaybeUninit<T>]| fwd_span(&g[off..], &u[off..], ys);
-    std::thread::scope(|scope| {
-        let mut parts = y.spare_capacity_mut()[..g.len()]
-            .chunks_mut(per)
-            .enumerate();
-        let first = parts.next();
-        for (k, ys) in parts {
-            let run = &run;
-            scope.spawn(move || run(k * per, ys));
-        }
-        if let Some((_, ys)) = first {
-            run(0, ys);
-        }
-    });
-    // SAFETY: fwd_span wrote every element of every part, and the parts cover g.len().
-    unsafe { y.set_len(g.len()) };
-    y
+    // SAFETY: fwd_span writes every element of its block (g and u are as long as the output).
+    unsafe { par_rows_written(g.len(), 1, |off, ys| fwd_span(&g[off..], &u[off..], ys)) }
 }
 
 /// `(d gate, d up)` for the output gradient `dy`.
