@@ -118,46 +118,55 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
                 .max(SPLIT_MIN_SIDE)
                 .next_multiple_of(SPLIT_ALIGN);
             let parts = side.div_ceil(per);
-            let (dst, lhs_at, rhs_at) = (dst as usize, lhs.ptr as usize, rhs.ptr as usize);
-            (0..parts).into_par_iter().for_each(|p| {
-                let (a, len) = (p * per, per.min(side - p * per));
-                let size = std::mem::size_of::<T>() as isize;
-                // SAFETY: part p reads and writes only columns (or rows) a..a + len of dst, and
-                // the matching columns of rhs (or rows of lhs), all inside the caller's operands;
-                // the parts are disjoint and all joined before this call returns.
-                unsafe {
-                    let (d, l, r, mnk) = if columns {
-                        let r = rhs_at as isize + a as isize * rhs.cs * size;
-                        (dst + a * size as usize, lhs_at as isize, r, (m, len, k))
-                    } else {
-                        let l = lhs_at as isize + a as isize * lhs.rs * size;
-                        (
-                            dst + a * dst_rs * size as usize,
-                            l,
-                            rhs_at as isize,
-                            (len, n, k),
-                        )
-                    };
-                    let lhs = View {
-                        ptr: l as *const T,
-                        ..lhs
-                    };
-                    let rhs = View {
-                        ptr: r as *const T,
-                        ..rhs
-                    };
-                    gemm_one(
-                        d as *mut T,
-                        dst_rs,
-                        mnk,
-                        accumulate,
-                        lhs,
-                        rhs,
-                        beta,
-                        gemm::Parallelism::None,
-                    );
-                }
-            });
+            let dst = dst as usize;
+            let run_parts = |rhs: View<T>| {
+                let (lhs_at, rhs_at) = (lhs.ptr as usize, rhs.ptr as usize);
+                (0..parts).into_par_iter().for_each(|p| {
+                    let (a, len) = (p * per, per.min(side - p * per));
+                    let size = std::mem::size_of::<T>() as isize;
+                    // SAFETY: part p reads and writes only columns (or rows) a..a + len of dst,
+                    // and the matching columns of rhs (or rows of lhs), all inside the caller's
+                    // operands; the parts are disjoint and all joined before this call returns.
+                    unsafe {
+                        let (d, l, r, mnk) = if columns {
+                            let r = rhs_at as isize + a as isize * rhs.cs * size;
+                            (dst + a * size as usize, lhs_at as isize, r, (m, len, k))
+                        } else {
+                            let l = lhs_at as isize + a as isize * lhs.rs * size;
+                            (
+                                dst + a * dst_rs * size as usize,
+                                l,
+                                rhs_at as isize,
+                                (len, n, k),
+                            )
+                        };
+                        let lhs = View {
+                            ptr: l as *const T,
+                            ..lhs
+                        };
+                        let rhs = View {
+                            ptr: r as *const T,
+                            ..rhs
+                        };
+                        gemm_one(
+                            d as *mut T,
+                            dst_rs,
+                            mnk,
+                            accumulate,
+                            lhs,
+                            rhs,
+                            beta,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+            };
+            // Row parts share all of rhs: a transposed one is copied once here, not per part.
+            if columns {
+                run_parts(rhs)
+            } else {
+                with_row_major_rhs(rhs, (k, n), m, run_parts)
+            }
             return;
         }
     }
@@ -184,7 +193,7 @@ const SPLIT_PARTS_PER_THREAD: usize = 4;
 /// must not be read once per part.
 const SPLIT_TALL: usize = 4;
 
-/// One `gemm::gemm` call for [`gemm_into`]'s arguments.
+/// One `gemm::gemm` call for [`gemm_into`]'s arguments (a transposed rhs copied row-major first).
 ///
 /// # Safety
 /// As [`gemm_into`], with `k > 0`.
@@ -199,56 +208,65 @@ unsafe fn gemm_one<T: WithDType>(
     beta: T,
     par: gemm::Parallelism,
 ) {
-    // A rhs that is the transpose of a row-major matrix (a frozen weight read as `Wᵀ` in
-    // `x·Wᵀ`) gemm packs for its kernels one element at a time, gathering across 64 rows; copied
-    // into row-major order first, 16×16 tiles at a time (in registers with AVX-512), it is packed
-    // with vector loads instead: a Qwen3-0.6B layer's forward products run 3–10 % faster per call
-    // (docs/benchmarks.md).
-    let transpose = rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS;
-    let mut copy = if transpose {
-        TRANSPOSED.take()
-    } else {
-        Vec::new()
-    };
-    let rhs = if transpose {
-        let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
-        if copy.len() < words {
-            copy = vec![0f64; words];
-        }
-        let rows = copy.as_mut_ptr() as *mut T;
-        super::transpose::columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
-        View {
-            ptr: rows as *const T,
-            rs: n as isize,
-            cs: 1,
-        }
-    } else {
-        rhs
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        T::one(),
-        beta,
-        false,
-        false,
-        false,
-        par,
-    );
-    if transpose && copy.len() <= TRANSPOSED_KEEP_WORDS {
+    with_row_major_rhs(rhs, (k, n), m, |rhs| {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    })
+}
+
+/// Calls `f` with `rhs (k, n)` as gemm packs it fastest. A rhs that is the transpose of a
+/// row-major matrix (a frozen weight read as `Wᵀ` in `x·Wᵀ`) gemm packs for its kernels one
+/// element at a time, gathering across 64 rows; copied into row-major order first, 16×16 tiles at
+/// a time (in registers with AVX-512), it is packed with vector loads instead: a Qwen3-0.6B
+/// layer's forward products run 3–10 % faster per call (docs/benchmarks.md). The copy lives in
+/// this thread's buffer for the duration of `f`.
+///
+/// # Safety
+/// `rhs` addresses a k×n matrix inside a live buffer.
+unsafe fn with_row_major_rhs<T: WithDType, R>(
+    rhs: View<T>,
+    (k, n): (usize, usize),
+    m: usize,
+    f: impl FnOnce(View<T>) -> R,
+) -> R {
+    if !(rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS) {
+        return f(rhs);
+    }
+    let mut copy = TRANSPOSED.take();
+    let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
+    if copy.len() < words {
+        copy = vec![0f64; words];
+    }
+    let rows = copy.as_mut_ptr() as *mut T;
+    super::transpose::columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
+    let out = f(View {
+        ptr: rows as *const T,
+        rs: n as isize,
+        cs: 1,
+    });
+    if copy.len() <= TRANSPOSED_KEEP_WORDS {
         TRANSPOSED.set(copy);
     }
+    out
 }
 
 /// Products with at least this many rows copy a transposed rhs into row-major order first: the
@@ -260,8 +278,9 @@ const TRANSPOSE_MIN_ROWS: usize = 64;
 const TRANSPOSED_KEEP_WORDS: usize = 2 << 20;
 
 thread_local! {
-    /// [`gemm_one`]'s row-major copy of a transposed rhs, kept between calls (f64 words, aligned
-    /// for f32 and f64). Taken out while in use, so a nested call allocates its own.
+    /// [`with_row_major_rhs`]'s row-major copy of a transposed rhs, kept between calls (f64
+    /// words, aligned for f32 and f64). Taken out while in use, so a nested call allocates its
+    /// own.
     static TRANSPOSED: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
