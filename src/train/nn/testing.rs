@@ -49,14 +49,12 @@ pub fn check_fused(
         .unwrap();
     let (y1, g1) = value_and_grad(fused, x, &cot);
     let (y2, g2) = value_and_grad(composed, x, &cot);
-    assert!(
-        max_diff(&y1, &y2) < tol,
-        "values differ by {}",
-        max_diff(&y1, &y2)
-    );
-    assert!(
-        max_diff(&g1, &g2) < tol,
-        "gradients differ by {}",
-        max_diff(&g1, &g2)
-    );
+    assert_close(&y1, &y2, tol, "values");
+    assert_close(&g1, &g2, tol, "gradients");
+}
+
+/// Asserts that `a` and `b` differ by less than `tol` everywhere; `what` names them on failure.
+pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: impl std::fmt::Display) {
+    let d = max_diff(a, b);
+    assert!(d < tol, "{what} differ by {d}");
 }

@@ -4,7 +4,7 @@
 
 use super::{Packed, Qwen3, Qwen3Config, MODULES};
 use crate::train::nn::ops::{packed_causal_attention_composed, rms_norm_composed, rope_composed};
-use crate::train::nn::testing::max_diff;
+use crate::train::nn::testing::assert_close;
 use crate::train::nn::Pass;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -165,23 +165,11 @@ fn check(dtype: DType, tol: f64) {
         .unwrap();
     let (fy, fx, fl) = run(&m, &x0, &cot, true);
     let (cy, cx, cl) = run(&m, &x0, &cot, false);
-    assert!(
-        max_diff(&fy, &cy) < tol,
-        "{dtype:?} y differs by {}",
-        max_diff(&fy, &cy)
-    );
-    assert!(
-        max_diff(&fx, &cx) < tol,
-        "{dtype:?} dx differs by {}",
-        max_diff(&fx, &cx)
-    );
+    assert_close(&fy, &cy, tol, format!("{dtype:?} y"));
+    assert_close(&fx, &cx, tol, format!("{dtype:?} dx"));
     assert_eq!(fl.len(), 12, "six LoRA pairs");
     for (i, (f, c)) in fl.iter().zip(&cl).enumerate() {
-        assert!(
-            max_diff(f, c) < tol,
-            "{dtype:?} LoRA grad {i} differs by {}",
-            max_diff(f, c)
-        );
+        assert_close(f, c, tol, format!("{dtype:?} LoRA grads {i}"));
     }
 }
 
