@@ -1,12 +1,37 @@
 //! Out-of-place matrix transpose for the GEMM path: a transposed operand copied into row-major
-//! order before gemm packs it. Tiles of 16×16; on CPUs with AVX-512F an f32 tile is transposed
-//! in registers (16 row loads, four shuffle stages, 16 row stores), elsewhere and at the edges
+//! order before gemm packs it. Tiles of 16×16, an f32 tile transposed in registers where the CPU
+//! allows: with AVX-512F 16 row loads, four shuffle stages and 16 row stores; with AVX (the AMD
+//! EPYCs here) as four 8×8 blocks of three stages each; at the edges, in f64, and on other CPUs
 //! element by element.
 
 use candle_core::{DType, WithDType};
 
 /// Tile side: 16 f32 lanes of one AVX-512 register.
 const TILE: usize = 16;
+
+/// How a full f32 tile is transposed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TileKernel {
+    Avx512,
+    Avx,
+    Elementwise,
+}
+
+impl TileKernel {
+    /// The widest kernel this CPU runs, for `T`.
+    fn best<T: WithDType>() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if T::DTYPE == DType::F32 {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return TileKernel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx") {
+                return TileKernel::Avx;
+            }
+        }
+        TileKernel::Elementwise
+    }
+}
 
 /// Writes the `(k, n)` matrix at `src` (element (p, j) at `src + p + j·src_cs`: its columns are
 /// contiguous) row-major into `dst`.
@@ -18,25 +43,47 @@ pub(crate) unsafe fn columns_to_rows<T: WithDType>(
     dst: *mut T,
     src: *const T,
     src_cs: usize,
+    kn: (usize, usize),
+) {
+    columns_to_rows_by(TileKernel::best::<T>(), dst, src, src_cs, kn)
+}
+
+/// [`columns_to_rows`] with full tiles transposed by `kernel`.
+///
+/// # Safety
+/// As [`columns_to_rows`]; `kernel` is `Elementwise` or one the CPU runs, and `T` is f32 unless
+/// it is `Elementwise`.
+unsafe fn columns_to_rows_by<T: WithDType>(
+    kernel: TileKernel,
+    dst: *mut T,
+    src: *const T,
+    src_cs: usize,
     (k, n): (usize, usize),
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let wide = T::DTYPE == DType::F32 && std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
     for j0 in (0..n).step_by(TILE) {
         let j1 = (j0 + TILE).min(n);
         for p0 in (0..k).step_by(TILE) {
             let p1 = (p0 + TILE).min(k);
-            #[cfg(target_arch = "x86_64")]
-            if wide && j1 - j0 == TILE && p1 - p0 == TILE {
-                tile_avx512(
+            if j1 - j0 == TILE && p1 - p0 == TILE {
+                let (d, s) = (
                     dst.add(p0 * n + j0) as *mut f32,
-                    n,
                     src.add(j0 * src_cs + p0) as *const f32,
-                    src_cs,
                 );
-                continue;
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    TileKernel::Avx512 => {
+                        tile_avx512(d, n, s, src_cs);
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    TileKernel::Avx => {
+                        for (dp, sj) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
+                            block8_avx(d.add(dp * n + sj), n, s.add(sj * src_cs + dp), src_cs);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
             }
             for p in p0..p1 {
                 let row = dst.add(p * n);
@@ -45,6 +92,42 @@ pub(crate) unsafe fn columns_to_rows<T: WithDType>(
                 }
             }
         }
+    }
+}
+
+/// One 8×8 f32 block: `dst[p·dst_rs + j] = src[j·src_rs + p]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn block8_avx(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(src.add(j * src_rs)));
+    // Pairs of rows interleaved per 128-bit half: t[2i] = (r[2i][0], r[2i+1][0], r[2i][1], …).
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // Quads: u[4g + c] holds element c (and c + 4 in the upper half) of rows 4g..4g+4.
+    let mut u = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let (lo, hi) = (t[4 * g], t[4 * g + 2]);
+        let (lo2, hi2) = (t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g] = _mm256_shuffle_ps::<0x44>(lo, hi);
+        u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(lo, hi);
+        u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(lo2, hi2);
+        u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(lo2, hi2);
+    }
+    // Halves joined: rows 0..4 of column c from u[c], rows 4..8 from u[4 + c].
+    for c in 0..4 {
+        let (a, b) = (u[c], u[4 + c]);
+        _mm256_storeu_ps(dst.add(c * dst_rs), _mm256_permute2f128_ps::<0x20>(a, b));
+        _mm256_storeu_ps(
+            dst.add((c + 4) * dst_rs),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        );
     }
 }
 
@@ -100,24 +183,37 @@ unsafe fn tile_avx512(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usi
 
 #[cfg(test)]
 mod tests {
-    use super::columns_to_rows;
+    use super::{columns_to_rows, columns_to_rows_by, TileKernel};
 
     /// Full tiles, edge tiles in both directions, and a source with padding between columns,
-    /// in f32 (the AVX-512 tiles where the CPU has them) and f64 (element by element).
+    /// in f32 with every tile kernel this CPU runs and in f64 (element by element).
     #[test]
     fn columns_to_rows_transposes() {
-        fn check<T: candle_core::WithDType>(k: usize, n: usize, pad: usize) {
+        fn check<T: candle_core::WithDType>(
+            kernel: Option<TileKernel>,
+            k: usize,
+            n: usize,
+            pad: usize,
+        ) {
             let cs = k + pad;
             let src: Vec<T> = (0..n * cs).map(|i| T::from_f64(i as f64)).collect();
             let mut dst = vec![T::from_f64(-1.0); k * n];
-            // SAFETY: dst holds k·n elements; src holds n columns of k at stride cs.
-            unsafe { columns_to_rows(dst.as_mut_ptr(), src.as_ptr(), cs, (k, n)) };
+            // SAFETY: dst holds k·n elements; src holds n columns of k at stride cs; a kernel
+            // is passed only for f32 and where the CPU runs it.
+            unsafe {
+                match kernel {
+                    Some(kernel) => {
+                        columns_to_rows_by(kernel, dst.as_mut_ptr(), src.as_ptr(), cs, (k, n))
+                    }
+                    None => columns_to_rows(dst.as_mut_ptr(), src.as_ptr(), cs, (k, n)),
+                }
+            };
             for p in 0..k {
                 for j in 0..n {
                     assert_eq!(
                         dst[p * n + j].to_f64(),
                         src[j * cs + p].to_f64(),
-                        "{k}x{n}+{pad} ({p},{j})"
+                        "{kernel:?} {k}x{n}+{pad} ({p},{j})"
                     );
                 }
             }
@@ -129,8 +225,26 @@ mod tests {
             (7, 200, 1),
             (145, 160, 0),
         ] {
-            check::<f32>(k, n, pad);
-            check::<f64>(k, n, pad);
+            check::<f32>(None, k, n, pad);
+            check::<f64>(None, k, n, pad);
+            for kernel in kernels() {
+                check::<f32>(Some(kernel), k, n, pad);
+            }
         }
+    }
+
+    /// The tile kernels this CPU runs (`Elementwise` everywhere).
+    fn kernels() -> Vec<TileKernel> {
+        let mut all = vec![TileKernel::Elementwise];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx") {
+                all.push(TileKernel::Avx);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(TileKernel::Avx512);
+            }
+        }
+        all
     }
 }
