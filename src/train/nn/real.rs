@@ -1,24 +1,98 @@
 //! The float types the CPU kernels run in, with the row loops of the softmaxes (largest element,
-//! shifted exponentials and their sum, dot products) written so that they vectorize.
+//! shifted exponentials and their sum, dot products) written so that they vectorize, and the
+//! run-time choice of instruction set for such loops.
 //!
 //! The default build targets baseline x86-64 (SSE2), where these loops run four f32 lanes wide
-//! and the scalar `max` fold runs one element per compare-and-select latency. For f32 each loop
-//! is also compiled for AVX-512F and picked at run time where the CPU has it: the LM head's
-//! cross-entropy runs them over every labelled token's full-vocabulary row of logits, and
-//! attention over every query row.
+//! and the scalar `max` fold runs one element per compare-and-select latency. So each loop is
+//! compiled three times, for baseline x86-64, for AVX2 + FMA (the AMD EPYCs these machines run
+//! on) and for AVX-512F (the Intel Xeons), and the widest build the CPU runs is picked at run
+//! time ([`dispatched`]): the LM head's cross-entropy runs them over every labelled token's
+//! full-vocabulary row of logits, attention over every query row.
 
-/// `$fast(args)` (the loop compiled for AVX-512F) where the CPU has AVX-512F, else `$plain(args)`.
-macro_rules! by_isa {
-    ($fast:ident, $plain:ident($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only thing `$fast` adds to `$plain`.
-            return unsafe { $fast($($arg),*) };
-        }
-        $plain($($arg),*)
-    }};
+/// The instruction sets a [`dispatched`] loop is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Level {
+    Baseline,
+    Avx2,
+    Avx512,
 }
-pub(super) use by_isa;
+
+/// An instruction set this CPU runs: made only by [`Isa::detected`] and [`Isa::each`], which is
+/// what makes calling a loop compiled for it safe.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Isa(Level);
+
+impl Isa {
+    /// The widest set this CPU runs.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa(Level::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa(Level::Avx2);
+            }
+        }
+        Isa(Level::Baseline)
+    }
+
+    /// Every set this CPU runs, baseline first (tests hold each build to the baseline one).
+    #[cfg(test)]
+    pub fn each() -> Vec<Isa> {
+        let widest = Isa::detected().0;
+        [Level::Baseline, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&l| l as u8 <= widest as u8)
+            .map(Isa)
+            .collect()
+    }
+
+    pub fn level(self) -> Level {
+        self.0
+    }
+}
+
+/// Defines `fn NAME(isa: Isa, ARGS) -> RET` that runs `LANES(ARGS)` compiled for `isa`. `LANES`
+/// must be `#[inline(always)]`, so that each build gets its own copy of the loop; the builds
+/// run the same operations in the same order (Rust never contracts a multiply and an add into
+/// an FMA by itself), so they give the same bits.
+macro_rules! dispatched {
+    (
+        $(#[$attr:meta])*
+        fn $name:ident $(<$T:ident: $B:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+            = $lanes:ident
+    ) => {
+        $(#[$attr])*
+        fn $name $(<$T: $B>)? (isa: $crate::train::nn::real::Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use $crate::train::nn::real::Level;
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512 $(<$T: $B>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $lanes($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2 $(<$T: $B>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $lanes($($arg),*)
+                }
+                match isa.level() {
+                    // SAFETY: an `Isa` names only instruction sets this CPU runs.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Baseline => {}
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = isa;
+            $lanes($($arg),*)
+        }
+    };
+}
+pub(super) use dispatched;
 
 /// The float types the kernels run in (f32 for training, f64 for gradient checks).
 pub(crate) trait Real: candle_core::WithDType {
@@ -61,23 +135,23 @@ impl Real for f32 {
     }
 
     fn max_of(xs: &[Self]) -> Self {
-        by_isa!(max_avx512, max_lanes(xs))
+        max_on(Isa::detected(), xs)
     }
 
     fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) -> f64 {
-        by_isa!(exp_shifted_avx512, exp_shifted_lanes(xs, shift, scale))
+        exp_shifted_on(Isa::detected(), xs, shift, scale)
     }
 
     fn dot(a: &[Self], b: &[Self]) -> f64 {
-        by_isa!(dot_avx512, dot_lanes(a, b))
+        dot_on(Isa::detected(), a, b)
     }
 
     fn max_cols(row: &[Self], max: &mut [Self], arg: &mut [u32], r: u32) {
-        by_isa!(max_cols_avx512, max_cols_lanes(row, max, arg, r))
+        max_cols_on(Isa::detected(), row, max, arg, r)
     }
 
     fn exp_cols(row: &mut [Self], shift: &[Self], acc: &mut [Self]) {
-        by_isa!(exp_cols_avx512, exp_cols_lanes(row, shift, acc))
+        exp_cols_on(Isa::detected(), row, shift, acc)
     }
 }
 
@@ -209,35 +283,11 @@ fn exp_cols_lanes(row: &mut [f32], shift: &[f32], acc: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn max_cols_avx512(row: &[f32], max: &mut [f32], arg: &mut [u32], r: u32) {
-    max_cols_lanes(row, max, arg, r)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_cols_avx512(row: &mut [f32], shift: &[f32], acc: &mut [f32]) {
-    exp_cols_lanes(row, shift, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn max_avx512(xs: &[f32]) -> f32 {
-    max_lanes(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(xs: &mut [f32], shift: f32, scale: f32) -> f64 {
-    exp_shifted_lanes(xs, shift, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f64 {
-    dot_lanes(a, b)
-}
+dispatched!(fn max_on(xs: &[f32]) -> f32 = max_lanes);
+dispatched!(fn exp_shifted_on(xs: &mut [f32], shift: f32, scale: f32) -> f64 = exp_shifted_lanes);
+dispatched!(fn dot_on(a: &[f32], b: &[f32]) -> f64 = dot_lanes);
+dispatched!(fn max_cols_on(row: &[f32], max: &mut [f32], arg: &mut [u32], r: u32) = max_cols_lanes);
+dispatched!(fn exp_cols_on(row: &mut [f32], shift: &[f32], acc: &mut [f32]) = exp_cols_lanes);
 
 /// `e^x` in f32 without a libm call, so that loops over it vectorize: `x = n·ln2 + r` with
 /// `|r| ≤ ln2/2`, `e^r` by Cephes' degree-7 polynomial, `2^n` built in the exponent bits. Within
@@ -286,8 +336,8 @@ mod tests {
     }
 
     /// Rows of awkward lengths (empty, under one lane block, a remainder after whole blocks),
-    /// each row loop against the plain scalar computation in f64, through whichever of the
-    /// AVX-512 and baseline loops this CPU runs, and the baseline loops directly.
+    /// each row loop against the plain scalar computation in f64, through the widest build this
+    /// CPU runs and the baseline loops directly.
     #[test]
     fn row_loops_equal_scalar_reference() {
         for n in [0usize, 1, 7, 31, 32, 33, 100, 511, 512, 513, 1500, 151_936] {
@@ -335,5 +385,49 @@ mod tests {
         let mut e = with_nan;
         assert!(<f32 as Real>::exp_shifted(&mut e, 3.0, 1.0).is_nan());
         assert_eq!(<f64 as Real>::max_of(&[1.0, f64::NAN, 3.0]), 3.0);
+    }
+
+    /// Each loop compiled for each instruction set this CPU runs gives the baseline loop's bits,
+    /// on lengths with and without a remainder after the lane blocks.
+    #[test]
+    fn each_isa_build_equals_the_baseline_loops() {
+        for n in [0usize, 5, 32, 77, 1030] {
+            let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.913).sin() * 7.0).collect();
+            let ys: Vec<f32> = (0..n).map(|i| (i as f32 * 0.29).cos() - 0.2).collect();
+            let (mut e_base, mut c_base) = (xs.clone(), xs.clone());
+            let sum_base = exp_shifted_lanes(&mut e_base, 1.5, 0.7);
+            let (mut m_base, mut a_base, mut acc_base) = (ys.clone(), vec![0u32; n], ys.clone());
+            max_cols_lanes(&xs, &mut m_base, &mut a_base, 3);
+            exp_cols_lanes(&mut c_base, &ys, &mut acc_base);
+            for isa in Isa::each() {
+                assert_eq!(max_on(isa, &xs), max_lanes(&xs), "{isa:?} max n={n}");
+                assert_eq!(
+                    dot_on(isa, &xs, &ys),
+                    dot_lanes(&xs, &ys),
+                    "{isa:?} dot n={n}"
+                );
+                let mut e = xs.clone();
+                assert_eq!(
+                    exp_shifted_on(isa, &mut e, 1.5, 0.7),
+                    sum_base,
+                    "{isa:?} n={n}"
+                );
+                assert_eq!(e, e_base, "{isa:?} exp_shifted n={n}");
+                let (mut m, mut a) = (ys.clone(), vec![0u32; n]);
+                max_cols_on(isa, &xs, &mut m, &mut a, 3);
+                assert_eq!(
+                    (m, a),
+                    (m_base.clone(), a_base.clone()),
+                    "{isa:?} max_cols n={n}"
+                );
+                let (mut c, mut acc) = (xs.clone(), ys.clone());
+                exp_cols_on(isa, &mut c, &ys, &mut acc);
+                assert_eq!(
+                    (c, acc),
+                    (c_base.clone(), acc_base.clone()),
+                    "{isa:?} exp_cols n={n}"
+                );
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! Shapes: rows of C elements.
 
 use super::fused::{by_dtype, elems, par_rows, par_rows_written};
-use super::real::by_isa;
+use super::real::{dispatched, Isa};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use std::mem::MaybeUninit;
 
@@ -78,12 +78,16 @@ fn rms_norm_fwd<T: WithDType>(
 pub(super) fn rms_rows<T: WithDType>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let c = w.len();
     // SAFETY: rms_block writes every element of its rows.
-    unsafe { par_rows_written(x.len(), c, |r0, ys| rms_block(&x[r0 * c..], w, eps, ys)) }
+    unsafe {
+        par_rows_written(x.len(), c, |r0, ys| {
+            rms_block(Isa::detected(), &x[r0 * c..], w, eps, ys)
+        })
+    }
 }
 
-/// The rows of [`rms_rows`] that `ys` holds, `x` starting at the first of them.
-fn rms_block<T: WithDType>(x: &[T], w: &[T], eps: f64, ys: &mut [MaybeUninit<T>]) {
-    by_isa!(rms_block_avx512, rms_block_lanes(x, w, eps, ys))
+dispatched! {
+    /// The rows of [`rms_rows`] that `ys` holds, `x` starting at the first of them.
+    fn rms_block<T: WithDType>(x: &[T], w: &[T], eps: f64, ys: &mut [MaybeUninit<T>]) = rms_block_lanes
 }
 
 #[inline(always)]
@@ -95,12 +99,6 @@ fn rms_block_lanes<T: WithDType>(x: &[T], w: &[T], eps: f64, ys: &mut [MaybeUnin
             yv.write(wj * (xv * r));
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rms_block_avx512<T: WithDType>(x: &[T], w: &[T], eps: f64, ys: &mut [MaybeUninit<T>]) {
-    rms_block_lanes(x, w, eps, ys)
 }
 
 impl CustomOp1 for RmsNorm {
@@ -154,14 +152,28 @@ pub(super) fn rms_rows_bwd<T: WithDType>(
 ) {
     let c = w.len();
     par_rows(dx, c, |r0, dxs| {
-        rms_bwd_block(&x[r0 * c..], &g[r0 * c..], w, eps, dxs, accumulate)
+        rms_bwd_block(
+            Isa::detected(),
+            &x[r0 * c..],
+            &g[r0 * c..],
+            w,
+            eps,
+            dxs,
+            accumulate,
+        )
     });
 }
 
-/// The rows of [`rms_rows_bwd`] that `dxs` holds, `x` and `g` starting at the first of them;
-/// dispatched as [`rms_block`].
-fn rms_bwd_block<T: WithDType>(x: &[T], g: &[T], w: &[f64], eps: f64, dxs: &mut [T], acc: bool) {
-    by_isa!(rms_bwd_block_avx512, rms_bwd_lanes(x, g, w, eps, dxs, acc))
+dispatched! {
+    /// The rows of [`rms_rows_bwd`] that `dxs` holds, `x` and `g` starting at the first of them.
+    fn rms_bwd_block<T: WithDType>(
+        x: &[T],
+        g: &[T],
+        w: &[f64],
+        eps: f64,
+        dxs: &mut [T],
+        acc: bool,
+    ) = rms_bwd_lanes
 }
 
 #[inline(always)]
@@ -182,19 +194,6 @@ fn rms_bwd_lanes<T: WithDType>(x: &[T], g: &[T], w: &[f64], eps: f64, dxs: &mut 
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rms_bwd_block_avx512<T: WithDType>(
-    x: &[T],
-    g: &[T],
-    w: &[f64],
-    eps: f64,
-    dxs: &mut [T],
-    acc: bool,
-) {
-    rms_bwd_lanes(x, g, w, eps, dxs, acc)
 }
 
 impl CustomOp2 for RmsNormGrad {
@@ -250,8 +249,8 @@ mod tests {
         }
     }
 
-    /// The blocks as dispatched (the AVX-512F build where this CPU has it) give exactly what the
-    /// baseline loops give: the same operations in the same order, only wider.
+    /// The blocks compiled for each instruction set this CPU runs give exactly what the baseline
+    /// loops give: the same operations in the same order, only wider.
     #[test]
     fn dispatched_blocks_equal_the_baseline_loops() {
         let (rows, c) = (7, 27);
@@ -271,14 +270,16 @@ mod tests {
                 .map(|v| unsafe { v.assume_init() })
                 .collect::<Vec<_>>()
         };
-        let fwd = written(&|ys| rms_block(&x, &w, 1e-6, ys));
         let fwd_base = written(&|ys| rms_block_lanes(&x, &w, 1e-6, ys));
-        assert_eq!(fwd, fwd_base);
-        for acc in [false, true] {
-            let (mut dx, mut dx_base) = (g.clone(), g.clone());
-            rms_bwd_block(&x, &g, &w64, 1e-6, &mut dx, acc);
-            rms_bwd_lanes(&x, &g, &w64, 1e-6, &mut dx_base, acc);
-            assert_eq!(dx, dx_base, "accumulate {acc}");
+        for isa in Isa::each() {
+            let fwd = written(&|ys| rms_block(isa, &x, &w, 1e-6, ys));
+            assert_eq!(fwd, fwd_base, "{isa:?}");
+            for acc in [false, true] {
+                let (mut dx, mut dx_base) = (g.clone(), g.clone());
+                rms_bwd_block(isa, &x, &g, &w64, 1e-6, &mut dx, acc);
+                rms_bwd_lanes(&x, &g, &w64, 1e-6, &mut dx_base, acc);
+                assert_eq!(dx, dx_base, "{isa:?} accumulate {acc}");
+            }
         }
     }
 }

@@ -8,7 +8,7 @@
 //! Shapes: N tokens, F intermediate features; `gate` and `up` are `(N, F)`.
 
 use super::fused::{par_rows_written, Real};
-use super::real::by_isa;
+use super::real::{dispatched, Isa};
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
 
@@ -79,7 +79,11 @@ pub(super) fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     // the operands are as long as each other.
     assert_eq!(u.len(), g.len(), "silu-mul: gate and up lengths differ");
     // SAFETY: fwd_span writes every element of its block (g and u are as long as the output).
-    unsafe { par_rows_written(g.len(), 1, |off, ys| fwd_span(&g[off..], &u[off..], ys)) }
+    unsafe {
+        par_rows_written(g.len(), 1, |off, ys| {
+            fwd_span(Isa::detected(), &g[off..], &u[off..], ys)
+        })
+    }
 }
 
 /// `(d gate, d up)` for the output gradient `dy`.
@@ -92,7 +96,7 @@ pub(super) fn bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     par_chunks2(
         &mut dg.spare_capacity_mut()[..g.len()],
         &mut du.spare_capacity_mut()[..g.len()],
-        |off, dgs, dus| bwd_span(&g[off..], &u[off..], &dy[off..], dgs, dus),
+        |off, dgs, dus| bwd_span(Isa::detected(), &g[off..], &u[off..], &dy[off..], dgs, dus),
     );
     // SAFETY: bwd_span wrote every element of both, the parts covering g.len().
     unsafe {
@@ -102,11 +106,10 @@ pub(super) fn bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     (dg, du)
 }
 
-/// `ys[k] = silu(g[k])·u[k]` (the loop compiled for AVX-512F where the CPU has it: with the
-/// exponential's polynomial inlined it is arithmetic-bound, and the baseline build runs it four
-/// f32 lanes wide).
-fn fwd_span<T: Real>(g: &[T], u: &[T], ys: &mut [MaybeUninit<T>]) {
-    by_isa!(fwd_span_avx512, fwd_lanes(g, u, ys))
+dispatched! {
+    /// `ys[k] = silu(g[k])·u[k]` (with the exponential's polynomial inlined the loop is
+    /// arithmetic-bound, and the baseline build runs it four f32 lanes wide).
+    fn fwd_span<T: Real>(g: &[T], u: &[T], ys: &mut [MaybeUninit<T>]) = fwd_lanes
 }
 
 #[inline(always)]
@@ -116,22 +119,15 @@ fn fwd_lanes<T: Real>(g: &[T], u: &[T], ys: &mut [MaybeUninit<T>]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fwd_span_avx512<T: Real>(g: &[T], u: &[T], ys: &mut [MaybeUninit<T>]) {
-    fwd_lanes(g, u, ys)
-}
-
-/// `dgs[k], dus[k]`: the gate and up gradients for the output gradient `dy[k]`, dispatched as
-/// [`fwd_span`].
-fn bwd_span<T: Real>(
-    g: &[T],
-    u: &[T],
-    dy: &[T],
-    dgs: &mut [MaybeUninit<T>],
-    dus: &mut [MaybeUninit<T>],
-) {
-    by_isa!(bwd_span_avx512, bwd_lanes(g, u, dy, dgs, dus))
+dispatched! {
+    /// `dgs[k], dus[k]`: the gate and up gradients for the output gradient `dy[k]`.
+    fn bwd_span<T: Real>(
+        g: &[T],
+        u: &[T],
+        dy: &[T],
+        dgs: &mut [MaybeUninit<T>],
+        dus: &mut [MaybeUninit<T>],
+    ) = bwd_lanes
 }
 
 #[inline(always)]
@@ -149,18 +145,6 @@ fn bwd_lanes<T: Real>(
         dg.write(dy[k] * u[k] * s * (T::one() + g[k] * (T::one() - s)));
         du.write(dy[k] * silu);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bwd_span_avx512<T: Real>(
-    g: &[T],
-    u: &[T],
-    dy: &[T],
-    dgs: &mut [MaybeUninit<T>],
-    dus: &mut [MaybeUninit<T>],
-) {
-    bwd_lanes(g, u, dy, dgs, dus)
 }
 
 impl CustomOp2 for SiluMul {
@@ -285,8 +269,8 @@ mod tests {
         }
     }
 
-    /// The spans as dispatched (the AVX-512F build where this CPU has it) give exactly what the
-    /// baseline loops give.
+    /// The spans compiled for each instruction set this CPU runs give exactly what the baseline
+    /// loops give.
     #[test]
     fn dispatched_spans_equal_the_baseline_loops() {
         let n = 203;
@@ -301,14 +285,18 @@ mod tests {
         let read = |v: &[MaybeUninit<f32>]| -> Vec<f32> {
             v.iter().map(|x| unsafe { x.assume_init() }).collect()
         };
-        let (mut y, mut y_base) = (init(), init());
-        fwd_span(&g, &u, &mut y);
+        let mut y_base = init();
         fwd_lanes(&g, &u, &mut y_base);
-        assert_eq!(read(&y), read(&y_base));
-        let (mut dg, mut du, mut dg_base, mut du_base) = (init(), init(), init(), init());
-        bwd_span(&g, &u, &dy, &mut dg, &mut du);
+        let (mut dg_base, mut du_base) = (init(), init());
         bwd_lanes(&g, &u, &dy, &mut dg_base, &mut du_base);
-        assert_eq!(read(&dg), read(&dg_base));
-        assert_eq!(read(&du), read(&du_base));
+        for isa in Isa::each() {
+            let mut y = init();
+            fwd_span(isa, &g, &u, &mut y);
+            assert_eq!(read(&y), read(&y_base), "{isa:?}");
+            let (mut dg, mut du) = (init(), init());
+            bwd_span(isa, &g, &u, &dy, &mut dg, &mut du);
+            assert_eq!(read(&dg), read(&dg_base), "{isa:?}");
+            assert_eq!(read(&du), read(&du_base), "{isa:?}");
+        }
     }
 }
