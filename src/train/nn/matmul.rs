@@ -236,7 +236,7 @@ unsafe fn gemm_one<T: WithDType>(
 /// Calls `f` with `rhs (k, n)` as gemm packs it fastest. A rhs that is the transpose of a
 /// row-major matrix (a frozen weight read as `Wᵀ` in `x·Wᵀ`) gemm packs for its kernels one
 /// element at a time, gathering across 64 rows; copied into row-major order first, 16×16 tiles at
-/// a time (in registers with AVX-512), it is packed with vector loads instead: a Qwen3-0.6B
+/// a time (in registers with AVX-512 or AVX), it is packed with vector loads instead: a Qwen3-0.6B
 /// layer's forward products run 3–10 % faster per call (docs/benchmarks.md). The copy lives in
 /// this thread's buffer for the duration of `f`.
 ///
@@ -510,7 +510,7 @@ mod tests {
             let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let want =
                 |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>();
-            // The same product in f32 too (AVX-512 kernels and transposes where the CPU has them).
+            // The same product in f32 too (AVX-512 or AVX2 kernels and register transposes where the CPU has them).
             let (a32, bt32): (Vec<f32>, Vec<f32>) = (
                 a.iter().map(|&v| v as f32).collect(),
                 bt.iter().map(|&v| v as f32).collect(),

@@ -1,7 +1,7 @@
 //! RMSNorm on the CPU, `y = w ⊙ x·r` with `r = (mean(x²) + eps)^(-1/2)` over rows of C = w.len(),
 //! one pass over memory with a hand-written backward (see `fused` for why). Row sums run in f64
-//! (eight lanes), and each block of rows is compiled for AVX-512F too and picked at run time: the
-//! baseline x86-64 build adds f64 two lanes wide.
+//! (eight lanes), and each block of rows is compiled for AVX2 + FMA and AVX-512F too and picked at
+//! run time (`real::dispatched`): the baseline x86-64 build adds f64 two lanes wide.
 //!
 //! Shapes: rows of C elements.
 
