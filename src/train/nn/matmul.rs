@@ -510,7 +510,8 @@ mod tests {
             let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let want =
                 |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>();
-            // The same product in f32 too (AVX-512 or AVX2 kernels and register transposes where the CPU has them).
+            // The same product in f32 too (AVX-512 or AVX2 kernels and register transposes where
+            // the CPU has them).
             let (a32, bt32): (Vec<f32>, Vec<f32>) = (
                 a.iter().map(|&v| v as f32).collect(),
                 bt.iter().map(|&v| v as f32).collect(),

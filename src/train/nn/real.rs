@@ -9,8 +9,8 @@
 //! time ([`dispatched`]): the LM head's cross-entropy runs them over every labelled token's
 //! full-vocabulary row of logits, attention over every query row.
 
-/// The instruction sets a [`dispatched`] loop is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The instruction sets a [`dispatched`] loop is compiled for, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub(super) enum Level {
     Baseline,
     Avx2,
@@ -45,7 +45,7 @@ impl Isa {
         let widest = Isa::detected().0;
         [Level::Baseline, Level::Avx2, Level::Avx512]
             .into_iter()
-            .filter(|&l| l as u8 <= widest as u8)
+            .filter(|&l| l <= widest)
             .map(Isa)
             .collect()
     }

@@ -4,34 +4,11 @@
 //! EPYCs here) as four 8×8 blocks of three stages each; at the edges, in f64, and on other CPUs
 //! element by element.
 
+use super::real::{Isa, Level};
 use candle_core::{DType, WithDType};
 
 /// Tile side: 16 f32 lanes of one AVX-512 register.
 const TILE: usize = 16;
-
-/// How a full f32 tile is transposed.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum TileKernel {
-    Avx512,
-    Avx,
-    Elementwise,
-}
-
-impl TileKernel {
-    /// The widest kernel this CPU runs, for `T`.
-    fn best<T: WithDType>() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if T::DTYPE == DType::F32 {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return TileKernel::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx") {
-                return TileKernel::Avx;
-            }
-        }
-        TileKernel::Elementwise
-    }
-}
 
 /// Writes the `(k, n)` matrix at `src` (element (p, j) at `src + p + j·src_cs`: its columns are
 /// contiguous) row-major into `dst`.
@@ -45,21 +22,26 @@ pub(crate) unsafe fn columns_to_rows<T: WithDType>(
     src_cs: usize,
     kn: (usize, usize),
 ) {
-    columns_to_rows_by(TileKernel::best::<T>(), dst, src, src_cs, kn)
+    columns_to_rows_on(Isa::detected(), dst, src, src_cs, kn)
 }
 
-/// [`columns_to_rows`] with full tiles transposed by `kernel`.
+/// [`columns_to_rows`] with full f32 tiles transposed in the registers of `isa` (AVX-512F; AVX,
+/// which every AVX2 CPU has), other tiles element by element.
 ///
 /// # Safety
-/// As [`columns_to_rows`]; `kernel` is `Elementwise` or one the CPU runs, and `T` is f32 unless
-/// it is `Elementwise`.
-unsafe fn columns_to_rows_by<T: WithDType>(
-    kernel: TileKernel,
+/// As [`columns_to_rows`].
+unsafe fn columns_to_rows_on<T: WithDType>(
+    isa: Isa,
     dst: *mut T,
     src: *const T,
     src_cs: usize,
     (k, n): (usize, usize),
 ) {
+    let level = if T::DTYPE == DType::F32 {
+        isa.level()
+    } else {
+        Level::Baseline
+    };
     for j0 in (0..n).step_by(TILE) {
         let j1 = (j0 + TILE).min(n);
         for p0 in (0..k).step_by(TILE) {
@@ -69,14 +51,15 @@ unsafe fn columns_to_rows_by<T: WithDType>(
                     dst.add(p0 * n + j0) as *mut f32,
                     src.add(j0 * src_cs + p0) as *const f32,
                 );
-                match kernel {
+                match level {
+                    // SAFETY (both arms): an `Isa` names only instruction sets this CPU runs.
                     #[cfg(target_arch = "x86_64")]
-                    TileKernel::Avx512 => {
+                    Level::Avx512 => {
                         tile_avx512(d, n, s, src_cs);
                         continue;
                     }
                     #[cfg(target_arch = "x86_64")]
-                    TileKernel::Avx => {
+                    Level::Avx2 => {
                         for (dp, sj) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
                             block8_avx(d.add(dp * n + sj), n, s.add(sj * src_cs + dp), src_cs);
                         }
@@ -183,27 +166,22 @@ unsafe fn tile_avx512(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usi
 
 #[cfg(test)]
 mod tests {
-    use super::{columns_to_rows, columns_to_rows_by, TileKernel};
+    use super::{columns_to_rows, columns_to_rows_on, Isa};
 
     /// Full tiles, edge tiles in both directions, and a source with padding between columns,
-    /// in f32 with every tile kernel this CPU runs and in f64 (element by element).
+    /// in f32 with the registers of every instruction set this CPU runs and in f64 (element by
+    /// element).
     #[test]
     fn columns_to_rows_transposes() {
-        fn check<T: candle_core::WithDType>(
-            kernel: Option<TileKernel>,
-            k: usize,
-            n: usize,
-            pad: usize,
-        ) {
+        fn check<T: candle_core::WithDType>(isa: Option<Isa>, k: usize, n: usize, pad: usize) {
             let cs = k + pad;
             let src: Vec<T> = (0..n * cs).map(|i| T::from_f64(i as f64)).collect();
             let mut dst = vec![T::from_f64(-1.0); k * n];
-            // SAFETY: dst holds k·n elements; src holds n columns of k at stride cs; a kernel
-            // is passed only for f32 and where the CPU runs it.
+            // SAFETY: dst holds k·n elements; src holds n columns of k at stride cs.
             unsafe {
-                match kernel {
-                    Some(kernel) => {
-                        columns_to_rows_by(kernel, dst.as_mut_ptr(), src.as_ptr(), cs, (k, n))
+                match isa {
+                    Some(isa) => {
+                        columns_to_rows_on(isa, dst.as_mut_ptr(), src.as_ptr(), cs, (k, n))
                     }
                     None => columns_to_rows(dst.as_mut_ptr(), src.as_ptr(), cs, (k, n)),
                 }
@@ -213,7 +191,7 @@ mod tests {
                     assert_eq!(
                         dst[p * n + j].to_f64(),
                         src[j * cs + p].to_f64(),
-                        "{kernel:?} {k}x{n}+{pad} ({p},{j})"
+                        "{isa:?} {k}x{n}+{pad} ({p},{j})"
                     );
                 }
             }
@@ -227,24 +205,9 @@ mod tests {
         ] {
             check::<f32>(None, k, n, pad);
             check::<f64>(None, k, n, pad);
-            for kernel in kernels() {
-                check::<f32>(Some(kernel), k, n, pad);
+            for isa in Isa::each() {
+                check::<f32>(Some(isa), k, n, pad);
             }
         }
-    }
-
-    /// The tile kernels this CPU runs (`Elementwise` everywhere).
-    fn kernels() -> Vec<TileKernel> {
-        let mut all = vec![TileKernel::Elementwise];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx") {
-                all.push(TileKernel::Avx);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                all.push(TileKernel::Avx512);
-            }
-        }
-        all
     }
 }
