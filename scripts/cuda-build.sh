@@ -5,9 +5,12 @@
 # own target directory in that cache so a second run only recompiles what changed.
 #
 # Usage: scripts/cuda-build.sh [check|build] [CAP...]
-#   check (default)  `cargo clippy --locked --features cuda --all-targets -- -D warnings`: compiles
-#                    every CUDA kernel (nvcc) and all Rust code, links nothing. Needs only the
-#                    toolchain wheels, no GPU, no driver.
+#   check (default)  `cargo clippy --locked --features cuda --all-targets -- -D warnings` for the
+#                    first CAP: compiles every CUDA kernel (nvcc) and all Rust code, links nothing.
+#                    Each further CAP compiles candle's kernels alone (candle-kernels at the version
+#                    Cargo.lock pins, PTX and objects), the only part that depends on the capability:
+#                    sftd's Rust code is the same for every one. Needs only the toolchain wheels, no
+#                    GPU, no driver.
 #   build            `cargo build --release --locked --features cuda`: a linked binary, for a GPU
 #                    host (NVIDIA driver R580+ for CUDA 13.0 PTX). Links against the driver's
 #                    libcuda.so.1; cuBLAS and cuRAND come as wheels too (697 MB installed), unless
@@ -20,7 +23,8 @@
 #                    $SFTD_CACHE/target-cuda-CAP.
 #   SFTD_CUDA_HOME   use this CUDA toolkit (its bin/nvcc) instead of the wheels.
 #   CUDA_BUILD_NICE  niceness of the compiles (default 10; 0 to not renice).
-#   CUDAFORGE_THREADS  parallel nvcc jobs inside candle-kernels' build (default: all cores).
+#   CUDAFORGE_THREADS  parallel nvcc jobs inside candle-kernels' build (default: all cores; the
+#                    build's own default is half of them, which leaves one of CI's two idle).
 # Prints one timing line per step and "cuda-build: OK ..." at the end; exits non-zero on any error
 # or warning in sftd's code. docs/cuda-build.md has the details and measured times.
 set -euo pipefail
@@ -43,6 +47,7 @@ if [ -z "${SFTD_CACHE:-}" ] && ! mkdir -p "$CACHE" 2>/dev/null; then
 fi
 mkdir -p "$CACHE"
 NICE=${CUDA_BUILD_NICE:-10}
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 say() { printf '[cuda-build] %s\n' "$*" >&2; }
 fail() { say "FAIL: $*"; exit 1; }
 now() { date +%s; }
@@ -124,17 +129,40 @@ fi
 # --- compile, once per compute capability -------------------------------------------------------------
 renice=()
 [ "$NICE" = 0 ] || renice=(nice -n "$NICE")
+# A crate that depends on candle-kernels alone, pinned to Cargo.lock's version and resolved from a
+# copy of Cargo.lock: `cargo check` on it runs candle-kernels' build (nvcc) for one capability
+# without re-checking sftd's Rust code.
+kernels_crate() {
+  local dir=$CACHE/kernels-check version
+  version=$(awk '$0 == "name = \"candle-kernels\"" { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)
+  [ -n "$version" ] || fail "candle-kernels is not in Cargo.lock"
+  mkdir -p "$dir/src"
+  printf '%s\n' '[package]' 'name = "sftd-kernels-check"' 'version = "0.0.0"' 'edition = "2021"' \
+    'publish = false' '' '[dependencies]' "candle-kernels = \"=$version\"" >"$dir/Cargo.toml"
+  : >"$dir/src/lib.rs"
+  cp Cargo.lock "$dir/Cargo.lock"
+  echo "$dir"
+}
+
 summary=()
-for cap in "${caps[@]}"; do
+for i in "${!caps[@]}"; do
+  cap=${caps[$i]}
   target=$CACHE/target-cuda-$cap
   t0=$(now)
-  say "$mode for compute capability $cap (CARGO_TARGET_DIR=$target)"
-  if [ "$mode" = check ]; then
+  dir=.
+  if [ "$mode" = build ]; then
+    what="build"
+    cmd=(cargo build --release --locked --features cuda)
+  elif [ "$i" = 0 ]; then
+    what="check (candle's kernels and all of sftd)"
     cmd=(cargo clippy --locked --features cuda --all-targets -- -D warnings)
   else
-    cmd=(cargo build --release --locked --features cuda)
+    what="check (candle's kernels alone; sftd's Rust code was checked for sm_${caps[0]})"
+    dir=$(kernels_crate)
+    cmd=(cargo check --quiet)
   fi
-  CUDA_COMPUTE_CAP=$cap CARGO_TARGET_DIR=$target "${renice[@]}" "${cmd[@]}" ||
+  say "$what for compute capability $cap (CARGO_TARGET_DIR=$target)"
+  (cd "$dir" && CUDA_COMPUTE_CAP=$cap CARGO_TARGET_DIR=$target "${renice[@]}" "${cmd[@]}") ||
     fail "$mode --features cuda for compute capability $cap"
   secs=$(($(now) - t0))
   say "compute capability $cap: $mode passed in $secs s"
