@@ -3,9 +3,10 @@
 use super::events::{insert as insert_event, NewEvent};
 use super::guard::{Guard, Lease};
 use super::{new_id, now, Result, Store};
-use sqlx::FromRow;
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct CheckpointRow {
     pub id: String,
     pub job_id: String,
@@ -17,6 +18,19 @@ pub struct CheckpointRow {
     /// data dir): `jobs/<id>/checkpoints/epoch-<E>/step-<N>`, or `…/checkpoints/step-<N>` for
     /// rows written before per-claim keys.
     pub path: String,
+}
+
+impl<'r> FromRow<'r, AnyRow> for CheckpointRow {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            job_id: row.try_get("job_id")?,
+            created_at: row.try_get("created_at")?,
+            step: row.try_get("step")?,
+            metrics: row.try_get("metrics")?,
+            path: row.try_get("path")?,
+        })
+    }
 }
 
 const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";

@@ -5,21 +5,36 @@ use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
+use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
-use sqlx::FromRow;
+use sqlx::{FromRow, Row};
 
-#[derive(Debug, Clone, FromRow, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
     pub job_id: String,
     pub seq: i64,
     pub created_at: i64,
     pub level: String,
-    #[sqlx(rename = "type")]
     pub kind: String,
     pub message: String,
     /// JSON text.
     pub data: Option<String>,
     pub step: Option<i64>,
+}
+
+impl<'r> FromRow<'r, AnyRow> for EventRow {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            job_id: row.try_get("job_id")?,
+            seq: row.try_get("seq")?,
+            created_at: row.try_get("created_at")?,
+            level: row.try_get("level")?,
+            kind: row.try_get("type")?,
+            message: row.try_get("message")?,
+            data: row.try_get("data")?,
+            step: row.try_get("step")?,
+        })
+    }
 }
 
 impl EventRow {

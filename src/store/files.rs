@@ -2,8 +2,9 @@
 
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
+use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
-use sqlx::FromRow;
+use sqlx::{FromRow, Row};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
 /// Purpose of a file a job produced.
 pub const PURPOSE_RESULTS: &str = "fine-tune-results";
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct FileRow {
     pub id: String,
     pub created_at: i64,
@@ -23,6 +24,21 @@ pub struct FileRow {
     pub path: String,
     pub rows: Option<i64>,
     pub job_id: Option<String>,
+}
+
+impl<'r> FromRow<'r, AnyRow> for FileRow {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            created_at: row.try_get("created_at")?,
+            filename: row.try_get("filename")?,
+            purpose: row.try_get("purpose")?,
+            bytes: row.try_get("bytes")?,
+            path: row.try_get("path")?,
+            rows: row.try_get("rows")?,
+            job_id: row.try_get("job_id")?,
+        })
+    }
 }
 
 /// A file to register; its bytes are already at `path` (relative to the data dir).

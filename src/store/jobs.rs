@@ -8,9 +8,10 @@ use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
-use sqlx::FromRow;
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct JobRow {
     pub n: i64,
     pub id: String,
@@ -44,6 +45,39 @@ pub struct JobRow {
     pub lease_expires_at: Option<i64>,
     /// The worker that claimed the job last.
     pub worker_id: Option<String>,
+}
+
+impl<'r> FromRow<'r, AnyRow> for JobRow {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            n: row.try_get("n")?,
+            id: row.try_get("id")?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            model: row.try_get("model")?,
+            training_file: row.try_get("training_file")?,
+            validation_file: row.try_get("validation_file")?,
+            status: row.try_get("status")?,
+            spec: row.try_get("spec")?,
+            config: row.try_get("config")?,
+            seed: row.try_get("seed")?,
+            suffix: row.try_get("suffix")?,
+            metadata: row.try_get("metadata")?,
+            fine_tuned_model: row.try_get("fine_tuned_model")?,
+            trained_tokens: row.try_get("trained_tokens")?,
+            estimated_finish: row.try_get("estimated_finish")?,
+            error_code: row.try_get("error_code")?,
+            error_message: row.try_get("error_message")?,
+            error_param: row.try_get("error_param")?,
+            attempts: row.try_get("attempts")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            estimated_peak_memory_bytes: row.try_get("estimated_peak_memory_bytes")?,
+            epoch: row.try_get("epoch")?,
+            lease_expires_at: row.try_get("lease_expires_at")?,
+            worker_id: row.try_get("worker_id")?,
+        })
+    }
 }
 
 /// A job to create (status `validating_files`).

@@ -10,6 +10,7 @@ pub mod files;
 mod guard;
 pub mod jobs;
 pub mod lease;
+mod migrations;
 mod placement;
 mod sql;
 pub mod status;
@@ -113,10 +114,7 @@ impl Store {
                     .await?
             }
         };
-        match backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
-            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
-        }
+        migrations::migrator(backend).await?.run(&pool).await?;
         let (events_tx, _) = broadcast::channel(broadcast_capacity);
         Ok(Self {
             pool,

@@ -2,9 +2,10 @@
 //! current (device, free memory, the job it runs); the API lists it in `GET /v1/workers`.
 
 use super::{now, Result, Store};
-use sqlx::FromRow;
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct WorkerRow {
     pub id: String,
     pub hostname: String,
@@ -18,6 +19,22 @@ pub struct WorkerRow {
     pub heartbeat_at: i64,
     /// Milliseconds since the last heartbeat, by the database's clock when read.
     pub heartbeat_age_ms: i64,
+}
+
+impl<'r> FromRow<'r, AnyRow> for WorkerRow {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            hostname: row.try_get("hostname")?,
+            device: row.try_get("device")?,
+            memory_total_bytes: row.try_get("memory_total_bytes")?,
+            memory_free_bytes: row.try_get("memory_free_bytes")?,
+            current_job: row.try_get("current_job")?,
+            started_at: row.try_get("started_at")?,
+            heartbeat_at: row.try_get("heartbeat_at")?,
+            heartbeat_age_ms: row.try_get("heartbeat_age_ms")?,
+        })
+    }
 }
 
 /// A worker as it registers.
