@@ -33,7 +33,7 @@ cd "$(dirname "$0")/.."
 mode=check
 case "${1:-}" in
   check | build) mode=$1; shift ;;
-  -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 caps=("$@")
 [ "${#caps[@]}" -gt 0 ] || caps=(75 80)
