@@ -3,8 +3,6 @@
 use super::events::{insert as insert_event, NewEvent};
 use super::guard::{Guard, Lease};
 use super::{new_id, now, Result, Store};
-use sqlx::any::AnyRow;
-use sqlx::{FromRow, Row};
 
 #[derive(Debug, Clone)]
 pub struct CheckpointRow {
@@ -20,18 +18,7 @@ pub struct CheckpointRow {
     pub path: String,
 }
 
-impl<'r> FromRow<'r, AnyRow> for CheckpointRow {
-    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
-        Ok(Self {
-            id: row.try_get("id")?,
-            job_id: row.try_get("job_id")?,
-            created_at: row.try_get("created_at")?,
-            step: row.try_get("step")?,
-            metrics: row.try_get("metrics")?,
-            path: row.try_get("path")?,
-        })
-    }
-}
+from_row!(CheckpointRow: id, job_id, created_at, step, metrics, path);
 
 const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";
 

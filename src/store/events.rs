@@ -5,9 +5,7 @@ use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
-use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
-use sqlx::{FromRow, Row};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
@@ -22,20 +20,7 @@ pub struct EventRow {
     pub step: Option<i64>,
 }
 
-impl<'r> FromRow<'r, AnyRow> for EventRow {
-    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
-        Ok(Self {
-            job_id: row.try_get("job_id")?,
-            seq: row.try_get("seq")?,
-            created_at: row.try_get("created_at")?,
-            level: row.try_get("level")?,
-            kind: row.try_get("type")?,
-            message: row.try_get("message")?,
-            data: row.try_get("data")?,
-            step: row.try_get("step")?,
-        })
-    }
-}
+from_row!(EventRow: job_id, seq, created_at, level, kind = "type", message, data, step);
 
 impl EventRow {
     /// The job status this event announces, if it is a status change.

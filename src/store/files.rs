@@ -2,9 +2,7 @@
 
 use super::status::{in_list, JobStatus};
 use super::{now, Result, Store};
-use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
-use sqlx::{FromRow, Row};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -26,20 +24,7 @@ pub struct FileRow {
     pub job_id: Option<String>,
 }
 
-impl<'r> FromRow<'r, AnyRow> for FileRow {
-    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
-        Ok(Self {
-            id: row.try_get("id")?,
-            created_at: row.try_get("created_at")?,
-            filename: row.try_get("filename")?,
-            purpose: row.try_get("purpose")?,
-            bytes: row.try_get("bytes")?,
-            path: row.try_get("path")?,
-            rows: row.try_get("rows")?,
-            job_id: row.try_get("job_id")?,
-        })
-    }
-}
+from_row!(FileRow: id, created_at, filename, purpose, bytes, path, rows, job_id);
 
 /// A file to register; its bytes are already at `path` (relative to the data dir).
 pub struct NewFile {

@@ -8,8 +8,6 @@ use super::guard::{Guard, Lease};
 use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
-use sqlx::any::AnyRow;
-use sqlx::{FromRow, Row};
 
 #[derive(Debug, Clone)]
 pub struct JobRow {
@@ -47,38 +45,7 @@ pub struct JobRow {
     pub worker_id: Option<String>,
 }
 
-impl<'r> FromRow<'r, AnyRow> for JobRow {
-    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
-        Ok(Self {
-            n: row.try_get("n")?,
-            id: row.try_get("id")?,
-            created_at: row.try_get("created_at")?,
-            started_at: row.try_get("started_at")?,
-            finished_at: row.try_get("finished_at")?,
-            model: row.try_get("model")?,
-            training_file: row.try_get("training_file")?,
-            validation_file: row.try_get("validation_file")?,
-            status: row.try_get("status")?,
-            spec: row.try_get("spec")?,
-            config: row.try_get("config")?,
-            seed: row.try_get("seed")?,
-            suffix: row.try_get("suffix")?,
-            metadata: row.try_get("metadata")?,
-            fine_tuned_model: row.try_get("fine_tuned_model")?,
-            trained_tokens: row.try_get("trained_tokens")?,
-            estimated_finish: row.try_get("estimated_finish")?,
-            error_code: row.try_get("error_code")?,
-            error_message: row.try_get("error_message")?,
-            error_param: row.try_get("error_param")?,
-            attempts: row.try_get("attempts")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            estimated_peak_memory_bytes: row.try_get("estimated_peak_memory_bytes")?,
-            epoch: row.try_get("epoch")?,
-            lease_expires_at: row.try_get("lease_expires_at")?,
-            worker_id: row.try_get("worker_id")?,
-        })
-    }
-}
+from_row!(JobRow: n, id, created_at, started_at, finished_at, model, training_file, validation_file, status, spec, config, seed, suffix, metadata, fine_tuned_model, trained_tokens, estimated_finish, error_code, error_message, error_param, attempts, idempotency_key, estimated_peak_memory_bytes, epoch, lease_expires_at, worker_id);
 
 /// A job to create (status `validating_files`).
 pub struct NewJob {

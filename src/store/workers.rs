@@ -2,8 +2,6 @@
 //! current (device, free memory, the job it runs); the API lists it in `GET /v1/workers`.
 
 use super::{now, Result, Store};
-use sqlx::any::AnyRow;
-use sqlx::{FromRow, Row};
 
 #[derive(Debug, Clone)]
 pub struct WorkerRow {
@@ -21,21 +19,7 @@ pub struct WorkerRow {
     pub heartbeat_age_ms: i64,
 }
 
-impl<'r> FromRow<'r, AnyRow> for WorkerRow {
-    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
-        Ok(Self {
-            id: row.try_get("id")?,
-            hostname: row.try_get("hostname")?,
-            device: row.try_get("device")?,
-            memory_total_bytes: row.try_get("memory_total_bytes")?,
-            memory_free_bytes: row.try_get("memory_free_bytes")?,
-            current_job: row.try_get("current_job")?,
-            started_at: row.try_get("started_at")?,
-            heartbeat_at: row.try_get("heartbeat_at")?,
-            heartbeat_age_ms: row.try_get("heartbeat_age_ms")?,
-        })
-    }
-}
+from_row!(WorkerRow: id, hostname, device, memory_total_bytes, memory_free_bytes, current_job, started_at, heartbeat_at, heartbeat_age_ms);
 
 /// A worker as it registers.
 pub struct NewWorker {
