@@ -4,21 +4,21 @@ use super::events::{insert as insert_event, NewEvent};
 use super::guard::{Guard, Lease};
 use super::{new_id, now, Result, Store};
 
-#[derive(Debug, Clone)]
-pub struct CheckpointRow {
-    pub id: String,
-    pub job_id: String,
-    pub created_at: i64,
-    pub step: i64,
-    /// JSON: step, train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy.
-    pub metrics: String,
-    /// The key of the checkpoint's objects in the artifact storage (= its path relative to the
-    /// data dir): `jobs/<id>/checkpoints/epoch-<E>/step-<N>`, or `…/checkpoints/step-<N>` for
-    /// rows written before per-claim keys.
-    pub path: String,
+row_struct! {
+    #[derive(Debug, Clone)]
+    pub struct CheckpointRow {
+        pub id: String,
+        pub job_id: String,
+        pub created_at: i64,
+        pub step: i64,
+        /// JSON: step, train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy.
+        pub metrics: String,
+        /// The key of the checkpoint's objects in the artifact storage (= its path relative to the
+        /// data dir): `jobs/<id>/checkpoints/epoch-<E>/step-<N>`, or `…/checkpoints/step-<N>` for
+        /// rows written before per-claim keys.
+        pub path: String,
+    }
 }
-
-from_row!(CheckpointRow: id, job_id, created_at, step, metrics, path);
 
 const COLUMNS: &str = "id, job_id, created_at, step, metrics, path";
 

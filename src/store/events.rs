@@ -7,20 +7,20 @@ use super::status::JobStatus;
 use super::{now, Result, Store};
 use sqlx::AnyConnection;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRow {
-    pub job_id: String,
-    pub seq: i64,
-    pub created_at: i64,
-    pub level: String,
-    pub kind: String,
-    pub message: String,
-    /// JSON text.
-    pub data: Option<String>,
-    pub step: Option<i64>,
+row_struct! {
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct EventRow {
+        pub job_id: String,
+        pub seq: i64,
+        pub created_at: i64,
+        pub level: String,
+        pub kind: String as "type",
+        pub message: String,
+        /// JSON text.
+        pub data: Option<String>,
+        pub step: Option<i64>,
+    }
 }
-
-from_row!(EventRow: job_id, seq, created_at, level, kind = "type", message, data, step);
 
 impl EventRow {
     /// The job status this event announces, if it is a status change.

@@ -11,20 +11,20 @@ pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
 /// Purpose of a file a job produced.
 pub const PURPOSE_RESULTS: &str = "fine-tune-results";
 
-#[derive(Debug, Clone)]
-pub struct FileRow {
-    pub id: String,
-    pub created_at: i64,
-    pub filename: String,
-    pub purpose: String,
-    pub bytes: i64,
-    /// Relative to the data dir.
-    pub path: String,
-    pub rows: Option<i64>,
-    pub job_id: Option<String>,
+row_struct! {
+    #[derive(Debug, Clone)]
+    pub struct FileRow {
+        pub id: String,
+        pub created_at: i64,
+        pub filename: String,
+        pub purpose: String,
+        pub bytes: i64,
+        /// Relative to the data dir.
+        pub path: String,
+        pub rows: Option<i64>,
+        pub job_id: Option<String>,
+    }
 }
-
-from_row!(FileRow: id, created_at, filename, purpose, bytes, path, rows, job_id);
 
 /// A file to register; its bytes are already at `path` (relative to the data dir).
 pub struct NewFile {

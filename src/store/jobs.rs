@@ -9,43 +9,43 @@ use super::sql::Backend;
 use super::status::JobStatus;
 use super::{now, Result, Store};
 
-#[derive(Debug, Clone)]
-pub struct JobRow {
-    pub n: i64,
-    pub id: String,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    pub model: String,
-    pub training_file: String,
-    pub validation_file: Option<String>,
-    pub status: JobStatus,
-    /// The request body as parsed (`JobSpec` JSON).
-    pub spec: String,
-    /// The resolved `TrainConfig` JSON.
-    pub config: String,
-    pub seed: i64,
-    pub suffix: Option<String>,
-    pub metadata: Option<String>,
-    pub fine_tuned_model: Option<String>,
-    pub trained_tokens: Option<i64>,
-    pub estimated_finish: Option<i64>,
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    pub error_param: Option<String>,
-    pub attempts: i64,
-    pub idempotency_key: Option<String>,
-    /// Estimated peak memory of a training run (`train::memory`), once known.
-    pub estimated_peak_memory_bytes: Option<i64>,
-    /// The fencing token: incremented by every claim (see `lease`).
-    pub epoch: i64,
-    /// Unix milliseconds (the database's clock) when the running claim lapses without a heartbeat.
-    pub lease_expires_at: Option<i64>,
-    /// The worker that claimed the job last.
-    pub worker_id: Option<String>,
+row_struct! {
+    #[derive(Debug, Clone)]
+    pub struct JobRow {
+        pub n: i64,
+        pub id: String,
+        pub created_at: i64,
+        pub started_at: Option<i64>,
+        pub finished_at: Option<i64>,
+        pub model: String,
+        pub training_file: String,
+        pub validation_file: Option<String>,
+        pub status: JobStatus,
+        /// The request body as parsed (`JobSpec` JSON).
+        pub spec: String,
+        /// The resolved `TrainConfig` JSON.
+        pub config: String,
+        pub seed: i64,
+        pub suffix: Option<String>,
+        pub metadata: Option<String>,
+        pub fine_tuned_model: Option<String>,
+        pub trained_tokens: Option<i64>,
+        pub estimated_finish: Option<i64>,
+        pub error_code: Option<String>,
+        pub error_message: Option<String>,
+        pub error_param: Option<String>,
+        pub attempts: i64,
+        pub idempotency_key: Option<String>,
+        /// Estimated peak memory of a training run (`train::memory`), once known.
+        pub estimated_peak_memory_bytes: Option<i64>,
+        /// The fencing token: incremented by every claim (see `lease`).
+        pub epoch: i64,
+        /// Unix milliseconds (the database's clock) when the running claim lapses without a heartbeat.
+        pub lease_expires_at: Option<i64>,
+        /// The worker that claimed the job last.
+        pub worker_id: Option<String>,
+    }
 }
-
-from_row!(JobRow: n, id, created_at, started_at, finished_at, model, training_file, validation_file, status, spec, config, seed, suffix, metadata, fine_tuned_model, trained_tokens, estimated_finish, error_code, error_message, error_param, attempts, idempotency_key, estimated_peak_memory_bytes, epoch, lease_expires_at, worker_id);
 
 /// A job to create (status `validating_files`).
 pub struct NewJob {

@@ -3,20 +3,30 @@
 //! holds the few fragments the two engines spell differently); every state change is one
 //! transaction. Nothing outside this module knows which engine is behind it.
 
-/// `impl FromRow<AnyRow>` for a row struct, each field read from the column of its name, or of
-/// the name after `=`. Written out rather than `#[derive(sqlx::FromRow)]`, whose proc-macro crate
-/// would compile a second, host-side copy of sqlx and SQLite into every build (docs/ci.md).
-macro_rules! from_row {
-    ($row:ident: $($field:ident $(= $column:literal)?),+ $(,)?) => {
+/// A row struct and its `FromRow<AnyRow>`: each field is read from the column of its name, or of
+/// the name after `as`. Written here rather than `#[derive(sqlx::FromRow)]`, whose proc-macro
+/// crate would compile a second, host-side copy of sqlx and SQLite into every build (docs/ci.md).
+macro_rules! row_struct {
+    (
+        $(#[$attr:meta])*
+        pub struct $row:ident {
+            $($(#[$field_attr:meta])* pub $field:ident: $ty:ty $(as $column:literal)?),+ $(,)?
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $row {
+            $($(#[$field_attr])* pub $field: $ty),+
+        }
+
         impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for $row {
             fn from_row(row: &'r sqlx::any::AnyRow) -> sqlx::Result<Self> {
                 use sqlx::Row;
-                Ok(Self { $($field: row.try_get(from_row!(@column $field $(= $column)?))?),+ })
+                Ok(Self { $($field: row.try_get(row_struct!(@column $field $($column)?))?),+ })
             }
         }
     };
     (@column $field:ident) => { stringify!($field) };
-    (@column $field:ident = $column:literal) => { $column };
+    (@column $field:ident $column:literal) => { $column };
 }
 
 pub mod checkpoints;

@@ -3,23 +3,23 @@
 
 use super::{now, Result, Store};
 
-#[derive(Debug, Clone)]
-pub struct WorkerRow {
-    pub id: String,
-    pub hostname: String,
-    pub device: String,
-    pub memory_total_bytes: Option<i64>,
-    pub memory_free_bytes: Option<i64>,
-    pub current_job: Option<String>,
-    /// Unix seconds.
-    pub started_at: i64,
-    /// Unix milliseconds, the database's clock.
-    pub heartbeat_at: i64,
-    /// Milliseconds since the last heartbeat, by the database's clock when read.
-    pub heartbeat_age_ms: i64,
+row_struct! {
+    #[derive(Debug, Clone)]
+    pub struct WorkerRow {
+        pub id: String,
+        pub hostname: String,
+        pub device: String,
+        pub memory_total_bytes: Option<i64>,
+        pub memory_free_bytes: Option<i64>,
+        pub current_job: Option<String>,
+        /// Unix seconds.
+        pub started_at: i64,
+        /// Unix milliseconds, the database's clock.
+        pub heartbeat_at: i64,
+        /// Milliseconds since the last heartbeat, by the database's clock when read.
+        pub heartbeat_age_ms: i64,
+    }
 }
-
-from_row!(WorkerRow: id, hostname, device, memory_total_bytes, memory_free_bytes, current_job, started_at, heartbeat_at, heartbeat_age_ms);
 
 /// A worker as it registers.
 pub struct NewWorker {
