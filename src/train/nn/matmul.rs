@@ -5,58 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// A strided matrix: element (i, j) at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct View<T> {
-    pub ptr: *const T,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl<T> View<T> {
-    /// `s` as the row-major (rows, cols) matrix it is.
-    pub fn rows(s: &[T], cols: usize) -> Self {
-        View {
-            ptr: s.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-
-    /// The transpose (cols, rows) of the row-major (rows, cols) matrix `s`, without a copy.
-    pub fn t(s: &[T], cols: usize) -> Self {
-        View {
-            ptr: s.as_ptr(),
-            rs: 1,
-            cs: cols as isize,
-        }
-    }
-
-    /// This view's transpose.
-    pub fn transposed(self) -> Self {
-        View {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
-
-/// A raw pointer that may cross threads: the fused kernels hand disjoint blocks of one output
-/// buffer to different threads.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr<T>(pub *mut T);
-// SAFETY: only used for writes to disjoint regions, joined before the buffer is read.
-unsafe impl<T> Send for SendPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so that closures capture the whole `SendPtr`, not its field).
-    pub fn get(&self) -> *mut T {
-        self.0
-    }
-}
+pub(crate) use super::view::{SendPtr, View};
 
 /// `dst (m, n)` with row stride `dst_rs` (columns contiguous) `= β·lhs (m, k)·rhs (k, n)`,
 /// plus `dst`'s own values when `accumulate`. `threaded`: split this one product over candle's
@@ -165,7 +114,7 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
             if columns {
                 run_parts(rhs)
             } else {
-                with_row_major_rhs(rhs, (k, n), m, run_parts)
+                super::transpose::with_row_major_rhs(rhs, (k, n), m, run_parts)
             }
             return;
         }
@@ -193,7 +142,9 @@ const SPLIT_PARTS_PER_THREAD: usize = 4;
 /// must not be read once per part.
 const SPLIT_TALL: usize = 4;
 
-/// One `gemm::gemm` call for [`gemm_into`]'s arguments (a transposed rhs copied row-major first).
+/// One product on gemm's micro-kernels for [`gemm_into`]'s arguments: a frozen weight read
+/// transposed through `panel_gemm`, anything else through `gemm::gemm` (a transposed rhs copied
+/// row-major first).
 ///
 /// # Safety
 /// As [`gemm_into`], with `k > 0`.
@@ -208,7 +159,14 @@ unsafe fn gemm_one<T: WithDType>(
     beta: T,
     par: gemm::Parallelism,
 ) {
-    with_row_major_rhs(rhs, (k, n), m, |rhs| {
+    // A frozen weight read as `Wᵀ` on one thread: packed straight into the micro-kernels' panels.
+    if matches!(par, gemm::Parallelism::None)
+        && m >= super::transpose::TRANSPOSE_MIN_ROWS
+        && super::panel_gemm::x_wt(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta)
+    {
+        return;
+    }
+    super::transpose::with_row_major_rhs(rhs, (k, n), m, |rhs| {
         gemm::gemm(
             m,
             n,
@@ -231,57 +189,6 @@ unsafe fn gemm_one<T: WithDType>(
             par,
         );
     })
-}
-
-/// Calls `f` with `rhs (k, n)` as gemm packs it fastest. A rhs that is the transpose of a
-/// row-major matrix (a frozen weight read as `Wᵀ` in `x·Wᵀ`) gemm packs for its kernels one
-/// element at a time, gathering across 64 rows; copied into row-major order first, 16×16 tiles at
-/// a time (in registers with AVX-512 or AVX), it is packed with vector loads instead: a Qwen3-0.6B
-/// layer's forward products run 3–10 % faster per call (docs/benchmarks.md). The copy lives in
-/// this thread's buffer for the duration of `f`.
-///
-/// # Safety
-/// `rhs` addresses a k×n matrix inside a live buffer.
-unsafe fn with_row_major_rhs<T: WithDType, R>(
-    rhs: View<T>,
-    (k, n): (usize, usize),
-    m: usize,
-    f: impl FnOnce(View<T>) -> R,
-) -> R {
-    if !(rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS) {
-        return f(rhs);
-    }
-    let mut copy = TRANSPOSED.take();
-    let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
-    if copy.len() < words {
-        copy = vec![0f64; words];
-    }
-    let rows = copy.as_mut_ptr() as *mut T;
-    super::transpose::columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
-    let out = f(View {
-        ptr: rows as *const T,
-        rs: n as isize,
-        cs: 1,
-    });
-    if copy.len() <= TRANSPOSED_KEEP_WORDS {
-        TRANSPOSED.set(copy);
-    }
-    out
-}
-
-/// Products with at least this many rows copy a transposed rhs into row-major order first: the
-/// copy moves each rhs element once, the product reads it `m` times.
-const TRANSPOSE_MIN_ROWS: usize = 64;
-
-/// Copies up to this many f64 words (16 MiB) are kept for the next call; a larger one (a whole
-/// activation read transposed, say) is freed rather than held for the life of the thread.
-const TRANSPOSED_KEEP_WORDS: usize = 2 << 20;
-
-thread_local! {
-    /// [`with_row_major_rhs`]'s row-major copy of a transposed rhs, kept between calls (f64
-    /// words, aligned for f32 and f64). Taken out while in use, so a nested call allocates its
-    /// own.
-    static TRANSPOSED: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A fresh row-major `(m, n) = β·lhs·rhs` over candle's threads, not zero-filled first.

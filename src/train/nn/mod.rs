@@ -9,10 +9,12 @@ pub mod linear;
 pub mod lora_op;
 pub(crate) mod matmul;
 pub mod ops;
+mod panel_gemm;
 mod real;
 pub mod rms_norm;
 pub mod swiglu;
 mod transpose;
+pub(crate) mod view;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};
 #[cfg(test)]

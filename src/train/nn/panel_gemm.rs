@@ -1,0 +1,295 @@
+//! `x · Wᵀ` for a row-major frozen weight `W (O, I)`, with the weight packed in one pass straight
+//! into the panels that gemm's f32 micro-kernels read, then those micro-kernels called directly.
+//!
+//! Through `gemm::gemm` the same product touches the weight twice before any arithmetic: gemm
+//! wants it contiguous along O, so it is first copied out of its row-major layout in 16×16 tiles
+//! (`transpose.rs`), then gemm packs that copy into its own panels. Here the tile transpose writes
+//! the panels themselves: a panel is `mr` consecutive output features (64 with AVX-512, 16 with
+//! AVX2) by `KC` input features, stored depth by depth, which is exactly a `(KC, mr)` row-major
+//! transpose of the weight's block. The input `x` is read in place by the micro-kernel, as gemm
+//! reads it for these shapes.
+//!
+//! In gemm's column-major terms the product is `yᵀ (O, T) = W (O, I) · xᵀ (I, T)`: the weight is
+//! the left operand (packed), `x` the right one (read strided), `y` the destination with unit
+//! row stride.
+
+#[cfg(target_arch = "x86_64")]
+use super::real::{Isa, Level};
+use super::view::View;
+use candle_core::{DType, WithDType};
+
+/// A gemm f32 micro-kernel: `dst (m, n) = α·dst + β·lhs (m, k) · rhs (k, n)` for `m ≤ mr`,
+/// `n ≤ 6`, with `lhs` packed (`lhs_cs` between depths, `mr` lanes contiguous) and `rhs` strided.
+/// Arguments: m, n, k, dst, lhs, rhs, dst_cs, dst_rs, lhs_cs, rhs_rs, rhs_cs, α, β, α's kind (0:
+/// zero, 1: one, 2: other), three conjugation flags, and a prefetch hint.
+type MicroKernel = unsafe fn(
+    usize,
+    usize,
+    usize,
+    *mut f32,
+    *const f32,
+    *const f32,
+    isize,
+    isize,
+    isize,
+    isize,
+    isize,
+    f32,
+    f32,
+    u8,
+    bool,
+    bool,
+    bool,
+    *const f32,
+);
+
+/// gemm's micro-kernels for one instruction set: `table[r - 1][c - 1]` computes `r·lanes` rows by
+/// `c` columns.
+#[derive(Clone, Copy)]
+pub(super) struct Kernels {
+    table: &'static [[MicroKernel; NR]],
+    lanes: usize,
+}
+
+/// Columns (tokens) per micro-kernel call: the widest tile gemm's x86 kernels have.
+const NR: usize = 6;
+
+/// Depth of one packed block. A band's panels at this depth (a 128–384-wide band: 256–768 KiB)
+/// stay in L2 while every token passes over them; `x`'s six rows per call (12 KiB) stay in L1.
+const KC: usize = 512;
+
+impl Kernels {
+    /// The widest kernels this CPU runs, if it runs any of them.
+    pub fn detected() -> Option<Kernels> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Kernels::for_isa(Isa::detected())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// The kernels compiled for `isa` (AVX-512F or AVX2 + FMA).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn for_isa(isa: Isa) -> Option<Kernels> {
+        match isa.level() {
+            Level::Avx512 => Some(Kernels {
+                table: &gemm_f32::microkernel::avx512f::f32::UKR,
+                lanes: 16,
+            }),
+            Level::Avx2 => Some(Kernels {
+                table: &gemm_f32::microkernel::fma::f32::UKR,
+                lanes: 8,
+            }),
+            Level::Baseline => None,
+        }
+    }
+
+    /// Rows of a full panel.
+    fn mr(self) -> usize {
+        self.table.len() * self.lanes
+    }
+
+    /// Whether a product with `o` output features can run here: every panel, the last included,
+    /// must be whole vector lanes (the kernels load whole registers of the packed weight).
+    pub fn fits(self, o: usize) -> bool {
+        o.is_multiple_of(self.lanes)
+    }
+
+    /// `y (t, o) = β·x (t, i) · Wᵀ`, plus `y`'s own values when `accumulate`, on this thread.
+    /// `w` holds `W (o, i)` with row stride `w_rs` (unit column stride); `x` is `(t, i)` at strides
+    /// `(x_rs, x_cs)`; `y` has row stride `y_rs` and unit column stride.
+    ///
+    /// # Safety
+    /// The pointers address matrices of the stated shapes inside live buffers (`y` initialized
+    /// when `accumulate`), `y` overlaps neither operand, and `self.fits(o)`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn x_wt(
+        self,
+        y: *mut f32,
+        y_rs: usize,
+        (t, o, i): (usize, usize, usize),
+        accumulate: bool,
+        x: (*const f32, isize, isize),
+        w: *const f32,
+        w_rs: usize,
+        beta: f32,
+    ) {
+        debug_assert!(self.fits(o));
+        let mr = self.mr();
+        let (x, x_rs, x_cs) = x;
+        let mut panels = PANELS.take();
+        let need = o * KC.min(i);
+        if panels.len() < need {
+            panels = vec![0f32; need];
+        }
+        let packed = panels.as_mut_ptr();
+        for k0 in (0..i).step_by(KC) {
+            let kc = KC.min(i - k0);
+            // Panel p: output features p·mr.. (the last one narrower), depth k0..k0 + kc, stored
+            // as a (kc, width) row-major matrix at offset p·mr·kc.
+            for o0 in (0..o).step_by(mr) {
+                let width = mr.min(o - o0);
+                super::transpose::columns_to_rows(
+                    packed.add(o0 * kc),
+                    w.add(o0 * w_rs + k0),
+                    w_rs,
+                    (kc, width),
+                );
+            }
+            // Overwrite on the first block unless accumulating, add on the others.
+            let alpha_status = u8::from(accumulate || k0 > 0);
+            for t0 in (0..t).step_by(NR) {
+                let cols = NR.min(t - t0);
+                let rhs = x.offset(t0 as isize * x_rs + k0 as isize * x_cs);
+                for o0 in (0..o).step_by(mr) {
+                    let width = mr.min(o - o0);
+                    let kernel = self.table[width / self.lanes - 1][cols - 1];
+                    let lhs = packed.add(o0 * kc);
+                    kernel(
+                        width,
+                        cols,
+                        kc,
+                        y.add(t0 * y_rs + o0),
+                        lhs,
+                        rhs,
+                        y_rs as isize,
+                        1,
+                        width as isize,
+                        x_cs,
+                        x_rs,
+                        1.0,
+                        beta,
+                        alpha_status,
+                        false,
+                        false,
+                        false,
+                        lhs,
+                    );
+                }
+            }
+        }
+        if panels.len() <= PANELS_KEEP {
+            PANELS.set(panels);
+        }
+    }
+}
+
+/// [`gemm_into`](super::matmul::gemm_into)'s product on this thread when `rhs (k, n)` is the
+/// transpose of a row-major matrix (a frozen weight in `x·Wᵀ`) and this CPU has kernels for it;
+/// `false`, with nothing written, otherwise.
+///
+/// # Safety
+/// As `gemm_into`, with `k > 0`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn x_wt<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+) -> bool {
+    if T::DTYPE != DType::F32 || rhs.rs != 1 || rhs.cs <= 1 {
+        return false;
+    }
+    let Some(kernels) = Kernels::detected().filter(|ks| ks.fits(n)) else {
+        return false;
+    };
+    // SAFETY: T is f32; rhs (k, n) is the row-major (n, k) matrix at rhs.ptr, row stride rhs.cs.
+    kernels.x_wt(
+        dst as *mut f32,
+        dst_rs,
+        (m, n, k),
+        accumulate,
+        (lhs.ptr as *const f32, lhs.rs, lhs.cs),
+        rhs.ptr as *const f32,
+        rhs.cs as usize,
+        beta.to_f64() as f32,
+    );
+    true
+}
+
+/// Panels up to this many f32 (8 MiB) are kept for the next call on this thread.
+const PANELS_KEEP: usize = 2 << 20;
+
+thread_local! {
+    /// This thread's packed panels, kept between calls; taken out while in use.
+    static PANELS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::{Isa, Kernels};
+
+    /// Against the naive product in f64, with every kernel set this CPU runs: depths across
+    /// several packed blocks and off the block size, token counts off the tile width, narrow last
+    /// panels, padded strides, overwrite and accumulate.
+    #[test]
+    fn x_wt_equals_naive_product() {
+        let mut ran = 0;
+        for kernels in Isa::each().into_iter().filter_map(Kernels::for_isa) {
+            for &(t, o, i) in &[(1, 16, 3), (13, 64, 100), (70, 208, 1100), (6, 80, 512)] {
+                if !kernels.fits(o) {
+                    continue;
+                }
+                for accumulate in [false, true] {
+                    let (x_rs, w_rs, y_rs) = (i + 3, i + 5, o + 7);
+                    let x: Vec<f32> = (0..t * x_rs)
+                        .map(|v| ((v * 37 % 101) as f32 - 50.0) / 64.0)
+                        .collect();
+                    let w: Vec<f32> = (0..o * w_rs)
+                        .map(|v| ((v * 53 % 97) as f32 - 48.0) / 128.0)
+                        .collect();
+                    let start: Vec<f32> = (0..t * y_rs).map(|v| (v % 11) as f32 - 5.0).collect();
+                    let mut y = start.clone();
+                    let beta = 0.75f32;
+                    // SAFETY: the buffers hold the stated shapes at the stated strides.
+                    unsafe {
+                        kernels.x_wt(
+                            y.as_mut_ptr(),
+                            y_rs,
+                            (t, o, i),
+                            accumulate,
+                            (x.as_ptr(), x_rs as isize, 1),
+                            w.as_ptr(),
+                            w_rs,
+                            beta,
+                        )
+                    };
+                    for r in 0..t {
+                        for c in 0..y_rs {
+                            let got = y[r * y_rs + c];
+                            if c >= o {
+                                assert_eq!(
+                                    got,
+                                    start[r * y_rs + c],
+                                    "padding written at ({r}, {c})"
+                                );
+                                continue;
+                            }
+                            let dot: f64 = (0..i)
+                                .map(|p| x[r * x_rs + p] as f64 * w[c * w_rs + p] as f64)
+                                .sum();
+                            let want = beta as f64 * dot
+                                + if accumulate {
+                                    start[r * y_rs + c] as f64
+                                } else {
+                                    0.0
+                                };
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "({t}, {o}, {i}) acc {accumulate}: y[{r}, {c}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                    ran += 1;
+                }
+            }
+        }
+        assert!(ran > 0 || Kernels::detected().is_none());
+    }
+}
