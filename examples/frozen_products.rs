@@ -3,13 +3,14 @@
 //! weight, at a given token count. Eight copies of each weight are used in turn, so that each
 //! call reads its weight from memory as a training step does (a step touches hundreds of MB).
 //!
-//!   cargo run --release --example frozen_products -- [TOKENS] [REPS]
+//!   cargo run --release --example frozen_products -- [TOKENS] [REPS] [0.6b|1.7b]
 //!
 //! The last column, the forward's median time over the input gradient's, shows a change to one
 //! of the two on a machine whose speed drifts between runs.
 //!
 //! Defaults: 325 tokens (about the mean batch-1 step of `sftd bench` on examples/tool_calls.jsonl
-//! at `--seq-len 512`), 24 repetitions. Shapes: Qwen3-0.6B's layer (hidden 1024, intermediate 3072,
+//! at `--seq-len 512`), 24 repetitions, Qwen3-0.6B's layer shape (hidden 1024, intermediate 3072, 16
+//! query and 8 key/value heads of 128); `1.7b` takes Qwen3-1.7B's (hidden 2048, intermediate 6144,
 //! 16 query and 8 key/value heads of 128). Threads: `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`.
 
 use candle_core::{Device, Tensor};
@@ -17,25 +18,27 @@ use sftd::train::nn::{frozen_linear, frozen_linear_grad};
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
-    let tokens = args
-        .next()
-        .transpose()
-        .expect("TOKENS: a number")
-        .unwrap_or(325);
-    let reps = args
-        .next()
-        .transpose()
-        .expect("REPS: a number")
-        .unwrap_or(24);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize, default: usize, what: &str| {
+        args.get(i).map_or(default, |a| {
+            a.parse()
+                .unwrap_or_else(|_| panic!("{what}: a number, got {a}"))
+        })
+    };
+    let (tokens, reps) = (number(0, 325, "TOKENS"), number(1, 24, "REPS"));
+    let (hidden, intermediate) = match args.get(2).map(String::as_str) {
+        None | Some("0.6b") => (1024, 3072),
+        Some("1.7b") => (2048, 6144),
+        Some(other) => panic!("shape: 0.6b or 1.7b, got {other}"),
+    };
     let dev = Device::Cpu;
-    // (name, out features, in features)
+    // (name, out features, in features); 16 query and 8 key/value heads of 128 in both shapes.
     let projections = [
-        ("q_proj", 2048, 1024),
-        ("k_proj / v_proj", 1024, 1024),
-        ("o_proj", 1024, 2048),
-        ("gate_proj / up_proj", 3072, 1024),
-        ("down_proj", 1024, 3072),
+        ("q_proj", 2048, hidden),
+        ("k_proj / v_proj", 1024, hidden),
+        ("o_proj", hidden, 2048),
+        ("gate_proj / up_proj", intermediate, hidden),
+        ("down_proj", hidden, intermediate),
     ];
     println!("{tokens} tokens, {reps} calls each; best / median ms and GFLOP/s");
     for (name, out, inp) in projections {
