@@ -239,7 +239,8 @@ mod tests {
     /// Against the naive product in f64, with every kernel set this CPU runs: depths across
     /// several packed blocks and off the block size, token counts off the tile width, narrow last
     /// panels, outputs wider than one packed chunk (528 = 256 + 256 + 16 features), padded
-    /// strides, overwrite and accumulate.
+    /// strides, `x` row-major and column-major (`gemm_into` passes any strides),
+    /// overwrite and accumulate.
     #[test]
     fn x_wt_equals_naive_product() {
         let mut ran = 0;
@@ -254,11 +255,19 @@ mod tests {
                 if !kernels.fits(o) {
                     continue;
                 }
-                for accumulate in [false, true] {
-                    let (x_rs, w_rs, y_rs) = (i + 3, i + 5, o + 7);
-                    let x: Vec<f32> = (0..t * x_rs)
+                // x row-major (padded rows), then column-major (x read through its transpose).
+                for (accumulate, x_rs, x_cs) in [
+                    (false, i + 3, 1),
+                    (true, i + 3, 1),
+                    (false, 1, t + 2),
+                    (true, 1, t + 2),
+                ] {
+                    let (w_rs, y_rs) = (i + 5, o + 7);
+                    let x_len = if x_cs == 1 { t * x_rs } else { i * x_cs };
+                    let x: Vec<f32> = (0..x_len)
                         .map(|v| ((v * 37 % 101) as f32 - 50.0) / 64.0)
                         .collect();
+                    let x_at = |r: usize, p: usize| x[r * x_rs + p * x_cs];
                     let w: Vec<f32> = (0..o * w_rs)
                         .map(|v| ((v * 53 % 97) as f32 - 48.0) / 128.0)
                         .collect();
@@ -272,7 +281,7 @@ mod tests {
                             y_rs,
                             (t, o, i),
                             accumulate,
-                            (x.as_ptr(), x_rs as isize, 1),
+                            (x.as_ptr(), x_rs as isize, x_cs as isize),
                             w.as_ptr(),
                             w_rs,
                             beta,
@@ -290,7 +299,7 @@ mod tests {
                                 continue;
                             }
                             let dot: f64 = (0..i)
-                                .map(|p| x[r * x_rs + p] as f64 * w[c * w_rs + p] as f64)
+                                .map(|p| x_at(r, p) as f64 * w[c * w_rs + p] as f64)
                                 .sum();
                             let want = beta as f64 * dot
                                 + if accumulate {
@@ -300,7 +309,8 @@ mod tests {
                                 };
                             assert!(
                                 (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                "({t}, {o}, {i}) acc {accumulate}: y[{r}, {c}] = {got}, want {want}"
+                                "({t}, {o}, {i}) acc {accumulate} x strides ({x_rs}, {x_cs}): \
+                                 y[{r}, {c}] = {got}, want {want}"
                             );
                         }
                     }
