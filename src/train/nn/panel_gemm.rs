@@ -126,8 +126,11 @@ impl Kernels {
         let mr = self.mr();
         let (x, x_rs, x_cs) = x;
         let kc_max = KC.min(i);
-        // Output features packed at a time: a chunk's panels stay within PANEL_BYTES.
-        let mc = (PANEL_BYTES / (kc_max * 4) / mr * mr).max(mr);
+        // Output features packed at a time: a chunk's panels stay within PANEL_BYTES, and within
+        // what gemm itself would pack for this CPU's L2 (half of it on a 512 KiB L2 with AVX2).
+        let gemm_mc = gemm_common::cache::kernel_params(o, t, i, mr, NR, 4).mc;
+        let mc = (PANEL_BYTES / (kc_max * 4)).min(gemm_mc) / mr * mr;
+        let mc = mc.max(mr);
         let mut panels = PANELS.take();
         let need = o.min(mc) * kc_max;
         if panels.len() < need {
