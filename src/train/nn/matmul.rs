@@ -142,9 +142,9 @@ const SPLIT_PARTS_PER_THREAD: usize = 4;
 /// must not be read once per part.
 const SPLIT_TALL: usize = 4;
 
-/// One product on gemm's micro-kernels for [`gemm_into`]'s arguments: a frozen weight read
-/// transposed through `panel_gemm`, anything else through `gemm::gemm` (a transposed rhs copied
-/// row-major first).
+/// One product on gemm's micro-kernels for [`gemm_into`]'s arguments: a transposed row-major rhs
+/// through `panel_gemm` where it applies, anything else through `gemm::gemm` (a transposed rhs
+/// copied row-major first).
 ///
 /// # Safety
 /// As [`gemm_into`], with `k > 0`.
@@ -159,7 +159,8 @@ unsafe fn gemm_one<T: WithDType>(
     beta: T,
     par: gemm::Parallelism,
 ) {
-    // A frozen weight read as `Wᵀ` on one thread: packed straight into the micro-kernels' panels.
+    // A transposed row-major rhs (a frozen weight in `x·Wᵀ`, the keys in attention's `q·kᵀ`) on
+    // one thread: packed straight into the micro-kernels' panels.
     if matches!(par, gemm::Parallelism::None)
         && m >= super::transpose::TRANSPOSE_MIN_ROWS
         && super::panel_gemm::x_wt(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta)
