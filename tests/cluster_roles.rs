@@ -7,7 +7,8 @@
 //! process) runs a job on PostgreSQL and streams it; a job created on an API node is
 //! estimated by the worker and left queued when it is too big for it, and failed once it has
 //! waited the placement grace; a checkpoint upload that
-//! fails because the storage is down requeues the job, which succeeds once the storage is back.
+//! fails because the storage is down requeues the job, which succeeds once the storage is back;
+//! `/readyz` answers 503 within its bound while the database hangs, and 200 once it answers.
 
 mod common;
 
@@ -21,7 +22,10 @@ use common::{example, open_stream, read_sse, tiny_job};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until `path` no longer exists (a worker drops its copies after recording the end).
 async fn wait_gone(path: &Path) {
@@ -375,4 +379,74 @@ async fn a_checkpoint_upload_while_storage_is_down_requeues_the_job_which_succee
         .starts_with("Resuming from checkpoint step-")));
     assert_eq!(stored, (1..=10).map(|i| 4 * i).collect::<Vec<_>>());
     assert!(!statuses(&events).contains(&"failed".to_string()));
+}
+
+/// A TCP proxy on a free loopback port to `target`, passing bytes both ways until the returned
+/// flag is set; then it holds every connection open and passes nothing, as a database host that
+/// has stalled (or a partition that drops packets) looks to its clients, until it is cleared.
+async fn stallable_proxy(target: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", target))
+                .await
+                .unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        while flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (port, stalled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_in_time_while_the_database_hangs() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.database().await;
+    let (proxy_port, stalled) = stallable_proxy(pg.port).await;
+    let via_proxy = url.replace(&format!(":{}/", pg.port), &format!(":{proxy_port}/"));
+    assert_ne!(via_proxy, url, "the database URL names the server's port");
+    let node = api_node(&cluster_env(&via_proxy));
+    let (st, body) = node.get("/readyz").await;
+    assert_eq!((st, &body["database"]), (200, &json!(true)), "{body}");
+
+    stalled.store(true, Ordering::SeqCst);
+    let asked = Instant::now();
+    let (st, body) = node.get("/readyz").await;
+    let took = asked.elapsed();
+    assert_eq!(st, 503, "{body}");
+    assert_eq!(body["database"], json!(false), "{body}");
+    assert!(took < Duration::from_secs(5), "/readyz took {took:?}");
+
+    stalled.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, body) = node.get("/readyz").await;
+        if st == 200 {
+            assert_eq!(body["database"], json!(true), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready again: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1,7 +1,7 @@
-//! Probes and metrics: `/healthz` (the process answers), `/readyz` (the database answers and
-//! the worker thread runs and still comes round to the queue), `/metrics` (Prometheus text:
-//! queue depth, jobs by status, tokens trained, SSE clients, and every registered worker's
-//! state, free memory and heartbeat age).
+//! Probes and metrics: `/healthz` (the process answers), `/readyz` (the database answers within
+//! two seconds and the worker thread runs and still comes round to the queue), `/metrics`
+//! (Prometheus text: queue depth, jobs by status, tokens trained, SSE clients, and every
+//! registered worker's state, free memory and heartbeat age).
 
 use super::AppState;
 use crate::store::JobStatus;
@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// The probes, public so orchestrators need no key.
 pub fn routes() -> Router<AppState> {
@@ -30,8 +31,16 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
+/// How long `/readyz` waits for the database: a server that hangs (a stalled host, a network
+/// partition that drops packets) would otherwise hold the probe open until the orchestrator's own
+/// timeout, which reports no reason.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    let db = s.store.ping().await.is_ok();
+    let db = matches!(
+        tokio::time::timeout(READY_DB_TIMEOUT, s.store.ping()).await,
+        Ok(Ok(()))
+    );
     let worker_state = if !s.worker.is_alive() {
         "stopped"
     } else if s.worker.is_stalled() {
