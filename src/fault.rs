@@ -2,8 +2,10 @@
 //! cleanup, like `kill -9`) the n-th time execution reaches `fault::point("name")`;
 //! `SFTD_FAULT_FAIL=name:n` makes `fault::fails("name")` true from its n-th call on (a store
 //! write that keeps failing); `SFTD_FAULT_HANG=name:n` blocks the calling thread for good at
-//! the n-th `fault::hang("name")` (a thread that is stuck rather than dead). Unset, each check
-//! only reads a once-initialised static.
+//! the n-th `fault::hang("name")` (a thread that is stuck rather than dead);
+//! `SFTD_FAULT_PAUSE=name:n` stops the calling thread for `SFTD_FAULT_PAUSE_MS` (default 3000)
+//! at the n-th `fault::pause("name")`, so a test can change the world in between. Unset, each
+//! check only reads a once-initialised static.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -35,6 +37,7 @@ impl Armed {
 static ABORT: OnceLock<Option<Armed>> = OnceLock::new();
 static FAIL: OnceLock<Option<Armed>> = OnceLock::new();
 static HANG: OnceLock<Option<Armed>> = OnceLock::new();
+static PAUSE: OnceLock<Option<Armed>> = OnceLock::new();
 
 /// Aborts here if this is the n-th hit of the point `SFTD_FAULT_POINT` names.
 pub fn point(name: &str) {
@@ -72,5 +75,24 @@ pub fn hang(name: &str) {
         loop {
             std::thread::park();
         }
+    }
+}
+
+/// Sleeps `SFTD_FAULT_PAUSE_MS` here if this is the n-th hit of the point `SFTD_FAULT_PAUSE`
+/// names, announcing it on stderr first.
+pub fn pause(name: &str) {
+    let Some(armed) = PAUSE.get_or_init(|| Armed::from_env("SFTD_FAULT_PAUSE")) else {
+        return;
+    };
+    if armed.hit(name) == Some(armed.nth) {
+        let ms = std::env::var("SFTD_FAULT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        eprintln!(
+            "sftd: SFTD_FAULT_PAUSE {name}:{} reached; pausing {ms} ms",
+            armed.nth
+        );
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -8,7 +8,9 @@
 //! estimated by the worker and left queued when it is too big for it, and failed once it has
 //! waited the placement grace; a checkpoint upload that
 //! fails because the storage is down requeues the job, which succeeds once the storage is back;
-//! `/readyz` answers 503 within its bound while the database hangs, and 200 once it answers.
+//! `/readyz` answers 503 within its bound while the database hangs, and 200 once it answers; a
+//! worker whose checkpoint row or success is refused (its claim taken meanwhile) deletes the
+//! checkpoint or the result files it stored.
 
 mod common;
 
@@ -449,4 +451,110 @@ async fn readyz_answers_503_in_time_while_the_database_hangs() {
         assert!(Instant::now() < deadline, "not ready again: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A worker whose checkpoint row is refused because its claim was taken between publishing the
+/// checkpoint and writing the row deletes what it published: no row will ever name those objects,
+/// and the job's later prunes may not come (the stale worker's upload can land after the final
+/// one). The take-over is forced by raising the job's epoch while the worker is held at that
+/// point; the lease is long, so no other claim (and no prune) comes in the meantime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_row_is_refused_is_deleted_by_the_worker_that_published_it() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.database().await;
+    let s3 = S3Server::start();
+    let env = s3
+        .storage_env(cluster_env(&url), "withdraw")
+        .with("SFTD_LEASE_MS", "60000")
+        .with("SFTD_FAULT_PAUSE", "checkpoint_published:2")
+        .with("SFTD_FAULT_PAUSE_MS", "3000");
+    let mut s = env.node("serve").start();
+    let db = PgPool::connect(&url).await.unwrap();
+    let file = s.upload(&example("text.jsonl")).await;
+    let job = s.create_job(&tiny_job(&file, 40, 2)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Held with the second checkpoint (step 4) published and its row not yet written.
+    wait_logged(&mut s, "SFTD_FAULT_PAUSE checkpoint_published:2 reached").await;
+    let (_, epoch, _) = claim_of(&db, &job).await;
+    let published = s3.object_path(&format!(
+        "withdraw/jobs/{job}/checkpoints/epoch-{epoch}/step-4"
+    ));
+    assert!(published.join("manifest.json").is_file());
+    sqlx::query("UPDATE jobs SET epoch = epoch + 1 WHERE id = $1")
+        .bind(&job)
+        .execute(&db)
+        .await
+        .unwrap();
+    wait_logged(
+        &mut s,
+        "checkpoint row refused (lease lost): its objects deleted",
+    )
+    .await;
+    assert!(
+        !published.join("manifest.json").exists(),
+        "{} is still stored",
+        published.display()
+    );
+    // The first checkpoint, whose row committed, stays.
+    assert_eq!(checkpoint_steps(&db, &job).await, [2]);
+    assert!(s3
+        .object_path(&format!(
+            "withdraw/jobs/{job}/checkpoints/epoch-{epoch}/step-2/manifest.json"
+        ))
+        .is_file());
+}
+
+/// The same for a run's result files: a worker whose success is refused (its claim taken after
+/// it stored the adapter and metrics under its own epoch's keys) deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_files_whose_success_is_refused_are_deleted_by_the_worker_that_stored_them() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.database().await;
+    let s3 = S3Server::start();
+    let env = s3
+        .storage_env(cluster_env(&url), "withdraw")
+        .with("SFTD_LEASE_MS", "60000")
+        .with("SFTD_FAULT_PAUSE", "results_published:1")
+        .with("SFTD_FAULT_PAUSE_MS", "3000");
+    let mut s = env.node("serve").start();
+    let db = PgPool::connect(&url).await.unwrap();
+    let file = s.upload(&example("text.jsonl")).await;
+    let job = s.create_job(&tiny_job(&file, 4, 2)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_logged(&mut s, "SFTD_FAULT_PAUSE results_published:1 reached").await;
+    let (_, epoch, _) = claim_of(&db, &job).await;
+    let results = s3.object_path(&format!("withdraw/jobs/{job}/results/epoch-{epoch}"));
+    let stored = |name: &str| results.join(name).is_file();
+    assert!(stored("adapter_model.safetensors") && stored("metrics.csv"));
+    sqlx::query("UPDATE jobs SET epoch = epoch + 1 WHERE id = $1")
+        .bind(&job)
+        .execute(&db)
+        .await
+        .unwrap();
+    wait_logged(&mut s, "success refused (lease lost)").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.csv",
+    ]
+    .iter()
+    .any(|n| stored(n))
+    {
+        assert!(Instant::now() < deadline, "result files still stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+        .bind(&job)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        status, "running",
+        "the job is the new claim's, not succeeded"
+    );
 }

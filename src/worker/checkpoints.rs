@@ -3,7 +3,8 @@
 //! then commits a row naming that key (a write the store fences by epoch). A run resumes only
 //! from what committed rows name, and a holder deletes only the checkpoint directories no row
 //! names, of its own epoch or older ones. So a worker that lost its claim (frozen, cut off) can
-//! write only objects that no committed row refers to, and deletes none that one does.
+//! write only objects that no committed row refers to, and deletes none that one does; when its
+//! row is refused it deletes what it just published ([`withdraw`]).
 //!
 //! The trainer writes each checkpoint to `jobs/<id>/checkpoints/step-<N>` in the data dir (its
 //! staging directory); [`publish`] moves it to the claim's key, then uploads it unless the
@@ -84,6 +85,32 @@ fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         durable::sync_path(dir).map_err(std::io::Error::other)?;
     }
     Ok(())
+}
+
+/// Deletes the checkpoint this claim published under `key` after the store did not take its row,
+/// unless a committed row names it after all (a retried write whose first try had landed).
+/// Otherwise the job is another claim's now, or cancelled: no row will ever name these objects
+/// (the key carries this claim's epoch), and the holder's prunes, which would delete them while
+/// the job runs, may already be over. Returns whether it deleted.
+pub async fn withdraw(
+    store: &Store,
+    storage: &Storage,
+    job_id: &str,
+    key: &str,
+) -> anyhow::Result<bool> {
+    let named = store
+        .list_checkpoints(job_id, None, i64::MAX)
+        .await?
+        .iter()
+        .any(|row| row.path == key);
+    if named {
+        return Ok(false);
+    }
+    storage.delete_prefix(key).await?;
+    match std::fs::remove_dir_all(storage.local_path(key)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(true),
+    }
 }
 
 /// The checkpoint a run resumes from, and why each newer committed one was passed over.

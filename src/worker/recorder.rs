@@ -203,6 +203,7 @@ impl<'a> Recorder<'a> {
             self.storage_down = !already_lost;
             return;
         };
+        crate::fault::pause("checkpoint_published");
         let recorded = self.store_write(&what, || {
             ctx.rt.block_on(store.add_checkpoint_keeping(
                 lease,
@@ -212,14 +213,36 @@ impl<'a> Recorder<'a> {
                 keep,
             ))
         });
-        // Only the holder prunes: a refused row means the job is someone else's now.
-        if recorded == Some(true) {
-            let pruned = ctx
-                .rt
-                .block_on(checkpoints::prune(store, &ctx.storage, lease));
-            if let Err(e) = pruned {
-                tracing::warn!(job = %lease.job_id, error = %e, "could not delete old stored checkpoints");
+        match recorded {
+            // Only the holder prunes.
+            Some(true) => {
+                let pruned = ctx
+                    .rt
+                    .block_on(checkpoints::prune(store, &ctx.storage, lease));
+                if let Err(e) = pruned {
+                    tracing::warn!(job = %lease.job_id, error = %e, "could not delete old stored checkpoints");
+                }
             }
+            // Not taken: the job is someone else's now (or cancelled), and what this claim just
+            // published is named by no row, ever (unless an earlier try of this write landed).
+            Some(false) => {
+                let withdrawn = ctx.rt.block_on(checkpoints::withdraw(
+                    store,
+                    &ctx.storage,
+                    &lease.job_id,
+                    &key,
+                ));
+                match withdrawn {
+                    Ok(true) => {
+                        tracing::warn!(job = %lease.job_id, key, "checkpoint row refused (lease lost): its objects deleted")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(job = %lease.job_id, key, error = %e, "checkpoint row refused (lease lost): could not delete its objects")
+                    }
+                }
+            }
+            None => {}
         }
     }
 }

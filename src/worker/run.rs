@@ -447,6 +447,7 @@ fn finish(
         .block_on(artifacts::publish_results(&ctx.storage, &lease, &files))?;
     // The trainer's staging directory, now empty.
     let _ = std::fs::remove_dir(adapter_dir);
+    crate::fault::pause("results_published");
     let results = published
         .into_iter()
         .map(|(key, bytes)| NewFile {
@@ -460,8 +461,19 @@ fn finish(
         })
         .collect::<Vec<_>>();
     let name = fine_tuned_model_name(&job.model, spec.suffix.as_deref(), &job.id);
-    ctx.rt
-        .block_on(store.succeed_job(&lease, trained_tokens as i64, &name, &results))?;
+    let succeeded =
+        ctx.rt
+            .block_on(store.succeed_job(&lease, trained_tokens as i64, &name, &results))?;
+    if !succeeded {
+        // The job is another claim's now (or cancelled): no row will ever name these keys, which
+        // carry this claim's epoch, and nothing else deletes them.
+        tracing::warn!(job = %job.id, "success refused (lease lost): deleting this claim's result files");
+        for file in &results {
+            if let Err(e) = ctx.rt.block_on(ctx.storage.delete(&file.path)) {
+                tracing::warn!(job = %job.id, key = %file.path, error = %e, "could not delete a refused result file");
+            }
+        }
+    }
     Ok(())
 }
 
