@@ -453,56 +453,94 @@ async fn readyz_answers_503_in_time_while_the_database_hangs() {
     }
 }
 
+/// A `sftd serve` on PostgreSQL and S3 (bucket prefix `withdraw`) running one job, held at the
+/// fault point `pause` (`SFTD_FAULT_PAUSE`) for three seconds, with a lease of a minute so that
+/// no other claim (and no prune) comes while a test looks.
+struct Held {
+    _pg: PgServer,
+    s3: S3Server,
+    serve: common::Server,
+    db: PgPool,
+    job: String,
+    /// The held claim's epoch.
+    epoch: i64,
+}
+
+impl Held {
+    async fn start(pause: &str, max_steps: u32, save_steps: u32) -> Option<Held> {
+        let pg = PgServer::start()?;
+        let url = pg.database().await;
+        let s3 = S3Server::start();
+        let env = s3
+            .storage_env(cluster_env(&url), "withdraw")
+            .with("SFTD_LEASE_MS", "60000")
+            .with("SFTD_FAULT_PAUSE", pause)
+            .with("SFTD_FAULT_PAUSE_MS", "3000");
+        let mut serve = env.node("serve").start();
+        let db = PgPool::connect(&url).await.unwrap();
+        let file = serve.upload(&example("text.jsonl")).await;
+        let job = serve
+            .create_job(&tiny_job(&file, max_steps, save_steps))
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        wait_logged(&mut serve, &format!("SFTD_FAULT_PAUSE {pause} reached")).await;
+        let (_, epoch, _) = claim_of(&db, &job).await;
+        Some(Held {
+            _pg: pg,
+            s3,
+            serve,
+            db,
+            job,
+            epoch,
+        })
+    }
+
+    /// The path in the bucket of the key `jobs/<job>/<rest>`.
+    fn stored(&self, rest: &str) -> std::path::PathBuf {
+        self.s3
+            .object_path(&format!("withdraw/jobs/{}/{rest}", self.job))
+    }
+
+    /// Another claim takes the job, as far as the store's fencing is concerned.
+    async fn take_over(&self) {
+        sqlx::query("UPDATE jobs SET epoch = epoch + 1 WHERE id = $1")
+            .bind(&self.job)
+            .execute(&self.db)
+            .await
+            .unwrap();
+    }
+}
+
 /// A worker whose checkpoint row is refused because its claim was taken between publishing the
 /// checkpoint and writing the row deletes what it published: no row will ever name those objects,
 /// and the job's later prunes may not come (the stale worker's upload can land after the final
-/// one). The take-over is forced by raising the job's epoch while the worker is held at that
-/// point; the lease is long, so no other claim (and no prune) comes in the meantime.
+/// one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_whose_row_is_refused_is_deleted_by_the_worker_that_published_it() {
-    let Some(pg) = PgServer::start() else { return };
-    let url = pg.database().await;
-    let s3 = S3Server::start();
-    let env = s3
-        .storage_env(cluster_env(&url), "withdraw")
-        .with("SFTD_LEASE_MS", "60000")
-        .with("SFTD_FAULT_PAUSE", "checkpoint_published:2")
-        .with("SFTD_FAULT_PAUSE_MS", "3000");
-    let mut s = env.node("serve").start();
-    let db = PgPool::connect(&url).await.unwrap();
-    let file = s.upload(&example("text.jsonl")).await;
-    let job = s.create_job(&tiny_job(&file, 40, 2)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // Held with the second checkpoint (step 4) published and its row not yet written.
-    wait_logged(&mut s, "SFTD_FAULT_PAUSE checkpoint_published:2 reached").await;
-    let (_, epoch, _) = claim_of(&db, &job).await;
-    let published = s3.object_path(&format!(
-        "withdraw/jobs/{job}/checkpoints/epoch-{epoch}/step-4"
-    ));
-    assert!(published.join("manifest.json").is_file());
-    sqlx::query("UPDATE jobs SET epoch = epoch + 1 WHERE id = $1")
-        .bind(&job)
-        .execute(&db)
-        .await
-        .unwrap();
+    let Some(mut h) = Held::start("checkpoint_published:2", 40, 2).await else {
+        return;
+    };
+    let epoch = h.epoch;
+    let published = h.stored(&format!("checkpoints/epoch-{epoch}/step-4/manifest.json"));
+    assert!(published.is_file());
+    h.take_over().await;
     wait_logged(
-        &mut s,
+        &mut h.serve,
         "checkpoint row refused (lease lost): its objects deleted",
     )
     .await;
     assert!(
-        !published.join("manifest.json").exists(),
+        !published.exists(),
         "{} is still stored",
         published.display()
     );
     // The first checkpoint, whose row committed, stays.
-    assert_eq!(checkpoint_steps(&db, &job).await, [2]);
-    assert!(s3
-        .object_path(&format!(
-            "withdraw/jobs/{job}/checkpoints/epoch-{epoch}/step-2/manifest.json"
-        ))
+    assert_eq!(checkpoint_steps(&h.db, &h.job).await, [2]);
+    assert!(h
+        .stored(&format!("checkpoints/epoch-{epoch}/step-2/manifest.json"))
         .is_file());
 }
 
@@ -510,47 +548,27 @@ async fn a_checkpoint_whose_row_is_refused_is_deleted_by_the_worker_that_publish
 /// it stored the adapter and metrics under its own epoch's keys) deletes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_files_whose_success_is_refused_are_deleted_by_the_worker_that_stored_them() {
-    let Some(pg) = PgServer::start() else { return };
-    let url = pg.database().await;
-    let s3 = S3Server::start();
-    let env = s3
-        .storage_env(cluster_env(&url), "withdraw")
-        .with("SFTD_LEASE_MS", "60000")
-        .with("SFTD_FAULT_PAUSE", "results_published:1")
-        .with("SFTD_FAULT_PAUSE_MS", "3000");
-    let mut s = env.node("serve").start();
-    let db = PgPool::connect(&url).await.unwrap();
-    let file = s.upload(&example("text.jsonl")).await;
-    let job = s.create_job(&tiny_job(&file, 4, 2)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    wait_logged(&mut s, "SFTD_FAULT_PAUSE results_published:1 reached").await;
-    let (_, epoch, _) = claim_of(&db, &job).await;
-    let results = s3.object_path(&format!("withdraw/jobs/{job}/results/epoch-{epoch}"));
-    let stored = |name: &str| results.join(name).is_file();
-    assert!(stored("adapter_model.safetensors") && stored("metrics.csv"));
-    sqlx::query("UPDATE jobs SET epoch = epoch + 1 WHERE id = $1")
-        .bind(&job)
-        .execute(&db)
-        .await
-        .unwrap();
-    wait_logged(&mut s, "success refused (lease lost)").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while [
+    let Some(mut h) = Held::start("results_published:1", 4, 2).await else {
+        return;
+    };
+    let names = [
         "adapter_model.safetensors",
         "adapter_config.json",
         "metrics.csv",
-    ]
-    .iter()
-    .any(|n| stored(n))
-    {
+    ];
+    let results = format!("results/epoch-{}", h.epoch);
+    let stored = |h: &Held, name: &str| h.stored(&format!("{results}/{name}")).is_file();
+    assert!(names.iter().all(|n| stored(&h, n)));
+    h.take_over().await;
+    wait_logged(&mut h.serve, "success refused (lease lost)").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names.iter().any(|n| stored(&h, n)) {
         assert!(Instant::now() < deadline, "result files still stored");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-        .bind(&job)
-        .fetch_one(&db)
+        .bind(&h.job)
+        .fetch_one(&h.db)
         .await
         .unwrap();
     assert_eq!(
