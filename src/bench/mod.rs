@@ -61,8 +61,9 @@ pub struct BenchArgs {
     /// `DATA_DIR/bench-models` on first use): `layers` = Qwen3-0.6B's layer shape (hidden 1024,
     /// intermediate 3072, 16/8 heads of 128), 8 layers, vocabulary 4096, tied, so the layers
     /// dominate as in real Qwen3 models; `head` = 4 such layers with Qwen3's full 151936-token
-    /// tied vocabulary, where the LM head is 70 % of the weights.
-    #[arg(long, value_parser = ["layers", "head"])]
+    /// tied vocabulary, where the LM head is 70 % of the weights; `layers-1.7b` = Qwen3-1.7B's
+    /// layer shape (hidden 2048, intermediate 6144, 16/8 heads of 128), 4 layers, vocabulary 4096.
+    #[arg(long, value_parser = ["layers", "head", "layers-1.7b"])]
     pub shape: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -316,16 +317,19 @@ pub fn peak_rss_mb() -> f64 {
 /// The random-init model of a `--shape`, generated into `DATA_DIR/bench-models` on first use.
 fn bench_model(data_dir: &std::path::Path, shape: &str) -> Result<PathBuf> {
     use crate::train::demo::{write_model, DemoSize};
-    let (name, layers, vocab) = match shape {
-        "layers" => ("qwen3-0.6b-layers-8l-v4096", 8, 4096),
-        "head" => ("qwen3-0.6b-4l-v151936", 4, 151936),
+    // (directory, hidden, intermediate, layers, vocabulary); 16 query and 8 key/value heads of
+    // 128 in all three, as in Qwen3-0.6B and -1.7B.
+    let (name, hidden, intermediate, layers, vocab) = match shape {
+        "layers" => ("qwen3-0.6b-layers-8l-v4096", 1024, 3072, 8, 4096),
+        "head" => ("qwen3-0.6b-4l-v151936", 1024, 3072, 4, 151936),
+        "layers-1.7b" => ("qwen3-1.7b-layers-4l-v4096", 2048, 6144, 4, 4096),
         other => bail!("unknown shape {other:?}"),
     };
     let dir = data_dir.join("bench-models").join(name);
     if !dir.join("model.safetensors").is_file() {
         let size = DemoSize {
-            hidden: 1024,
-            intermediate: 3072,
+            hidden,
+            intermediate,
             layers,
             heads: 16,
             kv_heads: 8,

@@ -12,7 +12,9 @@
 #   SHAPES ["layers head"]: layers = Qwen3-0.6B's layer shape (hidden 1024, intermediate 3072,
 #          16/8 heads of 128), 8 layers, vocabulary 4096, tied (the layers dominate, as in real
 #          Qwen3 models); head = the same layers, 4 of them, with Qwen3's full 151936-token tied
-#          vocabulary (the LM head is 70 % of the weights)
+#          vocabulary (the LM head is 70 % of the weights); layers-1.7b (not in the default set)
+#          = Qwen3-1.7B's layer shape (hidden 2048, intermediate 6144, 16/8 heads of 128), 4 layers,
+#          vocabulary 4096
 #   BATCHES ["1 4"]   CKPT ["on off"] gradient checkpointing
 #   LOSS_ON ["assistant all"]: sftd runs once per setting; transformers computes every
 #          position's logits either way, so it runs once and both sftd settings compare to it
@@ -37,6 +39,7 @@ model_dir() {
   case "$1" in
     layers) echo "$W/qwen3-0.6b-layers-8l-v4096" ;;
     head) echo "$W/qwen3-0.6b-4l-v151936" ;;
+    layers-1.7b) echo "$W/qwen3-1.7b-layers-4l-v4096" ;;
     *) echo "unknown shape $1" >&2; exit 2 ;;
   esac
 }
@@ -48,6 +51,8 @@ for s in $SHAPES; do
               --kv-heads 8 --head-dim 128 --vocab 4096 ;;
     head) "$SFTD" demo-model "$M" --hidden 1024 --intermediate 3072 --layers 4 --heads 16 \
               --kv-heads 8 --head-dim 128 --vocab 151936 ;;
+    layers-1.7b) "$SFTD" demo-model "$M" --hidden 2048 --intermediate 6144 --layers 4 --heads 16 \
+              --kv-heads 8 --head-dim 128 --vocab 4096 ;;
   esac
 done
 

@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-NAME = re.compile(r"(?P<shape>\w+?)_b(?P<b>\d+)_ckpt(?P<c>on|off)_(?:(?P<loss>assistant|all)_)?(?P<eng>sftd|before|hf)_r\d+\.json$")
+NAME = re.compile(r"^(?P<shape>[\w.-]+?)_b(?P<b>\d+)_ckpt(?P<c>on|off)_(?:(?P<loss>assistant|all)_)?(?P<eng>sftd|before|hf)_r\d+\.json$")
 
 
 def main(runs_dir):
@@ -46,7 +46,7 @@ def main(runs_dir):
     print("| shape | batch | ckpt | loss on | sftd tok/s best / median | transformers + PEFT tok/s best / median "
           "| ratio best / median | sftd peak RSS MiB | transformers peak RSS MiB | RSS ratio | runs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for key in sorted(sftd, key=lambda k: (k[0] != "layers", k[0], k[1], k[2] == "off", k[3] != "assistant")):
+    for key in sorted(sftd, key=lambda k: (not k[0].startswith("layers"), k[0], k[1], k[2] == "off", k[3] != "assistant")):
         s = sftd[key]
         h = hf.get(key[:3], [])
         st = [t for t, _ in s]
@@ -65,7 +65,7 @@ def main(runs_dir):
         print("\n| shape | batch | ckpt | loss on | before tok/s best / median | after tok/s best / median "
               "| after / before best / median | before peak RSS MiB | after peak RSS MiB | runs |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for key in sorted(before, key=lambda k: (k[0] != "layers", k[0], k[1], k[2] == "off", k[3] != "assistant")):
+        for key in sorted(before, key=lambda k: (not k[0].startswith("layers"), k[0], k[1], k[2] == "off", k[3] != "assistant")):
             bt = [t for t, _ in before[key]]
             at = [t for t, _ in sftd.get(key, [])]
             if not at:
