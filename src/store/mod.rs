@@ -136,6 +136,14 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
+                                .execute(conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
                     .connect(database_url)
                     .await?
             }
@@ -212,6 +220,15 @@ impl Store {
         Ok(())
     }
 }
+
+/// Set on every PostgreSQL session: the server ends a session that sits idle inside a
+/// transaction for 5 s. sftd runs a transaction's statements back to back, so only a client that
+/// stopped mid-transaction (a frozen worker: SIGSTOP, a paused VM, a swap storm) sits there, and
+/// it holds its row locks meanwhile. Every event write locks its job's row, so a worker frozen in
+/// one would otherwise block the take-over of that job, and the thread of every worker trying
+/// it, until it woke. Once the session is ended its locks are released; the frozen worker's
+/// commit fails when it wakes, and fencing refuses its retries.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "SET idle_in_transaction_session_timeout = '5s'";
 
 /// The SQLite pool: WAL, `FULL` sync (a commit returns only after the WAL is fsync'd, so a
 /// committed state change or event survives power loss, not only a crash of the process),

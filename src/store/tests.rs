@@ -505,3 +505,44 @@ async fn events_committed_elsewhere_reach_this_process_on_postgres() {
     let first = seen[0];
     assert_eq!(seen, (first..=23).collect::<Vec<_>>());
 }
+
+/// A session of this process that stops inside a transaction holding a job's row lock (a worker
+/// frozen in the middle of an event write) is ended by the server within seconds, so another
+/// process's write to that job goes through instead of waiting for it to wake.
+#[tokio::test]
+async fn a_transaction_left_open_on_postgres_blocks_other_writers_only_briefly() {
+    let Some(server) = testing::postgres::PgServer::start() else {
+        return;
+    };
+    let url = server.database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = Store::open(&url, dir.path()).await.unwrap();
+    let other = Store::open(&url, dir.path()).await.unwrap();
+    frozen.create_job(&job("ftjob-f", None)).await.unwrap();
+    frozen.mark_queued("ftjob-f").await.unwrap();
+    let lease = frozen
+        .claim_next_job(&claimant())
+        .await
+        .unwrap()
+        .unwrap()
+        .lease();
+    // An event write's first statement, then nothing: the transaction stays open.
+    let mut tx = frozen.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind("ftjob-f")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        other.append_running_event(&lease, &NewEvent::info("after the freeze")),
+    )
+    .await
+    .expect("the write waited a minute for the open transaction");
+    assert!(written.unwrap().is_some());
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}");
+    // The frozen session is gone: its transaction cannot commit.
+    assert!(tx.commit().await.is_err());
+}
