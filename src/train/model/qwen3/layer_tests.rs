@@ -165,11 +165,23 @@ fn check(dtype: DType, tol: f64) {
         .unwrap();
     let (fy, fx, fl) = run(&m, &x0, &cot, true);
     let (cy, cx, cl) = run(&m, &x0, &cot, false);
-    assert_close(&fy, &cy, tol, format!("{dtype:?} y"));
-    assert_close(&fx, &cx, tol, format!("{dtype:?} dx"));
+    // `tol` per unit of the oracle's largest magnitude (at least 1): the inputs are random, and
+    // a LoRA gradient sums over tokens, so its f32 rounding grows with it (an absolute 1e-4 failed
+    // about one run in 300 with a difference of 1.1e-4).
+    let close = |a: &Tensor, b: &Tensor, what: String| {
+        let scale = b
+            .abs()
+            .and_then(|v| v.max_all())
+            .and_then(|v| v.to_dtype(DType::F64))
+            .and_then(|v| v.to_scalar::<f64>())
+            .unwrap();
+        assert_close(a, b, tol * scale.max(1.0), what)
+    };
+    close(&fy, &cy, format!("{dtype:?} y"));
+    close(&fx, &cx, format!("{dtype:?} dx"));
     assert_eq!(fl.len(), 12, "six LoRA pairs");
     for (i, (f, c)) in fl.iter().zip(&cl).enumerate() {
-        assert_close(f, c, tol, format!("{dtype:?} LoRA grads {i}"));
+        close(f, c, format!("{dtype:?} LoRA grads {i}"));
     }
 }
 
