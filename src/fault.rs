@@ -39,16 +39,22 @@ static FAIL: OnceLock<Option<Armed>> = OnceLock::new();
 static HANG: OnceLock<Option<Armed>> = OnceLock::new();
 static PAUSE: OnceLock<Option<Armed>> = OnceLock::new();
 
+/// Whether this hit of `name` is the n-th that the fault armed through `var` names; if so,
+/// says so on stderr (`… reached; {what}`), which the tests wait for.
+fn reached(cell: &OnceLock<Option<Armed>>, var: &str, name: &str, what: &str) -> bool {
+    let Some(armed) = cell.get_or_init(|| Armed::from_env(var)) else {
+        return false;
+    };
+    let now = armed.hit(name) == Some(armed.nth);
+    if now {
+        eprintln!("sftd: {var} {name}:{} reached; {what}", armed.nth);
+    }
+    now
+}
+
 /// Aborts here if this is the n-th hit of the point `SFTD_FAULT_POINT` names.
 pub fn point(name: &str) {
-    let Some(armed) = ABORT.get_or_init(|| Armed::from_env("SFTD_FAULT_POINT")) else {
-        return;
-    };
-    if armed.hit(name) == Some(armed.nth) {
-        eprintln!(
-            "sftd: SFTD_FAULT_POINT {name}:{} reached; aborting",
-            armed.nth
-        );
+    if reached(&ABORT, "SFTD_FAULT_POINT", name, "aborting") {
         std::process::abort();
     }
 }
@@ -64,35 +70,21 @@ pub fn fails(name: &str) -> bool {
 /// Blocks the calling thread for good if this is the n-th hit of the point `SFTD_FAULT_HANG`
 /// names.
 pub fn hang(name: &str) {
-    let Some(armed) = HANG.get_or_init(|| Armed::from_env("SFTD_FAULT_HANG")) else {
-        return;
-    };
-    if armed.hit(name) == Some(armed.nth) {
-        eprintln!(
-            "sftd: SFTD_FAULT_HANG {name}:{} reached; this thread hangs",
-            armed.nth
-        );
+    if reached(&HANG, "SFTD_FAULT_HANG", name, "this thread hangs") {
         loop {
             std::thread::park();
         }
     }
 }
 
-/// Sleeps `SFTD_FAULT_PAUSE_MS` here if this is the n-th hit of the point `SFTD_FAULT_PAUSE`
-/// names, announcing it on stderr first.
+/// Sleeps `SFTD_FAULT_PAUSE_MS` (default 3000) here if this is the n-th hit of the point
+/// `SFTD_FAULT_PAUSE` names.
 pub fn pause(name: &str) {
-    let Some(armed) = PAUSE.get_or_init(|| Armed::from_env("SFTD_FAULT_PAUSE")) else {
-        return;
-    };
-    if armed.hit(name) == Some(armed.nth) {
+    if reached(&PAUSE, "SFTD_FAULT_PAUSE", name, "pausing") {
         let ms = std::env::var("SFTD_FAULT_PAUSE_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3000);
-        eprintln!(
-            "sftd: SFTD_FAULT_PAUSE {name}:{} reached; pausing {ms} ms",
-            armed.nth
-        );
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
