@@ -131,62 +131,64 @@ impl Kernels {
         let gemm_mc = gemm_common::cache::kernel_params(o, t, i, mr, NR, 4).mc;
         let mc = (PANEL_BYTES / (kc_max * 4)).min(gemm_mc) / mr * mr;
         let mc = mc.max(mr);
-        let mut panels = PANELS.take();
-        let need = o.min(mc) * kc_max;
-        if panels.len() < need {
-            panels = vec![0f32; need];
-        }
-        let packed = panels.as_mut_ptr();
-        for c0 in (0..o).step_by(mc) {
-            let chunk = mc.min(o - c0);
-            for k0 in (0..i).step_by(KC) {
-                let kc = KC.min(i - k0);
-                // Panel p: the chunk's output features p·mr.. (the last one narrower), depth
-                // k0..k0 + kc, stored as a (kc, width) row-major matrix at offset p·mr·kc.
-                for p0 in (0..chunk).step_by(mr) {
-                    let width = mr.min(chunk - p0);
-                    super::transpose::columns_to_rows(
-                        packed.add(p0 * kc),
-                        w.add((c0 + p0) * w_rs + k0),
-                        w_rs,
-                        (kc, width),
-                    );
-                }
-                // Overwrite on the first block unless accumulating, add on the others.
-                let alpha_status = u8::from(accumulate || k0 > 0);
-                for t0 in (0..t).step_by(NR) {
-                    let cols = NR.min(t - t0);
-                    let rhs = x.offset(t0 as isize * x_rs + k0 as isize * x_cs);
-                    for p0 in (0..chunk).step_by(mr) {
-                        let width = mr.min(chunk - p0);
-                        let kernel = self.table[width / self.lanes - 1][cols - 1];
-                        let lhs = packed.add(p0 * kc);
-                        kernel(
-                            width,
-                            cols,
-                            kc,
-                            y.add(t0 * y_rs + c0 + p0),
-                            lhs,
-                            rhs,
-                            y_rs as isize,
-                            1,
-                            width as isize,
-                            x_cs,
-                            x_rs,
-                            1.0,
-                            beta,
-                            alpha_status,
-                            false,
-                            false,
-                            false,
-                            lhs,
-                        );
+        super::transpose::with_scratch(o.min(mc) * kc_max * 4, |buf| {
+            let packed = buf as *mut f32;
+            for c0 in (0..o).step_by(mc) {
+                let chunk = mc.min(o - c0);
+                for k0 in (0..i).step_by(KC) {
+                    let kc = KC.min(i - k0);
+                    self.pack(packed, w.add(c0 * w_rs + k0), w_rs, (chunk, kc));
+                    // Overwrite on the first block unless accumulating, add on the others.
+                    let alpha_status = u8::from(accumulate || k0 > 0);
+                    for t0 in (0..t).step_by(NR) {
+                        let cols = NR.min(t - t0);
+                        let rhs = x.offset(t0 as isize * x_rs + k0 as isize * x_cs);
+                        for p0 in (0..chunk).step_by(mr) {
+                            let width = mr.min(chunk - p0);
+                            let kernel = self.table[width / self.lanes - 1][cols - 1];
+                            let lhs = packed.add(p0 * kc);
+                            kernel(
+                                width,
+                                cols,
+                                kc,
+                                y.add(t0 * y_rs + c0 + p0),
+                                lhs,
+                                rhs,
+                                y_rs as isize,
+                                1,
+                                width as isize,
+                                x_cs,
+                                x_rs,
+                                1.0,
+                                beta,
+                                alpha_status,
+                                false,
+                                false,
+                                false,
+                                lhs,
+                            );
+                        }
                     }
                 }
             }
-        }
-        if panels.len() <= PANELS_KEEP {
-            PANELS.set(panels);
+        })
+    }
+
+    /// Packs the weight block `(rows, kc)` at `w` (row stride `w_rs`) into panels: panel p holds
+    /// rows p·mr.. (the last one narrower) as a `(kc, width)` row-major matrix at `p·mr·kc`.
+    ///
+    /// # Safety
+    /// `packed` has room for `rows·kc` f32; `w` addresses the block inside a live buffer.
+    unsafe fn pack(self, packed: *mut f32, w: *const f32, w_rs: usize, (rows, kc): (usize, usize)) {
+        let mr = self.mr();
+        for p0 in (0..rows).step_by(mr) {
+            let width = mr.min(rows - p0);
+            super::transpose::columns_to_rows(
+                packed.add(p0 * kc),
+                w.add(p0 * w_rs),
+                w_rs,
+                (kc, width),
+            );
         }
     }
 }
@@ -225,14 +227,6 @@ pub(super) unsafe fn x_wt<T: WithDType>(
         beta.to_f64() as f32,
     );
     true
-}
-
-/// Panels up to this many f32 (8 MiB) are kept for the next call on this thread.
-const PANELS_KEEP: usize = 2 << 20;
-
-thread_local! {
-    /// This thread's packed panels, kept between calls; taken out while in use.
-    static PANELS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

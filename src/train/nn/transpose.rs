@@ -185,37 +185,44 @@ pub(super) unsafe fn with_row_major_rhs<T: WithDType, R>(
     if !(rhs.rs == 1 && rhs.cs > 1 && m >= TRANSPOSE_MIN_ROWS) {
         return f(rhs);
     }
-    let mut copy = TRANSPOSED.take();
-    let words = (k * n * std::mem::size_of::<T>()).div_ceil(8);
-    if copy.len() < words {
-        copy = vec![0f64; words];
-    }
-    let rows = copy.as_mut_ptr() as *mut T;
-    columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
-    let out = f(View {
-        ptr: rows as *const T,
-        rs: n as isize,
-        cs: 1,
-    });
-    if copy.len() <= TRANSPOSED_KEEP_WORDS {
-        TRANSPOSED.set(copy);
-    }
-    out
+    with_scratch(k * n * std::mem::size_of::<T>(), |buf| {
+        let rows = buf as *mut T;
+        columns_to_rows(rows, rhs.ptr, rhs.cs as usize, (k, n));
+        f(View {
+            ptr: rows as *const T,
+            rs: n as isize,
+            cs: 1,
+        })
+    })
 }
 
 /// Products with at least this many rows copy a transposed rhs into row-major order first: the
 /// copy moves each rhs element once, the product reads it `m` times.
 pub(super) const TRANSPOSE_MIN_ROWS: usize = 64;
 
-/// Copies up to this many f64 words (16 MiB) are kept for the next call; a larger one (a whole
-/// activation read transposed, say) is freed rather than held for the life of the thread.
-const TRANSPOSED_KEEP_WORDS: usize = 2 << 20;
+/// Runs `f` on this thread's scratch buffer of at least `bytes` bytes, aligned for f32 and f64:
+/// the transposed copies above and `panel_gemm`'s packed panels. It is kept between calls (up to
+/// 16 MiB; a larger one, a whole activation read transposed, say, is freed rather than held for
+/// the life of the thread), and taken out while in use, so a nested call allocates its own.
+pub(super) fn with_scratch<R>(bytes: usize, f: impl FnOnce(*mut u8) -> R) -> R {
+    let mut buf = SCRATCH.take();
+    let words = bytes.div_ceil(8);
+    if buf.len() < words {
+        buf = vec![0f64; words];
+    }
+    let out = f(buf.as_mut_ptr() as *mut u8);
+    if buf.len() <= SCRATCH_KEEP_WORDS {
+        SCRATCH.set(buf);
+    }
+    out
+}
+
+/// [`with_scratch`] keeps buffers up to this many f64 words (16 MiB).
+const SCRATCH_KEEP_WORDS: usize = 2 << 20;
 
 thread_local! {
-    /// [`with_row_major_rhs`]'s row-major copy of a transposed rhs, kept between calls (f64
-    /// words, aligned for f32 and f64). Taken out while in use, so a nested call allocates its
-    /// own.
-    static TRANSPOSED: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+    /// [`with_scratch`]'s buffer (f64 words, for the alignment).
+    static SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(test)]
