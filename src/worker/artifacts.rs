@@ -87,6 +87,18 @@ pub(super) async fn publish_results(
     Ok(out)
 }
 
+/// Deletes the result files [`publish_results`] stored, object and local copy, after the store
+/// refused the success that would name them (the job is another claim's now, or cancelled): no
+/// row will ever name these keys, which carry this claim's epoch, and nothing else deletes them.
+pub(super) async fn withdraw_results(storage: &Storage, keys: &[&str]) {
+    for key in keys {
+        match storage.delete(key).await {
+            Ok(()) => storage.forget_local(key).await,
+            Err(e) => tracing::warn!(key, error = %e, "could not delete a refused result file"),
+        }
+    }
+}
+
 /// Deletes this host's copies of what a run of `job` fetched or wrote that the artifact storage
 /// keeps: its dataset files and its checkpoints (the adapter stays, for chat on a node that
 /// shares this data dir). Any later run, here or elsewhere, fetches them again. Nothing is

@@ -106,10 +106,16 @@ pub async fn withdraw(
     if named {
         return Ok(false);
     }
-    storage.delete_prefix(key).await?;
-    match std::fs::remove_dir_all(storage.local_path(key)) {
+    delete_dir(storage, key).await?;
+    Ok(true)
+}
+
+/// Deletes the checkpoint directory `dir` in the storage and its copy in this data dir.
+async fn delete_dir(storage: &Storage, dir: &str) -> anyhow::Result<()> {
+    storage.delete_prefix(dir).await?;
+    match std::fs::remove_dir_all(storage.local_path(dir)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-        _ => Ok(true),
+        _ => Ok(()),
     }
 }
 
@@ -196,11 +202,7 @@ pub async fn prune(store: &Store, storage: &Storage, lease: &Lease) -> anyhow::R
         if epoch > lease.epoch || named.contains(&dir) {
             continue;
         }
-        storage.delete_prefix(&dir).await?;
-        match std::fs::remove_dir_all(storage.local_path(&dir)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
+        delete_dir(storage, &dir).await?;
         deleted.push(dir);
     }
     // Epoch directories left empty (a directory that still holds something stays).

@@ -465,14 +465,10 @@ fn finish(
         ctx.rt
             .block_on(store.succeed_job(&lease, trained_tokens as i64, &name, &results))?;
     if !succeeded {
-        // The job is another claim's now (or cancelled): no row will ever name these keys, which
-        // carry this claim's epoch, and nothing else deletes them.
         tracing::warn!(job = %job.id, "success refused (lease lost): deleting this claim's result files");
-        for file in &results {
-            if let Err(e) = ctx.rt.block_on(ctx.storage.delete(&file.path)) {
-                tracing::warn!(job = %job.id, key = %file.path, error = %e, "could not delete a refused result file");
-            }
-        }
+        let keys: Vec<&str> = results.iter().map(|f| f.path.as_str()).collect();
+        ctx.rt
+            .block_on(artifacts::withdraw_results(&ctx.storage, &keys));
     }
     Ok(())
 }
