@@ -511,13 +511,10 @@ async fn events_committed_elsewhere_reach_this_process_on_postgres() {
 /// process's write to that job goes through instead of waiting for it to wake.
 #[tokio::test]
 async fn a_transaction_left_open_on_postgres_blocks_other_writers_only_briefly() {
-    let Some(server) = testing::postgres::PgServer::start() else {
+    let Some((_server, dir, frozen)) = testing::pg_store().await else {
         return;
     };
-    let url = server.database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let frozen = Store::open(&url, dir.path()).await.unwrap();
-    let other = Store::open(&url, dir.path()).await.unwrap();
+    let other = Store::open(&frozen.database_url, dir.path()).await.unwrap();
     frozen.create_job(&job("ftjob-f", None)).await.unwrap();
     frozen.mark_queued("ftjob-f").await.unwrap();
     let lease = frozen
