@@ -95,7 +95,7 @@ pub fn bench(args: &GenerateArgs) -> Result<()> {
     };
     let report = GenerateReport {
         engine: "sftd (candle)",
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::train::nn::threads::count(),
         prompt_tokens: prompt.len(),
         new_tokens,
         runs: args.steps,

@@ -268,7 +268,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         seq_len: args.seq_len,
         gradient_checkpointing: !args.no_checkpointing,
         loss_on: args.loss_on.clone(),
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::train::nn::threads::count(),
         tokens_per_second,
         ms_per_step: timed * 1000.0 / args.steps as f64,
         mean_tokens_per_step: tokens as f64 / args.steps as f64,

@@ -108,7 +108,7 @@ fn par_jobs(segments: &[(usize, usize)], hkv: usize, job: impl Fn(usize, usize) 
     let mut jobs: Vec<(usize, usize)> = (0..segments.len())
         .flat_map(|s| (0..hkv).map(move |h| (s, h)))
         .collect();
-    let threads = candle_core::utils::get_num_threads().min(jobs.len()).max(1);
+    let threads = super::threads::count().min(jobs.len()).max(1);
     if threads == 1 {
         jobs.iter().for_each(|&(s, h)| job(s, h));
         return;

@@ -25,7 +25,7 @@ pub(super) fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&
 /// there is enough work to pay for starting them.
 pub(super) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
-    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
+    let threads = super::threads::count().min(rows).max(1);
     if threads == 1 || out.len() < 1 << 15 {
         return f(0, out);
     }

@@ -105,7 +105,7 @@ fn input_grad<T: Real + Send + Sync>(
     ws: &[T],
     (c, h, v): (usize, usize, usize),
 ) -> Vec<T> {
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = super::threads::count();
     let bands = (threads * GRAD_BANDS_PER_THREAD).min(v.div_ceil(64)).max(1);
     let per = v.div_ceil(bands);
     let band = |b: usize| -> Vec<T> {
@@ -158,9 +158,7 @@ fn xent_cols<T: Real + Send + Sync>(
     targets: &[u32],
     scale: Option<f64>,
 ) -> XentStats {
-    let threads = candle_core::utils::get_num_threads()
-        .min(c / MIN_COLS_PER_THREAD)
-        .max(1);
+    let threads = super::threads::count().min(c / MIN_COLS_PER_THREAD).max(1);
     let per = c.div_ceil(threads);
     let base = SendPtr(lt.as_mut_ptr());
     let v = lt.len() / c.max(1);

@@ -45,11 +45,7 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
         }
         return;
     }
-    let threads = if threaded {
-        candle_core::utils::get_num_threads()
-    } else {
-        1
-    };
+    let threads = if threaded { super::threads::count() } else { 1 };
     if threads > 1 && m * n * k >= SPLIT_MIN_WORK {
         // Columns share lhs between the parts, rows share rhs: split the side whose shared
         // operand is the smaller, unless that side is too short to split.
@@ -274,7 +270,7 @@ const VECTOR_ROWS_PER_THREAD: usize = 256;
 /// product on a single thread whatever it is asked, and decoding is bound by reading W once per
 /// token, so W's rows are split over candle's threads, each writing its own slice of the output.
 fn vector_wt<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
-    let threads = candle_core::utils::get_num_threads().min(o / VECTOR_ROWS_PER_THREAD);
+    let threads = super::threads::count().min(o / VECTOR_ROWS_PER_THREAD);
     if threads < 2 {
         return product((1, o, i), View::rows(x, i), View::t(w, i), T::one());
     }

@@ -13,6 +13,7 @@ mod panel_gemm;
 mod real;
 pub mod rms_norm;
 pub mod swiglu;
+pub mod threads;
 mod transpose;
 pub(crate) mod view;
 

@@ -313,7 +313,7 @@ fn xent_rows<T: Real + Send>(
     targets: &[u32],
     scale: Option<f64>,
 ) -> XentStats {
-    let threads = candle_core::utils::get_num_threads().clamp(1, targets.len().max(1));
+    let threads = super::threads::count().clamp(1, targets.len().max(1));
     let per = targets.len().div_ceil(threads).max(1);
     let part = |(rows, tg): (&mut [T], &[u32])| {
         let mut st = XentStats::default();

@@ -56,7 +56,7 @@ const PAR_MIN: usize = 1 << 16;
 
 /// Runs `f(offset, chunk_a, chunk_b)` over matching chunks of `a` and `b`, one per thread.
 fn par_chunks2<T: Send>(a: &mut [T], b: &mut [T], f: impl Fn(usize, &mut [T], &mut [T]) + Sync) {
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = super::threads::count();
     if threads == 1 || a.len() < PAR_MIN {
         return f(0, a, b);
     }
