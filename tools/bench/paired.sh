@@ -10,17 +10,23 @@
 #
 # A and B: a path to an sftd binary, or `ENV=VALUE` (then BIN is the binary for both sides).
 # Env (defaults in brackets): MODEL [/tmp/sftd-bench/qwen3-0.6b-layers-8l-v4096]  BIN
-# [target/release/sftd]  BATCH [1]  SEQ [512]  STEPS [4]  THREADS [2]
+# [target/release/sftd]  BATCH [1]  SEQ [512]  STEPS [4]  THREADS [2]; THREADS= (empty) leaves
+# RAYON_NUM_THREADS and CANDLE_NUM_THREADS unset, as a plain `sftd serve` runs
 # Example (the layer shape at batch 1, no checkpointing, main's build against this one):
 #   tools/bench/paired.sh 6 /tmp/sftd-main target/release/sftd --loss-on all --no-checkpointing
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ $# -ge 3 ] || { sed -n 2,16p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,17p "$0"; exit 2; }
 ROUNDS=$1 A=$2 B=$3
 shift 3
 MODEL=${MODEL:-/tmp/sftd-bench/qwen3-0.6b-layers-8l-v4096}
 BIN=${BIN:-target/release/sftd}
-export RAYON_NUM_THREADS=${THREADS:-2} CANDLE_NUM_THREADS=${THREADS:-2}
+THREADS=${THREADS-2}
+if [ -n "$THREADS" ]; then
+  export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS
+else
+  unset RAYON_NUM_THREADS CANDLE_NUM_THREADS
+fi
 
 # One run of side $1; prints its tokens/s.
 run() {
