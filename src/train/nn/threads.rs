@@ -1,8 +1,8 @@
 //! How many CPU threads sftd's kernels split their work over, decided once per process.
 //!
 //! candle's `get_num_threads()` derives the number afresh on every call: an environment lookup
-//! and, unless `CANDLE_NUM_THREADS` or `RAYON_NUM_THREADS` is set, a read and parse of
-//! `/proc/cpuinfo` (30–40 µs on a 2-core VM). The kernels ask for every product, a few hundred
+//! and, unless `RAYON_NUM_THREADS` is set, a read and parse of `/proc/cpuinfo` (about 40 µs on a
+//! 2-core VM, `docs/benchmarks.md`). The kernels ask for every product, a few hundred
 //! times per training step and several times per layer per generated token, so the answer is
 //! kept. The thread pools it sizes are built once too, so a later change of those variables
 //! would not be honoured by them either.
