@@ -14,6 +14,8 @@ use std::time::Instant;
 pub struct GenerateReport {
     pub engine: &'static str,
     pub threads: usize,
+    /// The instruction set of sftd's own kernels (`SFTD_CPU_ISA` can narrow it).
+    pub sftd_kernels: &'static str,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub runs: usize,
@@ -60,6 +62,10 @@ pub struct GenerateArgs {
 }
 
 pub fn bench(args: &GenerateArgs) -> Result<()> {
+    let (kernel_isa, isa_note) = crate::train::nn::kernel_isa();
+    if let Some(note) = isa_note {
+        eprintln!("warning: {note}");
+    }
     let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
         crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {
@@ -96,6 +102,7 @@ pub fn bench(args: &GenerateArgs) -> Result<()> {
     let report = GenerateReport {
         engine: "sftd (candle)",
         threads: crate::train::nn::threads::count(),
+        sftd_kernels: kernel_isa,
         prompt_tokens: prompt.len(),
         new_tokens,
         runs: args.steps,
@@ -108,12 +115,13 @@ pub fn bench(args: &GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "| engine | prompt | new | prefill tok/s best / median | decode tok/s best / median |"
+            "| engine | kernels | prompt | new | prefill tok/s best / median | decode tok/s best / median |"
         );
-        println!("|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            "| {} | {} | {} | {} | {:.0} / {:.0} | {:.1} / {:.1} |",
             report.engine,
+            report.sftd_kernels,
             report.prompt_tokens,
             report.new_tokens,
             report.prefill_tokens_per_second_best,

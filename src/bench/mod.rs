@@ -104,10 +104,12 @@ pub struct BenchReport {
     /// GPU only: most device memory in use (total − free, sampled every 5 ms by the driver's
     /// count, so it includes the allocator's cached blocks and other processes).
     pub peak_device_memory_mb: Option<f64>,
-    /// CPU model name, its SIMD extensions that matter here, and the gemm kernel family in use.
+    /// CPU model name, its SIMD extensions that matter here, the gemm kernel family in use, and
+    /// the instruction set of sftd's own kernels (narrower than the CPU's under `SFTD_CPU_ISA`).
     pub cpu: String,
     pub isa: String,
     pub gemm_kernel: &'static str,
+    pub sftd_kernels: &'static str,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -152,14 +154,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             );
         }
         println!(
-            "\nCPU: {}; ISA: {}; gemm kernels: {}",
-            report.cpu, report.isa, report.gemm_kernel
+            "\nCPU: {}; ISA: {}; gemm kernels: {}; sftd kernels: {}",
+            report.cpu, report.isa, report.gemm_kernel, report.sftd_kernels
         );
     }
     Ok(())
 }
 
 fn run(args: &BenchArgs) -> Result<BenchReport> {
+    let (kernel_isa, isa_note) = crate::train::nn::kernel_isa();
+    if let Some(note) = isa_note {
+        eprintln!("warning: {note}");
+    }
     let dev = crate::train::device_from_str(&args.device)?;
     let info = DeviceInfo::probe(&dev)?;
     let precision = args.precision.resolve(&info)?;
@@ -282,6 +288,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         cpu: cpu_model(),
         isa: cpu_isa(),
         gemm_kernel: gemm_kernel(),
+        sftd_kernels: kernel_isa,
     })
 }
 

@@ -5,6 +5,9 @@
 //! Shapes: I in-features, O out-features, W (O, I) row-major.
 
 use super::matmul::{gemm_into, View};
+#[cfg(target_arch = "x86_64")]
+use super::real::Level;
+use super::real::{dispatched, Isa};
 use candle_core::utils::barrier_pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -78,16 +81,27 @@ pub fn gemv_group(x: &[f32], group: &mut [Gemv<'_>]) {
 
 /// `out[r] = W[r] · x` for each row r of `w`, on the calling thread.
 pub fn dot_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the slices are as the kernel reads them.
-        return unsafe { avx512::dot_rows(x, w, out) };
-    }
-    portable_dot_rows(x, w, out)
+    dot_rows_on(Isa::detected(), x, w, out)
 }
 
-/// Sixteen lanes per row, left to the compiler to vectorize for whatever the target has.
-fn portable_dot_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
+fn dot_rows_on(isa: Isa, x: &[f32], w: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() == Level::Avx512 {
+        // SAFETY: an `Isa` names only instruction sets this CPU runs; the slices are as the
+        // kernel reads them.
+        return unsafe { avx512::dot_rows(x, w, out) };
+    }
+    portable_dot_rows(isa, x, w, out)
+}
+
+dispatched! {
+    /// Sixteen lanes per row, vectorized by the compiler for each instruction set (eight-lane
+    /// AVX2 registers where the CPU has no AVX-512, instead of baseline x86-64's four).
+    fn portable_dot_rows(x: &[f32], w: &[f32], out: &mut [f32]) = dot_rows_lanes
+}
+
+#[inline(always)]
+fn dot_rows_lanes(x: &[f32], w: &[f32], out: &mut [f32]) {
     let i = x.len();
     for (o, row) in out.iter_mut().zip(w.chunks_exact(i)) {
         let mut lanes = [0f32; 16];
@@ -234,10 +248,21 @@ mod tests {
             let mut a = vec![0f32; o];
             dot_rows(&x, &w, &mut a);
             let mut b = vec![0f32; o];
-            portable_dot_rows(&x, &w, &mut b);
+            portable_dot_rows(Isa::each()[0], &x, &w, &mut b);
             for k in 0..o {
                 assert!((a[k] - want[k]).abs() < tol, "dot_rows o={o} i={i} row {k}");
                 assert!((b[k] - want[k]).abs() < tol, "portable o={o} i={i} row {k}");
+            }
+            // Each instruction set's build of the portable loop gives the baseline's bits, and
+            // each set's kernel the plain product.
+            for isa in Isa::each() {
+                let mut c = vec![0f32; o];
+                portable_dot_rows(isa, &x, &w, &mut c);
+                assert_eq!(c, b, "portable on {isa:?}, o={o} i={i}");
+                dot_rows_on(isa, &x, &w, &mut c);
+                for k in 0..o {
+                    assert!((c[k] - want[k]).abs() < tol, "{isa:?} o={o} i={i} row {k}");
+                }
             }
         }
         let i = 257;

@@ -23,8 +23,15 @@ pub(super) enum Level {
 pub(super) struct Isa(Level);
 
 impl Isa {
-    /// The widest set this CPU runs.
+    /// The set sftd's own kernels use: the widest this CPU runs, or a narrower one named by
+    /// [`ISA_VARIABLE`] (decided once per process).
     pub fn detected() -> Isa {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| kernel_isa_from(Isa::cpu(), env_request().as_deref()).0)
+    }
+
+    /// The widest set this CPU runs.
+    fn cpu() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -42,7 +49,7 @@ impl Isa {
     /// Every set this CPU runs, baseline first (tests hold each build to the baseline one).
     #[cfg(test)]
     pub fn each() -> Vec<Isa> {
-        let widest = Isa::detected().0;
+        let widest = Isa::cpu().0;
         [Level::Baseline, Level::Avx2, Level::Avx512]
             .into_iter()
             .filter(|&l| l <= widest)
@@ -53,6 +60,61 @@ impl Isa {
     pub fn level(self) -> Level {
         self.0
     }
+}
+
+/// Caps the instruction set of sftd's own CPU kernels (`baseline`, `avx2` or `avx512`): to time
+/// or check the narrower builds on a wider CPU. The gemm crate's own dispatch is not affected.
+pub const ISA_VARIABLE: &str = "SFTD_CPU_ISA";
+
+fn env_request() -> Option<String> {
+    std::env::var(ISA_VARIABLE)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Baseline => "baseline",
+        Level::Avx2 => "avx2",
+        Level::Avx512 => "avx512",
+    }
+}
+
+/// The set for a CPU that runs up to `cpu` when `request` is asked for, and why the request was
+/// not followed, if it was not.
+fn kernel_isa_from(cpu: Isa, request: Option<&str>) -> (Isa, Option<String>) {
+    let Some(request) = request else {
+        return (cpu, None);
+    };
+    let asked = match request.trim().to_ascii_lowercase().as_str() {
+        "baseline" => Level::Baseline,
+        "avx2" => Level::Avx2,
+        "avx512" => Level::Avx512,
+        _ => {
+            return (
+                cpu,
+                Some(format!(
+                    "{ISA_VARIABLE}={request:?} is not one of baseline, avx2, avx512; using {}",
+                    level_name(cpu.0)
+                )),
+            )
+        }
+    };
+    if asked > cpu.0 {
+        let note = format!(
+            "{ISA_VARIABLE}={request} is wider than this CPU runs; using {}",
+            level_name(cpu.0)
+        );
+        return (cpu, Some(note));
+    }
+    (Isa(asked), None)
+}
+
+/// The instruction set sftd's own CPU kernels run (`baseline`, `avx2` or `avx512`), and a note
+/// when [`ISA_VARIABLE`] asked for one it could not honour.
+pub fn kernel_isa() -> (&'static str, Option<String>) {
+    let note = kernel_isa_from(Isa::cpu(), env_request().as_deref()).1;
+    (level_name(Isa::detected().0), note)
 }
 
 /// Defines `fn NAME(isa: Isa, ARGS) -> RET` that runs `LANES(ARGS)` compiled for `isa`. `LANES`
@@ -316,6 +378,27 @@ pub(super) fn exp_f32(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SFTD_CPU_ISA narrows the set, never widens it past the CPU, and a bad value is reported
+    /// and ignored.
+    #[test]
+    fn requested_isa_only_narrows() {
+        let avx2 = Isa(Level::Avx2);
+        assert_eq!(kernel_isa_from(avx2, None), (avx2, None));
+        assert_eq!(
+            kernel_isa_from(avx2, Some("baseline")),
+            (Isa(Level::Baseline), None)
+        );
+        assert_eq!(kernel_isa_from(avx2, Some(" AVX2 ")), (avx2, None));
+        let (isa, note) = kernel_isa_from(avx2, Some("avx512"));
+        assert_eq!(isa, avx2);
+        assert!(note
+            .unwrap()
+            .contains("wider than this CPU runs; using avx2"));
+        let (isa, note) = kernel_isa_from(avx2, Some("sse4"));
+        assert_eq!(isa, avx2);
+        assert!(note.unwrap().contains("not one of baseline, avx2, avx512"));
+    }
 
     #[test]
     fn fast_exp_is_within_two_ulp_of_libm() {
