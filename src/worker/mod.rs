@@ -459,15 +459,12 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
             return;
         }
     };
-    if device.is_cpu() {
-        let (kernels, note) = crate::train::nn::kernel_isa();
-        if let Some(note) = note {
-            tracing::warn!("{note}");
-        }
-        tracing::info!(device = ?device, kernels, "worker started");
-    } else {
-        tracing::info!(device = ?device, "worker started");
+    let kernels = device.is_cpu().then(crate::train::nn::kernel_isa);
+    if let Some((_, Some(note))) = &kernels {
+        tracing::warn!("{note}");
     }
+    let kernels = kernels.map(|(isa, _)| isa);
+    tracing::info!(device = ?device, kernels, "worker started");
     let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
     let mut unestimable = estimate::Unestimable::default();
     let live = &shared.liveness;
