@@ -62,10 +62,6 @@ pub struct GenerateArgs {
 }
 
 pub fn bench(args: &GenerateArgs) -> Result<()> {
-    let (kernel_isa, isa_note) = crate::train::nn::kernel_isa();
-    if let Some(note) = isa_note {
-        eprintln!("warning: {note}");
-    }
     let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
         crate::train::demo::ensure_demo_model(&args.data_dir)?
     } else {
@@ -102,7 +98,7 @@ pub fn bench(args: &GenerateArgs) -> Result<()> {
     let report = GenerateReport {
         engine: "sftd (candle)",
         threads: crate::train::nn::threads::count(),
-        sftd_kernels: kernel_isa,
+        sftd_kernels: crate::train::nn::kernel_isa().0,
         prompt_tokens: prompt.len(),
         new_tokens,
         runs: args.steps,

@@ -113,6 +113,9 @@ pub struct BenchReport {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if let (_, Some(note)) = crate::train::nn::kernel_isa() {
+        eprintln!("warning: {note}");
+    }
     if args.generate {
         return generate::bench(&generate::GenerateArgs {
             model: args.model.clone(),
@@ -162,10 +165,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 }
 
 fn run(args: &BenchArgs) -> Result<BenchReport> {
-    let (kernel_isa, isa_note) = crate::train::nn::kernel_isa();
-    if let Some(note) = isa_note {
-        eprintln!("warning: {note}");
-    }
     let dev = crate::train::device_from_str(&args.device)?;
     let info = DeviceInfo::probe(&dev)?;
     let precision = args.precision.resolve(&info)?;
@@ -288,7 +287,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         cpu: cpu_model(),
         isa: cpu_isa(),
         gemm_kernel: gemm_kernel(),
-        sftd_kernels: kernel_isa,
+        sftd_kernels: crate::train::nn::kernel_isa().0,
     })
 }
 

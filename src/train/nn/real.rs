@@ -26,8 +26,7 @@ impl Isa {
     /// The set sftd's own kernels use: the widest this CPU runs, or a narrower one named by
     /// [`ISA_VARIABLE`] (decided once per process).
     pub fn detected() -> Isa {
-        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| kernel_isa_from(Isa::cpu(), env_request().as_deref()).0)
+        chosen().0
     }
 
     /// The widest set this CPU runs.
@@ -110,11 +109,17 @@ fn kernel_isa_from(cpu: Isa, request: Option<&str>) -> (Isa, Option<String>) {
     (Isa(asked), None)
 }
 
+/// The set and the note on the request, decided once per process.
+fn chosen() -> &'static (Isa, Option<String>) {
+    static CHOSEN: std::sync::OnceLock<(Isa, Option<String>)> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| kernel_isa_from(Isa::cpu(), env_request().as_deref()))
+}
+
 /// The instruction set sftd's own CPU kernels run (`baseline`, `avx2` or `avx512`), and a note
 /// when [`ISA_VARIABLE`] asked for one it could not honour.
-pub fn kernel_isa() -> (&'static str, Option<String>) {
-    let note = kernel_isa_from(Isa::cpu(), env_request().as_deref()).1;
-    (level_name(Isa::detected().0), note)
+pub fn kernel_isa() -> (&'static str, Option<&'static str>) {
+    let (isa, note) = chosen();
+    (level_name(isa.0), note.as_deref())
 }
 
 /// Defines `fn NAME(isa: Isa, ARGS) -> RET` that runs `LANES(ARGS)` compiled for `isa`. `LANES`
