@@ -18,6 +18,6 @@ mod transpose;
 pub(crate) mod view;
 
 pub use linear::{frozen_linear, frozen_linear_grad, Lora, LoraLinear, Pass};
-pub use real::{kernel_isa, ISA_VARIABLE};
+pub use real::kernel_isa;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -63,7 +63,7 @@ impl Isa {
 
 /// Caps the instruction set of sftd's own CPU kernels (`baseline`, `avx2` or `avx512`): to time
 /// or check the narrower builds on a wider CPU. The gemm crate's own dispatch is not affected.
-pub const ISA_VARIABLE: &str = "SFTD_CPU_ISA";
+const ISA_VARIABLE: &str = "SFTD_CPU_ISA";
 
 fn env_request() -> Option<String> {
     std::env::var(ISA_VARIABLE)
