@@ -11,10 +11,12 @@
 #                    Cargo.lock pins, PTX and objects), the only part that depends on the capability:
 #                    sftd's Rust code is the same for every one. Needs only the toolchain wheels, no
 #                    GPU, no driver.
-#   build            `cargo build --release --locked --features cuda`: a linked binary, for a GPU
+#   build            `cargo build --release --locked --features cuda` and the CUDA tests
+#                    (tests/cuda.rs, `--no-run`): a linked binary and its tests for a GPU
 #                    host (NVIDIA driver R580+ for CUDA 13.0 PTX). Links against the driver's
-#                    libcuda.so.1; cuBLAS and cuRAND come as wheels too (697 MB installed), unless
-#                    SFTD_CUDA_HOME names a CUDA 13 toolkit that has them.
+#                    libcuda.so.1, or on a machine without a driver against a stub of it (the
+#                    binary then runs only where the real one is); cuBLAS and cuRAND come as
+#                    wheels too (697 MB installed), unless SFTD_CUDA_HOME names a CUDA 13 toolkit.
 #   CAP...           compute capabilities, default "75 80": 75 T4, 80 A100, 86 A10G, 89 L4/L40S,
 #                    90 H100/H200.
 # Env:
@@ -118,12 +120,34 @@ export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvcc_version=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
 say "nvcc $nvcc_version from $CUDA_ROOT, host compiler $(c++ -dumpfullversion 2>/dev/null || echo '?')"
 
-if [ "$mode" = build ] && [ -z "${SFTD_CUDA_HOME:-}" ] && [ ! -e "$CUDA_ROOT/lib/stubs/libcuda.so" ]; then
+# A link-time stand-in for the driver library on a machine without one: a shared library named
+# libcuda.so.1 that defines every driver entry point cudarc declares (each returns
+# CUDA_ERROR_STUB_LIBRARY, 34, as NVIDIA's own stub does). The binary records only the name
+# libcuda.so.1; the GPU host's real driver library is what the loader finds at run time.
+driver_stub() { # driver_stub OUT.so
+  local decls src
+  decls=$(cargo metadata --locked --features cuda --format-version 1 2>/dev/null |
+    python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
+  decls=$(dirname "$decls")/src/driver/sys/mod.rs
+  [ -f "$decls" ] || fail "cudarc's driver declarations not found ($decls)"
+  src=$(mktemp --suffix=.c)
+  sed -n 's/^pub unsafe fn \(cu[A-Za-z0-9_]*\)(.*/int \1(void) { return 34; }/p' "$decls" | sort -u >"$src"
+  [ -s "$src" ] || fail "no driver entry points in $decls"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$1" "$src" || fail "compiling the libcuda stub"
+  say "no NVIDIA driver here: linking against a stub libcuda.so.1 ($(wc -l <"$src") entry points)"
+  rm -f "$src"
+}
+
+if [ "$mode" = build ] && [ -z "${SFTD_CUDA_HOME:-}" ]; then
   # Linking needs the driver library by its unversioned name; a GPU host has libcuda.so.1.
-  driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 .*x86-64/ {print $NF; exit}')
-  [ -n "$driver" ] || fail "no NVIDIA driver (libcuda.so.1) to link against: 'build' is for GPU hosts, use 'check'"
   mkdir -p "$CUDA_ROOT/lib/stubs"
-  ln -sfn "$driver" "$CUDA_ROOT/lib/stubs/libcuda.so"
+  driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 .*x86-64/ {print $NF; exit}')
+  if [ -n "$driver" ]; then
+    ln -sfn "$driver" "$CUDA_ROOT/lib/stubs/libcuda.so"
+  else
+    rm -f "$CUDA_ROOT/lib/stubs/libcuda.so"
+    driver_stub "$CUDA_ROOT/lib/stubs/libcuda.so"
+  fi
 fi
 
 # --- compile, once per compute capability -------------------------------------------------------------
@@ -164,11 +188,18 @@ for i in "${!caps[@]}"; do
   say "$what for compute capability $cap (CARGO_TARGET_DIR=$target)"
   (cd "$dir" && CUDA_COMPUTE_CAP=$cap CARGO_TARGET_DIR=$target "${renice[@]}" "${cmd[@]}") ||
     fail "$mode --features cuda for compute capability $cap"
+  if [ "$mode" = build ]; then
+    # The CUDA tests too, so a GPU host without Rust can run scripts/gpu-check.sh on both.
+    tests=$(CUDA_COMPUTE_CAP=$cap CARGO_TARGET_DIR=$target "${renice[@]}" \
+      cargo test --release --locked --features cuda --test cuda --no-run --message-format=json |
+      grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    [ -n "$tests" ] || fail "building the CUDA tests for compute capability $cap"
+    say "binary: $target/release/sftd, CUDA tests: $tests"
+    say "run them with LD_LIBRARY_PATH=$LD_LIBRARY_PATH, or on a GPU host:"
+    say "  SFTD_BIN=$target/release/sftd SFTD_CUDA_TESTS=$tests scripts/gpu-check.sh"
+  fi
   secs=$(($(now) - t0))
   say "compute capability $cap: $mode passed in $secs s"
   summary+=("sm_$cap ${secs}s")
-  if [ "$mode" = build ]; then
-    say "binary: $target/release/sftd (run it with LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
-  fi
 done
 echo "cuda-build: OK ($mode, nvcc $nvcc_version: ${summary[*]})"
