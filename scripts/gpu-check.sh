@@ -3,18 +3,24 @@
 # forward and LoRA gradients of a fixture model in f32, f16 and, from compute capability 8.0,
 # bf16; dropout masks drawn on the device; the cached causal mask; a 20-step training run on the
 # GPU against the same run on the CPU), then `sftd bench --device cuda:0` on a random model shaped
-# like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on. Everything goes to one results
-# file. See docs/gpu.md.
+# like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
+# the same model and batch where python3 has them. Everything goes to one results file. See
+# docs/gpu.md.
 #
 # Usage: scripts/gpu-check.sh [RESULTS_FILE]     (default: gpu-check-<gpu>-<date>.txt)
 # Env:
+#   SFTD_BIN           a `cuda` sftd binary built elsewhere (`scripts/cuda-build.sh build CAP` works
+#                      on a machine without a GPU): no build here, so the host needs no Rust
+#   SFTD_CUDA_TESTS    with SFTD_BIN: the CUDA test binary built with it (cuda-build.sh prints it)
 #   CUDA_COMPUTE_CAP   compute capability to compile for (default: read from nvidia-smi)
 #   SFTD_GPU_CHECK_DIR scratch directory for the 1.7B-shaped model (~7 GB) and data
 #                      (default: target/gpu-check)
 #   BENCH_STEPS        timed bench steps (default 5)
-# Needs: an NVIDIA driver, a CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc
-# supports, Rust, python3 (to write the long-sequence bench data). docs/cuda-build.md covers the
-# toolchain.
+# Needs: an NVIDIA driver, python3 (to write the long-sequence bench data), and either Rust and a
+# CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc supports, or the prebuilt
+# binaries above. CUDA libraries the binary cannot find (cuBLAS, cuRAND, NVRTC, cudart) are looked
+# for under /usr/local and /opt, where CUDA toolkits and Python's nvidia-* wheels put them.
+# docs/cuda-build.md covers the toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,15 +42,34 @@ log "gpu: $gpu_name, compute capability $cap"
 nvidia-smi --query-gpu=driver_version,memory.total --format=csv -i 0 | tee -a "$results"
 log "sftd: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
 
-step "build (--release --features cuda, CUDA_COMPUTE_CAP=$cap)"
-start=$(date +%s)
-cargo build --release --features cuda 2>&1 | tail -3 | tee -a "$results"
-log "build: $(( $(date +%s) - start )) s"
-bin=target/release/sftd
+if [ -n "${SFTD_BIN:-}" ]; then
+  step "prebuilt binaries"
+  bin=$SFTD_BIN
+  tests=${SFTD_CUDA_TESTS:?SFTD_CUDA_TESTS must name the CUDA test binary built with SFTD_BIN}
+  log "sftd: $bin; CUDA tests: $tests"
+else
+  step "build (--release --features cuda, CUDA_COMPUTE_CAP=$cap)"
+  start=$(date +%s)
+  cargo build --release --features cuda 2>&1 | tail -3 | tee -a "$results"
+  tests=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null |
+    grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  log "build: $(( $(date +%s) - start )) s"
+  bin=target/release/sftd
+fi
+
+# The dynamic loader must find every CUDA library the binary was linked against.
+for lib in $(ldd "$bin" | awk '/not found/ {print $1}' | sort -u); do
+  # Not a link-time stub; a CUDA forward-compatibility driver only when nothing else is there.
+  found=$(find /usr/local /opt -name "$lib" -not -path '*/stubs/*' 2>/dev/null |
+    awk '{ print (/\/compat\//) ? 1 : 0, $0 }' | sort -n -k1,1 -s | cut -d' ' -f2- | head -1)
+  [ -n "$found" ] || { log "gpu-check: $lib not found on this host"; exit 1; }
+  export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  log "$lib: $found"
+done
+"$bin" --version | tee -a "$results"
 
 step "CUDA tests (tests/cuda.rs)"
-if ! SFTD_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda -- --nocapture --test-threads=1 \
-  2>&1 | tee -a "$results"; then
+if ! SFTD_REQUIRE_GPU=1 "$tests" --nocapture --test-threads=1 2>&1 | tee -a "$results"; then
   log "CUDA tests: FAILED"
   status=1
 fi
@@ -68,17 +93,31 @@ with open(sys.argv[1], "w") as f:
             {"role": "assistant", "content": text}]}) + "\n")
 PY
 
-step "sftd bench --device cuda:0, batch 4 × 2048, checkpointing on"
-# auto: bf16 from compute capability 8.0, f16 with loss scaling below; on 8.0+ also f16.
-precisions=(auto)
-[ "$cap" -ge 80 ] && precisions+=(f16)
-for precision in "${precisions[@]}"; do
-  if ! "$bin" bench --device cuda:0 --precision "$precision" --model "$model" --data "$data" \
+sftd_bench() { # sftd_bench PRECISION
+  step "sftd bench --device cuda:0 --precision $1, batch 4 × 2048, checkpointing on"
+  if ! "$bin" bench --device cuda:0 --precision "$1" --model "$model" --data "$data" \
     --batch-size 4 --seq-len 2048 --steps "${BENCH_STEPS:-5}" --json 2>&1 | tee -a "$results"; then
-    log "bench ($precision): FAILED"
+    log "bench ($1): FAILED"
     status=1
   fi
-done
+}
+
+# auto: bf16 from compute capability 8.0, f16 with loss scaling below.
+sftd_bench auto
+
+# transformers + PEFT on the same model, data and batch, where python3 has them (bf16 needs 8.0+).
+if [ "$cap" -ge 80 ] && python3 -c 'import torch, transformers, peft' 2>/dev/null; then
+  step "transformers + PEFT, bf16 base weights, batch 4 × 2048, checkpointing on"
+  if ! python3 tools/bench/compare.py --device cuda:0 --dtype bfloat16 --gc on --model "$model" \
+    --data "$data" --batch-size 4 --seq-len 2048 --steps "${BENCH_STEPS:-5}" --warmup 1 \
+    2>&1 | tee -a "$results"; then
+    log "transformers + PEFT: FAILED"
+    status=1
+  fi
+fi
+
+# f16 with loss scaling (the T4's policy) on a GPU that also has bf16.
+[ "$cap" -ge 80 ] && sftd_bench f16
 
 step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"
 exit $status

@@ -5,12 +5,14 @@ Same model dir, data and batch shape as sftd's benchmark: rows of --data encoded
 template, assistant labels; see ../parity/sft_data.py), truncated to --seq-len, --batch-size
 consecutive rows per micro-batch (right-padded to the longest row, or to --seq-len with
 --padding max_length), cycling through the file. LoRA r 16, alpha 32, dropout 0, all-linear
-(fresh PEFT init, or --init-adapter), float32 on CPU, torch AdamW (lr 2e-4, wd 0), loss = sum of
+(fresh PEFT init, or --init-adapter), float32 on CPU (or --device cuda, --dtype bfloat16: base weights
+in bf16, PEFT's adapters kept in float32 as it does by default), torch AdamW (lr 2e-4, wd 0), loss = sum of
 token CE / number of label positions, clip_grad_norm_ 1.0, torch.set_num_threads(--threads).
 
 Each configuration (gradient checkpointing on: model.gradient_checkpointing_enable(use_reentrant=False)
 + enable_input_require_grads; and off) runs in its own subprocess so that peak RSS
-(resource.getrusage ru_maxrss) is per configuration. --warmup steps are run untimed first.
+(resource.getrusage ru_maxrss, or on a GPU torch.cuda.max_memory_reserved) is per configuration.
+--warmup steps are run untimed first; on a GPU each step ends with a device synchronize.
 
 Reports, per configuration: tokens/s (real, non-pad tokens), ms per optimizer step, peak RSS, and
 model FLOPs per token (4·N_linear + LoRA + attention, the DESIGN.md convention) with the achieved
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--init-adapter", help="start from this PEFT adapter instead of a fresh init")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base-weight dtype")
     ap.add_argument("--gc", choices=["both", "on", "off"], default="both", help="gradient checkpointing")
     ap.add_argument("--json-out", help="also write the JSON here")
     ap.add_argument("--_child", choices=["on", "off"], help=argparse.SUPPRESS)
@@ -69,17 +73,24 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def gemm_peak_gflops(threads, n=1024, reps=10):
+def gemm_peak_gflops(threads, device="cpu", dtype="float32"):
+    """Best of ten square matrix products: 1024 float32 on the CPU, 8192 in --dtype on a GPU."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gpu = device != "cpu"
+    n = 8192 if gpu else 1024
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     for _ in range(3):
         a @ b
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(10):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -110,12 +121,15 @@ def child(args):
     torch.manual_seed(0)
     gc_on = args._child == "on"
     tok = AutoTokenizer.from_pretrained(args.model)
-    base = Qwen3ForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
+    gpu = args.device != "cpu"
+    base = Qwen3ForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                            attn_implementation=args.attn).to(args.device)
     if args.init_adapter:
         model = PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
         model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0,
                                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    model.to(args.device)
     model.train()
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,8 +153,13 @@ def child(args):
             return ids[:-1], lab[:-1], attn[:-1]
         return sft_data.collate(rows, pad_id)
 
+    def on_device(batch):
+        return tuple(t.to(args.device) for t in batch)
+
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+
     def step():
-        batches = [next_batch() for _ in range(args.grad_accum)]
+        batches = [on_device(next_batch()) for _ in range(args.grad_accum)]
         n_items = sum(int((lab[:, 1:] != sft_data.IGNORE).sum()) for _, lab, _ in batches)
         real = 0
         padded = 0
@@ -154,10 +173,13 @@ def child(args):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return real, padded
 
     for _ in range(args.warmup):
         step()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     real = padded = 0
     times = []
     for _ in range(args.steps):
@@ -168,6 +190,8 @@ def child(args):
         padded += b
     total = sum(times)
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if gpu:
+        maxrss_kb = torch.cuda.max_memory_reserved() // 1024
     mean_len = real / (args.steps * args.batch_size * args.grad_accum)
     fpt, n_linear = flops_per_token(base.config if hasattr(base, "config") else model.config, args.r, mean_len)
     out = {
@@ -208,7 +232,7 @@ def main():
             print("error: run with gradient checkpointing %s failed" % mode)
             return 1
         results.append(json.loads(line[len("RESULT "):]))
-    peak = gemm_peak_gflops(args.threads)
+    peak = gemm_peak_gflops(args.threads, args.device, args.dtype)
     for r in results:
         r["gemm_peak_gflops"] = peak
         r["mfu"] = r["achieved_gflops"] / peak
@@ -216,14 +240,16 @@ def main():
         "engine": "transformers+peft",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
-        "machine": {"cpu": cpu_model(), "os_cpus": os.cpu_count(), "threads": args.threads},
+        "machine": {"cpu": cpu_model(), "os_cpus": os.cpu_count(), "threads": args.threads,
+                    "device": torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"},
         "settings": {"model": args.model, "data": args.data, "batch_size": args.batch_size,
                      "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps,
                      "warmup": args.warmup, "padding": args.padding, "lora_r": args.r, "lora_alpha": args.alpha,
-                     "attn": args.attn, "dtype": "float32"},
+                     "attn": args.attn, "dtype": args.dtype, "device": args.device},
         "results": results,
     }
-    print("| engine | batch | seq_len | grad ckpt | tokens/s | ms/step | peak RSS MiB | padding waste | GFLOP/s | MFU |")
+    mem = "peak GPU MiB (reserved)" if args.device != "cpu" else "peak RSS MiB"
+    print("| engine | batch | seq_len | grad ckpt | tokens/s | ms/step | %s | padding waste | GFLOP/s | MFU |" % mem)
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print("| transformers %s + peft %s | %d | %d | %s | %.1f | %.1f | %.0f | %.1f%% | %.2f | %.1f%% |" % (
