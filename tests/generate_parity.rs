@@ -40,6 +40,16 @@ fn load() -> (tempfile::TempDir, BaseModel, AdapterWeights) {
 
 #[test]
 fn greedy_output_is_token_identical_to_transformers_peft() {
+    assert_greedy_matches_transformers_peft();
+}
+
+/// The same with sftd's CPU kernels off: the uncached prefill and cached decode a GPU runs.
+#[test]
+fn greedy_output_on_the_gpu_graph_is_token_identical_too() {
+    sftd::train::nn::cpu_kernels::off_in(assert_greedy_matches_transformers_peft);
+}
+
+fn assert_greedy_matches_transformers_peft() {
     let (_dir, base, adapter) = load();
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("generate/expected.json")).unwrap(),
@@ -91,6 +101,15 @@ fn the_adapter_changes_the_output() {
 /// Logits from the cache, fed one token or several at a time, equal a full forward's.
 #[test]
 fn cached_steps_match_a_full_forward() {
+    assert_cached_steps_match_a_full_forward();
+}
+
+#[test]
+fn cached_steps_on_the_gpu_graph_match_a_full_forward() {
+    sftd::train::nn::cpu_kernels::off_in(assert_cached_steps_match_a_full_forward);
+}
+
+fn assert_cached_steps_match_a_full_forward() {
     let (_dir, base, adapter) = load();
     let ids: Vec<u32> = base
         .format

@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::grads::{assert_lora_gradients_match_finite_differences, loss_and_grads, random_lora};
 use common::train::{encoded_examples, run_steps, tiny_model, train_job};
 use sftd::train::checkpoint;
 use sftd::train::data::encode::Example;
@@ -12,107 +13,20 @@ use sftd::train::demo::{write_model, DemoSize};
 use sftd::train::events::{Control, Outcome, StepMetrics, TrainEvent};
 use sftd::train::model::Qwen3;
 use sftd::train::spec::TrainConfig;
-use sftd::train::trainer::{self, build_model, make_batch, micro_step};
+use sftd::train::trainer::{self, build_model};
 use std::collections::HashMap;
-
-/// LoRA with random non-zero A and B (drawn from `seed`), so every gradient is informative.
-fn random_lora(model: &mut Qwen3, seed: u64) {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let dev = model.device.clone();
-    let dtype = model.dtype;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = rand_distr::Normal::new(0f32, 0.3).unwrap();
-    let targets = sftd::train::spec::ALL_LINEAR.map(String::from);
-    model
-        .attach_lora(&targets, 4, 2.0, 0.0, |_, (rows, cols)| {
-            let data: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
-            Ok(Tensor::from_vec(data, (rows, cols), &dev)?.to_dtype(dtype)?)
-        })
-        .unwrap();
-}
-
-/// Loss (Σ CE / N) and LoRA gradients of a micro-batch.
-fn loss_and_grads(
-    model: &Qwen3,
-    exs: &[&Example],
-    checkpointing: bool,
-) -> (f64, HashMap<String, Tensor>) {
-    let b = make_batch(model, exs).unwrap();
-    let mut acc = HashMap::new();
-    let s = micro_step(
-        model,
-        &b,
-        1.0 / b.n_targets as f64,
-        None,
-        checkpointing,
-        &mut acc,
-    )
-    .unwrap();
-    let grads = model
-        .lora_vars()
-        .into_iter()
-        .map(|(k, v)| (k, acc.remove(&v.id()).unwrap()))
-        .collect();
-    (s.loss_sum / b.n_targets as f64, grads)
-}
-
-/// Σ CE / N of a micro-batch by a forward pass alone (for finite differences).
-fn loss_only(model: &Qwen3, exs: &[Example]) -> f64 {
-    trainer::evaluate(model, exs, exs.len()).unwrap().0
-}
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    use rand::{Rng, SeedableRng};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
-    random_lora(&mut model, 1);
+    random_lora(&mut model, 1, 0.0);
     let exs = encoded_examples(&dir, 2, 48);
-    let refs: Vec<&Example> = exs.iter().collect();
-    let (loss, grads) = loss_and_grads(&model, &refs, true);
-    assert!((loss - loss_only(&model, &exs)).abs() < 1e-12);
-    let vars = model.lora_vars();
-    // Every LoRA tensor of the fixture: A and B of the 7 projections in both layers.
-    assert_eq!(vars.len(), 28);
-    let eps = 1e-5;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut checked = 0;
-    for (key, var) in &vars {
-        let analytic = grads[key].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        // Its largest gradient element (an informative one) and one drawn at random.
-        let largest = (0..analytic.len())
-            .max_by(|&a, &b| analytic[a].abs().total_cmp(&analytic[b].abs()))
-            .unwrap();
-        assert!(analytic[largest].abs() > 1e-6, "{key}: no gradient");
-        for idx in [largest, rng.random_range(0..base.len())] {
-            let set = |values: Vec<f64>| {
-                var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap()
-            };
-            let mut plus = base.clone();
-            plus[idx] += eps;
-            set(plus);
-            let lp = loss_only(&model, &exs);
-            let mut minus = base.clone();
-            minus[idx] -= eps;
-            set(minus);
-            let lm = loss_only(&model, &exs);
-            set(base.clone());
-            let numeric = (lp - lm) / (2.0 * eps);
-            let err =
-                (numeric - analytic[idx]).abs() / numeric.abs().max(analytic[idx].abs()).max(1e-8);
-            assert!(
-                err < 1e-4 || (numeric - analytic[idx]).abs() < 1e-9,
-                "{key}[{idx}]: analytic {} vs numeric {numeric}",
-                analytic[idx]
-            );
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 56);
+    assert_eq!(
+        assert_lora_gradients_match_finite_differences(&model, &exs),
+        56
+    );
 }
 
 #[test]
@@ -120,11 +34,11 @@ fn every_lora_tensor_gets_a_gradient_and_checkpointing_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    random_lora(&mut model, 2);
+    random_lora(&mut model, 2, 0.0);
     let exs = encoded_examples(&dir, 3, 64);
     let refs: Vec<&Example> = exs.iter().collect();
-    let (l1, g1) = loss_and_grads(&model, &refs, true);
-    let (l2, g2) = loss_and_grads(&model, &refs, false);
+    let (l1, g1) = loss_and_grads(&model, &refs, None, true);
+    let (l2, g2) = loss_and_grads(&model, &refs, None, false);
     assert!((l1 - l2).abs() < 1e-6, "{l1} vs {l2}");
     assert_eq!(g1.len(), 2 * 7 * 2);
     for (k, g) in &g1 {
@@ -150,12 +64,12 @@ fn packed_batch_gradient_equals_sum_of_single_sequences() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_model(tmp.path(), 7);
     let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
-    random_lora(&mut model, 3);
+    random_lora(&mut model, 3, 0.0);
     let exs = encoded_examples(&dir, 2, 40);
-    let (_, both) = loss_and_grads(&model, &[&exs[0], &exs[1]], true);
+    let (_, both) = loss_and_grads(&model, &[&exs[0], &exs[1]], None, true);
     let n = [exs[0].n_targets() as f64, exs[1].n_targets() as f64];
-    let (_, a) = loss_and_grads(&model, &[&exs[0]], true);
-    let (_, b) = loss_and_grads(&model, &[&exs[1]], true);
+    let (_, a) = loss_and_grads(&model, &[&exs[0]], None, true);
+    let (_, b) = loss_and_grads(&model, &[&exs[1]], None, true);
     for (k, g) in &both {
         // Each single run is normalised by its own count; the batch by the sum.
         let want = ((&a[k] * (n[0] / (n[0] + n[1]))).unwrap()

@@ -34,7 +34,7 @@ pub fn packed_attention(
 
 /// Whether [`packed_attention`] serves these operands.
 pub fn packed_attention_usable(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu()
+    super::cpu_kernels::serve(q.device())
         && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()

@@ -36,7 +36,7 @@ pub fn head_xent(
             targets.elem_count()
         )
     }
-    if x.device().is_cpu() && w.device().is_cpu() && x.dtype() == w.dtype() {
+    if super::cpu_kernels::serve(x.device()) && w.device().is_cpu() && x.dtype() == w.dtype() {
         let tg = targets.to_vec1::<u32>()?;
         if let Some(&t) = tg.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("head_xent: target {t} outside the vocabulary of {v}")

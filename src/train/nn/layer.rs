@@ -72,7 +72,7 @@ pub fn decoder_layer(
     let dtype = x.dtype();
     let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
     let usable = cfg!(not(feature = "openblas"))
-        && x.device().is_cpu()
+        && super::cpu_kernels::serve(x.device())
         && matches!(dtype, DType::F32 | DType::F64)
         && p.proj.len() == 7
         && p.proj.iter().all(|l| {

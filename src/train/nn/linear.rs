@@ -49,6 +49,7 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
+            Storage::Cpu(w) if !super::cpu_kernels::enabled() => self.fwd(s, l, w, wl),
             #[cfg(feature = "openblas")]
             Storage::Cpu(w) if blas::usable(s, l, w, wl) => blas::x_wt(s, l, w, wl),
             Storage::Cpu(w) => {
@@ -218,7 +219,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// The input gradient of [`frozen_linear`]: `g (..., O) -> g W (..., I)`.
 pub fn frozen_linear_grad(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "openblas")]
-    if g.device().is_cpu() && g.dtype() == DType::F32 && w.dtype() == DType::F32 {
+    if super::cpu_kernels::serve(g.device()) && g.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return g
             .contiguous()?
             .apply_op1_no_bwd(&blas::GradInput { w: w.clone() });

@@ -34,7 +34,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
 
 /// Whether [`lora_linear`] serves these operands.
 pub fn lora_linear_usable(x: &Tensor, w: &Tensor, a: &Tensor) -> bool {
-    x.device().is_cpu()
+    super::cpu_kernels::serve(x.device())
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && w.dtype() == x.dtype()
         && a.dtype() == x.dtype()

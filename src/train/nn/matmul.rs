@@ -301,7 +301,7 @@ fn vector_wt<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
 /// `g (..., O) · W` for `w (O, I)` on the CPU, f32 or f64, as [`x_wt`] does the forward;
 /// `Ok(None)` for other operands.
 pub(crate) fn g_w(g: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !g.device().is_cpu()
+    if !super::cpu_kernels::serve(g.device())
         || g.dtype() != w.dtype()
         || !matches!(g.dtype(), DType::F32 | DType::F64)
     {

@@ -19,7 +19,7 @@ pub fn upcast(dtype: DType) -> DType {
 
 /// Whether the one-pass CPU kernels of [`fused`] serve this tensor.
 fn fused_kernels(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    super::cpu_kernels::serve(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`, `w` frozen.
@@ -217,7 +217,7 @@ pub fn softmax_xent(
     grad_scale: Option<f64>,
 ) -> Result<(XentStats, Option<Tensor>)> {
     let logits = logits.detach().to_dtype(upcast(logits.dtype()))?;
-    if logits.device().is_cpu() {
+    if super::cpu_kernels::serve(logits.device()) {
         let op = XentCpu {
             targets: targets.to_vec1::<u32>()?,
             grad_scale,

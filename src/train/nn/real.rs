@@ -115,9 +115,13 @@ fn chosen() -> &'static (Isa, Option<String>) {
     CHOSEN.get_or_init(|| kernel_isa_from(Isa::cpu(), env_request().as_deref()))
 }
 
-/// The instruction set sftd's own CPU kernels run (`baseline`, `avx2` or `avx512`), and a note
-/// when [`ISA_VARIABLE`] asked for one it could not honour.
+/// The instruction set sftd's own CPU kernels run (`baseline`, `avx2` or `avx512`, or `off` when
+/// `SFTD_CPU_KERNELS=off` leaves every op to candle), and a note when [`ISA_VARIABLE`] asked for
+/// one it could not honour.
 pub fn kernel_isa() -> (&'static str, Option<&'static str>) {
+    if !super::cpu_kernels::enabled() {
+        return ("off", None);
+    }
     let (isa, note) = chosen();
     (level_name(isa.0), note.as_deref())
 }

@@ -27,7 +27,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Whether [`silu_mul`] serves these operands.
 pub fn silu_mul_usable(gate: &Tensor, up: &Tensor) -> bool {
-    gate.device().is_cpu()
+    super::cpu_kernels::serve(gate.device())
         && matches!(
             gate.dtype(),
             candle_core::DType::F32 | candle_core::DType::F64

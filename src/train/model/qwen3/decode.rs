@@ -51,7 +51,7 @@ struct Proj<'a> {
 
 /// Whether this pass serves `model`: f32 weights on the CPU.
 pub(super) fn usable(model: &Qwen3) -> bool {
-    model.device.is_cpu() && model.dtype == DType::F32
+    crate::train::nn::cpu_kernels::serve(&model.device) && model.dtype == DType::F32
 }
 
 impl Qwen3 {

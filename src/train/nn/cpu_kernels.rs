@@ -1,0 +1,77 @@
+//! Whether sftd's own CPU kernels serve an op, or candle's tensor ops do, as on a GPU.
+//!
+//! Every fused CPU kernel has a composed twin built from candle ops: the path a GPU runs, since
+//! the kernels are CPU-only. `SFTD_CPU_KERNELS=off` turns the kernels off for the whole process,
+//! so the CPU runs the GPU's graph (its shapes, casts, masks and each composed op's backward):
+//! that is how that graph is checked where no GPU is, and how a difference between the two paths
+//! is bisected. It is several times slower. Tests turn the kernels off for one thread with
+//! [`off_in`] and compare both paths in one process.
+
+use candle_core::Device;
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+const VARIABLE: &str = "SFTD_CPU_KERNELS";
+
+thread_local! {
+    static OFF_ON_THIS_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the variable leaves the kernels on (read once per process); an unknown value is
+/// warned about and ignored.
+fn on_for_process() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let value = std::env::var(VARIABLE).unwrap_or_default();
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "on" => true,
+            "off" => false,
+            _ => {
+                tracing::warn!("{VARIABLE}={value:?} is not one of on, off; leaving them on");
+                true
+            }
+        }
+    })
+}
+
+/// Whether sftd's CPU kernels are on for ops dispatched from this thread.
+pub fn enabled() -> bool {
+    !OFF_ON_THIS_THREAD.with(Cell::get) && on_for_process()
+}
+
+/// Whether sftd's CPU kernels may serve an op on `device` (each kernel also checks its dtypes).
+pub fn serve(device: &Device) -> bool {
+    device.is_cpu() && enabled()
+}
+
+/// Runs `f` with the kernels off for ops dispatched from this thread (its forward and backward
+/// passes alike), then restores the previous setting, also when `f` panics.
+pub fn off_in<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OFF_ON_THIS_THREAD.with(|off| off.set(self.0));
+        }
+    }
+    let _restore = Restore(OFF_ON_THIS_THREAD.with(|off| off.replace(true)));
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_in_holds_for_its_closure_only() {
+        let before = enabled();
+        assert!(off_in(|| !enabled() && !serve(&Device::Cpu)));
+        assert_eq!(enabled(), before);
+        let nested = off_in(|| {
+            off_in(|| {});
+            !enabled()
+        });
+        assert!(nested, "an inner off_in must not turn the kernels back on");
+        assert!(std::panic::catch_unwind(|| off_in(|| panic!("inside"))).is_err());
+        assert_eq!(enabled(), before, "restored after a panic");
+    }
+}
