@@ -63,7 +63,8 @@ for lib in $(ldd "$bin" | awk '/not found/ {print $1}' | sort -u); do
   found=$(find /usr/local /opt -name "$lib" -not -path '*/stubs/*' 2>/dev/null |
     awk '{ print (/\/compat\//) ? 1 : 0, $0 }' | sort -n -k1,1 -s | cut -d' ' -f2- | head -1)
   [ -n "$found" ] || { log "gpu-check: $lib not found on this host"; exit 1; }
-  export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export LD_LIBRARY_PATH
   log "$lib: $found"
 done
 "$bin" --version | tee -a "$results"
