@@ -131,7 +131,8 @@ export SFTD_IMAGE SFTD_S3_IMAGE=$S3_IMAGE SFTD_POSTGRES_IMAGE=$PG_IMAGE
 export SFTD_API1_PORT SFTD_API2_PORT
 SFTD_API1_PORT=$(free_port 18181)
 SFTD_API2_PORT=$(free_port $((SFTD_API1_PORT + 1)))
-export SFTD_API_KEY="cluster-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+SFTD_API_KEY="cluster-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export SFTD_API_KEY
 export SFTD_LOG_FORMAT=json
 API1=http://127.0.0.1:$SFTD_API1_PORT
 API2=http://127.0.0.1:$SFTD_API2_PORT

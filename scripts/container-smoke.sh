@@ -196,7 +196,8 @@ free_port() {
 export SFTD_PORT
 SFTD_PORT=$(free_port)
 export SFTD_IMAGE=$IMAGE
-export SFTD_API_KEY="smoke-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+SFTD_API_KEY="smoke-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export SFTD_API_KEY
 export SFTD_LOG_FORMAT=json
 BASE=http://127.0.0.1:$SFTD_PORT
 compose() { podman-compose -p "$PROJECT" -f docker-compose.yml "$@"; }
@@ -245,8 +246,7 @@ podman image inspect "$IMAGE" --format '{{json .Config.Healthcheck}}' | grep -q 
 
 start() {
   compose up -d >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "compose up"; }
-  local i
-  for i in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     if curl -fsS "$BASE/healthz" >/dev/null 2>&1; then
       podman exec "${PROJECT}_sftd_1" sftd healthcheck || fail "sftd healthcheck inside the container"
       return 0
