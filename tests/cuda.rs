@@ -4,18 +4,17 @@
 //! Without a GPU each test says so and passes, unless `SFTD_REQUIRE_GPU=1` (as gpu-check sets).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use sftd::train::data::encode::{Encoder, Example};
-use sftd::train::data::parse_jsonl;
-use sftd::train::data::template::ChatTemplate;
-use sftd::train::demo::{write_model, DemoSize};
+use common::grads::{loss_and_grads, random_lora, rel_err};
+use common::train::{encoded_examples, run_steps, tiny_model, train_job};
+use sftd::train::data::encode::Example;
 use sftd::train::device::DeviceInfo;
-use sftd::train::events::{Control, StepMetrics, TrainEvent};
+use sftd::train::events::{Control, StepMetrics};
 use sftd::train::model::Qwen3;
-use sftd::train::spec::{JobSpec, LossOn};
-use sftd::train::trainer::{self, make_batch, micro_step, TrainJob};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn gpu() -> Option<(Device, DeviceInfo)> {
     match Device::new_cuda(0) {
@@ -47,103 +46,34 @@ fn dtypes(info: &DeviceInfo) -> Vec<DType> {
     v
 }
 
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    write_model(&m, DemoSize::TINY, 13).unwrap();
-    m
-}
-
-fn examples(model_dir: &Path, n: usize, max_len: usize) -> Vec<Example> {
-    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
-    let tmpl = ChatTemplate::from_model_dir(model_dir).unwrap();
-    let rows = parse_jsonl(include_bytes!("../examples/tool_calls.jsonl")).unwrap();
-    let enc = Encoder {
-        tokenizer: &tok,
-        template: &tmpl,
-        loss_on: LossOn::All,
-        max_seq_len: max_len,
-    };
-    rows[..n]
-        .iter()
-        .map(|(l, r)| enc.encode(*l, r).unwrap())
-        .collect()
-}
-
-/// The model with the same random non-zero LoRA on `dev`.
+/// The model with the same random non-zero LoRA (dropout 0.1) on `dev`.
 fn model_on(dir: &Path, dtype: DType, dev: &Device) -> Qwen3 {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
     let mut model = Qwen3::load(dir, dtype, dev).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let normal = rand_distr::Normal::new(0f32, 0.3).unwrap();
-    let targets = sftd::train::spec::ALL_LINEAR.map(String::from);
-    model
-        .attach_lora(&targets, 4, 2.0, 0.1, |_, (rows, cols)| {
-            let data: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
-            Ok(Tensor::from_vec(data, (rows, cols), dev)?)
-        })
-        .unwrap();
+    random_lora(&mut model, 5, 0.1);
     model
 }
 
 /// Mean loss and LoRA gradients (moved to the CPU) of one micro-batch.
-fn loss_and_grads(
-    model: &Qwen3,
-    exs: &[Example],
-    dropout_key: Option<u64>,
-) -> (f64, HashMap<String, Tensor>) {
+fn loss_and_grads_on_cpu(model: &Qwen3, exs: &[Example]) -> (f64, HashMap<String, Tensor>) {
     let refs: Vec<&Example> = exs.iter().collect();
-    let b = make_batch(model, &refs).unwrap();
-    let mut acc = HashMap::new();
-    let s = micro_step(
-        model,
-        &b,
-        1.0 / b.n_targets as f64,
-        dropout_key,
-        true,
-        &mut acc,
-    )
-    .unwrap();
-    let grads = model
-        .lora_vars()
+    let (loss, grads) = loss_and_grads(model, &refs, None, true);
+    let on_cpu = grads
         .into_iter()
-        .map(|(k, v)| {
-            (
-                k,
-                acc.remove(&v.id())
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap(),
-            )
-        })
+        .map(|(k, g)| (k, g.to_device(&Device::Cpu).unwrap()))
         .collect();
-    (s.loss_sum / b.n_targets as f64, grads)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let sq = |t: Tensor| -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    (sq((got - want).unwrap()) / sq(want.clone()).max(1e-30)).sqrt()
+    (loss, on_cpu)
 }
 
 #[test]
 fn forward_and_gradients_match_the_cpu() {
     let Some((dev, info)) = gpu() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path());
-    let exs = examples(&dir, 3, 64);
+    let dir = tiny_model(tmp.path(), 13);
+    let exs = encoded_examples(&dir, 3, 64);
     for dtype in dtypes(&info) {
         // Without dropout: the CPU and the GPU draw their masks from different generators.
-        let (l_cpu, g_cpu) = loss_and_grads(&model_on(&dir, dtype, &Device::Cpu), &exs, None);
-        let (l_gpu, g_gpu) = loss_and_grads(&model_on(&dir, dtype, &dev), &exs, None);
+        let (l_cpu, g_cpu) = loss_and_grads_on_cpu(&model_on(&dir, dtype, &Device::Cpu), &exs);
+        let (l_gpu, g_gpu) = loss_and_grads_on_cpu(&model_on(&dir, dtype, &dev), &exs);
         let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
         let dl = (l_cpu - l_gpu).abs() / l_cpu.abs();
         let worst = g_cpu
@@ -213,57 +143,29 @@ fn composed_causal_softmax_on_the_gpu_equals_the_cpu_kernel() {
     }
 }
 
-fn run_steps(job: &TrainJob) -> Vec<StepMetrics> {
-    let mut steps = Vec::new();
-    trainer::run(job, &Control::new(), &mut |ev| {
-        if let TrainEvent::Metrics(m) = ev {
-            steps.push(m);
-        }
-    })
-    .unwrap();
-    steps
-}
-
 #[test]
 fn twenty_training_steps_on_the_gpu_track_the_cpu() {
     let Some((dev, info)) = gpu() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let data = tmp.path().join("train.jsonl");
-    let lines: Vec<&str> = include_str!("../examples/tool_calls.jsonl")
-        .lines()
-        .take(40)
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = tiny_model(tmp.path(), 13);
     // The GPU's own policy (auto), and f32; each against the CPU running the same policy.
     let auto = sftd::train::precision::Precision::Auto
         .resolve(&info)
         .unwrap()
         .name();
     for precision in [auto, "f32"] {
-        let spec: JobSpec = serde_json::from_value(serde_json::json!({
-            "model": "tiny", "training_file": "x", "seed": 1,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {
-                "max_steps": 20, "batch_size": 2, "gradient_accumulation_steps": 1,
-                "max_seq_len": 128, "loss_on": "all", "learning_rate": 0.01,
-                "lora": {"r": 4, "dropout": 0.0}, "precision": precision
-            }}}
-        }))
-        .unwrap();
-        let job = |device: Device, out: &str| TrainJob {
-            model_dir: model.clone(),
-            base_model_name: "tiny".into(),
-            training_file: data.clone(),
-            validation_file: None,
-            tool_eval_file: None,
-            init_adapter: None,
-            config: spec.resolve().unwrap(),
-            output_dir: tmp.path().join(out),
-            resume_from: None,
-            device,
+        let hp = serde_json::json!({
+            "max_steps": 20, "batch_size": 2, "gradient_accumulation_steps": 1,
+            "max_seq_len": 128, "loss_on": "all", "learning_rate": 0.01,
+            "lora": {"r": 4, "dropout": 0.0}, "precision": precision
+        });
+        let run = |device: Device, out: String| -> Vec<StepMetrics> {
+            let mut job = train_job(tmp.path(), &model, &out, 40, 1, hp.clone());
+            job.device = device;
+            run_steps(&job, &Control::new(), None).unwrap().1
         };
-        let cpu = run_steps(&job(Device::Cpu, &format!("cpu-{precision}")));
-        let gpu = run_steps(&job(dev.clone(), &format!("gpu-{precision}")));
+        let cpu = run(Device::Cpu, format!("cpu-{precision}"));
+        let gpu = run(dev.clone(), format!("gpu-{precision}"));
         assert_eq!(cpu.len(), 20);
         assert_eq!(gpu.len(), 20);
         let tol = if precision == "f32" { 1e-3 } else { 2e-2 };

@@ -6,35 +6,21 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::grads::{assert_lora_gradients_match_finite_differences, loss_and_grads, random_lora};
+use candle_core::{DType, Device};
+use common::grads::{
+    assert_lora_gradients_match_finite_differences, f64_model_and_rows, loss_and_grads,
+    random_lora, rel_err,
+};
 use common::train::{encoded_examples, run_steps, tiny_model, train_job};
 use sftd::train::data::encode::Example;
 use sftd::train::events::Control;
 use sftd::train::model::Qwen3;
 use sftd::train::nn::cpu_kernels::off_in;
 
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let sq = |t: Tensor| -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    (sq((got - want).unwrap()) / sq(want.clone()).max(1e-30)).sqrt()
-}
-
 #[test]
 fn lora_gradients_of_the_gpu_graph_match_finite_differences() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path(), 7);
-    let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
-    random_lora(&mut model, 1, 0.0);
-    let exs = encoded_examples(&dir, 2, 48);
+    let (model, exs) = f64_model_and_rows(tmp.path());
     assert_eq!(
         off_in(|| assert_lora_gradients_match_finite_differences(&model, &exs)),
         56

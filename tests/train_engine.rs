@@ -5,7 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::grads::{assert_lora_gradients_match_finite_differences, loss_and_grads, random_lora};
+use common::grads::{
+    assert_lora_gradients_match_finite_differences, f64_model_and_rows, loss_and_grads, random_lora,
+};
 use common::train::{encoded_examples, run_steps, tiny_model, train_job};
 use sftd::train::checkpoint;
 use sftd::train::data::encode::Example;
@@ -19,10 +21,7 @@ use std::collections::HashMap;
 #[test]
 fn lora_gradients_match_finite_differences() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model(tmp.path(), 7);
-    let mut model = Qwen3::load(&dir, DType::F64, &Device::Cpu).unwrap();
-    random_lora(&mut model, 1, 0.0);
-    let exs = encoded_examples(&dir, 2, 48);
+    let (model, exs) = f64_model_and_rows(tmp.path());
     assert_eq!(
         assert_lora_gradients_match_finite_differences(&model, &exs),
         56

@@ -2,7 +2,7 @@
 //! micro-batch's loss and LoRA gradients, and the check of those gradients against central finite
 //! differences.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use sftd::train::data::encode::Example;
 use sftd::train::model::Qwen3;
 use sftd::train::trainer::{self, make_batch, micro_step};
@@ -50,6 +50,30 @@ pub fn loss_and_grads(
         .map(|(k, v)| (k, acc.remove(&v.id()).unwrap()))
         .collect();
     (s.loss_sum / b.n_targets as f64, grads)
+}
+
+/// ‖got − want‖ / ‖want‖, in f64.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let sq = |t: Tensor| -> f64 {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    (sq((got - want).unwrap()) / sq(want.clone()).max(1e-30)).sqrt()
+}
+
+/// The finite-difference fixture: the tiny model from seed 7 in f64 on the CPU with a random
+/// LoRA (no dropout), and two rows of up to 48 tokens, written under `dir`.
+pub fn f64_model_and_rows(dir: &std::path::Path) -> (Qwen3, Vec<Example>) {
+    let model_dir = super::train::tiny_model(dir, 7);
+    let mut model = Qwen3::load(&model_dir, DType::F64, &Device::Cpu).unwrap();
+    random_lora(&mut model, 1, 0.0);
+    (model, super::train::encoded_examples(&model_dir, 2, 48))
 }
 
 /// Σ CE / N of a micro-batch by a forward pass alone (for finite differences).
