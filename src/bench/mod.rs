@@ -113,7 +113,7 @@ pub struct BenchReport {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    if let (_, Some(note)) = crate::train::nn::kernel_isa() {
+    for note in crate::train::nn::kernel_isa().1 {
         eprintln!("warning: {note}");
     }
     if args.generate {

@@ -460,7 +460,7 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     };
     let kernels = device.is_cpu().then(crate::train::nn::kernel_isa);
-    if let Some((_, Some(note))) = &kernels {
+    for note in kernels.iter().flat_map(|(_, notes)| notes) {
         tracing::warn!("{note}");
     }
     let kernels = kernels.map(|(isa, _)| isa);

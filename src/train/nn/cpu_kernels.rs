@@ -17,26 +17,35 @@ thread_local! {
     static OFF_ON_THIS_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Whether the variable leaves the kernels on (read once per process); an unknown value is
-/// warned about and ignored.
-fn on_for_process() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let value = std::env::var(VARIABLE).unwrap_or_default();
-        match value.trim().to_ascii_lowercase().as_str() {
-            "" | "on" => true,
-            "off" => false,
-            _ => {
-                tracing::warn!("{VARIABLE}={value:?} is not one of on, off; leaving them on");
-                true
-            }
-        }
-    })
+/// Whether `value` of the variable leaves the kernels on, and why it was ignored if it was.
+fn setting_from(value: Option<&str>) -> (bool, Option<String>) {
+    let value = value.unwrap_or_default();
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "on" => (true, None),
+        "off" => (false, None),
+        _ => (
+            true,
+            Some(format!(
+                "{VARIABLE}={value:?} is not one of on, off; leaving them on"
+            )),
+        ),
+    }
+}
+
+/// The process's setting, read once.
+fn process_setting() -> &'static (bool, Option<String>) {
+    static SETTING: OnceLock<(bool, Option<String>)> = OnceLock::new();
+    SETTING.get_or_init(|| setting_from(std::env::var(VARIABLE).ok().as_deref()))
+}
+
+/// Why the variable's value was ignored, if it was (reported with `nn::kernel_isa`).
+pub(super) fn note() -> Option<&'static str> {
+    process_setting().1.as_deref()
 }
 
 /// Whether sftd's CPU kernels are on for ops dispatched from this thread.
 pub fn enabled() -> bool {
-    !OFF_ON_THIS_THREAD.with(Cell::get) && on_for_process()
+    !OFF_ON_THIS_THREAD.with(Cell::get) && process_setting().0
 }
 
 /// Whether sftd's CPU kernels may serve an op on `device` (each kernel also checks its dtypes).
@@ -60,6 +69,16 @@ pub fn off_in<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_variable_turns_them_off_and_a_bad_value_is_reported() {
+        assert_eq!(setting_from(None), (true, None));
+        assert_eq!(setting_from(Some(" ON ")), (true, None));
+        assert_eq!(setting_from(Some("off")), (false, None));
+        let (on, note) = setting_from(Some("no"));
+        assert!(on);
+        assert!(note.unwrap().contains("not one of on, off"));
+    }
 
     #[test]
     fn off_in_holds_for_its_closure_only() {

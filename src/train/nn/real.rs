@@ -116,14 +116,19 @@ fn chosen() -> &'static (Isa, Option<String>) {
 }
 
 /// The instruction set sftd's own CPU kernels run (`baseline`, `avx2` or `avx512`, or `off` when
-/// `SFTD_CPU_KERNELS=off` leaves every op to candle), and a note when [`ISA_VARIABLE`] asked for
-/// one it could not honour.
-pub fn kernel_isa() -> (&'static str, Option<&'static str>) {
+/// `SFTD_CPU_KERNELS=off` leaves every op to candle), and a note for each of the two variables
+/// whose value could not be honoured.
+pub fn kernel_isa() -> (&'static str, Vec<&'static str>) {
+    let (isa, isa_note) = chosen();
+    let notes = isa_note
+        .as_deref()
+        .into_iter()
+        .chain(super::cpu_kernels::note())
+        .collect();
     if !super::cpu_kernels::enabled() {
-        return ("off", None);
+        return ("off", notes);
     }
-    let (isa, note) = chosen();
-    (level_name(isa.0), note.as_deref())
+    (level_name(isa.0), notes)
 }
 
 /// Defines `fn NAME(isa: Isa, ARGS) -> RET` that runs `LANES(ARGS)` compiled for `isa`. `LANES`
