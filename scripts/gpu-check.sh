@@ -57,16 +57,23 @@ else
   bin=target/release/sftd
 fi
 
-# The dynamic loader must find every CUDA library the binary was linked against.
-for lib in $(ldd "$bin" | awk '/not found/ {print $1}' | sort -u); do
-  # Not a link-time stub; a CUDA forward-compatibility driver only when nothing else is there.
-  found=$(find /usr/local /opt -name "$lib" -not -path '*/stubs/*' 2>/dev/null |
-    awk '{ print (/\/compat\//) ? 1 : 0, $0 }' | sort -n -k1,1 -s | cut -d' ' -f2- | head -1)
-  [ -n "$found" ] || { log "gpu-check: $lib not found on this host"; exit 1; }
-  LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  export LD_LIBRARY_PATH
-  log "$lib: $found"
-done
+# The dynamic loader must find every CUDA library the binary was linked against. One walk of
+# /usr/local and /opt lists the candidates for all of them (PyTorch's site-packages are large).
+missing=$(ldd "$bin" | awk '/not found/ {print $1}' | sort -u)
+if [ -n "$missing" ]; then
+  names=()
+  for lib in $missing; do names+=(-o -name "$lib"); done
+  candidates=$(find /usr/local /opt -not -path '*/stubs/*' \( "${names[@]:1}" \) 2>/dev/null)
+  for lib in $missing; do
+    # A CUDA forward-compatibility driver only when nothing else is there.
+    found=$(printf '%s\n' "$candidates" | awk -v lib="$lib" -F/ '$NF == lib' |
+      awk '{ print (/\/compat\//) ? 1 : 0, $0 }' | sort -n -k1,1 -s | cut -d' ' -f2- | head -1)
+    [ -n "$found" ] || { log "gpu-check: $lib not found on this host"; exit 1; }
+    LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LD_LIBRARY_PATH
+    log "$lib: $found"
+  done
+fi
 "$bin" --version | tee -a "$results"
 
 step "CUDA tests (tests/cuda.rs)"

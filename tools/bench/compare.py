@@ -123,7 +123,7 @@ def child(args):
     tok = AutoTokenizer.from_pretrained(args.model)
     gpu = args.device != "cpu"
     base = Qwen3ForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                            attn_implementation=args.attn).to(args.device)
+                                            attn_implementation=args.attn)
     if args.init_adapter:
         model = PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
