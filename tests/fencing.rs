@@ -5,6 +5,8 @@
 //! the committed row's objects keep the new holder's bytes, a resume on any host fetches
 //! exactly those, and the holder's pruning deletes the stale objects while a stale pruner
 //! deletes nothing of the newer claim. A row written before per-claim keys still resumes.
+//! What such a worker uploaded and then died without deleting is swept at the next start
+//! (`sftd::worker::sweep`), on the same three kinds of storage and on the default, in place.
 
 mod common;
 
@@ -17,6 +19,7 @@ use sftd::store::{Claimant, Lease, Store};
 use sftd::train::checkpoint;
 use sftd::train::events::{Control, Outcome};
 use sftd::worker::checkpoints;
+use sftd::worker::sweep::sweep_fenced_objects;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -236,4 +239,136 @@ async fn s3_keeps_the_committed_checkpoint_of_a_stale_publish() {
     let options = s3.options();
     let options = as_strs(&options);
     stale_publish_after_a_takeover(&format!("s3://{BUCKET}/fence"), &options).await;
+}
+
+/// Workers that lost their claims upload and die before the store refuses them (none deletes
+/// what it stored); a later start sweeps exactly what no row names of claims that are fenced,
+/// and nothing of the running holder's uploads in flight. `url`: `None` is the default storage,
+/// the data dir itself, shared by the three hosts.
+async fn dead_stale_uploads_are_swept(url: Option<&str>, options: &[(&str, &str)]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let host = |name: &str| {
+        let dir = tmp.path().join(if url.is_some() { name } else { "data" });
+        std::fs::create_dir_all(&dir).unwrap();
+        Storage::open_with(url, &dir.canonicalize().unwrap(), options).unwrap()
+    };
+    let (a, b, c) = (host("a"), host("b"), host("c"));
+    let ckpt = two_runs(&tmp.path().join("runs"));
+    let db_dir = tmp.path().join("db");
+    let store = Store::open(&format!("sqlite://{}/sftd.db", db_dir.display()), &db_dir)
+        .await
+        .unwrap();
+    let (job, cancelled) = ("ftjob-swept", "ftjob-swept-cancelled");
+    queued_store_job(&store, job).await;
+    let results =
+        |epoch: i64| format!("jobs/{job}/results/epoch-{epoch}/adapter_model.safetensors");
+
+    // A's claim (epoch 1) commits step 2, then loses the job to B (epoch 2).
+    let lease_a = claim(&store, Duration::from_millis(300)).await;
+    let staged = stage(&a, job, 2, &ckpt[&(1, 2)]);
+    let key_a2 = checkpoints::publish(&a, &lease_a, 2, &staged)
+        .await
+        .unwrap();
+    assert!(store
+        .add_checkpoint(&lease_a, 2, &json!({}), &key_a2)
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store
+        .requeue_interrupted(&lease_a, "lease expired")
+        .await
+        .unwrap());
+    let lease_b = claim(&store, Duration::from_secs(3600)).await;
+    assert_eq!((lease_b.job_id.as_str(), lease_b.epoch), (job, 2));
+    // A's late uploads land (its step 4 and its adapter), and A dies before any refusal.
+    let staged = stage(&a, job, 4, &ckpt[&(1, 4)]);
+    let stale_a4 = checkpoints::publish(&a, &lease_a, 4, &staged)
+        .await
+        .unwrap();
+    a.put_bytes(&results(1), b"stale".to_vec()).await.unwrap();
+    // B's step 4 and adapter are in flight: stored, no row yet.
+    let staged = stage(&b, job, 4, &ckpt[&(2, 4)]);
+    let key_b4 = checkpoints::publish(&b, &lease_b, 4, &staged)
+        .await
+        .unwrap();
+    b.put_bytes(&results(2), b"holder".to_vec()).await.unwrap();
+    // A job cancelled while its claim was uploading a checkpoint, whose worker then died.
+    queued_store_job(&store, cancelled).await;
+    let lease_x = claim(&store, Duration::from_secs(3600)).await;
+    assert_eq!(lease_x.job_id, cancelled);
+    let staged = stage(&a, cancelled, 2, &ckpt[&(1, 2)]);
+    let stale_x2 = checkpoints::publish(&a, &lease_x, 2, &staged)
+        .await
+        .unwrap();
+    assert!(store.cancel_job(cancelled).await.unwrap().is_some());
+    // A trainer's staging directory (epoch 0) is never swept: in a shared data dir it may be live.
+    let staging = format!("jobs/{job}/checkpoints/step-6/{}", checkpoint::MANIFEST);
+    c.put_bytes(&staging, b"{}".to_vec()).await.unwrap();
+
+    let mut deleted = sweep_fenced_objects(&store, &c).await.unwrap();
+    deleted.sort();
+    let mut expected = vec![stale_x2.clone(), stale_a4.clone(), results(1)];
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let left = keys_under(&c, "jobs").await;
+    for gone in [&stale_x2, &stale_a4] {
+        assert!(
+            !left.iter().any(|k| k.starts_with(&format!("{gone}/"))),
+            "{left:?}"
+        );
+    }
+    assert!(!left.contains(&results(1)), "{left:?}");
+    for kept in [&key_a2, &key_b4] {
+        assert!(
+            left.iter().any(|k| k.starts_with(&format!("{kept}/"))),
+            "{kept}: {left:?}"
+        );
+    }
+    assert!(
+        left.contains(&results(2)) && left.contains(&staging),
+        "{left:?}"
+    );
+    // A second sweep finds nothing more.
+    assert!(sweep_fenced_objects(&store, &c).await.unwrap().is_empty());
+
+    // B commits step 4, keeping one checkpoint (step 2's row goes), and then its run stops
+    // before its success (the storage failed; the job is queued again): its adapter is fenced
+    // now, and so are the step-2 objects, which no row names.
+    assert!(store
+        .add_checkpoint_keeping(&lease_b, 4, &json!({}), &key_b4, 1)
+        .await
+        .unwrap());
+    assert!(store
+        .requeue_held_interrupted(&lease_b, "storage unavailable")
+        .await
+        .unwrap());
+    let mut deleted = sweep_fenced_objects(&store, &c).await.unwrap();
+    deleted.sort();
+    assert_eq!(deleted, [key_a2.clone(), results(2)]);
+    // The committed checkpoint resumes whole, with B's bytes.
+    let resumed = checkpoints::fetch_committed(&store, &c, job).await.unwrap();
+    assert!(resumed.passed_over.is_empty(), "{:?}", resumed.passed_over);
+    assert_eq!(files(&resumed.dir.unwrap()), files(&ckpt[&(2, 4)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_storage_sweeps_what_dead_stale_workers_uploaded() {
+    dead_stale_uploads_are_swept(None, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_directory_sweeps_what_dead_stale_workers_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let url = format!("file://{}", shared.canonicalize().unwrap().display());
+    dead_stale_uploads_are_swept(Some(&url), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_sweeps_what_dead_stale_workers_uploaded() {
+    let s3 = S3Server::start();
+    let options = s3.options();
+    let options = as_strs(&options);
+    dead_stale_uploads_are_swept(Some(&format!("s3://{BUCKET}/sweep")), &options).await;
 }

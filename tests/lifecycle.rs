@@ -335,10 +335,33 @@ async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
     let id = s.start_job(&tiny_job(&train, 24, 4)).await;
     s.wait_train_steps(&id, 6, LONG).await;
     s.kill9();
+    // What the killed claim (epoch 1) might have been storing when it died, with no row naming
+    // it: the next start's sweep deletes it (the storage is the data dir by default).
+    let data = env.dir.path().join("data");
+    let late = [
+        data.join(format!(
+            "jobs/{id}/checkpoints/epoch-1/step-999/manifest.json"
+        )),
+        data.join(format!(
+            "jobs/{id}/results/epoch-1/adapter_model.safetensors"
+        )),
+    ];
+    for path in &late {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"late").unwrap();
+    }
 
     let s = env.start();
     let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
+    // (The sweep runs in the background; it has no reason to take long.)
+    let swept = std::time::Instant::now();
+    while late.iter().any(|p| p.exists()) && swept.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for path in &late {
+        assert!(!path.exists(), "{} was not swept", path.display());
+    }
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
     assert_eq!(common::jobs::train_events(&events).len(), 24);

@@ -97,6 +97,13 @@ impl Store {
         Ok(true)
     }
 
+    /// The key every checkpoint row names, of every job.
+    pub async fn all_checkpoint_paths(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT path FROM checkpoints")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// Newest first; `after` is the id of the last checkpoint of the previous page.
     pub async fn list_checkpoints(
         &self,

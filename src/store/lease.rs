@@ -11,6 +11,7 @@ pub use super::guard::Lease;
 use super::jobs::{JobRow, COLUMNS};
 use super::status::JobStatus;
 use super::{now, Result, Store};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Who claims, with how much memory, for how long.
@@ -122,6 +123,21 @@ impl Store {
             == 1;
         tx.commit().await?;
         Ok(renewed)
+    }
+
+    /// For every job, the newest claim (epoch) that can no longer write anything for it. A running
+    /// job's holder still may, so its bound is the epoch before; every claim of a job in any other
+    /// status is fenced, since only a new claim (a higher epoch) can write again. So an object a
+    /// claim up to its job's bound stored under its own keys, that no row names, never will be
+    /// named: read the rows after this, and they are final for those claims.
+    pub async fn fenced_epochs(&self) -> Result<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, CASE WHEN status = $1 THEN epoch - 1 ELSE epoch END FROM jobs",
+        )
+        .bind(JobStatus::Running)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Running jobs whose holder is gone: their lease expired. When this process is the

@@ -183,9 +183,14 @@ async fn fencing(s: Store) {
         lease: Duration::from_millis(300),
         ..claimant()
     };
+    // Fenced claims (what `worker::sweep` may clean up after): none before any claim, none while
+    // the first holds the job, all claims of a job that is not running.
+    let fenced = |s: Store| async move { s.fenced_epochs().await.unwrap()["ftjob-f"] };
+    assert_eq!(fenced(s.clone()).await, 0);
     let first = s.claim_next_job(&short).await.unwrap().unwrap();
     let old = first.lease();
     assert_eq!(first.epoch, 1);
+    assert_eq!(fenced(s.clone()).await, 0);
     assert!(s
         .renew_lease(&old, Duration::from_millis(300))
         .await
@@ -213,8 +218,10 @@ async fn fencing(s: Store) {
         ["ftjob-f"]
     );
     assert!(s.requeue_interrupted(&old, "lease expired").await.unwrap());
+    assert_eq!(fenced(s.clone()).await, 1);
     let second = s.claim_next_job(&claimant()).await.unwrap().unwrap();
     assert_eq!((second.epoch, second.attempts), (2, 2));
+    assert_eq!(fenced(s.clone()).await, 1);
     let new = second.lease();
 
     let before = s.list_events("ftjob-f", 0, 100).await.unwrap();
@@ -274,6 +281,8 @@ async fn fencing(s: Store) {
         s.get_job("ftjob-f").await.unwrap().unwrap().status,
         JobStatus::Succeeded
     );
+    assert_eq!(fenced(s.clone()).await, 2);
+    assert_eq!(s.all_checkpoint_paths().await.unwrap(), ["q"]);
 }
 
 on_both_backends!(claims_skip_jobs_too_big_for_the_worker, memory_fit);

@@ -67,6 +67,14 @@ fn result_key(job_id: &str, epoch: i64, name: &str) -> String {
     format!("jobs/{job_id}/results/epoch-{epoch}/{name}")
 }
 
+/// The job and claim epoch of a key [`result_key`] made; `None` for any other key.
+pub(super) fn result_key_owner(key: &str) -> Option<(&str, i64)> {
+    let (job_id, rest) = key.strip_prefix("jobs/")?.split_once('/')?;
+    let (epoch, name) = rest.strip_prefix("results/epoch-")?.split_once('/')?;
+    let epoch = epoch.parse().ok()?;
+    (!name.is_empty() && !name.contains('/')).then_some((job_id, epoch))
+}
+
 /// Moves a finished run's result files into the storage under this claim's keys
 /// ([`result_key`]); returns each one's key and size.
 pub(super) async fn publish_results(
@@ -133,5 +141,29 @@ fn remove(path: &Path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not drop a local copy"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_keys_name_their_job_and_claim() {
+        let key = result_key("ftjob-1", 3, "adapter_model.safetensors");
+        assert_eq!(result_key_owner(&key), Some(("ftjob-1", 3)));
+        // The layout before per-claim keys, checkpoints and malformed keys are not result keys.
+        assert_eq!(
+            result_key_owner("jobs/ftjob-1/adapter/adapter_config.json"),
+            None
+        );
+        assert_eq!(result_key_owner("jobs/ftjob-1/metrics.csv"), None);
+        assert_eq!(
+            result_key_owner("jobs/ftjob-1/checkpoints/epoch-3/step-2/x"),
+            None
+        );
+        assert_eq!(result_key_owner("jobs/ftjob-1/results/epoch-x/a"), None);
+        assert_eq!(result_key_owner("jobs/ftjob-1/results/epoch-3/"), None);
+        assert_eq!(result_key_owner("jobs/ftjob-1/results/epoch-3/a/b"), None);
     }
 }

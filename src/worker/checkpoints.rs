@@ -30,7 +30,7 @@ pub fn key(job_id: &str, epoch: i64, step: u64) -> String {
 
 /// The checkpoint directory a key under `prefix` belongs to, with the epoch that wrote it
 /// (0: the layout before per-claim keys, or a staging directory).
-fn dir_of(key: &str, prefix: &str) -> Option<(String, i64)> {
+pub(super) fn dir_of(key: &str, prefix: &str) -> Option<(String, i64)> {
     let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
     let (epoch, rest) = match rest.strip_prefix("epoch-") {
         Some(r) => {
@@ -111,7 +111,7 @@ pub async fn withdraw(
 }
 
 /// Deletes the checkpoint directory `dir` in the storage and its copy in this data dir.
-async fn delete_dir(storage: &Storage, dir: &str) -> anyhow::Result<()> {
+pub(super) async fn delete_dir(storage: &Storage, dir: &str) -> anyhow::Result<()> {
     storage.delete_prefix(dir).await?;
     match std::fs::remove_dir_all(storage.local_path(dir)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),

@@ -1,10 +1,9 @@
-//! The worker: one `std::thread` that owns the training device and claims queued jobs oldest
-//! first under a lease its heartbeat renews (`heartbeat.rs`), serving generation requests on the
-//! same device (between a job's micro-batches, or when idle), plus the file/model checks that
-//! move a new job from `validating_files` to `queued`. Other code talks to it through
-//! [`Worker`]'s methods (wake, cancel, on_device, shutdown). A process runs either or both
-//! halves ([`Role`]): `sftd serve` both, `sftd serve --no-worker` the checks, `sftd worker` the
-//! thread.
+//! The worker: one `std::thread` that owns the training device and claims queued jobs oldest first
+//! under a lease its heartbeat renews (`heartbeat.rs`), serving generation requests on the same
+//! device (between a job's micro-batches, or when idle), plus the file/model checks that move a new
+//! job from `validating_files` to `queued`. Other code talks to it through [`Worker`]'s methods
+//! (wake, cancel, on_device, shutdown). A process runs either or both halves ([`Role`]): `sftd
+//! serve` both, `sftd serve --no-worker` the checks, `sftd worker` the thread.
 
 mod artifacts;
 pub mod checkpoints;
@@ -15,6 +14,7 @@ mod recorder;
 mod run;
 mod serve;
 mod submit;
+pub mod sweep;
 
 pub use run::{adapter_key, fine_tuned_model_name, job_dir, metrics_csv};
 pub use serve::{DeviceLoan, DeviceTask, ServingModel};

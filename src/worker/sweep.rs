@@ -1,0 +1,84 @@
+//! Deletes the job objects that no row names and none ever will: checkpoints and result files a
+//! claim stored under its own keys after it lost the job, by a worker that then died before the
+//! store refused the row that would have named them (a worker that lives deletes its own, and
+//! the holder's pruning catches a checkpoint that landed before it). Run at start-up, so the
+//! host that replaces a dead worker cleans up after it.
+//!
+//! A key of claim `E` of a job is left alone unless every claim up to `E` is fenced
+//! ([`Store::fenced_epochs`], read before the rows): the running holder's uploads in flight are
+//! never touched, on any host. Keys of the layout before per-claim keys, and the trainer's
+//! staging directories (`checkpoints/step-<N>`, epoch 0 here), are not swept: in a data dir
+//! shared without object storage a running trainer writes its staging directory there.
+
+use super::artifacts::result_key_owner;
+use super::checkpoints::{delete_dir, dir_of, prefix};
+use crate::storage::Storage;
+use crate::store::Store;
+use std::collections::{BTreeSet, HashSet};
+
+/// Deletes what no row names, of fenced claims only; returns the deleted checkpoint
+/// directories' and result files' keys.
+pub async fn sweep_fenced_objects(store: &Store, storage: &Storage) -> anyhow::Result<Vec<String>> {
+    // Bounds first: rows of claims up to a bound cannot change after this read.
+    let fenced = store.fenced_epochs().await?;
+    let named: HashSet<String> = store
+        .all_checkpoint_paths()
+        .await?
+        .into_iter()
+        .chain(store.all_file_paths().await?)
+        .collect();
+    let is_fenced = |job_id: &str, epoch: i64| {
+        epoch > 0 && fenced.get(job_id).is_some_and(|&bound| epoch <= bound)
+    };
+    let mut checkpoint_dirs = BTreeSet::new();
+    let mut result_files = Vec::new();
+    for object in storage.list("jobs").await? {
+        let key = object.key;
+        if named.contains(&key) {
+            continue;
+        }
+        if let Some((job_id, epoch)) = result_key_owner(&key) {
+            if is_fenced(job_id, epoch) {
+                result_files.push(key);
+            }
+            continue;
+        }
+        let Some(job_id) = key.strip_prefix("jobs/").and_then(|r| r.split('/').next()) else {
+            continue;
+        };
+        if let Some((dir, epoch)) = dir_of(&key, &prefix(job_id)) {
+            if is_fenced(job_id, epoch) && !named.contains(&dir) {
+                checkpoint_dirs.insert(dir);
+            }
+        }
+    }
+    let mut deleted = Vec::new();
+    for dir in checkpoint_dirs {
+        delete_dir(storage, &dir).await?;
+        deleted.push(dir);
+    }
+    for key in result_files {
+        storage.delete(&key).await?;
+        storage.forget_local(&key).await;
+        deleted.push(key);
+    }
+    Ok(deleted)
+}
+
+/// [`sweep_fenced_objects`] in the background, logging what it deleted; a failure (storage or
+/// database unreachable) is a warning, and the next start tries again.
+pub fn spawn_sweep(store: Store, storage: Storage) {
+    tokio::spawn(async move {
+        match sweep_fenced_objects(&store, &storage).await {
+            Ok(deleted) => {
+                for key in &deleted {
+                    tracing::info!(key, "deleted objects of a claim that lost its job");
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not sweep the objects of claims that lost their jobs"
+            ),
+        }
+    });
+}
