@@ -90,56 +90,92 @@ async fn keys_under(storage: &Storage, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// The scenario on storage `url` (`options`: S3 settings), hosts A, B and C.
-async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
+/// Hosts A, B and C on storage `url` (`options`: S3 settings; `None`: the default storage, the
+/// data dir itself, which the three then share), one SQLite store, and [`two_runs`]'s checkpoints.
+struct Scene {
+    a: Storage,
+    b: Storage,
+    c: Storage,
+    store: Store,
+    ckpt: BTreeMap<(u64, u64), PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn scene(url: Option<&str>, options: &[(&str, &str)]) -> Scene {
     let tmp = tempfile::tempdir().unwrap();
     let host = |name: &str| {
-        let dir = tmp.path().join(name);
+        let dir = tmp.path().join(if url.is_some() { name } else { "data" });
         std::fs::create_dir_all(&dir).unwrap();
-        Storage::open_with(Some(url), &dir.canonicalize().unwrap(), options).unwrap()
+        Storage::open_with(url, &dir.canonicalize().unwrap(), options).unwrap()
     };
     let (a, b, c) = (host("a"), host("b"), host("c"));
-    assert!(!a.is_in_place());
     let ckpt = two_runs(&tmp.path().join("runs"));
     let db_dir = tmp.path().join("db");
     let store = Store::open(&format!("sqlite://{}/sftd.db", db_dir.display()), &db_dir)
         .await
         .unwrap();
-    let job = "ftjob-fence";
-    queued_store_job(&store, job).await;
+    Scene {
+        a,
+        b,
+        c,
+        store,
+        ckpt,
+        _tmp: tmp,
+    }
+}
 
-    // Host A's claim (epoch 1) commits step 2 of run 1.
-    let lease_a = claim(&store, Duration::from_millis(300)).await;
-    let staged = stage(&a, job, 2, &ckpt[&(1, 2)]);
-    let key_a2 = checkpoints::publish(&a, &lease_a, 2, &staged)
+/// Host A's claim (epoch 1) of the queued `job` commits step 2 of run 1, then A freezes past its
+/// lease and B takes the job over (epoch 2). Returns A's lease, step 2's key and B's lease.
+async fn takeover(s: &Scene, job: &str) -> (Lease, String, Lease) {
+    let lease_a = claim(&s.store, Duration::from_millis(300)).await;
+    let staged = stage(&s.a, job, 2, &s.ckpt[&(1, 2)]);
+    let key_a2 = checkpoints::publish(&s.a, &lease_a, 2, &staged)
         .await
         .unwrap();
     assert_eq!(key_a2, format!("jobs/{job}/checkpoints/epoch-1/step-2"));
     assert!(!staged.exists(), "the staging directory moved to its key");
-    assert!(store
+    assert!(s
+        .store
         .add_checkpoint(&lease_a, 2, &json!({}), &key_a2)
         .await
         .unwrap());
-    // A stages step 4, then freezes past its lease; B takes the job over (epoch 2).
-    let stale_staged = stage(&a, job, 4, &ckpt[&(1, 4)]);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(store
+    assert!(s
+        .store
         .requeue_interrupted(&lease_a, "lease expired")
         .await
         .unwrap());
-    let lease_b = claim(&store, Duration::from_secs(3600)).await;
-    assert_eq!(lease_b.epoch, 2);
+    let lease_b = claim(&s.store, Duration::from_secs(3600)).await;
+    assert_eq!((lease_b.job_id.as_str(), lease_b.epoch), (job, 2));
+    (lease_a, key_a2, lease_b)
+}
+
+/// The scenario on storage `url` (`options`: S3 settings), hosts A, B and C.
+async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
+    let scene = scene(Some(url), options).await;
+    let Scene {
+        a,
+        b,
+        c,
+        store,
+        ckpt,
+        ..
+    } = &scene;
+    assert!(!a.is_in_place());
+    let job = "ftjob-fence";
+    queued_store_job(store, job).await;
+    // A's claim commits step 2 and stages step 4, then freezes past its lease; B takes over.
+    let (lease_a, key_a2, lease_b) = takeover(&scene, job).await;
+    let stale_staged = stage(a, job, 4, &ckpt[&(1, 4)]);
 
     // B resumes from the committed step 2, fetched from the storage into its empty data dir.
-    let resumed = checkpoints::fetch_committed(&store, &b, job).await.unwrap();
+    let resumed = checkpoints::fetch_committed(store, b, job).await.unwrap();
     assert!(resumed.passed_over.is_empty(), "{:?}", resumed.passed_over);
     assert_eq!(resumed.dir, Some(b.local_path(&key_a2)));
     assert_eq!(files(&b.local_path(&key_a2)), files(&ckpt[&(1, 2)]));
     // B commits its own step 4 (run 2's bytes), keeping one checkpoint.
-    let staged = stage(&b, job, 4, &ckpt[&(2, 4)]);
-    let key_b4 = checkpoints::publish(&b, &lease_b, 4, &staged)
-        .await
-        .unwrap();
+    let staged = stage(b, job, 4, &ckpt[&(2, 4)]);
+    let key_b4 = checkpoints::publish(b, &lease_b, 4, &staged).await.unwrap();
     assert_eq!(key_b4, format!("jobs/{job}/checkpoints/epoch-2/step-4"));
     assert!(store
         .add_checkpoint_keeping(&lease_b, 4, &json!({}), &key_b4, 1)
@@ -147,7 +183,7 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
         .unwrap());
 
     // A wakes and finishes its upload of step 4: it lands under epoch 1, and its row is refused.
-    let stale_key = checkpoints::publish(&a, &lease_a, 4, &stale_staged)
+    let stale_key = checkpoints::publish(a, &lease_a, 4, &stale_staged)
         .await
         .unwrap();
     assert_eq!(stale_key, format!("jobs/{job}/checkpoints/epoch-1/step-4"));
@@ -160,7 +196,7 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
     assert_eq!(rows, [(4, key_b4.as_str())]);
 
     // Host C resumes from exactly the committed objects: run 2's step 4, whole.
-    let resumed = checkpoints::fetch_committed(&store, &c, job).await.unwrap();
+    let resumed = checkpoints::fetch_committed(store, c, job).await.unwrap();
     assert!(resumed.passed_over.is_empty(), "{:?}", resumed.passed_over);
     let dir = resumed.dir.unwrap();
     assert_eq!(dir, c.local_path(&key_b4));
@@ -170,10 +206,10 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
     // B, the holder, prunes: step 2 (its row went with save_total_limit 1) and A's stale
     // step 4 are deleted, in the storage and in B's data dir; the committed step 4 stays.
     let prefix = checkpoints::prefix(job);
-    let mut deleted = checkpoints::prune(&store, &b, &lease_b).await.unwrap();
+    let mut deleted = checkpoints::prune(store, b, &lease_b).await.unwrap();
     deleted.sort();
     assert_eq!(deleted, [key_a2.clone(), stale_key.clone()]);
-    let committed: Vec<String> = keys_under(&a, &prefix).await;
+    let committed: Vec<String> = keys_under(a, &prefix).await;
     assert!(!committed.is_empty());
     assert!(
         committed
@@ -185,18 +221,16 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
 
     // B's next checkpoint is in flight (stored, row not yet committed) when stale A prunes:
     // A deletes nothing of epoch 2, committed or not.
-    let staged = stage(&b, job, 6, &ckpt[&(2, 4)]);
-    let in_flight = checkpoints::publish(&b, &lease_b, 6, &staged)
-        .await
-        .unwrap();
-    let before = keys_under(&a, &prefix).await;
+    let staged = stage(b, job, 6, &ckpt[&(2, 4)]);
+    let in_flight = checkpoints::publish(b, &lease_b, 6, &staged).await.unwrap();
+    let before = keys_under(a, &prefix).await;
     // (Only A's own local copies of epoch 1 go.)
-    let dropped = checkpoints::prune(&store, &a, &lease_a).await.unwrap();
+    let dropped = checkpoints::prune(store, a, &lease_a).await.unwrap();
     assert!(
         dropped.iter().all(|k| k.contains("/epoch-1/")),
         "{dropped:?}"
     );
-    assert_eq!(keys_under(&a, &prefix).await, before);
+    assert_eq!(keys_under(a, &prefix).await, before);
     assert!(before
         .iter()
         .any(|k| k.starts_with(&format!("{in_flight}/"))));
@@ -204,10 +238,10 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
     // A row written before per-claim keys (`jobs/<id>/checkpoints/step-N`) still resumes,
     // and its holder's pruning keeps what it names.
     let old = "ftjob-old-layout";
-    queued_store_job(&store, old).await;
-    let lease = claim(&store, Duration::from_secs(3600)).await;
+    queued_store_job(store, old).await;
+    let lease = claim(store, Duration::from_secs(3600)).await;
     let old_key = format!("jobs/{old}/checkpoints/step-2");
-    let staged = stage(&a, old, 2, &ckpt[&(1, 2)]);
+    let staged = stage(a, old, 2, &ckpt[&(1, 2)]);
     a.publish_dir(&old_key, &staged, checkpoint::MANIFEST)
         .await
         .unwrap();
@@ -215,11 +249,11 @@ async fn stale_publish_after_a_takeover(url: &str, options: &[(&str, &str)]) {
         .add_checkpoint(&lease, 2, &json!({}), &old_key)
         .await
         .unwrap());
-    assert!(checkpoints::prune(&store, &a, &lease)
+    assert!(checkpoints::prune(store, a, &lease)
         .await
         .unwrap()
         .is_empty());
-    let resumed = checkpoints::fetch_committed(&store, &c, old).await.unwrap();
+    let resumed = checkpoints::fetch_committed(store, c, old).await.unwrap();
     assert_eq!(resumed.dir, Some(c.local_path(&old_key)));
     assert_eq!(files(&c.local_path(&old_key)), files(&ckpt[&(1, 2)]));
 }
@@ -246,71 +280,47 @@ async fn s3_keeps_the_committed_checkpoint_of_a_stale_publish() {
 /// and nothing of the running holder's uploads in flight. `url`: `None` is the default storage,
 /// the data dir itself, shared by the three hosts.
 async fn dead_stale_uploads_are_swept(url: Option<&str>, options: &[(&str, &str)]) {
-    let tmp = tempfile::tempdir().unwrap();
-    let host = |name: &str| {
-        let dir = tmp.path().join(if url.is_some() { name } else { "data" });
-        std::fs::create_dir_all(&dir).unwrap();
-        Storage::open_with(url, &dir.canonicalize().unwrap(), options).unwrap()
-    };
-    let (a, b, c) = (host("a"), host("b"), host("c"));
-    let ckpt = two_runs(&tmp.path().join("runs"));
-    let db_dir = tmp.path().join("db");
-    let store = Store::open(&format!("sqlite://{}/sftd.db", db_dir.display()), &db_dir)
-        .await
-        .unwrap();
+    let scene = scene(url, options).await;
+    let Scene {
+        a,
+        b,
+        c,
+        store,
+        ckpt,
+        ..
+    } = &scene;
     let (job, cancelled) = ("ftjob-swept", "ftjob-swept-cancelled");
-    queued_store_job(&store, job).await;
+    queued_store_job(store, job).await;
     let results =
         |epoch: i64| format!("jobs/{job}/results/epoch-{epoch}/adapter_model.safetensors");
 
     // A's claim (epoch 1) commits step 2, then loses the job to B (epoch 2).
-    let lease_a = claim(&store, Duration::from_millis(300)).await;
-    let staged = stage(&a, job, 2, &ckpt[&(1, 2)]);
-    let key_a2 = checkpoints::publish(&a, &lease_a, 2, &staged)
-        .await
-        .unwrap();
-    assert!(store
-        .add_checkpoint(&lease_a, 2, &json!({}), &key_a2)
-        .await
-        .unwrap());
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(store
-        .requeue_interrupted(&lease_a, "lease expired")
-        .await
-        .unwrap());
-    let lease_b = claim(&store, Duration::from_secs(3600)).await;
-    assert_eq!((lease_b.job_id.as_str(), lease_b.epoch), (job, 2));
+    let (lease_a, key_a2, lease_b) = takeover(&scene, job).await;
     // A's late uploads land (its step 4 and its adapter), and A dies before any refusal.
-    let staged = stage(&a, job, 4, &ckpt[&(1, 4)]);
-    let stale_a4 = checkpoints::publish(&a, &lease_a, 4, &staged)
-        .await
-        .unwrap();
+    let staged = stage(a, job, 4, &ckpt[&(1, 4)]);
+    let stale_a4 = checkpoints::publish(a, &lease_a, 4, &staged).await.unwrap();
     a.put_bytes(&results(1), b"stale".to_vec()).await.unwrap();
     // B's step 4 and adapter are in flight: stored, no row yet.
-    let staged = stage(&b, job, 4, &ckpt[&(2, 4)]);
-    let key_b4 = checkpoints::publish(&b, &lease_b, 4, &staged)
-        .await
-        .unwrap();
+    let staged = stage(b, job, 4, &ckpt[&(2, 4)]);
+    let key_b4 = checkpoints::publish(b, &lease_b, 4, &staged).await.unwrap();
     b.put_bytes(&results(2), b"holder".to_vec()).await.unwrap();
     // A job cancelled while its claim was uploading a checkpoint, whose worker then died.
-    queued_store_job(&store, cancelled).await;
-    let lease_x = claim(&store, Duration::from_secs(3600)).await;
+    queued_store_job(store, cancelled).await;
+    let lease_x = claim(store, Duration::from_secs(3600)).await;
     assert_eq!(lease_x.job_id, cancelled);
-    let staged = stage(&a, cancelled, 2, &ckpt[&(1, 2)]);
-    let stale_x2 = checkpoints::publish(&a, &lease_x, 2, &staged)
-        .await
-        .unwrap();
+    let staged = stage(a, cancelled, 2, &ckpt[&(1, 2)]);
+    let stale_x2 = checkpoints::publish(a, &lease_x, 2, &staged).await.unwrap();
     assert!(store.cancel_job(cancelled).await.unwrap().is_some());
     // A trainer's staging directory (epoch 0) is never swept: in a shared data dir it may be live.
     let staging = format!("jobs/{job}/checkpoints/step-6/{}", checkpoint::MANIFEST);
     c.put_bytes(&staging, b"{}".to_vec()).await.unwrap();
 
-    let mut deleted = sweep_fenced_objects(&store, &c).await.unwrap();
+    let mut deleted = sweep_fenced_objects(store, c).await.unwrap();
     deleted.sort();
     let mut expected = vec![stale_x2.clone(), stale_a4.clone(), results(1)];
     expected.sort();
     assert_eq!(deleted, expected);
-    let left = keys_under(&c, "jobs").await;
+    let left = keys_under(c, "jobs").await;
     for gone in [&stale_x2, &stale_a4] {
         assert!(
             !left.iter().any(|k| k.starts_with(&format!("{gone}/"))),
@@ -329,7 +339,7 @@ async fn dead_stale_uploads_are_swept(url: Option<&str>, options: &[(&str, &str)
         "{left:?}"
     );
     // A second sweep finds nothing more.
-    assert!(sweep_fenced_objects(&store, &c).await.unwrap().is_empty());
+    assert!(sweep_fenced_objects(store, c).await.unwrap().is_empty());
 
     // B commits step 4, keeping one checkpoint (step 2's row goes), and then its run stops
     // before its success (the storage failed; the job is queued again): its adapter is fenced
@@ -342,11 +352,11 @@ async fn dead_stale_uploads_are_swept(url: Option<&str>, options: &[(&str, &str)
         .requeue_held_interrupted(&lease_b, "storage unavailable")
         .await
         .unwrap());
-    let mut deleted = sweep_fenced_objects(&store, &c).await.unwrap();
+    let mut deleted = sweep_fenced_objects(store, c).await.unwrap();
     deleted.sort();
     assert_eq!(deleted, [key_a2.clone(), results(2)]);
     // The committed checkpoint resumes whole, with B's bytes.
-    let resumed = checkpoints::fetch_committed(&store, &c, job).await.unwrap();
+    let resumed = checkpoints::fetch_committed(store, c, job).await.unwrap();
     assert!(resumed.passed_over.is_empty(), "{:?}", resumed.passed_over);
     assert_eq!(files(&resumed.dir.unwrap()), files(&ckpt[&(2, 4)]));
 }
