@@ -75,6 +75,21 @@ pub struct JobError {
     pub param: Option<String>,
 }
 
+impl JobError {
+    pub fn new(code: &str, message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            param: param.map(String::from),
+        }
+    }
+
+    /// An `internal_error`: a failure of sftd itself (database, storage), not of the request.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new("internal_error", e.to_string(), None)
+    }
+}
+
 pub(super) const COLUMNS: &str = "n, id, created_at, started_at, finished_at, model, \
     training_file, validation_file, status, spec, config, seed, suffix, metadata, \
     fine_tuned_model, trained_tokens, estimated_finish, error_code, error_message, error_param, \

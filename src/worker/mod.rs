@@ -11,6 +11,7 @@ mod estimate;
 mod heartbeat;
 mod liveness;
 mod recorder;
+mod recovery;
 mod run;
 mod serve;
 mod submit;
@@ -22,7 +23,6 @@ pub use submit::{MemoryBudget, SubmitError};
 
 use crate::hub::Hub;
 use crate::storage::Storage;
-use crate::store::jobs::JobError;
 use crate::store::{Claimant, JobRow, JobStatus, Lease, Store};
 use crate::train::events::Control;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -234,7 +234,7 @@ impl Worker {
             return Ok(worker);
         }
         for job in store.orphaned_jobs(true).await? {
-            recover_interrupted(&store, &job, opts.max_attempts).await?;
+            recovery::recover_interrupted(&store, &job, opts.max_attempts).await?;
         }
         let id = crate::store::new_id("wrk");
         let claimant = Claimant {
@@ -370,44 +370,6 @@ impl Worker {
     }
 }
 
-/// Requeues a job whose holder is gone (its process died, or its lease expired), or fails it
-/// once it has been interrupted more than `max_attempts` times (a job that kills its worker,
-/// e.g. by exhausting memory, would otherwise crash every worker in turn and block the queue).
-async fn recover_interrupted(
-    store: &Store,
-    job: &JobRow,
-    max_attempts: u32,
-) -> crate::store::Result<()> {
-    let (id, lease) = (job.id.as_str(), job.lease());
-    let times = store.interruptions(id).await? + 1;
-    if times <= i64::from(max_attempts) {
-        tracing::info!(job = %id, times, "requeueing a job whose worker is gone");
-        store
-            .requeue_interrupted(
-                &lease,
-                "Job interrupted by a server restart or a lost worker (its lease expired); \
-                 it will resume from its last checkpoint",
-            )
-            .await?;
-        return Ok(());
-    }
-    let reached = match store.last_metrics_step(id, "train_loss").await? {
-        Some(step) => format!("the last step reached was {step}"),
-        None => "it never completed a step".to_string(),
-    };
-    let message = format!(
-        "Job interrupted {times} times: the worker process died while running it each time \
-         (killed, out of memory, power loss, or lost contact with the database); {reached}. \
-         It was resumed {max_attempts} times (SFTD_MAX_ATTEMPTS) and is not retried again; \
-         check the worker's memory and logs before creating it again."
-    );
-    tracing::warn!(job = %id, times, "failing a job interrupted too often");
-    store
-        .fail_interrupted(&lease, &JobError::new("job_interrupted", message, None))
-        .await?;
-    Ok(())
-}
-
 /// Validates jobs in order: queues each or fails it with a message naming what is wrong.
 async fn validation_loop(
     store: Store,
@@ -474,7 +436,10 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
             break;
         }
         live.busy(|| serving.run_idle());
-        if let Err(e) = ctx.rt.block_on(reclaim_expired(&ctx)) {
+        if let Err(e) = ctx
+            .rt
+            .block_on(recovery::reclaim_expired(&ctx.store, ctx.max_attempts))
+        {
             tracing::error!(error = %e, "could not look for expired leases");
         }
         if let Some(budget) = &ctx.memory {
@@ -549,30 +514,6 @@ fn run_claimed(
             .block_on(artifacts::drop_local_copies(&ctx.store, &ctx.storage, job));
     }
     ended
-}
-
-/// Requeues (or fails) the jobs whose lease expired: their worker died or lost contact.
-async fn reclaim_expired(ctx: &Ctx) -> crate::store::Result<()> {
-    for job in ctx.store.orphaned_jobs(false).await? {
-        tracing::warn!(job = %job.id, worker = ?job.worker_id, "taking over a job whose lease expired");
-        recover_interrupted(&ctx.store, &job, ctx.max_attempts).await?;
-    }
-    Ok(())
-}
-
-impl JobError {
-    pub fn new(code: &str, message: impl Into<String>, param: Option<&str>) -> Self {
-        Self {
-            code: code.into(),
-            message: message.into(),
-            param: param.map(String::from),
-        }
-    }
-
-    /// An `internal_error`: a failure of sftd itself (database, storage), not of the request.
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        Self::new("internal_error", e.to_string(), None)
-    }
 }
 
 #[cfg(test)]
