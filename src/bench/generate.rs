@@ -1,10 +1,10 @@
 //! `sftd bench --generate`: prefill and decode tokens/s of greedy generation (KV cache, batch 1)
 //! on the same model and prompt that `tools/bench/generate_compare.py` gives transformers.
 
-use crate::train::data::{parse_jsonl, Row};
+use crate::train::data::Row;
 use crate::train::generate::{argmax, BaseModel};
 use crate::train::model::qwen3::KvCache;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -28,9 +28,7 @@ pub struct GenerateReport {
 /// The first chat row's messages before its first assistant turn, rendered with the
 /// generation prompt (what a chat request would send), truncated to `max_len` tokens.
 pub fn prompt_ids(base: &BaseModel, data: &std::path::Path, max_len: usize) -> Result<Vec<u32>> {
-    let bytes = std::fs::read(data).with_context(|| format!("reading {}", data.display()))?;
-    let rows =
-        parse_jsonl(&bytes).map_err(|e| anyhow!("{} has invalid rows: {e:?}", data.display()))?;
+    let rows = super::read_rows(data)?;
     let Some((messages, tools)) = rows.iter().find_map(|(_, r)| match r {
         Row::Chat { messages, tools } => Some((messages, tools)),
         _ => None,

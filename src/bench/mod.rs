@@ -5,8 +5,8 @@ mod device;
 mod generate;
 
 use crate::train::data::encode::{Encoder, Example};
-use crate::train::data::parse_jsonl;
 use crate::train::data::template::ChatTemplate;
+use crate::train::data::{parse_jsonl, Row};
 use crate::train::device::DeviceInfo;
 use crate::train::optim::AdamW;
 use crate::train::precision::Precision;
@@ -18,16 +18,20 @@ use clap::Args;
 use device::{dense_peak_flops, DeviceMemorySampler};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// `--data`'s default: the bundled tool-calling rows, which `tools/bench/compare.py` reads too.
+const DEFAULT_DATA: &str = "examples/tool_calls.jsonl";
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model directory, or `sftd-demo`.
     #[arg(long, default_value = "sftd-demo")]
     pub model: String,
-    /// JSONL rows to draw sequences from (in file order).
-    #[arg(long, default_value = "examples/tool_calls.jsonl")]
+    /// JSONL rows to draw sequences from (in file order). The default, when run outside this
+    /// repository (from the container image, say), is the copy of that file built into sftd.
+    #[arg(long, default_value = DEFAULT_DATA)]
     pub data: PathBuf,
     /// Sequences per optimizer step (no gradient accumulation).
     #[arg(long, default_value_t = 1)]
@@ -164,6 +168,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The rows of `data`; the default path falls back to the copy built into the binary (the same
+/// bytes) when it is not there, so `sftd bench` runs from any directory.
+fn read_rows(data: &Path) -> Result<Vec<(usize, Row)>> {
+    let bytes = match std::fs::read(data) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && data == Path::new(DEFAULT_DATA) => {
+            eprintln!("note: {DEFAULT_DATA} is not here; using the copy built into sftd");
+            crate::train::demo::EXAMPLES.as_bytes().to_vec()
+        }
+        read => read.with_context(|| format!("reading {}", data.display()))?,
+    };
+    parse_jsonl(&bytes).map_err(|e| anyhow!("{} has invalid rows: {e:?}", data.display()))
+}
+
 fn run(args: &BenchArgs) -> Result<BenchReport> {
     let dev = crate::train::device_from_str(&args.device)?;
     let info = DeviceInfo::probe(&dev)?;
@@ -183,10 +200,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
     let template = ChatTemplate::from_model_dir(&model_dir)?;
-    let bytes =
-        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
-    let rows = parse_jsonl(&bytes)
-        .map_err(|e| anyhow!("{} has invalid rows: {e:?}", args.data.display()))?;
+    let rows = read_rows(&args.data)?;
     let enc = Encoder {
         tokenizer: &tok,
         template: &template,
@@ -197,16 +211,19 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         },
         max_seq_len: args.seq_len,
     };
-    let needed = args.batch_size * (args.steps + 1);
-    let examples: Vec<Example> = rows
-        .iter()
-        .cycle()
-        .take(needed)
-        .map(|(l, r)| enc.encode(*l, r))
-        .collect::<Result<_>>()?;
-    if examples.len() < needed {
-        bail!("need {needed} rows");
+    // As training (and compare.py) do, rows left without a labelled token are skipped.
+    let (usable, _skipped) = enc.encode_all(&rows)?;
+    if usable.is_empty() {
+        bail!(
+            "no row of {} has a labelled token within --seq-len {} (loss on {}): raise \
+             --seq-len, or pass --loss-on all",
+            args.data.display(),
+            args.seq_len,
+            args.loss_on
+        );
     }
+    let needed = args.batch_size * (args.steps + 1);
+    let examples: Vec<Example> = usable.into_iter().cycle().take(needed).collect();
     let mut opt = AdamW::new(model.lora_vars(), 0.0)?;
     // f16 runs scale the loss as training does (a constant here: the cost is the same).
     let loss_scale = if precision.loss_scaling {
