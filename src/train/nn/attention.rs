@@ -457,8 +457,8 @@ impl CustomOp3 for PackedAttention {
 mod tests {
     use super::*;
     use crate::train::nn::ops::packed_causal_attention_composed;
-    use crate::train::nn::testing::max_diff;
-    use candle_core::{DType, Var};
+    use crate::train::nn::testing::check_fused_inputs;
+    use candle_core::DType;
 
     /// The fused op and the composed ops agree in value and in the gradients of q, k and v,
     /// over several packed sequences of different lengths, against one random cotangent.
@@ -474,37 +474,20 @@ mod tests {
         };
         let (q0, k0, v0) = (rnd(&[n, hq, d]), rnd(&[n, hkv, d]), rnd(&[n, hkv, d]));
         let cot = rnd(&[n, hq * d]);
-        let run = |fused: bool| {
-            let (q, k, v) = (
-                Var::from_tensor(&q0).unwrap(),
-                Var::from_tensor(&k0).unwrap(),
-                Var::from_tensor(&v0).unwrap(),
-            );
-            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-            let y = if fused {
-                packed_attention(qt, kt, vt, segments).unwrap()
-            } else {
-                packed_causal_attention_composed(qt, kt, vt, segments).unwrap()
-            };
-            let gs = (y.clone() * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = |x: &Var| gs.get(x).expect("gradient").clone();
-            (y, g(&q), g(&k), g(&v))
-        };
-        let (f, c) = (run(true), run(false));
-        for (what, a, b) in [
-            ("out", &f.0, &c.0),
-            ("dq", &f.1, &c.1),
-            ("dk", &f.2, &c.2),
-            ("dv", &f.3, &c.3),
-        ] {
-            let diff = max_diff(a, b);
-            assert!(diff < tol, "{what} differs by {diff} in {dtype:?}");
-        }
+        check_fused_inputs(
+            |fused, x| {
+                if fused {
+                    packed_attention(x[0], x[1], x[2], segments)
+                } else {
+                    packed_causal_attention_composed(x[0], x[1], x[2], segments)
+                }
+            },
+            &[&q0, &k0, &v0],
+            &cot,
+            &["out", "dq", "dk", "dv"],
+            tol,
+            format_args!("{dtype:?}"),
+        );
     }
 
     #[test]

@@ -297,7 +297,7 @@ impl CustomOp3 for LoraLinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::nn::testing::max_diff;
+    use crate::train::nn::testing::check_fused_inputs;
     use candle_core::{DType, Var};
 
     /// The fused op and the composed candle ops agree in value and in the gradients of x, A and
@@ -318,43 +318,21 @@ mod tests {
             rnd((o, r)),
             rnd((n, o)),
         );
-        let run = |fused: bool| {
-            let (x, a, b) = (
-                Var::from_tensor(&x0).unwrap(),
-                Var::from_tensor(&a0).unwrap(),
-                Var::from_tensor(&b0).unwrap(),
-            );
-            let y = if fused {
-                lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s).unwrap()
-            } else {
-                let base = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-                let delta = x
-                    .as_tensor()
-                    .matmul(&a.as_tensor().t().unwrap())
-                    .unwrap()
-                    .matmul(&b.as_tensor().t().unwrap())
-                    .unwrap();
-                (base + (delta * s).unwrap()).unwrap()
-            };
-            let gs = (y.clone() * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = |v: &Var| gs.get(v).expect("gradient").clone();
-            (y, g(&x), g(&a), g(&b))
-        };
-        let (fused, composed) = (run(true), run(false));
-        for (what, f, c) in [
-            ("y", &fused.0, &composed.0),
-            ("dx", &fused.1, &composed.1),
-            ("dA", &fused.2, &composed.2),
-            ("dB", &fused.3, &composed.3),
-        ] {
-            let d = max_diff(f, c);
-            assert!(d < tol, "{what} differs by {d} in {dtype:?}");
-        }
+        check_fused_inputs(
+            |fused, v| {
+                let (x, a, b) = (v[0], v[1], v[2]);
+                if fused {
+                    return lora_linear(x, &w, a, b, s);
+                }
+                let delta = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+                x.matmul(&w.t()?)? + (delta * s)?
+            },
+            &[&x0, &a0, &b0],
+            &cot,
+            &["y", "dx", "dA", "dB"],
+            tol,
+            format_args!("{dtype:?}"),
+        );
     }
 
     #[test]

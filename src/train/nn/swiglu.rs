@@ -219,8 +219,8 @@ impl CustomOp2 for SiluMul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::nn::testing::max_diff;
-    use candle_core::{DType, Var};
+    use crate::train::nn::testing::check_fused_inputs;
+    use candle_core::DType;
 
     /// Fused and composed (`gate.silu() * up`) agree in value and in both gradients; the larger
     /// size runs the threaded path.
@@ -232,33 +232,20 @@ mod tests {
                 .unwrap()
         };
         let (g0, u0, cot) = (rnd(), rnd(), rnd());
-        let run = |fused: bool| {
-            let (g, u) = (
-                Var::from_tensor(&g0).unwrap(),
-                Var::from_tensor(&u0).unwrap(),
-            );
-            let y = if fused {
-                silu_mul(g.as_tensor(), u.as_tensor()).unwrap()
-            } else {
-                (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap()
-            };
-            let gs = (y.clone() * &cot)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            (y, gs.get(&g).unwrap().clone(), gs.get(&u).unwrap().clone())
-        };
-        let (f, c) = (run(true), run(false));
-        for (what, a, b) in [
-            ("y", &f.0, &c.0),
-            ("dgate", &f.1, &c.1),
-            ("dup", &f.2, &c.2),
-        ] {
-            let d = max_diff(a, b);
-            assert!(d < tol, "{what} differs by {d} ({dtype:?}, n {n})");
-        }
+        check_fused_inputs(
+            |fused, x| {
+                if fused {
+                    silu_mul(x[0], x[1])
+                } else {
+                    x[0].silu()? * x[1]
+                }
+            },
+            &[&g0, &u0],
+            &cot,
+            &["y", "dgate", "dup"],
+            tol,
+            format_args!("{dtype:?}, n {n}"),
+        );
     }
 
     #[test]
