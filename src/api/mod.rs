@@ -129,9 +129,12 @@ async fn run(mut config: Config, role: Role) -> anyhow::Result<()> {
         placement_grace: std::time::Duration::from_millis(config.placement_grace_ms),
     };
     let worker = Worker::start_with(store.clone(), storage.clone(), hub, opts).await?;
-    // Uploads of claims that lost their jobs, left by a worker that died before it could delete
-    // them (this start may be its replacement): safe on any node, at any time.
-    crate::worker::sweep::spawn_sweep(store.clone(), storage.clone());
+    if role != Role::Api {
+        // Uploads of claims that lost their jobs, left by a worker that died before it could
+        // delete them (this start may be its replacement). Safe at any time; left to the nodes
+        // that train, so that an autoscaled API node does not list the storage at every start.
+        crate::worker::sweep::spawn_sweep(store.clone(), storage.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     match (config.api_key(), addr.ip().is_loopback()) {
