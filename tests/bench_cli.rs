@@ -82,7 +82,8 @@ fn bench_says_what_is_wrong_with_its_data() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("has a labelled token within --seq-len 8")
+        stderr.contains("400 of 400 rows have no labelled token within --seq-len 8")
+            && stderr.contains("has a labelled token within --seq-len 8")
             && stderr.contains("--loss-on all"),
         "{stderr}"
     );

@@ -212,7 +212,15 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         max_seq_len: args.seq_len,
     };
     // As training (and compare.py) do, rows left without a labelled token are skipped.
-    let (usable, _skipped) = enc.encode_all(&rows)?;
+    let (usable, skipped) = enc.encode_all(&rows)?;
+    if !skipped.is_empty() {
+        eprintln!(
+            "note: {} of {} rows have no labelled token within --seq-len {} and are skipped",
+            skipped.len(),
+            rows.len(),
+            args.seq_len
+        );
+    }
     if usable.is_empty() {
         bail!(
             "no row of {} has a labelled token within --seq-len {} (loss on {}): raise \
