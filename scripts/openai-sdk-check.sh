@@ -23,14 +23,9 @@ else
   fi
   PY=$VENV/bin/python
 fi
+# shellcheck source=scripts/live-server.sh
+. scripts/live-server.sh
 data=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-SFTD_DATA_DIR=$data SFTD_ADDR=127.0.0.1:$port SFTD_DEVICE=cpu RUST_LOG=warn "$BIN" serve >"$data/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 1 300); do
-  curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break
-  kill -0 $pid 2>/dev/null || { cat "$data/server.log"; exit 1; }
-  sleep 0.2
-done
+trap 'kill "${pid:-}" 2>/dev/null; wait "${pid:-}" 2>/dev/null; rm -rf "$data"' EXIT
+start_sftd "$BIN" "$data"
 "$PY" tools/openai_sdk_check.py --base-url "http://127.0.0.1:$port" || { tail -40 "$data/server.log"; exit 1; }

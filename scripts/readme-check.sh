@@ -24,17 +24,11 @@ grep -q '^S=http://127.0.0.1:8080$' <<<"$walkthrough" || {
   exit 1
 }
 
+# shellcheck source=scripts/live-server.sh
+. scripts/live-server.sh
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-SFTD_DATA_DIR=$work/data SFTD_ADDR=127.0.0.1:$port SFTD_DEVICE=cpu RUST_LOG=warn \
-  "$BIN" serve >"$work/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
-for _ in $(seq 1 300); do
-  curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break
-  kill -0 $pid 2>/dev/null || { cat "$work/server.log"; exit 1; }
-  sleep 0.2
-done
+trap 'kill "${pid:-}" 2>/dev/null; wait "${pid:-}" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+start_sftd "$BIN" "$work"
 
 # The reader's directory: the repository's examples at hand, the downloads landing here.
 ln -s "$PWD/examples" "$work/examples"
