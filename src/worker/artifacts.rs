@@ -95,16 +95,24 @@ pub(super) async fn publish_results(
     Ok(out)
 }
 
-/// Deletes the result files [`publish_results`] stored, object and local copy, after the store
-/// refused the success that would name them (the job is another claim's now, or cancelled): no
-/// row will ever name these keys, which carry this claim's epoch, and nothing else deletes them.
-pub(super) async fn withdraw_results(storage: &Storage, keys: &[&str]) {
-    for key in keys {
+/// Deletes result files that no row names or ever will, object and local copy: those
+/// [`publish_results`] stored before the store refused the success that would name them (the job
+/// is another claim's now, or cancelled), or that the start-up sweep found of a fenced claim.
+/// Returns the keys deleted; a failure is a warning, and the rest are still tried.
+pub(super) async fn withdraw_results<'k>(storage: &Storage, keys: &[&'k str]) -> Vec<&'k str> {
+    let mut deleted = Vec::new();
+    for &key in keys {
         match storage.delete(key).await {
-            Ok(()) => storage.forget_local(key).await,
-            Err(e) => tracing::warn!(key, error = %e, "could not delete a refused result file"),
+            Ok(()) => {
+                storage.forget_local(key).await;
+                deleted.push(key);
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "could not delete a result file no row names")
+            }
         }
     }
+    deleted
 }
 
 /// Deletes this host's copies of what a run of `job` fetched or wrote that the artifact storage

@@ -10,7 +10,7 @@
 //! staging directories (`checkpoints/step-<N>`, epoch 0 here), are not swept: in a data dir
 //! shared without object storage a running trainer writes its staging directory there.
 
-use super::artifacts::result_key_owner;
+use super::artifacts::{result_key_owner, withdraw_results};
 use super::checkpoints::{delete_dir, dir_of, prefix};
 use crate::storage::Storage;
 use crate::store::Store;
@@ -27,28 +27,24 @@ pub async fn sweep_fenced_objects(store: &Store, storage: &Storage) -> anyhow::R
         .into_iter()
         .chain(store.all_file_paths().await?)
         .collect();
-    let is_fenced = |job_id: &str, epoch: i64| {
-        epoch > 0 && fenced.get(job_id).is_some_and(|&bound| epoch <= bound)
+    // What no row names, of a fenced claim (epoch 0 — staging, the old layout — never is).
+    let garbage = |job_id: &str, epoch: i64, key: &str| {
+        epoch > 0 && fenced.get(job_id).is_some_and(|&bound| epoch <= bound) && !named.contains(key)
     };
     let mut checkpoint_dirs = BTreeSet::new();
     let mut result_files = Vec::new();
     for object in storage.list("jobs").await? {
         let key = object.key;
-        if named.contains(&key) {
-            continue;
-        }
         if let Some((job_id, epoch)) = result_key_owner(&key) {
-            if is_fenced(job_id, epoch) {
+            if garbage(job_id, epoch, &key) {
                 result_files.push(key);
             }
-            continue;
-        }
-        let Some(job_id) = key.strip_prefix("jobs/").and_then(|r| r.split('/').next()) else {
-            continue;
-        };
-        if let Some((dir, epoch)) = dir_of(&key, &prefix(job_id)) {
-            if is_fenced(job_id, epoch) && !named.contains(&dir) {
-                checkpoint_dirs.insert(dir);
+        } else if let Some(job_id) = key.strip_prefix("jobs/").and_then(|r| r.split('/').next()) {
+            // A checkpoint's files go with their directory, which is what a row names.
+            if let Some((dir, epoch)) = dir_of(&key, &prefix(job_id)) {
+                if garbage(job_id, epoch, &dir) {
+                    checkpoint_dirs.insert(dir);
+                }
             }
         }
     }
@@ -57,10 +53,9 @@ pub async fn sweep_fenced_objects(store: &Store, storage: &Storage) -> anyhow::R
         delete_dir(storage, &dir).await?;
         deleted.push(dir);
     }
-    for key in result_files {
-        storage.delete(&key).await?;
-        storage.forget_local(&key).await;
-        deleted.push(key);
+    let result_files: Vec<&str> = result_files.iter().map(String::as_str).collect();
+    for key in withdraw_results(storage, &result_files).await {
+        deleted.push(key.to_string());
     }
     Ok(deleted)
 }
