@@ -49,6 +49,12 @@ pub struct Config {
     #[arg(long, env = "SFTD_PLACEMENT_GRACE_MS", default_value_t = 120_000)]
     pub placement_grace_ms: u64,
 
+    /// How often a node that trains sweeps the artifact storage for what workers that lost
+    /// their jobs uploaded and died before deleting, in milliseconds. It always sweeps once at
+    /// start; `0` sweeps only then.
+    #[arg(long, env = "SFTD_SWEEP_INTERVAL_MS", default_value_t = 3_600_000)]
+    pub sweep_interval_ms: u64,
+
     /// When set, every `/v1` route requires `Authorization: Bearer <key>` or `X-Api-Key: <key>`
     /// (the event stream also accepts `?access_token=<key>`). Never logged.
     #[arg(long, env = "SFTD_API_KEY", hide_env_values = true)]
@@ -108,6 +114,7 @@ impl std::fmt::Debug for Config {
             .field("lease_ms", &self.lease_ms)
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("placement_grace_ms", &self.placement_grace_ms)
+            .field("sweep_interval_ms", &self.sweep_interval_ms)
             .field("storage_url", &self.storage_url)
             .field("api_key", &redact(&self.api_key))
             .field("device", &self.device)
@@ -151,6 +158,7 @@ impl Config {
             lease_ms: 30_000,
             heartbeat_ms: 5_000,
             placement_grace_ms: 120_000,
+            sweep_interval_ms: 3_600_000,
             api_key: None,
             device: "cpu".into(),
             model_dirs: String::new(),

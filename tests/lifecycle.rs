@@ -351,17 +351,32 @@ async fn kill_9_mid_training_then_restart_finishes_without_gaps() {
         std::fs::write(path, b"late").unwrap();
     }
 
-    let s = env.start();
+    let s = env.clone().with("SFTD_SWEEP_INTERVAL_MS", "300").start();
     let job = s.wait_finished(&id, LONG).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     // (The sweep runs in the background; it has no reason to take long.)
-    let swept = std::time::Instant::now();
-    while late.iter().any(|p| p.exists()) && swept.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let wait_swept = |paths: Vec<std::path::PathBuf>| async move {
+        let swept = std::time::Instant::now();
+        while paths.iter().any(|p| p.exists()) && swept.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for path in &paths {
+            assert!(!path.exists(), "{} was not swept", path.display());
+        }
+    };
+    wait_swept(late.to_vec()).await;
+    // Left while the node runs (as by a worker elsewhere that dies now): the next round's.
+    let later = [
+        data.join(format!(
+            "jobs/{id}/checkpoints/epoch-1/step-998/manifest.json"
+        )),
+        data.join(format!("jobs/{id}/results/epoch-1/adapter_config.json")),
+    ];
+    for path in &later {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"later").unwrap();
     }
-    for path in &late {
-        assert!(!path.exists(), "{} was not swept", path.display());
-    }
+    wait_swept(later.to_vec()).await;
     let events = s.all_events(&id).await;
     assert_gap_free(&events);
     assert_eq!(common::jobs::train_events(&events).len(), 24);

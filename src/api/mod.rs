@@ -133,7 +133,9 @@ async fn run(mut config: Config, role: Role) -> anyhow::Result<()> {
         // Uploads of claims that lost their jobs, left by a worker that died before it could
         // delete them (this start may be its replacement). Safe at any time; left to the nodes
         // that train, so that an autoscaled API node does not list the storage at every start.
-        crate::worker::sweep::spawn_sweep(store.clone(), storage.clone());
+        let every = (config.sweep_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(config.sweep_interval_ms));
+        crate::worker::sweep::spawn_sweeps(store.clone(), storage.clone(), every);
     }
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;

@@ -2,7 +2,8 @@
 //! claim stored under its own keys after it lost the job, by a worker that then died before the
 //! store refused the row that would have named them (a worker that lives deletes its own, and
 //! the holder's pruning catches a checkpoint that landed before it). Run at start-up, so the
-//! host that replaces a dead worker cleans up after it.
+//! host that replaces a dead worker cleans up after it, and then every `SFTD_SWEEP_INTERVAL_MS`,
+//! so that a cluster whose nodes run for months does not keep such objects for months.
 //!
 //! A key of claim `E` of a job is left alone unless every claim up to `E` is fenced
 //! ([`Store::fenced_epochs`], read before the rows): the running holder's uploads in flight are
@@ -15,6 +16,7 @@ use super::checkpoints::{delete_dir, dir_of, prefix};
 use crate::storage::Storage;
 use crate::store::Store;
 use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
 
 /// Deletes what no row names, of fenced claims only; returns the deleted checkpoint
 /// directories' and result files' keys.
@@ -60,20 +62,25 @@ pub async fn sweep_fenced_objects(store: &Store, storage: &Storage) -> anyhow::R
     Ok(deleted)
 }
 
-/// [`sweep_fenced_objects`] in the background, logging what it deleted; a failure (storage or
-/// database unreachable) is a warning, and the next start tries again.
-pub fn spawn_sweep(store: Store, storage: Storage) {
+/// [`sweep_fenced_objects`] in the background: now, then every `every` (`None`: only now).
+/// Each deletion is logged; a failure (storage or database unreachable) is a warning, and the
+/// next round tries again.
+pub fn spawn_sweeps(store: Store, storage: Storage, every: Option<Duration>) {
     tokio::spawn(async move {
-        match sweep_fenced_objects(&store, &storage).await {
-            Ok(deleted) => {
-                for key in &deleted {
-                    tracing::info!(key, "deleted objects of a claim that lost its job");
+        loop {
+            match sweep_fenced_objects(&store, &storage).await {
+                Ok(deleted) => {
+                    for key in &deleted {
+                        tracing::info!(key, "deleted objects of a claim that lost its job");
+                    }
                 }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not sweep the objects of claims that lost their jobs"
+                ),
             }
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "could not sweep the objects of claims that lost their jobs"
-            ),
+            let Some(every) = every else { return };
+            tokio::time::sleep(every).await;
         }
     });
 }
