@@ -12,7 +12,7 @@
 //! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
 
 use super::fused::Real;
-use super::matmul::{gemm_into, SendPtr, View};
+use super::matmul::{gemm_into, Dst, SendPtr, View};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -193,7 +193,14 @@ pub(super) fn forward<T: Real>(
                    // every element is written before the lengths are set after all jobs joined.
                 unsafe {
                     let p = probs_p.get().add(offsets[si] + h * t * t + i0 * t);
-                    gemm_into(p, t, (i1 - i0, i1, d), false, q_m, k_t, T::one(), false);
+                    gemm_into(
+                        Dst::fresh(p, t),
+                        (i1 - i0, i1, d),
+                        q_m,
+                        k_t,
+                        T::one(),
+                        false,
+                    );
                     for i in i0..i1 {
                         let row = std::slice::from_raw_parts_mut(p.add((i - i0) * t), t);
                         causal_softmax_row(row, i + 1, scale);
@@ -205,10 +212,8 @@ pub(super) fn forward<T: Real>(
                     }; // (i1 − i0, i1)
                     let o = out_p.get().add((start + i0) * hq * d + h * d);
                     gemm_into(
-                        o,
-                        hq * d,
+                        Dst::fresh(o, hq * d),
                         (i1 - i0, d, i1),
-                        false,
                         p_m,
                         v_m,
                         T::one(),
@@ -288,10 +293,12 @@ pub(super) fn backward<T: Real>(
                     let dv_at = dv_p.get().add(kv_at);
                     let pt = p_m.transposed();
                     gemm_into(
-                        dv_at,
-                        hkv * d,
+                        Dst {
+                            ptr: dv_at,
+                            rs: hkv * d,
+                            accumulate: !init,
+                        },
                         (i1, d, rows),
-                        !init,
                         pt,
                         do_m,
                         T::one(),
@@ -299,7 +306,7 @@ pub(super) fn backward<T: Real>(
                     );
                     // dP = dO Vᵀ (rows, i1), then dS = scale · P ⊙ (dP − Σ_j dP⊙P) row by row.
                     let dp = ds.as_mut_ptr();
-                    gemm_into(dp, t, (rows, i1, d), false, do_m, v_t, T::one(), false);
+                    gemm_into(Dst::fresh(dp, t), (rows, i1, d), do_m, v_t, T::one(), false);
                 }
                 for (r, (dr, pr)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                     let seen = i0 + r + 1;
@@ -316,10 +323,8 @@ pub(super) fn backward<T: Real>(
                     let dq_at = dq_p.get().add(do_at + i0 * hq * d);
                     let k_m = kv_rows(k);
                     gemm_into(
-                        dq_at,
-                        hq * d,
+                        Dst::fresh(dq_at, hq * d),
                         (rows, d, i1),
-                        false,
                         ds_m,
                         k_m,
                         T::one(),
@@ -328,10 +333,12 @@ pub(super) fn backward<T: Real>(
                     let dk_at = dk_p.get().add(kv_at);
                     let dst = ds_m.transposed();
                     gemm_into(
-                        dk_at,
-                        hkv * d,
+                        Dst {
+                            ptr: dk_at,
+                            rs: hkv * d,
+                            accumulate: !init,
+                        },
                         (i1, d, rows),
-                        !init,
                         dst,
                         q_m,
                         T::one(),

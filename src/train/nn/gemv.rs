@@ -4,7 +4,7 @@
 //!
 //! Shapes: I in-features, O out-features, W (O, I) row-major.
 
-use super::matmul::{gemm_into, View};
+use super::matmul::{gemm_into, Dst, View};
 #[cfg(target_arch = "x86_64")]
 use super::real::Level;
 use super::real::{dispatched, Isa};
@@ -206,10 +206,8 @@ pub fn x_wt(x: &[f32], w: &[f32], i: usize) -> Vec<f32> {
     // SAFETY: capacity t·o, every element written (no accumulate) before the length is set.
     unsafe {
         gemm_into(
-            y.as_mut_ptr(),
-            o,
+            Dst::fresh(y.as_mut_ptr(), o),
             (t, o, i),
-            false,
             View::rows(x, i),
             View::t(w, i),
             1.0,

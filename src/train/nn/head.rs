@@ -12,7 +12,7 @@
 //! Shapes: C label positions, H hidden, V vocabulary.
 
 use super::layer::elems;
-use super::matmul::{gemm_into, SendPtr, View};
+use super::matmul::{gemm_into, Dst, SendPtr, View};
 use super::ops::{softmax_xent, XentStats};
 use super::real::Real;
 use super::{frozen_linear, frozen_linear_grad};
@@ -75,10 +75,8 @@ fn cpu<T: Real + Send + Sync>(
     // length is set; the views address the (V, H) weight and the (H, C) transpose of x.
     unsafe {
         gemm_into(
-            lt.as_mut_ptr(),
-            c,
+            Dst::fresh(lt.as_mut_ptr(), c),
             (v, c, h),
-            false,
             View::rows(ws, h),
             View::t(xs, h),
             T::one(),
@@ -121,10 +119,8 @@ fn input_grad<T: Real + Send + Sync>(
             };
             let rhs = View::rows(&ws[a * h..(a + len) * h], h);
             gemm_into(
-                part.as_mut_ptr(),
-                h,
+                Dst::fresh(part.as_mut_ptr(), h),
                 (c, h, len),
-                false,
                 lhs,
                 rhs,
                 T::one(),

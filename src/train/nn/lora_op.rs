@@ -11,7 +11,7 @@
 //!
 //! Shapes: N tokens, I in-features, O out-features, r LoRA rank.
 
-use super::matmul::{accumulate, gemm_into, product, View};
+use super::matmul::{accumulate, gemm_into, product, Dst, View};
 use candle_core::{
     CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
@@ -166,9 +166,20 @@ pub(super) unsafe fn backward_into<T: WithDType>(
     if let Some(DxInto { dst, accumulate }) = dx {
         // dx (+)= g W + s · gb A
         let (gv, wv) = (View::rows(g, o), View::rows(w, i));
-        gemm_into(dst, i, (n, i, o), accumulate, gv, wv, T::one(), true);
+        gemm_into(
+            Dst {
+                ptr: dst,
+                rs: i,
+                accumulate,
+            },
+            (n, i, o),
+            gv,
+            wv,
+            T::one(),
+            true,
+        );
         let (gbv, av) = (View::rows(&gb, r), View::rows(a, i));
-        gemm_into(dst, i, (n, i, r), true, gbv, av, s, true);
+        gemm_into(Dst::add_to(dst, i), (n, i, r), gbv, av, s, true);
     }
     // dA = s · gbᵀ x (r, I); dB = s · gᵀ xa (O, r)
     let da = product((r, i, n), View::t(&gb, r), View::rows(x, i), s);

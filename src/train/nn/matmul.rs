@@ -5,10 +5,9 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-pub(crate) use super::view::{SendPtr, View};
+pub(crate) use super::view::{Dst, SendPtr, View};
 
-/// `dst (m, n)` with row stride `dst_rs` (columns contiguous) `= β·lhs (m, k)·rhs (k, n)`,
-/// plus `dst`'s own values when `accumulate`. `threaded`: split this one product over candle's
+/// `dst (m, n) = β·lhs (m, k)·rhs (k, n)`, plus `dst`'s own values when it accumulates. `threaded`: split this one product over candle's
 /// CPU threads (small products still run on one).
 ///
 /// The split is ours, not gemm's: gemm transposes a row-major product (`dstᵀ = rhsᵀ·lhsᵀ`) and
@@ -20,14 +19,11 @@ pub(crate) use super::view::{SendPtr, View};
 /// takes the next band.
 ///
 /// # Safety
-/// `dst` addresses m rows of n elements at stride `dst_rs` (initialized when `accumulate`), the
-/// views address m×k and k×n matrices inside live buffers, and `T` is f32 or f64.
-#[allow(clippy::too_many_arguments)]
+/// `dst` addresses m rows of n elements (initialized when it accumulates), the views address
+/// m×k and k×n matrices inside live buffers, and `T` is f32 or f64.
 pub(crate) unsafe fn gemm_into<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
+    dst: Dst<T>,
     (m, n, k): (usize, usize, usize),
-    accumulate: bool,
     lhs: View<T>,
     rhs: View<T>,
     beta: T,
@@ -37,10 +33,10 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
         return;
     }
     if k == 0 {
-        if !accumulate {
+        if !dst.accumulate {
             for i in 0..m {
                 // All-zero bits are 0.0 for f32 and f64.
-                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
+                std::ptr::write_bytes(dst.ptr.add(i * dst.rs), 0, n);
             }
         }
         return;
@@ -63,7 +59,8 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
                 .max(SPLIT_MIN_SIDE)
                 .next_multiple_of(SPLIT_ALIGN);
             let parts = side.div_ceil(per);
-            let dst = dst as usize;
+            // (Addresses, not pointers, cross into the threads.)
+            let (dst_at, dst_rs, accumulate) = (dst.ptr as usize, dst.rs, dst.accumulate);
             let run_parts = |rhs: View<T>| {
                 let (lhs_at, rhs_at) = (lhs.ptr as usize, rhs.ptr as usize);
                 (0..parts).into_par_iter().for_each(|p| {
@@ -75,11 +72,11 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
                     unsafe {
                         let (d, l, r, mnk) = if columns {
                             let r = rhs_at as isize + a as isize * rhs.cs * size;
-                            (dst + a * size as usize, lhs_at as isize, r, (m, len, k))
+                            (dst_at + a * size as usize, lhs_at as isize, r, (m, len, k))
                         } else {
                             let l = lhs_at as isize + a as isize * lhs.rs * size;
                             (
-                                dst + a * dst_rs * size as usize,
+                                dst_at + a * dst_rs * size as usize,
                                 l,
                                 rhs_at as isize,
                                 (len, n, k),
@@ -93,16 +90,12 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
                             ptr: r as *const T,
                             ..rhs
                         };
-                        gemm_one(
-                            d as *mut T,
-                            dst_rs,
-                            mnk,
+                        let dst = Dst {
+                            ptr: d as *mut T,
+                            rs: dst_rs,
                             accumulate,
-                            lhs,
-                            rhs,
-                            beta,
-                            gemm::Parallelism::None,
-                        );
+                        };
+                        gemm_one(dst, mnk, lhs, rhs, beta, gemm::Parallelism::None);
                     }
                 });
             };
@@ -120,7 +113,7 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
     } else {
         gemm::Parallelism::None
     };
-    gemm_one(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta, par);
+    gemm_one(dst, (m, n, k), lhs, rhs, beta, par);
 }
 
 /// Products below this many multiply-adds run on one thread (gemm's own threshold).
@@ -144,12 +137,9 @@ const SPLIT_TALL: usize = 4;
 ///
 /// # Safety
 /// As [`gemm_into`], with `k > 0`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_one<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
+    dst: Dst<T>,
     (m, n, k): (usize, usize, usize),
-    accumulate: bool,
     lhs: View<T>,
     rhs: View<T>,
     beta: T,
@@ -159,7 +149,7 @@ unsafe fn gemm_one<T: WithDType>(
     // one thread: packed straight into the micro-kernels' panels.
     if matches!(par, gemm::Parallelism::None)
         && m >= super::transpose::TRANSPOSE_MIN_ROWS
-        && super::panel_gemm::x_wt(dst, dst_rs, (m, n, k), accumulate, lhs, rhs, beta)
+        && super::panel_gemm::x_wt(dst, (m, n, k), lhs, rhs, beta)
     {
         return;
     }
@@ -168,10 +158,10 @@ unsafe fn gemm_one<T: WithDType>(
             m,
             n,
             k,
-            dst,
+            dst.ptr,
             1,
-            dst_rs as isize,
-            accumulate,
+            dst.rs as isize,
+            dst.accumulate,
             lhs.ptr,
             lhs.cs,
             lhs.rs,
@@ -200,7 +190,14 @@ pub(crate) fn product<T: WithDType>(
     // SAFETY: capacity m·n; the callers build the views from slices of the stated shapes; with
     // `accumulate = false` every element of dst is written before the length is set.
     unsafe {
-        gemm_into(out.as_mut_ptr(), mnk.1, mnk, false, lhs, rhs, beta, true);
+        gemm_into(
+            Dst::fresh(out.as_mut_ptr(), mnk.1),
+            mnk,
+            lhs,
+            rhs,
+            beta,
+            true,
+        );
         out.set_len(len);
     }
     out
@@ -216,7 +213,16 @@ pub(crate) fn accumulate<T: WithDType>(
 ) {
     assert_eq!(dst.len(), mnk.0 * mnk.1, "gemm destination size");
     // SAFETY: dst is an initialized slice of m·n; views as in `product`.
-    unsafe { gemm_into(dst.as_mut_ptr(), mnk.1, mnk, true, lhs, rhs, beta, true) }
+    unsafe {
+        gemm_into(
+            Dst::add_to(dst.as_mut_ptr(), mnk.1),
+            mnk,
+            lhs,
+            rhs,
+            beta,
+            true,
+        )
+    }
 }
 
 /// The contiguous elements of `s` under `l`, when it holds `T`s laid out contiguously.
@@ -284,10 +290,8 @@ fn vector_wt<T: WithDType>(x: &[T], w: &[T], o: usize, i: usize) -> Vec<T> {
             // the n rows of i elements these outputs read.
             unsafe {
                 gemm_into(
-                    dst.as_mut_ptr(),
-                    n,
+                    Dst::fresh(dst.as_mut_ptr(), n),
                     (1, n, i),
-                    false,
                     View::rows(x, i),
                     View::t(w_rows, i),
                     T::one(),
@@ -374,15 +378,17 @@ mod tests {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Vec<T> {
-        use super::{gemm_into, View};
+        use super::{gemm_into, Dst, View};
         let mut dst = vec![T::from_f64(0.5); m * n];
         // SAFETY: dst is m×n and initialized; the views address a (m×k) and bt (n×k).
         unsafe {
             gemm_into(
-                dst.as_mut_ptr(),
-                n,
+                Dst {
+                    ptr: dst.as_mut_ptr(),
+                    rs: n,
+                    accumulate,
+                },
                 (m, n, k),
-                accumulate,
                 View::rows(a, k),
                 View::t(bt, k),
                 T::from_f64(2.0),

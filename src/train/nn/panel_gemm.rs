@@ -15,7 +15,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::real::{Isa, Level};
-use super::view::View;
+use super::view::{Dst, View};
 use candle_core::{DType, WithDType};
 
 /// A gemm f32 micro-kernel: `dst (m, n) = α·dst + β·lhs (m, k) · rhs (k, n)` for `m ≤ mr`,
@@ -103,28 +103,25 @@ impl Kernels {
         o.is_multiple_of(self.lanes)
     }
 
-    /// `y (t, o) = β·x (t, i) · Wᵀ`, plus `y`'s own values when `accumulate`, on this thread.
-    /// `w` holds `W (o, i)` with row stride `w_rs` (unit column stride); `x` is `(t, i)` at strides
-    /// `(x_rs, x_cs)`; `y` has row stride `y_rs` and unit column stride.
+    /// `y (t, o) = β·x (t, i) · Wᵀ`, plus `y`'s own values when it accumulates, on this thread.
+    /// `w` is `W (o, i)` with unit column stride.
     ///
     /// # Safety
-    /// The pointers address matrices of the stated shapes inside live buffers (`y` initialized
-    /// when `accumulate`), `y` overlaps neither operand, and `self.fits(o)`.
-    #[allow(clippy::too_many_arguments)]
+    /// The views address matrices of the stated shapes inside live buffers (`y` initialized
+    /// when it accumulates), `y` overlaps neither operand, and `self.fits(o)`.
     unsafe fn x_wt(
         self,
-        y: *mut f32,
-        y_rs: usize,
+        y: Dst<f32>,
         (t, o, i): (usize, usize, usize),
-        accumulate: bool,
-        x: (*const f32, isize, isize),
-        w: *const f32,
-        w_rs: usize,
+        x: View<f32>,
+        w: View<f32>,
         beta: f32,
     ) {
-        debug_assert!(self.fits(o));
+        debug_assert!(self.fits(o) && w.cs == 1);
         let mr = self.mr();
-        let (x, x_rs, x_cs) = x;
+        let (x, x_rs, x_cs) = (x.ptr, x.rs, x.cs);
+        let (accumulate, w_rs) = (y.accumulate, w.rs as usize);
+        let (y, y_rs, w) = (y.ptr, y.rs, w.ptr);
         let kc_max = KC.min(i);
         // Output features packed at a time: a chunk's panels stay within PANEL_BYTES, and within
         // what gemm itself would pack for this CPU's L2 (half of it on a 512 KiB L2 with AVX2).
@@ -199,12 +196,9 @@ impl Kernels {
 ///
 /// # Safety
 /// As `gemm_into`, with `k > 0`.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn x_wt<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
+    dst: Dst<T>,
     (m, n, k): (usize, usize, usize),
-    accumulate: bool,
     lhs: View<T>,
     rhs: View<T>,
     beta: T,
@@ -216,22 +210,29 @@ pub(super) unsafe fn x_wt<T: WithDType>(
         return false;
     };
     // SAFETY: T is f32; rhs (k, n) is the row-major (n, k) matrix at rhs.ptr, row stride rhs.cs.
-    kernels.x_wt(
-        dst as *mut f32,
-        dst_rs,
-        (m, n, k),
-        accumulate,
-        (lhs.ptr as *const f32, lhs.rs, lhs.cs),
-        rhs.ptr as *const f32,
-        rhs.cs as usize,
-        beta.to_f64() as f32,
-    );
+    let dst = Dst {
+        ptr: dst.ptr as *mut f32,
+        rs: dst.rs,
+        accumulate: dst.accumulate,
+    };
+    let x = View {
+        ptr: lhs.ptr as *const f32,
+        rs: lhs.rs,
+        cs: lhs.cs,
+    };
+    // W itself, row-major (n, k).
+    let w = View {
+        ptr: rhs.ptr as *const f32,
+        rs: rhs.cs,
+        cs: 1,
+    };
+    kernels.x_wt(dst, (m, n, k), x, w, beta.to_f64() as f32);
     true
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::{Isa, Kernels};
+    use super::{Dst, Isa, Kernels, View};
 
     /// Against the naive product in f64, with every kernel set this CPU runs: depths across
     /// several packed blocks and off the block size, token counts off the tile width, narrow last
@@ -273,16 +274,18 @@ mod tests {
                     let beta = 0.75f32;
                     // SAFETY: the buffers hold the stated shapes at the stated strides.
                     unsafe {
-                        kernels.x_wt(
-                            y.as_mut_ptr(),
-                            y_rs,
-                            (t, o, i),
+                        let dst = Dst {
+                            ptr: y.as_mut_ptr(),
+                            rs: y_rs,
                             accumulate,
-                            (x.as_ptr(), x_rs as isize, x_cs as isize),
-                            w.as_ptr(),
-                            w_rs,
-                            beta,
-                        )
+                        };
+                        let xv = View {
+                            ptr: x.as_ptr(),
+                            rs: x_rs as isize,
+                            cs: x_cs as isize,
+                        };
+                        let wv = View::rows(&w, w_rs);
+                        kernels.x_wt(dst, (t, o, i), xv, wv, beta)
                     };
                     for r in 0..t {
                         for c in 0..y_rs {

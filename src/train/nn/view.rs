@@ -1,5 +1,5 @@
-//! Raw strided views of matrices and a thread-crossing output pointer: the operand types every
-//! direct gemm call in this directory passes around.
+//! Raw strided views of matrices, a product's destination and a thread-crossing output pointer:
+//! the operand types every direct gemm call in this directory passes around.
 
 /// A strided matrix: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -34,6 +34,35 @@ impl<T> View<T> {
             ptr: self.ptr,
             rs: self.cs,
             cs: self.rs,
+        }
+    }
+}
+
+/// Where a product goes: rows at stride `rs`, columns contiguous; overwritten, or added to when
+/// `accumulate`.
+#[derive(Clone, Copy)]
+pub(crate) struct Dst<T> {
+    pub ptr: *mut T,
+    pub rs: usize,
+    pub accumulate: bool,
+}
+
+impl<T> Dst<T> {
+    /// A destination to overwrite (it may be uninitialized).
+    pub fn fresh(ptr: *mut T, rs: usize) -> Self {
+        Dst {
+            ptr,
+            rs,
+            accumulate: false,
+        }
+    }
+
+    /// A destination to add to (it must be initialized).
+    pub fn add_to(ptr: *mut T, rs: usize) -> Self {
+        Dst {
+            ptr,
+            rs,
+            accumulate: true,
         }
     }
 }

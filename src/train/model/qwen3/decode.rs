@@ -11,7 +11,7 @@
 use super::cached::{KvCache, Tuning};
 use super::Qwen3;
 use crate::train::nn::gemv::{self, Gemv};
-use crate::train::nn::matmul::{gemm_into, View};
+use crate::train::nn::matmul::{gemm_into, Dst, View};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -230,20 +230,16 @@ fn project_group<const N: usize>(x: &[f32], t: usize, ps: [&Proj<'_>; N]) -> [Ve
             unsafe {
                 // (T, I) @ (I, r) -> (T, r); y += s · (T, r) @ (r, O).
                 gemm_into(
-                    xa.as_mut_ptr(),
-                    r,
+                    Dst::fresh(xa.as_mut_ptr(), r),
                     (t, r, i),
-                    false,
                     View::rows(x, i),
                     View::t(a, i),
                     1.0,
                     false,
                 );
                 gemm_into(
-                    y.as_mut_ptr(),
-                    o,
+                    Dst::add_to(y.as_mut_ptr(), o),
                     (t, o, r),
-                    true,
                     View::rows(&xa, r),
                     View::t(b, r),
                     *s,
@@ -330,10 +326,8 @@ fn attention(
         // writes rows j0..j1 of head `head` in `out`, and `out` outlives the jobs.
         unsafe {
             gemm_into(
-                s.as_mut_ptr(),
-                keys,
+                Dst::fresh(s.as_mut_ptr(), keys),
                 (m, keys, d),
-                false,
                 q_rows,
                 k_t,
                 scale,
@@ -344,10 +338,8 @@ fn attention(
             }
             let dst = (out_ptr as *mut f32).add((j0 * hq + head) * d);
             gemm_into(
-                dst,
-                hq * d,
+                Dst::fresh(dst, hq * d),
                 (m, d, keys),
-                false,
                 View::rows(&s, keys),
                 v_rows,
                 1.0,
