@@ -14,7 +14,7 @@
 use super::attention::{self, Dims};
 use super::fused::{rope_rows, Real};
 use super::lora_op::{backward_into, DxInto};
-use super::matmul::{gemm_into, product, Dst, View};
+use super::matmul::{gemm_into, product, View};
 use super::rms_norm::{rms_rows, rms_rows_bwd};
 use super::{swiglu, LoraLinear, Pass};
 use candle_core::{
@@ -228,20 +228,9 @@ unsafe fn project_bwd<T: Real>(
             dx,
         )),
         None => {
-            if let Some(DxInto { dst, accumulate }) = dx {
+            if let Some(dx) = dx {
                 let (gv, wv) = (View::rows(g, o), View::rows(w, i));
-                gemm_into(
-                    Dst {
-                        ptr: dst,
-                        rs: i,
-                        accumulate,
-                    },
-                    (n, i, o),
-                    gv,
-                    wv,
-                    T::one(),
-                    true,
-                );
+                gemm_into(dx.rows_of(i), (n, i, o), gv, wv, T::one(), true);
             }
             None
         }

@@ -143,6 +143,17 @@ pub(super) struct DxInto<T> {
     pub accumulate: bool,
 }
 
+impl<T> DxInto<T> {
+    /// The gradient as a product's destination, `i` features wide.
+    pub fn rows_of(&self, i: usize) -> Dst<T> {
+        Dst {
+            ptr: self.dst,
+            rs: i,
+            accumulate: self.accumulate,
+        }
+    }
+}
+
 /// Backward: `(dA (r, I), dB (O, r))` for the output gradient `g (N, O)`, and `dx = g W +
 /// s·(g B) A` into `dx` when given.
 ///
@@ -163,23 +174,12 @@ pub(super) unsafe fn backward_into<T: WithDType>(
     let s = T::from_f64(scaling);
     // gb = g B (N, r), the gradient reaching x Aᵀ (before the scale).
     let gb = product((n, r, o), View::rows(g, o), View::rows(b, r), T::one());
-    if let Some(DxInto { dst, accumulate }) = dx {
+    if let Some(dx) = dx {
         // dx (+)= g W + s · gb A
         let (gv, wv) = (View::rows(g, o), View::rows(w, i));
-        gemm_into(
-            Dst {
-                ptr: dst,
-                rs: i,
-                accumulate,
-            },
-            (n, i, o),
-            gv,
-            wv,
-            T::one(),
-            true,
-        );
+        gemm_into(dx.rows_of(i), (n, i, o), gv, wv, T::one(), true);
         let (gbv, av) = (View::rows(&gb, r), View::rows(a, i));
-        gemm_into(Dst::add_to(dst, i), (n, i, r), gbv, av, s, true);
+        gemm_into(Dst::add_to(dx.dst, i), (n, i, r), gbv, av, s, true);
     }
     // dA = s · gbᵀ x (r, I); dB = s · gᵀ xa (O, r)
     let da = product((r, i, n), View::t(&gb, r), View::rows(x, i), s);
