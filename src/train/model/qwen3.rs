@@ -3,11 +3,12 @@
 //!
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
 
-use crate::train::nn::layer::{decoder_layer, GradSink, LayerParams};
+use crate::train::nn::layer::{decoder_layer, GradSink, LayerParams, Output};
 use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables, upcast};
 use crate::train::nn::swiglu::swiglu;
 use crate::train::nn::{Lora, LoraLinear, Pass};
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -301,6 +302,32 @@ impl Qwen3 {
     /// One decoder layer: `x (N, H) -> (N, H)`, as one op where that serves (CPU, f32/f64, see
     /// [`decoder_layer`]), else op by op.
     pub fn layer_forward(&self, i: usize, x: &Tensor, p: &Packed, pass: Pass) -> Result<Tensor> {
+        self.layer(i, x, p, pass, Output::Value)
+    }
+
+    /// The gradients of `Σ layer_i(x) ⊙ g (N, H)`: a checkpointed layer's backward, its forward
+    /// recomputed with a graph. The one-op layer skips the down projection's product there, so
+    /// the forward's output never leaves this function.
+    pub fn layer_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        p: &Packed,
+        pass: Pass,
+        g: &Tensor,
+    ) -> Result<GradStore> {
+        let out = self.layer(i, x, p, pass, Output::GradientOnly)?;
+        Ok((out * g)?.sum_all()?.backward()?)
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        p: &Packed,
+        pass: Pass,
+        output: Output,
+    ) -> Result<Tensor> {
         let l = &self.layers[i];
         let params = LayerParams {
             input_norm: &l.input_norm,
@@ -316,7 +343,8 @@ impl Qwen3 {
             ),
         };
         let sink = &self.lora_grads;
-        if let Some(y) = decoder_layer(x, &params, (&p.cos, &p.sin), &p.segments, pass, sink)? {
+        let rope = (&p.cos, &p.sin);
+        if let Some(y) = decoder_layer(x, &params, rope, &p.segments, pass, sink, output)? {
             return Ok(y);
         }
         self.layer_forward_ops(i, x, p, pass)

@@ -59,6 +59,17 @@ pub struct LayerParams<'a> {
     pub dims: (usize, usize, usize),
 }
 
+/// What the caller does with a layer's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Reads it: the next layer's input.
+    Value,
+    /// Only pulls a gradient through it (a checkpointed layer recomputed for its backward). The
+    /// op then skips the down projection's product, which only the output's value needs, and
+    /// returns the residual stream before the MLP in its place.
+    GradientOnly,
+}
+
 /// The layer `x (N, H) -> (N, H)` as one op, or `None` where it does not serve (another device or
 /// dtype, biases, a dropout mask to draw, a layer without LoRA).
 pub fn decoder_layer(
@@ -68,6 +79,7 @@ pub fn decoder_layer(
     segments: &[(usize, usize)],
     pass: Pass,
     sink: &GradSink,
+    output: Output,
 ) -> Result<Option<Tensor>> {
     let dtype = x.dtype();
     let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
@@ -125,6 +137,7 @@ pub fn decoder_layer(
         sin: sin.flatten_all()?.to_vec1::<f32>()?,
         segments: segments.to_vec(),
         keep: pass.track,
+        output,
         saved: Mutex::new(None),
         sink: sink.clone(),
     };
@@ -154,6 +167,7 @@ struct LayerOp {
     segments: Vec<(usize, usize)>,
     /// Whether the forward keeps its activations for a backward.
     keep: bool,
+    output: Output,
     saved: Mutex<Option<Box<dyn Any + Send>>>,
     sink: GradSink,
 }
@@ -283,8 +297,26 @@ impl LayerOp {
         let [gate, xa_g] = project(&h2, p[4], (n, h, f));
         let [up, xa_u] = project(&h2, p[5], (n, h, f));
         let z = swiglu::fwd(&gate, &up);
-        let [mut y, xa_d] = project(&z, p[6], (n, f, h));
-        y.iter_mut().zip(&x_mid).for_each(|(o, &r)| *o += r);
+        let (y, xa_d) = match self.output {
+            Output::Value => {
+                let [mut y, xa_d] = project(&z, p[6], (n, f, h));
+                y.iter_mut().zip(&x_mid).for_each(|(o, &r)| *o += r);
+                (y, xa_d)
+            }
+            // The backward needs only down's LoRA input product z Aᵀ (N, r).
+            Output::GradientOnly => {
+                let xa_d = match p[6].1 {
+                    Some((a, ..)) => product(
+                        (n, a.len() / f, f),
+                        View::rows(&z, f),
+                        View::t(a, f),
+                        T::one(),
+                    ),
+                    None => Vec::new(),
+                };
+                (x_mid.clone(), xa_d)
+            }
+        };
         if self.keep {
             let saved = Saved {
                 h1,

@@ -133,8 +133,7 @@ pub fn micro_step(
     };
     for i in (0..model.layers.len()).rev() {
         let xv = Var::from_tensor(&inputs[i])?;
-        let out = model.layer_forward(i, xv.as_tensor(), &b.packed, track)?;
-        let gs = (out * &g)?.sum_all()?.backward()?;
+        let gs = model.layer_backward(i, xv.as_tensor(), &b.packed, track, &g)?;
         for v in model.layer_vars(i) {
             add(v, gs.get(v))?;
         }

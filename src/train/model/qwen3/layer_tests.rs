@@ -14,6 +14,10 @@ const SEGMENTS: [usize; 2] = [5, 3];
 /// A one-layer random model (hidden 16, intermediate 24, 4/2 heads of 8) with LoRA on every
 /// projection except `v_proj` (so the plain-projection path runs too).
 fn model(dtype: DType) -> Qwen3 {
+    model_without_lora_on(dtype, "v_proj")
+}
+
+fn model_without_lora_on(dtype: DType, plain: &str) -> Qwen3 {
     let dev = Device::Cpu;
     let cfg = Qwen3Config {
         vocab_size: 32,
@@ -64,7 +68,7 @@ fn model(dtype: DType) -> Qwen3 {
     let mut m = Qwen3::from_vb(cfg, vb, dtype, &dev).unwrap();
     let targets: Vec<String> = MODULES
         .iter()
-        .filter(|&&m| m != "v_proj")
+        .filter(|&&m| m != plain)
         .map(|m| m.to_string())
         .collect();
     m.attach_lora(&targets, 4, 1.5, 0.0, |_, (r, c)| {
@@ -267,5 +271,58 @@ fn untracked_input_still_gets_lora_gradients() {
             gs.get(&v).is_some() || sunk.is_some(),
             "{name} got no gradient"
         );
+    }
+}
+
+/// A checkpointed layer's backward (`layer_backward`, which skips the down projection's product)
+/// gives exactly the gradients of the forward and backward it replaces, with LoRA on down_proj
+/// and without.
+#[test]
+fn gradient_only_recompute_gives_exactly_the_full_gradients() {
+    for plain in ["v_proj", "down_proj"] {
+        for dtype in [DType::F32, DType::F64] {
+            let m = model_without_lora_on(dtype, plain);
+            let n: usize = SEGMENTS.iter().sum();
+            let rnd = || {
+                Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x0, cot) = (rnd(), rnd());
+            let p = packed(&m);
+            let bits = |t: &Tensor| -> Vec<u64> {
+                let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                v.to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect()
+            };
+            let grads = |gs: &candle_core::backprop::GradStore, x: &Var| -> Vec<Vec<u64>> {
+                let mut all = vec![bits(gs.get(x).expect("x gradient"))];
+                for (name, v) in m.lora_vars() {
+                    let g = gs.get(&v).cloned().or(m.lora_grads.take(v.id()));
+                    all.push(bits(&g.unwrap_or_else(|| panic!("{name}: no gradient"))));
+                }
+                all
+            };
+            let x = Var::from_tensor(&x0).unwrap();
+            let y = m.layer_forward(0, x.as_tensor(), &p, TRACK).unwrap();
+            let full = grads(
+                &(y * &cot).unwrap().sum_all().unwrap().backward().unwrap(),
+                &x,
+            );
+            let x = Var::from_tensor(&x0).unwrap();
+            let gs = m.layer_backward(0, x.as_tensor(), &p, TRACK, &cot).unwrap();
+            let recomputed = grads(&gs, &x);
+            assert_eq!(full.len(), 13);
+            for (k, (a, b)) in full.iter().zip(&recomputed).enumerate() {
+                assert!(
+                    a == b,
+                    "{dtype:?}, no LoRA on {plain}: gradient {k} differs"
+                );
+            }
+        }
     }
 }
