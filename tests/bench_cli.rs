@@ -88,3 +88,24 @@ fn bench_says_what_is_wrong_with_its_data() {
         "{stderr}"
     );
 }
+
+/// `--lora-dropout` trains with dropout masks (the recipe's setting; reported back), and a
+/// probability outside [0, 1) is refused with a message naming the flag.
+#[test]
+fn bench_runs_with_lora_dropout_and_refuses_an_impossible_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let quick = ["--steps", "1", "--seq-len", "64", "--json"];
+    let with = report(&bench(
+        tmp.path(),
+        &[&quick[..], &["--lora-dropout", "0.05"]].concat(),
+    ));
+    assert_eq!(with["lora_dropout"], 0.05, "{with}");
+    assert!(with["tokens_per_second"].as_f64().unwrap() > 0.0, "{with}");
+    let out = bench(tmp.path(), &[&quick[..], &["--lora-dropout", "1"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--lora-dropout must be in [0, 1), got 1"),
+        "{stderr}"
+    );
+}

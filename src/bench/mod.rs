@@ -42,9 +42,13 @@ pub struct BenchArgs {
     /// Timed optimizer steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// LoRA rank (alpha = 2r, all-linear, dropout 0, as in compare.py).
+    /// LoRA rank (alpha = 2r, all-linear, as in compare.py).
     #[arg(long, default_value_t = 16)]
     pub rank: u32,
+    /// LoRA dropout on the adapters' input. 0 by default, as in compare.py; training's default
+    /// is 0.05.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// Which tokens carry the loss: `assistant` (the training default, and compare.py's) or `all`.
     /// sftd runs the LM head only on labelled positions, so `all` is its slowest setting;
     /// transformers computes every position's logits either way.
@@ -91,6 +95,7 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub seq_len: usize,
     pub gradient_checkpointing: bool,
+    pub lora_dropout: f64,
     pub loss_on: String,
     pub threads: usize,
     pub tokens_per_second: f64,
@@ -195,7 +200,13 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
     let mut lora = TrainConfig::default().lora;
     lora.r = args.rank;
     lora.alpha = 2.0 * args.rank as f64;
-    lora.dropout = 0.0;
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!(
+            "--lora-dropout must be in [0, 1), got {}",
+            args.lora_dropout
+        );
+    }
+    lora.dropout = args.lora_dropout;
     let (model, _) = build_model_in(&model_dir, &dev, precision.base_dtype, &lora, None, 0)?;
     let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow!("loading tokenizer: {e}"))?;
@@ -251,7 +262,8 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
             &model,
             &b,
             loss_scale / b.n_targets as f64,
-            None,
+            // A fresh mask per step, as training draws them.
+            (args.lora_dropout > 0.0).then_some(step as u64),
             !args.no_checkpointing,
             &mut acc,
         )?;
@@ -297,6 +309,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         batch_size: args.batch_size,
         seq_len: args.seq_len,
         gradient_checkpointing: !args.no_checkpointing,
+        lora_dropout: args.lora_dropout,
         loss_on: args.loss_on.clone(),
         threads: crate::train::nn::threads::count(),
         tokens_per_second,

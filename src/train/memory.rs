@@ -180,9 +180,9 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
 
     // One layer's autograd graph in elements (the inventory is in docs/memory.md).
     let composed = target.cuda;
-    // On the CPU without a dropout mask to draw, a decoder layer is one op (`nn/layer.rs`) that
-    // keeps exactly the activations its hand-written backward reads.
-    let one_op = !composed && !recipe.lora_dropout && !targets.is_empty();
+    // On the CPU a decoder layer is one op (`nn/layer.rs`) that keeps exactly the activations
+    // its hand-written backward reads.
+    let one_op = !composed && !targets.is_empty();
     // The one-op layer keeps: its output (the next layer's input), the normed input, the mid
     // residual and its norm (4 N×H); q before and after norm and rotary, the attention output
     // (3 N×A); k before and after, v (3 N×K); gate, up, their product (3 N×F); x·Aᵀ (N×r) per
@@ -200,14 +200,20 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
         + n * a * (4 + norm + rope + u64::from(b > 1)) // q, norm, rope, 3 head-major copies, cat
         + n * k * (4 + norm + rope) // k, v, norm, rope, 2 head-major copies
         + n * f * 4; // gate, silu, up, product
+                     // With dropout it also keeps each LoRA projection's mask, one bit per input element.
+    let mask_bits: u64 = if recipe.lora_dropout {
+        targets.iter().map(|(i, _)| (n * i).div_ceil(8)).sum()
+    } else {
+        0
+    };
     let layer_graph = if one_op {
-        one_op_graph * ACT
+        one_op_graph * ACT + mask_bits
     } else {
         (base_graph + lora_graph) * ACT
     };
     // Backward: candle also computes the gradient of every dropout mask (kept until the
     // backward returns) and holds about three in-flight gradients of the widest activation.
-    let mask_grads: u64 = if recipe.lora_dropout {
+    let mask_grads: u64 = if recipe.lora_dropout && !one_op {
         targets.iter().map(|(i, _)| n * i).sum::<u64>() * ACT
     } else {
         0
@@ -216,8 +222,16 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     // SwiGLU backward (dz, dgate, dup: 3 N×F) or the attention backward (d(attention output),
     // dq, dk, dv, then dq before norm and rotary: about 3 N×A + 2 N×K), beside the incoming and
     // outgoing N×H gradients.
+    // With dropout, a projection's backward also holds its masked input and the adapter's
+    // masked input gradient (2 N×I).
+    let widest_input = targets.iter().map(|&(i, _)| i).max().unwrap_or(0);
+    let masked = if recipe.lora_dropout {
+        2 * n * widest_input
+    } else {
+        0
+    };
     let in_flight = if one_op {
-        n * ((3 * f).max(3 * a + 2 * k) + 2 * h) * ACT
+        n * ((3 * f).max(3 * a + 2 * k) + 2 * h) * ACT + masked * ACT
     } else {
         3 * n * f.max(a).max(h) * ACT
     };

@@ -4,7 +4,7 @@
 Same model dir, data and batch shape as sftd's benchmark: rows of --data encoded as in sftd (chat
 template, assistant labels; see ../parity/sft_data.py), truncated to --seq-len, --batch-size
 consecutive rows per micro-batch (right-padded to the longest row, or to --seq-len with
---padding max_length), cycling through the file. LoRA r 16, alpha 32, dropout 0, all-linear
+--padding max_length), cycling through the file. LoRA r 16, alpha 32, dropout 0 (--lora-dropout), all-linear
 (fresh PEFT init, or --init-adapter), float32 on CPU (or --device cuda, --dtype bfloat16: base weights
 in bf16, PEFT's adapters kept in float32 as it does by default), torch AdamW (lr 2e-4, wd 0), loss = sum of
 token CE / number of label positions, clip_grad_norm_ 1.0, torch.set_num_threads(--threads).
@@ -50,6 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--loss-on", choices=["assistant", "all"], default="assistant")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="PEFT's lora_dropout (training's default: 0.05)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--init-adapter", help="start from this PEFT adapter instead of a fresh init")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager)")
@@ -127,7 +128,7 @@ def child(args):
     if args.init_adapter:
         model = PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
-        model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0,
+        model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
                                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     model.to(args.device)
     model.train()

@@ -19,6 +19,7 @@
 #   LOSS_ON ["assistant all"]: sftd runs once per setting; transformers computes every
 #          position's logits either way, so it runs once and both sftd settings compare to it
 #   SEQ [512]  STEPS [5] timed steps (after one warm-up)  THREADS [2]
+#   DROPOUT [0]: LoRA dropout for both engines (training's default is 0.05)
 #   HF [1]: 0 skips transformers (an sftd before/after comparison only)
 # Results: one JSON file per run in WORKDIR/runs, the summary table in WORKDIR/summary.md; each
 # run's line on stdout ends with the load average (1, 5, 15 min) when it finished.
@@ -30,6 +31,9 @@ PY=${PY:-/work/venv-ref/bin/python}
 RUNS=${RUNS:-3}; SHAPES=${SHAPES:-layers head}; BATCHES=${BATCHES:-1 4}; CKPT=${CKPT:-on off}
 LOSS_ON=${LOSS_ON:-assistant all}; SEQ=${SEQ:-512}; STEPS=${STEPS:-5}; THREADS=${THREADS:-2}
 DATA=examples/tool_calls.jsonl
+DROPOUT=${DROPOUT:-0}
+# Passed only when set, so that a SFTD_BEFORE binary without the flag still runs.
+drop=(); [ "$DROPOUT" != 0 ] && drop=(--lora-dropout "$DROPOUT")
 mkdir -p "$W/runs"
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 # This machine sets OPENBLAS_CORETYPE for old OpenBLAS builds; it slows current ones.
@@ -65,19 +69,19 @@ for s in $SHAPES; do
         for l in $LOSS_ON; do
           out="$W/runs/${s}_b${b}_ckpt${c}_${l}_sftd_r$r.json"
           "$SFTD" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
-            --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
+            --steps "$STEPS" --loss-on "$l" $flag "${drop[@]}" --json > "$out"
           echo "sftd $s b$b ckpt $c loss $l run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(cat "$out")"
           if [ -n "${SFTD_BEFORE:-}" ]; then
             out="$W/runs/${s}_b${b}_ckpt${c}_${l}_before_r$r.json"
             "$SFTD_BEFORE" bench --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
-              --steps "$STEPS" --loss-on "$l" $flag --json > "$out"
+              --steps "$STEPS" --loss-on "$l" $flag "${drop[@]}" --json > "$out"
             echo "sftd (before) $s b$b ckpt $c loss $l run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(cat "$out")"
           fi
         done
         [ "${HF:-1}" = 0 ] && continue
         out="$W/runs/${s}_b${b}_ckpt${c}_hf_r$r.json"
         "$PY" tools/bench/compare.py --model "$M" --data "$DATA" --batch-size "$b" --seq-len "$SEQ" \
-          --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc "$c" --json-out "$out" > /dev/null
+          --steps "$STEPS" --warmup 1 --threads "$THREADS" --gc "$c" "${drop[@]}" --json-out "$out" > /dev/null
         echo "transformers $s b$b ckpt $c run $r (load $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -o '"tokens_per_second": [0-9.]*' "$out")"
       done
     done

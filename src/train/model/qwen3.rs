@@ -3,7 +3,7 @@
 //!
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, V vocab.
 
-use crate::train::nn::layer::{decoder_layer, GradSink, LayerParams, Output};
+use crate::train::nn::layer::{decoder_layer, module_key, GradSink, LayerParams, Output};
 use crate::train::nn::ops::{packed_causal_attention, rms_norm, rope, rope_tables, upcast};
 use crate::train::nn::swiglu::swiglu;
 use crate::train::nn::{Lora, LoraLinear, Pass};
@@ -341,6 +341,7 @@ impl Qwen3 {
                 self.cfg.num_key_value_heads,
                 self.cfg.head_dim(),
             ),
+            index: i,
         };
         let sink = &self.lora_grads;
         let rope = (&p.cos, &p.sin);
@@ -357,7 +358,7 @@ impl Qwen3 {
         let d = self.cfg.head_dim();
         let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let eps = self.cfg.rms_norm_eps;
-        let key = |m: usize| ((i as u64) << 8) | m as u64;
+        let key = |m: usize| module_key(i, m);
         // 1. Attention: per-head RMSNorm on q and k, then rotary, then causal attention per sequence.
         let h = rms_norm(x, &l.input_norm, eps)?;
         let q = l.proj[0].forward(&h, pass, key(0))?.reshape((n, hq, d))?;

@@ -12,14 +12,16 @@
 //! Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head dim, F intermediate, r LoRA rank.
 
 use super::attention::{self, Dims};
+use super::dropout::DropMask;
 use super::fused::{rope_rows, Real};
-use super::lora_op::{backward_into, DxInto};
-use super::matmul::{gemm_into, product, View};
+use super::lora_op::{project, project_bwd, DxInto, Proj};
+use super::matmul::{product, View};
 use super::rms_norm::{rms_rows, rms_rows_bwd};
 use super::{swiglu, LoraLinear, Pass};
 use candle_core::{
     CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, TensorId,
 };
+use rayon::prelude::*;
 use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -57,6 +59,9 @@ pub struct LayerParams<'a> {
     pub proj: &'a [LoraLinear],
     pub eps: f64,
     pub dims: (usize, usize, usize),
+    /// The layer's index: with the projection's, it keys the dropout masks (as the per-op
+    /// path keys them).
+    pub index: usize,
 }
 
 /// What the caller does with a layer's output.
@@ -71,7 +76,7 @@ pub enum Output {
 }
 
 /// The layer `x (N, H) -> (N, H)` as one op, or `None` where it does not serve (another device or
-/// dtype, biases, a dropout mask to draw, a layer without LoRA).
+/// dtype, biases, a layer without LoRA).
 pub fn decoder_layer(
     x: &Tensor,
     p: &LayerParams,
@@ -90,9 +95,7 @@ pub fn decoder_layer(
         && p.proj.iter().all(|l| {
             same(&l.weight)
                 && l.bias.is_none()
-                && l.lora.as_ref().is_none_or(|a| {
-                    same(a.a.as_tensor()) && !(pass.dropout_key.is_some() && a.dropout > 0.0)
-                })
+                && l.lora.as_ref().is_none_or(|a| same(a.a.as_tensor()))
         });
     let Some(anchor) = p.proj.iter().find_map(|l| l.lora.as_ref()) else {
         return Ok(None);
@@ -108,12 +111,17 @@ pub fn decoder_layer(
     let lora = p
         .proj
         .iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(m, l)| {
             l.lora.as_ref().map(|a| LoraParts {
                 a: a.a.as_detached_tensor(),
                 b: a.b.as_detached_tensor(),
                 ids: (a.a.id(), a.b.id()),
                 scaling: a.scaling,
+                dropout: pass
+                    .dropout_key
+                    .filter(|_| a.dropout > 0.0)
+                    .map(|key| (a.dropout, key ^ module_key(p.index, m))),
             })
         })
         .collect();
@@ -146,11 +154,19 @@ pub fn decoder_layer(
         .map(Some)
 }
 
+/// The key of projection `m` (q, k, v, o, gate, up, down) of layer `layer`, which a pass's
+/// dropout key is combined with.
+pub fn module_key(layer: usize, m: usize) -> u64 {
+    ((layer as u64) << 8) | m as u64
+}
+
 struct LoraParts {
     a: Tensor,
     b: Tensor,
     ids: (TensorId, TensorId),
     scaling: f64,
+    /// `(p, generator key)` when this pass draws a dropout mask for the adapter's input.
+    dropout: Option<(f64, u64)>,
 }
 
 struct LayerOp {
@@ -188,6 +204,8 @@ struct Saved<T> {
     gate: Vec<T>,
     up: Vec<T>,
     z: Vec<T>,
+    /// Each LoRA projection's dropout mask, when the forward drew them.
+    masks: Vec<Option<DropMask>>,
 }
 
 /// A tensor's contiguous CPU elements.
@@ -196,59 +214,6 @@ pub(super) fn elems<'a, T: Real>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> 
         candle_core::bail!("contiguous CPU tensors expected")
     };
     Ok(&c.as_slice::<T>()?[a..b])
-}
-
-/// One projection's operands: W, and A, B, scaling when it carries LoRA.
-type Proj<'a, T> = (&'a [T], Option<(&'a [T], &'a [T], f64)>);
-
-/// `x (N, I) -> (x Wᵀ + s·(x Aᵀ) Bᵀ (N, O), x Aᵀ (N, r))`, the second empty without LoRA.
-fn project<T: Real>(x: &[T], (w, lora): Proj<T>, (n, i, o): (usize, usize, usize)) -> [Vec<T>; 2] {
-    match lora {
-        Some((a, b, s)) => {
-            let (y, xa) = super::lora_op::forward(x, w, a, b, (n, i, o, a.len() / i), s);
-            [y, xa]
-        }
-        None => [
-            product((n, o, i), View::rows(x, i), View::t(w, i), T::one()),
-            Vec::new(),
-        ],
-    }
-}
-
-/// A projection's backward for the output gradient `g (N, O)`: its input gradient into `dx`
-/// when given, and `(dA, dB)` when it carries LoRA.
-///
-/// # Safety
-/// As [`backward_into`].
-#[allow(clippy::type_complexity)]
-unsafe fn project_bwd<T: Real>(
-    x: &[T],
-    (w, lora): Proj<T>,
-    xa: &[T],
-    g: &[T],
-    (n, i, o): (usize, usize, usize),
-    dx: Option<DxInto<T>>,
-) -> Option<(Vec<T>, Vec<T>)> {
-    match lora {
-        Some((a, b, s)) => Some(backward_into(
-            x,
-            w,
-            a,
-            b,
-            xa,
-            g,
-            (n, i, o, a.len() / i),
-            s,
-            dx,
-        )),
-        None => {
-            if let Some(dx) = dx {
-                let (gv, wv) = (View::rows(g, o), View::rows(w, i));
-                gemm_into(dx.rows_of(i), (n, i, o), gv, wv, T::one(), true);
-            }
-            None
-        }
-    }
 }
 
 impl LayerOp {
@@ -270,10 +235,18 @@ impl LayerOp {
         let guards = self.operands();
         let p = self.views::<T, _>(&guards)?;
         let eps = self.eps;
+        // Each LoRA projection's dropout mask, when this pass draws them.
+        let inputs = [h, h, h, qd, h, h, f];
+        let masks: Vec<Option<DropMask>> = (self.lora.par_iter().zip(inputs))
+            .map(|(l, i)| {
+                let (p, key) = l.as_ref()?.dropout?;
+                Some(DropMask::draw(n * i, p, key))
+            })
+            .collect();
         let h1 = rms_rows(x, &norm(0), eps);
-        let [q_pre, xa_q] = project(&h1, p[0], (n, h, qd));
-        let [k_pre, xa_k] = project(&h1, p[1], (n, h, kd));
-        let [v, xa_v] = project(&h1, p[2], (n, h, kd));
+        let [q_pre, xa_q] = project(&h1, p[0], (n, h, qd), masks[0].as_ref());
+        let [k_pre, xa_k] = project(&h1, p[1], (n, h, kd), masks[1].as_ref());
+        let [v, xa_v] = project(&h1, p[2], (n, h, kd), masks[2].as_ref());
         let Dims { hq, hkv, d } = self.dims;
         let q = rope_rows(
             &rms_rows(&q_pre, &norm(2), eps),
@@ -291,24 +264,26 @@ impl LayerOp {
         );
         let offsets = attention::prob_offsets(&self.segments, hq);
         let (attn, probs) = attention::forward(&q, &k, &v, self.dims, &self.segments, &offsets);
-        let [mut x_mid, xa_o] = project(&attn, p[3], (n, qd, h));
+        let [mut x_mid, xa_o] = project(&attn, p[3], (n, qd, h), masks[3].as_ref());
         x_mid.iter_mut().zip(x).for_each(|(o, &r)| *o += r);
         let h2 = rms_rows(&x_mid, &norm(1), eps);
-        let [gate, xa_g] = project(&h2, p[4], (n, h, f));
-        let [up, xa_u] = project(&h2, p[5], (n, h, f));
+        let [gate, xa_g] = project(&h2, p[4], (n, h, f), masks[4].as_ref());
+        let [up, xa_u] = project(&h2, p[5], (n, h, f), masks[5].as_ref());
         let z = swiglu::fwd(&gate, &up);
         let (y, xa_d) = match self.output {
             Output::Value => {
-                let [mut y, xa_d] = project(&z, p[6], (n, f, h));
+                let [mut y, xa_d] = project(&z, p[6], (n, f, h), masks[6].as_ref());
                 y.iter_mut().zip(&x_mid).for_each(|(o, &r)| *o += r);
                 (y, xa_d)
             }
             // The backward needs only down's LoRA input product z Aᵀ (N, r).
             Output::GradientOnly => {
+                let dropped = masks[6].as_ref().map(|m| m.apply(&z));
+                let z_lora = dropped.as_deref().unwrap_or(&z);
                 let xa_d = match p[6].1 {
                     Some((a, ..)) => product(
                         (n, a.len() / f, f),
-                        View::rows(&z, f),
+                        View::rows(z_lora, f),
                         View::t(a, f),
                         T::one(),
                     ),
@@ -333,6 +308,7 @@ impl LayerOp {
                 gate,
                 up,
                 z,
+                masks,
             };
             *self.saved.lock().expect("layer saved") = Some(Box::new(saved));
         }
@@ -412,7 +388,16 @@ impl LayerOp {
         // `add` reads it, and its length is set only after that.
         // MLP: y = x_mid + down(silu(gate) ⊙ up).
         let mut dz = Vec::with_capacity(n * f);
-        let ab = unsafe { project_bwd(&s.z, p[6], &s.xa[6], g, (n, f, h), Some(write(&mut dz))) };
+        let ab = unsafe {
+            project_bwd(
+                &s.z,
+                p[6],
+                (&s.xa[6], s.masks[6].as_ref()),
+                g,
+                (n, f, h),
+                Some(write(&mut dz)),
+            )
+        };
         unsafe { dz.set_len(n * f) };
         keep(6, ab, (f, h));
         let (dgate, dup) = swiglu::bwd(&s.gate, &s.up, &dz);
@@ -422,15 +407,23 @@ impl LayerOp {
             project_bwd(
                 &s.h2,
                 p[4],
-                &s.xa[4],
+                (&s.xa[4], s.masks[4].as_ref()),
                 &dgate,
                 (n, h, f),
                 Some(write(&mut dh2)),
             )
         };
         keep(4, ab, (h, f));
-        let ab =
-            unsafe { project_bwd(&s.h2, p[5], &s.xa[5], &dup, (n, h, f), Some(add(&mut dh2))) };
+        let ab = unsafe {
+            project_bwd(
+                &s.h2,
+                p[5],
+                (&s.xa[5], s.masks[5].as_ref()),
+                &dup,
+                (n, h, f),
+                Some(add(&mut dh2)),
+            )
+        };
         unsafe { dh2.set_len(n * h) };
         keep(5, ab, (h, f));
         // Each gradient buffer is dropped as soon as it is consumed: the backward's peak is
@@ -445,7 +438,7 @@ impl LayerOp {
             project_bwd(
                 &s.attn,
                 p[3],
-                &s.xa[3],
+                (&s.xa[3], s.masks[3].as_ref()),
                 &dxm,
                 (n, qd, h),
                 Some(write(&mut dattn)),
@@ -481,7 +474,7 @@ impl LayerOp {
             project_bwd(
                 &s.h1,
                 p[0],
-                &s.xa[0],
+                (&s.xa[0], s.masks[0].as_ref()),
                 &dq_pre,
                 (n, h, qd),
                 dh1.as_mut().map(write),
@@ -493,7 +486,7 @@ impl LayerOp {
             project_bwd(
                 &s.h1,
                 p[1],
-                &s.xa[1],
+                (&s.xa[1], s.masks[1].as_ref()),
                 &dk_pre,
                 (n, h, kd),
                 dh1.as_mut().map(add),
@@ -505,7 +498,7 @@ impl LayerOp {
             project_bwd(
                 &s.h1,
                 p[2],
-                &s.xa[2],
+                (&s.xa[2], s.masks[2].as_ref()),
                 &dv,
                 (n, h, kd),
                 dh1.as_mut().map(add),

@@ -314,7 +314,6 @@ pub fn dropout_mask(
     key: u64,
     device: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
-    use rand::{Rng, SeedableRng};
     if !device.is_cpu() {
         // Unverified on a GPU (none was available): candle's CUDA `set_seed` recreates the
         // cuRAND generator, so equal keys give equal masks.
@@ -322,12 +321,7 @@ pub fn dropout_mask(
         let u = Tensor::rand(0f32, 1f32, shape, device)?;
         return (u.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?.to_dtype(dtype);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(key);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let p = p as f32;
-    let data: Vec<f32> = (0..shape.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
+    let data: Vec<f32> = super::dropout::DropMask::draw(shape.elem_count(), p, key).values();
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
 

@@ -11,6 +11,7 @@
 //!
 //! Shapes: N tokens, I in-features, O out-features, r LoRA rank.
 
+use super::dropout::DropMask;
 use super::matmul::{accumulate, gemm_into, product, Dst, View};
 use candle_core::{
     CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -93,10 +94,24 @@ pub(super) fn forward<T: WithDType>(
     w: &[T],
     a: &[T],
     b: &[T],
+    dims: (usize, usize, usize, usize),
+    scaling: f64,
+) -> (Vec<T>, Vec<T>) {
+    forward_on(x, x, w, a, b, dims, scaling)
+}
+
+/// [`forward`] with the adapter reading `x_lora (N, I)`, x after LoRA dropout:
+/// `y = x Wᵀ + s·(x_lora Aᵀ) Bᵀ`.
+pub(super) fn forward_on<T: WithDType>(
+    x: &[T],
+    x_lora: &[T],
+    w: &[T],
+    a: &[T],
+    b: &[T],
     (n, i, o, r): (usize, usize, usize, usize),
     scaling: f64,
 ) -> (Vec<T>, Vec<T>) {
-    let xa = product((n, r, i), View::rows(x, i), View::t(a, i), T::one());
+    let xa = product((n, r, i), View::rows(x_lora, i), View::t(a, i), T::one());
     let mut y = product((n, o, i), View::rows(x, i), View::t(w, i), T::one());
     accumulate(
         &mut y,
@@ -129,7 +144,7 @@ fn backward<T: WithDType>(
     });
     // SAFETY: dx has capacity N·I and is written whole (accumulate = false) before its length
     // is set.
-    let (da, db) = unsafe { backward_into(x, w, a, b, xa, g, dims, scaling, dx_into) };
+    let (da, db) = unsafe { backward_into(x, w, a, b, xa, g, dims, scaling, dx_into, None) };
     if let Some(d) = dx.as_mut() {
         // SAFETY: written above.
         unsafe { d.set_len(n * i) };
@@ -155,7 +170,8 @@ impl<T> DxInto<T> {
 }
 
 /// Backward: `(dA (r, I), dB (O, r))` for the output gradient `g (N, O)`, and `dx = g W +
-/// s·(g B) A` into `dx` when given.
+/// s·(g B) A` into `dx` when given. With LoRA dropout, `x` is the adapter's input (x after
+/// dropout) and `mask` the dropout mask, which the adapter's part of `dx` passes through.
 ///
 /// # Safety
 /// `dx.dst` addresses N·I elements (initialized when `accumulate`).
@@ -170,21 +186,86 @@ pub(super) unsafe fn backward_into<T: WithDType>(
     (n, i, o, r): (usize, usize, usize, usize),
     scaling: f64,
     dx: Option<DxInto<T>>,
+    mask: Option<&DropMask>,
 ) -> (Vec<T>, Vec<T>) {
     let s = T::from_f64(scaling);
     // gb = g B (N, r), the gradient reaching x Aᵀ (before the scale).
     let gb = product((n, r, o), View::rows(g, o), View::rows(b, r), T::one());
     if let Some(dx) = dx {
-        // dx (+)= g W + s · gb A
+        // dx (+)= g W + s · gb A (⊙ the mask)
         let (gv, wv) = (View::rows(g, o), View::rows(w, i));
         gemm_into(dx.rows_of(i), (n, i, o), gv, wv, T::one(), true);
         let (gbv, av) = (View::rows(&gb, r), View::rows(a, i));
-        gemm_into(Dst::add_to(dx.dst, i), (n, i, r), gbv, av, s, true);
+        match mask {
+            None => gemm_into(Dst::add_to(dx.dst, i), (n, i, r), gbv, av, s, true),
+            Some(mask) => {
+                let through = product((n, i, r), gbv, av, s);
+                mask.add_masked(std::slice::from_raw_parts_mut(dx.dst, n * i), &through);
+            }
+        }
     }
     // dA = s · gbᵀ x (r, I); dB = s · gᵀ xa (O, r)
     let da = product((r, i, n), View::t(&gb, r), View::rows(x, i), s);
     let db = product((o, r, n), View::t(g, o), View::rows(xa, r), s);
     (da, db)
+}
+
+/// One projection's operands: W, and A, B, scaling when it carries LoRA.
+pub(super) type Proj<'a, T> = (&'a [T], Option<(&'a [T], &'a [T], f64)>);
+
+/// `x (N, I) -> (x Wᵀ + s·(x' Aᵀ) Bᵀ (N, O), x' Aᵀ (N, r))`, the second empty without LoRA;
+/// `x'` is `x ⊙ mask` under LoRA dropout, else `x`.
+pub(super) fn project<T: WithDType>(
+    x: &[T],
+    (w, lora): Proj<T>,
+    (n, i, o): (usize, usize, usize),
+    mask: Option<&DropMask>,
+) -> [Vec<T>; 2] {
+    match (lora, mask) {
+        (Some((a, b, s)), None) => {
+            let (y, xa) = forward(x, w, a, b, (n, i, o, a.len() / i), s);
+            [y, xa]
+        }
+        (Some((a, b, s)), Some(mask)) => {
+            let (y, xa) = forward_on(x, &mask.apply(x), w, a, b, (n, i, o, a.len() / i), s);
+            [y, xa]
+        }
+        (None, _) => [
+            product((n, o, i), View::rows(x, i), View::t(w, i), T::one()),
+            Vec::new(),
+        ],
+    }
+}
+
+/// [`project`]'s backward for the output gradient `g (N, O)`: its input gradient into `dx`
+/// when given, and `(dA, dB)` when it carries LoRA.
+///
+/// # Safety
+/// As [`backward_into`].
+#[allow(clippy::type_complexity)]
+pub(super) unsafe fn project_bwd<T: WithDType>(
+    x: &[T],
+    (w, lora): Proj<T>,
+    (xa, mask): (&[T], Option<&DropMask>),
+    g: &[T],
+    (n, i, o): (usize, usize, usize),
+    dx: Option<DxInto<T>>,
+) -> Option<(Vec<T>, Vec<T>)> {
+    match lora {
+        Some((a, b, s)) => {
+            let dims = (n, i, o, a.len() / i);
+            let dropped = mask.map(|m| m.apply(x));
+            let x = dropped.as_deref().unwrap_or(x);
+            Some(backward_into(x, w, a, b, xa, g, dims, s, dx, mask))
+        }
+        None => {
+            if let Some(dx) = dx {
+                let (gv, wv) = (View::rows(g, o), View::rows(w, i));
+                gemm_into(dx.rows_of(i), (n, i, o), gv, wv, T::one(), true);
+            }
+            None
+        }
+    }
 }
 
 impl LoraLinearOp {

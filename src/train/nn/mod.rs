@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod cpu_kernels;
+pub(crate) mod dropout;
 pub mod fused;
 pub mod gemv;
 pub mod head;

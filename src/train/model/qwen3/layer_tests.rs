@@ -18,6 +18,11 @@ fn model(dtype: DType) -> Qwen3 {
 }
 
 fn model_without_lora_on(dtype: DType, plain: &str) -> Qwen3 {
+    model_with(dtype, plain, 0.0)
+}
+
+/// [`model`] without LoRA on `plain` and with LoRA dropout `dropout`.
+fn model_with(dtype: DType, plain: &str, dropout: f64) -> Qwen3 {
     let dev = Device::Cpu;
     let cfg = Qwen3Config {
         vocab_size: 32,
@@ -71,7 +76,7 @@ fn model_without_lora_on(dtype: DType, plain: &str) -> Qwen3 {
         .filter(|&&m| m != plain)
         .map(|m| m.to_string())
         .collect();
-    m.attach_lora(&targets, 4, 1.5, 0.0, |_, (r, c)| {
+    m.attach_lora(&targets, 4, 1.5, dropout, |_, (r, c)| {
         Ok(Tensor::randn(0f64, 0.3, (r, c), &dev)?.to_dtype(dtype)?)
     })
     .unwrap();
@@ -323,6 +328,152 @@ fn gradient_only_recompute_gives_exactly_the_full_gradients() {
                     "{dtype:?}, no LoRA on {plain}: gradient {k} differs"
                 );
             }
+        }
+    }
+}
+
+/// `(y, dL/dx, dL/d(each LoRA var))` for `L = Σ y ⊙ cot` under `pass`, by the one-op layer or
+/// the per-op path; the one-op layer must have run (its LoRA gradients are in the sink).
+fn run_pass(m: &Qwen3, x0: &Tensor, cot: &Tensor, pass: Pass, one_op: bool) -> Vec<Tensor> {
+    let p = packed(m);
+    let x = Var::from_tensor(x0).unwrap();
+    let y = if one_op {
+        m.layer_forward(0, x.as_tensor(), &p, pass).unwrap()
+    } else {
+        m.layer_forward_ops(0, x.as_tensor(), &p, pass).unwrap()
+    };
+    let gs = (&y * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![y, gs.get(&x).expect("x gradient").clone()];
+    for (name, v) in m.lora_vars() {
+        let sunk = m.lora_grads.take(v.id());
+        assert_eq!(
+            sunk.is_some(),
+            one_op,
+            "{name}: gradient from the wrong path"
+        );
+        out.push(gs.get(&v).cloned().or(sunk).expect("LoRA gradient"));
+    }
+    out
+}
+
+/// With LoRA dropout (p 0.3; a mask per projection, keyed by the pass, the layer and the
+/// projection) the one-op layer equals the per-op path, which draws its masks itself: output,
+/// input gradient and every LoRA gradient, f32 and f64; without LoRA on v_proj and on down_proj.
+/// Another key gives another output, so the masks are really drawn.
+#[test]
+fn one_op_layer_with_dropout_equals_the_per_op_path() {
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-11)] {
+        for plain in ["v_proj", "down_proj"] {
+            let m = model_with(dtype, plain, 0.3);
+            let n: usize = SEGMENTS.iter().sum();
+            let rnd = || {
+                Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x0, cot) = (rnd(), rnd());
+            let pass = |key| Pass {
+                track: true,
+                dropout_key: Some(key),
+            };
+            let fused = run_pass(&m, &x0, &cot, pass(0x5eed), true);
+            let per_op = run_pass(&m, &x0, &cot, pass(0x5eed), false);
+            assert_eq!(fused.len(), 2 + 12);
+            for (k, (f, c)) in fused.iter().zip(&per_op).enumerate() {
+                let scale = c.abs().unwrap().max_all().unwrap();
+                let scale = scale
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert_close(f, c, tol * scale.max(1.0), format!("{dtype:?} {plain} {k}"));
+            }
+            let other = run_pass(&m, &x0, &cot, pass(0x5eee), true);
+            let moved = (&other[0] - &fused[0]).unwrap().abs().unwrap();
+            let moved = moved.max_all().unwrap().to_dtype(DType::F64).unwrap();
+            assert!(
+                moved.to_scalar::<f64>().unwrap() > 1e-3,
+                "another key, same masks"
+            );
+        }
+    }
+}
+
+/// The one-op layer's gradients under dropout against central differences of its own forward
+/// (the masks are a function of the key, so the loss is a function of x and the weights), and
+/// its checkpointed recompute (`layer_backward`) gives exactly the same gradients.
+#[test]
+fn one_op_layer_with_dropout_matches_finite_differences_and_its_recompute() {
+    let m = model_with(DType::F64, "v_proj", 0.3);
+    let n: usize = SEGMENTS.iter().sum();
+    let x0 = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
+    let cot = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
+    let pass = Pass {
+        track: true,
+        dropout_key: Some(77),
+    };
+    let grads = run_pass(&m, &x0, &cot, pass, true);
+    let p = packed(&m);
+    let x = Var::from_tensor(&x0).unwrap();
+    let gs = m.layer_backward(0, x.as_tensor(), &p, pass, &cot).unwrap();
+    let mut recomputed = vec![gs.get(&x).unwrap().clone()];
+    for (_, v) in m.lora_vars() {
+        recomputed.push(m.lora_grads.take(v.id()).expect("sunk gradient"));
+    }
+    for (k, (a, b)) in grads[1..].iter().zip(&recomputed).enumerate() {
+        let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+        assert_eq!(
+            a.to_vec1::<f64>().unwrap(),
+            b.to_vec1::<f64>().unwrap(),
+            "{k}"
+        );
+    }
+    let untracked = Pass {
+        track: false,
+        ..pass
+    };
+    let loss = |x: &Tensor| -> f64 {
+        let y = m.layer_forward(0, x, &p, untracked).unwrap();
+        (y * &cot)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-6;
+    let nudge = |t: &Tensor, at: usize, by: f64| -> Tensor {
+        let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        v[at] += by;
+        Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+    };
+    let close = |num: f64, ana: f64, what: &str| {
+        assert!(
+            (num - ana).abs() <= 1e-6 * (1.0 + ana.abs()),
+            "{what}: finite difference {num} vs analytic {ana}"
+        );
+    };
+    let gx = grads[1].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for at in [0, 17, 5 * 16 + 3, n * 16 - 1] {
+        let num = (loss(&nudge(&x0, at, eps)) - loss(&nudge(&x0, at, -eps))) / (2. * eps);
+        close(num, gx[at], &format!("x[{at}]"));
+    }
+    for (k, (name, var)) in m.lora_vars().iter().enumerate() {
+        let orig = var.as_tensor().copy().unwrap();
+        let ana = grads[2 + k]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for at in [0, orig.elem_count() / 2, orig.elem_count() - 1] {
+            let f = |by: f64| {
+                var.set(&nudge(&orig, at, by)).unwrap();
+                loss(&x0)
+            };
+            let num = (f(eps) - f(-eps)) / (2. * eps);
+            var.set(&orig).unwrap();
+            close(num, ana[at], &format!("{name}[{at}]"));
         }
     }
 }
