@@ -1,5 +1,6 @@
 //! `/v1/chat/completions` and `/v1/models` over a real socket: plain and streamed completions
-//! on the demo model, request errors in OpenAI's shape, and a fine-tuned job's model ids.
+//! on the demo model, forced tool calls, request errors in OpenAI's shape, and a fine-tuned job's
+//! model ids.
 
 mod common;
 
@@ -94,6 +95,121 @@ async fn a_streamed_completion_ends_with_done_and_usage() {
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"], whole["usage"]);
+}
+
+/// The call a forced completion opens with: its tool call when the (untrained) model happened
+/// to write JSON arguments, else the function name in the text, which must open the call.
+fn forced_name(v: &Value) -> String {
+    let msg = &v["choices"][0]["message"];
+    if let Some(calls) = msg["tool_calls"].as_array() {
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        return calls[0]["function"]["name"].as_str().unwrap().to_string();
+    }
+    let text = msg["content"].as_str().unwrap();
+    let rest = text
+        .strip_prefix("<tool_call>\n{\"name\": \"")
+        .unwrap_or_else(|| panic!("not a call's opening: {text:?}"));
+    let (name, after) = rest.split_once('"').unwrap();
+    assert!(after.starts_with(", \"arguments\": "), "{text:?}");
+    name.to_string()
+}
+
+#[tokio::test]
+async fn tool_choice_required_or_named_forces_a_call() {
+    let env = Env::new();
+    let s = env.start();
+    let mut body = hello("sftd-demo");
+    body["max_completion_tokens"] = 24.into();
+    body["tools"] = json!([
+        {"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}},
+    ]);
+    let (st, auto) = chat(&s, &body).await;
+    assert_eq!(st, 200, "{auto}");
+
+    body["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+    let (st, named) = chat(&s, &body).await;
+    assert_eq!(st, 200, "{named}");
+    assert_eq!(forced_name(&named), "get_time");
+    // The opening's tokens are completion tokens, within the budget.
+    let completion = named["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((5..=24).contains(&completion), "{named}");
+    // A forced call skips thinking: the prompt is the non-thinking one.
+    let mut no_thinking = body.clone();
+    no_thinking["tool_choice"] = "auto".into();
+    no_thinking["enable_thinking"] = false.into();
+    let (_, v) = chat(&s, &no_thinking).await;
+    assert_eq!(named["usage"]["prompt_tokens"], v["usage"]["prompt_tokens"]);
+    assert!(
+        named["usage"]["prompt_tokens"].as_u64() > auto["usage"]["prompt_tokens"].as_u64(),
+        "the empty thinking block is in the prompt"
+    );
+
+    // "required": the model picks the function; sampled picks are always an offered one.
+    body["tool_choice"] = "required".into();
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
+    body["temperature"] = 1.5.into();
+    for seed in 0..4 {
+        body["seed"] = seed.into();
+        let (st, v) = chat(&s, &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
+    }
+
+    // Streamed, the same completion arrives: greedy, so the same text.
+    let mut streamed = body.clone();
+    streamed["temperature"] = 0.into();
+    streamed["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+    streamed["stream"] = true.into();
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = read_sse(r, |e| e.data == "[DONE]").await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    let msg = &named["choices"][0]["message"];
+    assert_eq!(text, msg["content"].as_str().unwrap_or(""));
+    assert_eq!(
+        calls.len(),
+        msg["tool_calls"].as_array().map_or(0, Vec::len)
+    );
+
+    // Impossible choices are 400s naming the parameter.
+    body["tool_choice"] = json!({"type": "function", "function": {"name": "get_stock"}});
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("tool_choice")),
+        "{v}"
+    );
+    body["tools"] = json!([]);
+    body["tool_choice"] = "required".into();
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("tool_choice")),
+        "{v}"
+    );
 }
 
 #[tokio::test]

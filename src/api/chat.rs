@@ -3,6 +3,8 @@
 //! thread that owns the device (between a training job's micro-batches), and `<tool_call>` blocks come back as OpenAI `tool_calls`, whole or streamed as
 //! `chat.completion.chunk` server-sent events ending in `data: [DONE]`.
 
+mod tool_choice;
+
 use super::error::{AppError, AppJson};
 use super::models::{resolve, Models};
 use super::AppState;
@@ -73,7 +75,8 @@ struct StreamOptions {
 /// What the request asks of the engine, after validation.
 struct Plan {
     messages: Vec<Value>,
-    /// Tools offered to the model (none with `tool_choice: "none"`).
+    /// Tools offered to the model (none with `tool_choice: "none"`); a forced call's opening is
+    /// in `params`.
     tools: Option<Vec<Value>>,
     params: SamplingParams,
     add_generation_prompt: bool,
@@ -119,32 +122,28 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
             "stream_options is only allowed with stream: true",
         ));
     }
-    let tools = match r.tool_choice.as_ref() {
-        None => r.tools.clone(),
-        Some(Value::String(c)) if c == "auto" => r.tools.clone(),
-        Some(Value::String(c)) if c == "none" => None,
-        Some(_) => {
-            return Err(invalid(
-                "tool_choice",
-                "only tool_choice \"auto\" and \"none\" are supported",
-            ))
-        }
-    };
-    let tools = tools.filter(|t| !t.is_empty());
-    let enable_thinking = r.enable_thinking.or_else(|| {
-        r.chat_template_kwargs
-            .as_ref()
-            .and_then(|k| k["enable_thinking"].as_bool())
-    });
+    let tool_use = tool_choice::resolve(r.tools.as_deref(), r.tool_choice.as_ref())?;
+    // A forced call begins the answer, so there is no thinking to do: the template's
+    // non-thinking form (Qwen3: an empty thinking block) unless the client asks otherwise.
+    let forced = !tool_use.opening.is_empty();
+    let enable_thinking = r
+        .enable_thinking
+        .or_else(|| {
+            r.chat_template_kwargs
+                .as_ref()
+                .and_then(|k| k["enable_thinking"].as_bool())
+        })
+        .or(forced.then_some(false));
     Ok(Plan {
         messages: template_messages(&r.messages)?,
-        tools,
+        tools: tool_use.tools,
         params: SamplingParams {
             temperature,
             top_p,
             seed: r.seed.map(|s| s as u64),
             max_new_tokens,
             stop,
+            opening: tool_use.opening,
         },
         add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
         enable_thinking,
@@ -524,6 +523,7 @@ mod tests {
             ("top_p", json!(0)),
             ("max_completion_tokens", json!(0)),
             ("tool_choice", json!("required")),
+            ("tool_choice", json!("always")),
             ("stop", json!(["a", "b", "c", "d", "e"])),
         ] {
             let mut b = base.clone();

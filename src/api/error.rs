@@ -95,6 +95,12 @@ impl AppError {
         self
     }
 
+    /// The request parameter the error names, for tests that check it without a response.
+    #[cfg(test)]
+    pub fn param_name(&self) -> Option<&str> {
+        self.0.param.as_deref()
+    }
+
     pub fn code(mut self, code: impl Into<String>) -> Self {
         self.0.code = Some(code.into());
         self

@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokenizers::Tokenizer;
 
+mod opening;
+pub use opening::Lead;
+use opening::Part;
+
 /// A prompt that leaves no room in the model's context (a client error, not a failure).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -126,8 +130,9 @@ const RESERVED_NEW_TOKENS: usize = 512;
 
 /// Generates a completion of `prompt` with `model` under `tuning`, handing each piece of text
 /// that is final (it can no longer turn into a stop string) to `on_text`; `on_text` returning
-/// `false` stops early. The model may be a serving copy or a model being trained (between its
-/// micro-batches): nothing here tracks gradients or touches its weights.
+/// `false` stops early. The completion begins with `params.opening` when it has one. The model
+/// may be a serving copy or a model being trained (between its micro-batches): nothing here
+/// tracks gradients or touches its weights.
 pub fn generate(
     model: &Qwen3,
     tuning: Tuning<'_>,
@@ -137,22 +142,55 @@ pub fn generate(
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let max_new = format.budget(prompt.len(), params.max_new_tokens)?;
+    let opening = opening::encode(format, &params.opening)?;
     let mut sampler = Sampler::new(params);
-    let mut cache = KvCache::with_capacity(prompt.len() + max_new.min(RESERVED_NEW_TOKENS));
-    let started = Instant::now();
-    let mut logits = model.forward_cached(prompt, &mut cache, tuning)?;
-    let prefill_seconds = started.elapsed().as_secs_f64();
+    let mut reader = Reader {
+        model,
+        tuning,
+        cache: KvCache::with_capacity(prompt.len() + max_new.min(RESERVED_NEW_TOKENS)),
+        started: Instant::now(),
+        prefill_seconds: None,
+        unread: prompt.to_vec(),
+    };
     let mut ids: Vec<u32> = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
+    for part in &opening {
+        match part {
+            Part::Force(tokens) => {
+                let n = tokens.len().min(max_new - ids.len());
+                ids.extend(&tokens[..n]);
+                reader.unread.extend(&tokens[..n]);
+            }
+            Part::Choose(choices) => {
+                let mut open: Vec<&[u32]> = choices.iter().map(Vec::as_slice).collect();
+                let mut k = 0;
+                while ids.len() < max_new && k < open[0].len() {
+                    let next = match open.as_slice() {
+                        [only] => only[k],
+                        _ => sampler.next_among(&reader.read()?, &opening::next_tokens(&open, k)),
+                    };
+                    open.retain(|c| c[k] == next);
+                    ids.push(next);
+                    reader.unread.push(next);
+                    k += 1;
+                }
+            }
+        }
+    }
+    // The opening is emitted whole: stop strings are looked for in what the model writes.
+    let mut text = format.decode(&ids)?;
+    let mut emitted = text.len();
     let mut finish = FinishReason::Length;
-    while ids.len() < max_new {
-        let next = sampler.next(&logits.to_vec1::<f32>()?);
+    if !text.is_empty() && !on_text(&text) {
+        finish = FinishReason::Stop;
+    }
+    while finish == FinishReason::Length && ids.len() < max_new {
+        let next = sampler.next(&reader.read()?);
         if format.stop_ids.contains(&next) {
             finish = FinishReason::Stop;
             break;
         }
         ids.push(next);
+        reader.unread.push(next);
         text = format.decode(&ids)?;
         // Decoding more tokens only ever extends the text; clamp in case a tokenizer disagrees.
         emitted = emitted.min(text.len());
@@ -171,21 +209,44 @@ pub fn generate(
             break;
         }
         emitted = ready;
-        if ids.len() < max_new {
-            logits = model.forward_cached(&[next], &mut cache, tuning)?;
-        }
     }
     if text.len() > emitted {
         on_text(&text[emitted..]);
     }
+    let prefill_seconds = reader.prefill_seconds.unwrap_or(0.0);
     Ok(Generation {
         text,
         completion_ids: ids,
         prompt_tokens: prompt.len(),
         finish,
         prefill_seconds,
-        decode_seconds: started.elapsed().as_secs_f64() - prefill_seconds,
+        decode_seconds: reader.started.elapsed().as_secs_f64() - prefill_seconds,
     })
+}
+
+/// The model reading tokens into its KV cache: the prompt first, then each token written.
+struct Reader<'a> {
+    model: &'a Qwen3,
+    tuning: Tuning<'a>,
+    cache: KvCache,
+    started: Instant,
+    /// Time to the first logits: the prompt and any forced opening read in one pass.
+    prefill_seconds: Option<f64>,
+    /// Tokens the model has not read yet.
+    unread: Vec<u32>,
+}
+
+impl Reader<'_> {
+    /// Reads the unread tokens; the logits for the token after them.
+    fn read(&mut self) -> Result<Vec<f32>> {
+        let logits = self
+            .model
+            .forward_cached(&self.unread, &mut self.cache, self.tuning)?;
+        self.unread.clear();
+        self.prefill_seconds
+            .get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+        Ok(logits.to_vec1::<f32>()?)
+    }
 }
 
 /// How to pick tokens and when to stop.
@@ -200,6 +261,8 @@ pub struct SamplingParams {
     pub max_new_tokens: Option<usize>,
     /// Text that ends the completion (not included in it).
     pub stop: Vec<String>,
+    /// What the completion must begin with (empty: whatever the model writes).
+    pub opening: Vec<Lead>,
 }
 
 impl SamplingParams {
@@ -210,6 +273,7 @@ impl SamplingParams {
             seed: None,
             max_new_tokens: Some(max_new_tokens),
             stop: Vec::new(),
+            opening: Vec::new(),
         }
     }
 }
@@ -284,6 +348,24 @@ impl Sampler {
             r -= p;
         }
         probs.last().map_or(0, |p| p.0)
+    }
+}
+
+impl Sampler {
+    /// [`Sampler::next`] over `allowed` alone: the other tokens' probabilities are zero, so
+    /// temperature and top-p act on the allowed tokens' renormalised distribution.
+    fn next_among(&mut self, logits: &[f32], allowed: &[u32]) -> u32 {
+        let mut masked = vec![f32::NEG_INFINITY; logits.len()];
+        for &t in allowed {
+            masked[t as usize] = logits[t as usize];
+        }
+        let next = self.next(&masked);
+        // Logits that are all -inf or NaN leave nothing to weigh; the first allowed token stands.
+        if allowed.contains(&next) {
+            next
+        } else {
+            allowed[0]
+        }
     }
 }
 
@@ -448,6 +530,7 @@ mod tests {
             seed: Some(1),
             max_new_tokens: None,
             stop: vec![],
+            opening: vec![],
         });
         // Token 2 alone holds > 50% of the mass, so nucleus sampling can only pick it.
         for _ in 0..20 {
@@ -459,6 +542,7 @@ mod tests {
             seed: Some(7),
             max_new_tokens: None,
             stop: vec![],
+            opening: vec![],
         });
         let draws: std::collections::HashSet<u32> =
             (0..200).map(|_| s.next(&[0.0, 0.0, 0.0, 0.0])).collect();

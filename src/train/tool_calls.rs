@@ -1,6 +1,7 @@
 //! Reading a generated assistant turn the way Qwen3's chat template writes one: an optional
 //! `<think>…</think>` block, free text, and `<tool_call>{"name": …, "arguments": …}</tool_call>`
-//! blocks. Anything that does not parse as a whole stays text.
+//! blocks. Anything that does not parse as a whole stays text. And the opening that forces a
+//! call, written the same way.
 
 use serde_json::Value;
 
@@ -23,6 +24,12 @@ pub struct AssistantTurn {
     pub reasoning: Option<String>,
     pub tool_calls: Vec<ToolCall>,
 }
+
+/// How Qwen3's chat template opens a call, around the function's name. A completion forced to
+/// begin with these and a name goes on with the arguments, closes the block, and may make more
+/// calls.
+pub const CALL_BEFORE_NAME: &str = "<tool_call>\n{\"name\": \"";
+pub const CALL_AFTER_NAME: &str = "\", \"arguments\": ";
 
 /// Splits `text` into thinking, content and tool calls. When any `<tool_call>` block is
 /// unterminated or its body is not `{"name": string, "arguments": object|JSON string}`, no calls
@@ -130,6 +137,20 @@ mod tests {
         assert_eq!(parse_assistant(cut).content.as_deref(), Some(cut));
         let nameless = "<tool_call>{\"arguments\": {}}</tool_call>";
         assert!(parse_assistant(nameless).tool_calls.is_empty());
+    }
+
+    #[test]
+    fn a_forced_opening_and_the_arguments_after_it_parse_as_that_call() {
+        let text = format!(
+            "{CALL_BEFORE_NAME}get_time{CALL_AFTER_NAME}{{\"zone\": \"CET\"}}}}\n</tool_call>"
+        );
+        let t = parse_assistant(&text);
+        let call = ToolCall {
+            name: "get_time".into(),
+            arguments: r#"{"zone":"CET"}"#.into(),
+        };
+        assert_eq!(t.tool_calls, vec![call]);
+        assert_eq!(t.content, None);
     }
 
     #[test]

@@ -1,0 +1,205 @@
+//! A completion's forced opening: text written as if the model had written it, and choices the
+//! model picks among with its next tokens restricted to them. `tool_choice: "required"` and a
+//! named function are built on it: the call's opening is forced, the model only picks the name.
+
+use super::ChatFormat;
+use anyhow::{bail, Result};
+
+/// One part of an opening, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lead {
+    /// Written as is.
+    Text(String),
+    /// Exactly one of these, chosen by the model token by token; none may begin another.
+    OneOf(Vec<String>),
+}
+
+/// An opening in token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Part {
+    Force(Vec<u32>),
+    /// Token sequences of which none is a prefix of another, so the model's pick is always one
+    /// whole choice.
+    Choose(Vec<Vec<u32>>),
+}
+
+/// Encodes `leads` with the model's tokenizer. Each piece is encoded alone; the model then reads
+/// the pieces' tokens one after another, as it would read its own.
+pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
+    leads
+        .iter()
+        .map(|lead| match lead {
+            Lead::Text(t) => Ok(Part::Force(format.encode(t)?)),
+            Lead::OneOf(choices) => {
+                let mut ids = choices
+                    .iter()
+                    .map(|c| format.encode(c))
+                    .collect::<Result<Vec<_>>>()?;
+                ids.sort();
+                ids.dedup();
+                if ids.iter().any(Vec::is_empty) {
+                    bail!("a forced choice is empty");
+                }
+                // Sorted, a sequence that begins another sits right before one that it begins.
+                if ids.windows(2).any(|w| w[1].starts_with(&w[0])) {
+                    bail!("one forced choice begins another: {choices:?}");
+                }
+                Ok(Part::Choose(ids))
+            }
+        })
+        .collect()
+}
+
+/// The choices still open after the first `k` tokens of a pick, and the tokens that may come
+/// next: every open choice is longer than `k`, as none begins another.
+pub(super) fn next_tokens(open: &[&[u32]], k: usize) -> Vec<u32> {
+    let mut next: Vec<u32> = open.iter().map(|c| c[k]).collect();
+    next.sort_unstable();
+    next.dedup();
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{generate, BaseModel, FinishReason, Generation, SamplingParams};
+    use super::*;
+    use crate::train::demo::{write_model, DemoSize};
+    use crate::train::model::qwen3::{KvCache, Tuning};
+    use candle_core::Device;
+
+    const PROMPT: &str = "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n";
+
+    fn tiny() -> (tempfile::TempDir, BaseModel, Vec<u32>) {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), DemoSize::TINY, 3).unwrap();
+        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let prompt = base.format.encode(PROMPT).unwrap();
+        (dir, base, prompt)
+    }
+
+    fn run(base: &BaseModel, prompt: &[u32], params: &SamplingParams) -> Generation {
+        generate(
+            &base.model,
+            Tuning::Base,
+            &base.format,
+            prompt,
+            params,
+            |_| true,
+        )
+        .unwrap()
+    }
+
+    fn with(mut params: SamplingParams, opening: Vec<Lead>) -> SamplingParams {
+        params.opening = opening;
+        params
+    }
+
+    #[test]
+    fn forced_text_is_written_and_then_read_as_the_models_own() {
+        let (_dir, base, prompt) = tiny();
+        let forced = base.format.encode("It is").unwrap();
+        let params = with(SamplingParams::greedy(12), vec![Lead::Text("It is".into())]);
+        let mut pieces = String::new();
+        let g = generate(
+            &base.model,
+            Tuning::Base,
+            &base.format,
+            &prompt,
+            &params,
+            |t| {
+                pieces.push_str(t);
+                true
+            },
+        )
+        .unwrap();
+        assert!(g.text.starts_with("It is"), "{:?}", g.text);
+        assert_eq!(pieces, g.text, "the opening is streamed like the rest");
+        assert_eq!(g.completion_ids[..forced.len()], forced[..]);
+        assert_eq!(g.prompt_tokens, prompt.len());
+        // What follows is what the model writes after a prompt that ends with those tokens.
+        let mut longer = prompt.clone();
+        longer.extend(&forced);
+        let free = run(&base, &longer, &SamplingParams::greedy(12 - forced.len()));
+        assert_eq!(g.completion_ids[forced.len()..], free.completion_ids[..]);
+        assert_eq!(g.finish, free.finish);
+    }
+
+    #[test]
+    fn a_greedy_pick_is_the_choice_the_model_ranks_first() {
+        let (_dir, base, prompt) = tiny();
+        let choices = ["alpha", "Paris", "weather"];
+        let first: Vec<u32> = choices
+            .iter()
+            .map(|c| base.format.encode(c).unwrap()[0])
+            .collect();
+        assert!(first[0] != first[1] && first[1] != first[2] && first[0] != first[2]);
+        let logits = base
+            .model
+            .forward_cached(&prompt, &mut KvCache::new(), Tuning::Base)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let best = (0..3)
+            .max_by(|&a, &b| logits[first[a] as usize].total_cmp(&logits[first[b] as usize]))
+            .unwrap();
+        let opening = vec![Lead::OneOf(choices.iter().map(|c| c.to_string()).collect())];
+        let g = run(&base, &prompt, &with(SamplingParams::greedy(6), opening));
+        let picked = base.format.encode(choices[best]).unwrap();
+        assert_eq!(g.completion_ids[..picked.len()], picked[..]);
+        assert!(g.text.starts_with(choices[best]));
+    }
+
+    #[test]
+    fn sampled_picks_are_always_one_whole_choice_and_vary_with_the_seed() {
+        let (_dir, base, prompt) = tiny();
+        let choices = ["get_weather", "get_time", "lookup_city"];
+        let encoded: Vec<Vec<u32>> = choices
+            .iter()
+            .map(|c| base.format.encode(c).unwrap())
+            .collect();
+        let mut picked = std::collections::BTreeSet::new();
+        for seed in 0..24 {
+            let params = SamplingParams {
+                temperature: 2.0,
+                top_p: 1.0,
+                seed: Some(seed),
+                max_new_tokens: Some(40),
+                stop: vec![],
+                opening: vec![
+                    Lead::Text("call ".into()),
+                    Lead::OneOf(choices.iter().map(|c| c.to_string()).collect()),
+                ],
+            };
+            let g = run(&base, &prompt, &params);
+            let rest = &g.completion_ids[base.format.encode("call ").unwrap().len()..];
+            let which: Vec<usize> = (0..3).filter(|&i| rest.starts_with(&encoded[i])).collect();
+            assert_eq!(which.len(), 1, "seed {seed}: {:?}", g.text);
+            picked.insert(which[0]);
+        }
+        assert!(
+            picked.len() > 1,
+            "the pick is sampled, not fixed: {picked:?}"
+        );
+    }
+
+    #[test]
+    fn the_budget_cuts_the_opening_and_choices_must_not_begin_one_another() {
+        let (_dir, base, prompt) = tiny();
+        let forced = base.format.encode("It is sunny in Oslo").unwrap();
+        assert!(forced.len() > 2);
+        let params = with(
+            SamplingParams::greedy(2),
+            vec![Lead::Text("It is sunny in Oslo".into())],
+        );
+        let g = run(&base, &prompt, &params);
+        assert_eq!(g.completion_ids, forced[..2]);
+        assert_eq!(g.finish, FinishReason::Length);
+
+        let same = encode(&base.format, &[Lead::OneOf(vec!["a".into(), "a".into()])]).unwrap();
+        assert!(matches!(&same[..], [Part::Choose(c)] if c.len() == 1));
+        let a = base.format.encode("a").unwrap();
+        assert!(base.format.encode("a a").unwrap().starts_with(&a));
+        let e = encode(&base.format, &[Lead::OneOf(vec!["a a".into(), "a".into()])]);
+        assert!(e.is_err(), "\"a\" begins \"a a\"");
+    }
+}
