@@ -7,8 +7,8 @@ Uploads examples/text.jsonl, creates a tiny job on the demo model (sftd's extra 
 the SDK's `method` dict and `extra_body`), follows it to the end with retrieve/list_events,
 lists checkpoints and jobs, downloads the adapter, cancels a second job and checks that a bad
 hyperparameter raises BadRequestError naming the field; then calls the fine-tuned model with
-chat.completions.create (plain, streamed with usage, with tools), lists it with models.list/
-retrieve, and checks that n=2 raises BadRequestError. Exits non-zero on the first mismatch.
+chat.completions.create (plain, streamed with usage, with tools, with a named tool_choice),
+lists it with models.list/retrieve, and checks that n=2 raises BadRequestError. Exits non-zero on the first mismatch.
 CI runs it through scripts/openai-sdk-check.sh (which installs the pinned SDK).
 """
 import argparse
@@ -125,6 +125,19 @@ def chat_checks(client, model, checkpoint):
     assert (choice.finish_reason == "tool_calls") == bool(choice.message.tool_calls), choice
     print("chat.completions.create(tools=...):", choice.finish_reason,
           [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] or repr(choice.message.content))
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    f = client.chat.completions.create(model=model, messages=msgs, tools=tools, tool_choice=named,
+                                       temperature=0, max_completion_tokens=48)
+    forced = f.choices[0]
+    if forced.message.tool_calls:
+        assert forced.finish_reason == "tool_calls", forced
+        assert forced.message.tool_calls[0].function.name == "get_weather", forced
+    else:  # arguments that are not JSON stay text, which must open the forced call
+        assert forced.message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": '), forced
+    print("chat.completions.create(tool_choice=get_weather):", forced.finish_reason,
+          [(c.function.name, c.function.arguments) for c in forced.message.tool_calls or []]
+          or repr(forced.message.content))
 
     ids = [m.id for m in client.models.list()]
     assert model in ids and checkpoint in ids, ids
