@@ -213,14 +213,28 @@ fn one_op_layer_gradients_match_finite_differences() {
     let x0 = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
     let cot = Tensor::randn(0f64, 1., (n, 16), &Device::Cpu).unwrap();
     let (_, gx, gl) = run(&m, &x0, &cot, true);
-    let p = packed(&m);
     let untracked = Pass {
         track: false,
         dropout_key: None,
     };
+    check_finite_differences(&m, untracked, &x0, &cot, &gx, &gl);
+}
+
+/// Checks the input gradient `gx` and the LoRA gradients `gl` (in `lora_vars` order) of
+/// `sum(layer_forward(x0) · cot)` under `pass` (untracked) against central differences, at a
+/// few positions of each.
+fn check_finite_differences(
+    m: &Qwen3,
+    pass: Pass,
+    x0: &Tensor,
+    cot: &Tensor,
+    gx: &Tensor,
+    gl: &[Tensor],
+) {
+    let p = packed(m);
     let loss = |x: &Tensor| -> f64 {
-        let y = m.layer_forward(0, x, &p, untracked).unwrap();
-        (y * &cot)
+        let y = m.layer_forward(0, x, &p, pass).unwrap();
+        (y * cot)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -239,22 +253,22 @@ fn one_op_layer_gradients_match_finite_differences() {
             "{what}: finite difference {num} vs analytic {ana}"
         );
     };
-    for at in [0, 17, 5 * 16 + 3, n * 16 - 1] {
-        let num = (loss(&nudge(&x0, at, eps)) - loss(&nudge(&x0, at, -eps))) / (2. * eps);
-        let ana = gx.flatten_all().unwrap().to_vec1::<f64>().unwrap()[at];
-        close(num, ana, &format!("x[{at}]"));
+    let gx = gx.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for at in [0, 17, 5 * 16 + 3, gx.len() - 1] {
+        let num = (loss(&nudge(x0, at, eps)) - loss(&nudge(x0, at, -eps))) / (2. * eps);
+        close(num, gx[at], &format!("x[{at}]"));
     }
     for (k, (name, var)) in m.lora_vars().iter().enumerate() {
         let orig = var.as_tensor().copy().unwrap();
-        for at in [0, orig.elem_count() - 1] {
+        let ana = gl[k].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for at in [0, orig.elem_count() / 2, orig.elem_count() - 1] {
             let f = |by: f64| {
                 var.set(&nudge(&orig, at, by)).unwrap();
-                loss(&x0)
+                loss(x0)
             };
             let num = (f(eps) - f(-eps)) / (2. * eps);
             var.set(&orig).unwrap();
-            let ana = gl[k].flatten_all().unwrap().to_vec1::<f64>().unwrap()[at];
-            close(num, ana, &format!("{name}[{at}]"));
+            close(num, ana[at], &format!("{name}[{at}]"));
         }
     }
 }
@@ -433,47 +447,5 @@ fn one_op_layer_with_dropout_matches_finite_differences_and_its_recompute() {
         track: false,
         ..pass
     };
-    let loss = |x: &Tensor| -> f64 {
-        let y = m.layer_forward(0, x, &p, untracked).unwrap();
-        (y * &cot)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let eps = 1e-6;
-    let nudge = |t: &Tensor, at: usize, by: f64| -> Tensor {
-        let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        v[at] += by;
-        Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
-    };
-    let close = |num: f64, ana: f64, what: &str| {
-        assert!(
-            (num - ana).abs() <= 1e-6 * (1.0 + ana.abs()),
-            "{what}: finite difference {num} vs analytic {ana}"
-        );
-    };
-    let gx = grads[1].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    for at in [0, 17, 5 * 16 + 3, n * 16 - 1] {
-        let num = (loss(&nudge(&x0, at, eps)) - loss(&nudge(&x0, at, -eps))) / (2. * eps);
-        close(num, gx[at], &format!("x[{at}]"));
-    }
-    for (k, (name, var)) in m.lora_vars().iter().enumerate() {
-        let orig = var.as_tensor().copy().unwrap();
-        let ana = grads[2 + k]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        for at in [0, orig.elem_count() / 2, orig.elem_count() - 1] {
-            let f = |by: f64| {
-                var.set(&nudge(&orig, at, by)).unwrap();
-                loss(&x0)
-            };
-            let num = (f(eps) - f(-eps)) / (2. * eps);
-            var.set(&orig).unwrap();
-            close(num, ana[at], &format!("{name}[{at}]"));
-        }
-    }
+    check_finite_differences(&m, untracked, &x0, &cot, &grads[1], &grads[2..]);
 }
