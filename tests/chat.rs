@@ -102,8 +102,8 @@ async fn a_streamed_completion_ends_with_done_and_usage() {
     assert_eq!(usage["usage"], whole["usage"]);
 }
 
-/// The call a forced completion opens with: its tool call when the (untrained) model happened
-/// to write JSON arguments, else the function name in the text, which must open the call.
+/// The call a forced completion opens with: its tool call, or, when the budget ran out inside
+/// the arguments, the function name in the text, which must open the call.
 fn forced_name(v: &Value) -> String {
     let msg = &v["choices"][0]["message"];
     if let Some(calls) = msg["tool_calls"].as_array() {
@@ -157,13 +157,25 @@ async fn tool_choice_required_or_named_forces_a_call() {
     let (st, v) = chat(&s, &body).await;
     assert_eq!(st, 200, "{v}");
     assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
-    body["temperature"] = 1.5.into();
-    for seed in 0..4 {
+    // The arguments are a JSON object, so every call that ends within the budget is a call.
+    body["temperature"] = 1.0.into();
+    body["max_completion_tokens"] = 120.into();
+    let mut calls = 0;
+    for seed in 0..6 {
         body["seed"] = seed.into();
         let (st, v) = chat(&s, &body).await;
         assert_eq!(st, 200, "{v}");
         assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
+        if let Some(c) = v["choices"][0]["message"]["tool_calls"].as_array() {
+            let args = c[0]["function"]["arguments"].as_str().unwrap();
+            assert!(serde_json::from_str::<Value>(args).unwrap().is_object());
+            calls += 1;
+        } else {
+            assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        }
     }
+    assert!(calls > 0, "no forced call was finished within 120 tokens");
+    body["max_completion_tokens"] = 24.into();
 
     // Streamed, the same completion arrives: greedy, so the same text.
     let mut streamed = body.clone();

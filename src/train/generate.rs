@@ -11,13 +11,13 @@ use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 use tokenizers::Tokenizer;
 
+mod json_prefix;
 mod opening;
 pub use opening::Lead;
-use opening::Part;
 
 /// A prompt that leaves no room in the model's context (a client error, not a failure).
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub struct ChatFormat {
     pub stop_ids: Vec<u32>,
     /// Prompt plus completion positions (`max_position_embeddings`).
     pub context_len: usize,
+    /// Each token's text, built on first use by [`ChatFormat::token_texts`].
+    token_texts: OnceLock<Vec<String>>,
 }
 
 impl ChatFormat {
@@ -64,6 +66,22 @@ impl ChatFormat {
             template,
             stop_ids,
             context_len,
+            token_texts: OnceLock::new(),
+        })
+    }
+
+    /// Each token's text by id, for masking the vocabulary by what the tokens would write.
+    /// Added tokens (`<|im_end|>`, `<tool_call>`, …) are empty: they are markup, never content.
+    /// Built once per format, on first use: one decode per token.
+    pub fn token_texts(&self) -> &[String] {
+        self.token_texts.get_or_init(|| {
+            let added = self.tokenizer.get_added_tokens_decoder();
+            (0..self.tokenizer.get_vocab_size(true) as u32)
+                .map(|id| match added.contains_key(&id) {
+                    true => String::new(),
+                    false => self.tokenizer.decode(&[id], false).unwrap_or_default(),
+                })
+                .collect()
         })
     }
 
@@ -153,33 +171,21 @@ pub fn generate(
         unread: prompt.to_vec(),
     };
     let mut ids: Vec<u32> = Vec::new();
-    for part in &opening {
-        match part {
-            Part::Force(tokens) => {
-                let n = tokens.len().min(max_new - ids.len());
-                ids.extend(&tokens[..n]);
-                reader.unread.extend(&tokens[..n]);
-            }
-            Part::Choose(choices) => {
-                let mut open: Vec<&[u32]> = choices.iter().map(Vec::as_slice).collect();
-                let mut k = 0;
-                while ids.len() < max_new && k < open[0].len() {
-                    let next = match open.as_slice() {
-                        [only] => only[k],
-                        _ => sampler.next_among(&reader.read()?, &opening::next_tokens(&open, k)),
-                    };
-                    open.retain(|c| c[k] == next);
-                    ids.push(next);
-                    reader.unread.push(next);
-                    k += 1;
-                }
-            }
-        }
-    }
+    let ended = opening::write(
+        &opening,
+        format,
+        &mut reader,
+        &mut sampler,
+        &mut ids,
+        max_new,
+    )?;
     // The opening is emitted whole: stop strings are looked for in what the model writes.
     let mut text = format.decode(&ids)?;
     let mut emitted = text.len();
-    let mut finish = FinishReason::Length;
+    let mut finish = match ended {
+        true => FinishReason::Stop,
+        false => FinishReason::Length,
+    };
     if !text.is_empty() && !on_text(&text) {
         finish = FinishReason::Stop;
     }

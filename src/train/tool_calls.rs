@@ -25,11 +25,11 @@ pub struct AssistantTurn {
     pub tool_calls: Vec<ToolCall>,
 }
 
-/// How Qwen3's chat template opens a call, around the function's name. A completion forced to
-/// begin with these and a name goes on with the arguments, closes the block, and may make more
-/// calls.
+/// How Qwen3's chat template writes a call, around the function's name and its arguments: the
+/// frame a forced call is written in.
 pub const CALL_BEFORE_NAME: &str = "<tool_call>\n{\"name\": \"";
 pub const CALL_AFTER_NAME: &str = "\", \"arguments\": ";
+pub const CALL_AFTER_ARGUMENTS: &str = "}\n</tool_call>";
 
 /// Splits `text` into thinking, content and tool calls. When any `<tool_call>` block is
 /// unterminated or its body is not `{"name": string, "arguments": object|JSON string}`, no calls

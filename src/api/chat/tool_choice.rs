@@ -1,12 +1,12 @@
 //! `tool_choice`: which tools the prompt offers and how the completion must begin. `"auto"` (the
 //! default) offers the tools and lets the model decide, `"none"` offers none, `"required"` and
-//! `{"type": "function", "function": {"name": …}}` force a call by writing its opening: the model
-//! then picks among the offered names (`"required"`) and writes the arguments.
+//! `{"type": "function", "function": {"name": …}}` force a call by writing its frame: the model
+//! picks among the offered names (`"required"`) and writes the arguments as a JSON object.
 
 use super::invalid;
 use crate::api::error::AppError;
 use crate::train::generate::Lead;
-use crate::train::tool_calls::{CALL_AFTER_NAME, CALL_BEFORE_NAME};
+use crate::train::tool_calls::{CALL_AFTER_ARGUMENTS, CALL_AFTER_NAME, CALL_BEFORE_NAME};
 use serde_json::Value;
 
 /// What a request's `tools` and `tool_choice` come to.
@@ -78,10 +78,11 @@ pub(super) fn resolve(
     }
 }
 
-/// The opening that makes the completion a call to one of `names`: the whole opening for one
-/// name, else the model picks the name (and what follows it, so that no pick begins another).
+/// The completion that is one call to one of `names`: the frame is written for the model, which
+/// picks the name when there are several (with what follows it, so that no pick begins another)
+/// and writes the arguments as one JSON object; the call closed, the completion ends.
 fn call_opening(names: &[&str]) -> Vec<Lead> {
-    match names {
+    let mut leads = match names {
         [name] => vec![Lead::Text(format!(
             "{CALL_BEFORE_NAME}{name}{CALL_AFTER_NAME}"
         ))],
@@ -94,7 +95,12 @@ fn call_opening(names: &[&str]) -> Vec<Lead> {
                     .collect(),
             ),
         ],
-    }
+    };
+    leads.push(Lead::JsonObject);
+    leads.push(Lead::Text(CALL_AFTER_ARGUMENTS.to_string()));
+    // The forced call is the answer: what a model would write after it is not asked for.
+    leads.push(Lead::End);
+    leads
 }
 
 /// The names of the function tools, each checked to be a name a call can be forced to: OpenAI's
@@ -165,7 +171,14 @@ mod tests {
             format!("get_weather{CALL_AFTER_NAME}"),
             format!("get_time{CALL_AFTER_NAME}"),
         ];
-        let want = vec![Lead::Text(CALL_BEFORE_NAME.into()), Lead::OneOf(picks)];
+        let end = Lead::Text(CALL_AFTER_ARGUMENTS.into());
+        let want = vec![
+            Lead::Text(CALL_BEFORE_NAME.into()),
+            Lead::OneOf(picks),
+            Lead::JsonObject,
+            end.clone(),
+            Lead::End,
+        ];
         assert_eq!(u.opening, want);
         assert_eq!(
             u.tools.as_deref(),
@@ -175,7 +188,10 @@ mod tests {
         let named = json!({"type": "function", "function": {"name": "get_time"}});
         let u = resolve(Some(&tools), Some(&named)).unwrap();
         let whole = format!("{CALL_BEFORE_NAME}get_time{CALL_AFTER_NAME}");
-        assert_eq!(u.opening, vec![Lead::Text(whole)]);
+        assert_eq!(
+            u.opening,
+            vec![Lead::Text(whole), Lead::JsonObject, end, Lead::End]
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! A completion's forced opening: text written as if the model had written it, and choices the
-//! model picks among with its next tokens restricted to them. `tool_choice: "required"` and a
-//! named function are built on it: the call's opening is forced, the model only picks the name.
+//! A completion's forced opening: text written as if the model had written it, choices the
+//! model picks among, and a JSON object the model writes, its next tokens restricted to those
+//! that keep to them. `tool_choice: "required"` and a named function are built on it: the call's
+//! frame is forced, the model picks the name and writes the arguments as JSON.
 
-use super::ChatFormat;
+use super::json_prefix::JsonPrefix;
+use super::{ChatFormat, Reader, Sampler};
 use anyhow::{bail, Result};
 
 /// One part of an opening, in order.
@@ -12,6 +14,12 @@ pub enum Lead {
     Text(String),
     /// Exactly one of these, chosen by the model token by token; none may begin another.
     OneOf(Vec<String>),
+    /// One JSON object (syntax only, no schema), written by the model with every token that
+    /// would make the text something no JSON object begins with masked. Ends where the object
+    /// closes; the budget may end it first.
+    JsonObject,
+    /// The completion ends here, as if the model had ended its turn.
+    End,
 }
 
 /// An opening in token ids.
@@ -21,6 +29,8 @@ pub(super) enum Part {
     /// Token sequences of which none is a prefix of another, so the model's pick is always one
     /// whole choice.
     Choose(Vec<Vec<u32>>),
+    Json,
+    End,
 }
 
 /// Encodes `leads` with the model's tokenizer. Each piece is encoded alone; the model then reads
@@ -46,6 +56,8 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
                 }
                 Ok(Part::Choose(ids))
             }
+            Lead::JsonObject => Ok(Part::Json),
+            Lead::End => Ok(Part::End),
         })
         .collect()
 }
@@ -57,6 +69,85 @@ pub(super) fn next_tokens(open: &[&[u32]], k: usize) -> Vec<u32> {
     next.sort_unstable();
     next.dedup();
     next
+}
+
+/// Writes the opening `parts` into `ids` (the model reading each token as its own), within
+/// `max_new` tokens in all. `true` when the opening reached an [`Lead::End`] whole: the
+/// completion is over.
+pub(super) fn write(
+    parts: &[Part],
+    format: &ChatFormat,
+    reader: &mut Reader<'_>,
+    sampler: &mut Sampler,
+    ids: &mut Vec<u32>,
+    max_new: usize,
+) -> Result<bool> {
+    let push = |ids: &mut Vec<u32>, reader: &mut Reader<'_>, t: u32| {
+        ids.push(t);
+        reader.unread.push(t);
+    };
+    for part in parts {
+        match part {
+            Part::Force(tokens) => {
+                for &t in tokens {
+                    if ids.len() == max_new {
+                        return Ok(false);
+                    }
+                    push(ids, reader, t);
+                }
+            }
+            Part::Choose(choices) => {
+                let mut open: Vec<&[u32]> = choices.iter().map(Vec::as_slice).collect();
+                // Every open choice is longer than `k` until one alone is left.
+                let mut k = 0;
+                while k < open[0].len() {
+                    if ids.len() == max_new {
+                        return Ok(false);
+                    }
+                    let next = match open.as_slice() {
+                        [only] => only[k],
+                        _ => sampler.next_among(&reader.read()?, &next_tokens(&open, k)),
+                    };
+                    open.retain(|c| c[k] == next);
+                    push(ids, reader, next);
+                    k += 1;
+                }
+            }
+            Part::Json => {
+                let texts = format.token_texts();
+                let mut json = JsonPrefix::new();
+                while !json.is_done() {
+                    let allowed = json_tokens(json, texts);
+                    // Only a vocabulary without single-byte tokens could leave nothing to write.
+                    if ids.len() == max_new || allowed.is_empty() {
+                        return Ok(false);
+                    }
+                    let next = match allowed[..] {
+                        [only] => only,
+                        _ => sampler.next_among(&reader.read()?, &allowed),
+                    };
+                    json = json
+                        .after(&texts[next as usize])
+                        .expect("an allowed token continues the object");
+                    push(ids, reader, next);
+                }
+            }
+            Part::End => return Ok(true),
+        }
+    }
+    Ok(false)
+}
+
+/// The tokens whose text keeps what `json` has read a JSON object's prefix. `texts` are the
+/// tokens' texts, empty for those that may not be written in JSON (see
+/// [`ChatFormat::token_texts`]); ids past them (padding rows of the head) are never allowed.
+pub(super) fn json_tokens(json: JsonPrefix, texts: &[String]) -> Vec<u32> {
+    texts
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !t.is_empty() && json.after(t).is_some())
+        .map(|(id, _)| id as u32)
+        .collect()
 }
 
 #[cfg(test)]
@@ -182,8 +273,47 @@ mod tests {
         );
     }
 
+    /// A weak model writes whatever JSON it likes, but JSON it is: each completion that ends
+    /// its object within the budget holds one whole object, and the frame after it.
     #[test]
-    fn the_budget_cuts_the_opening_and_choices_must_not_begin_one_another() {
+    fn a_json_object_lead_is_always_one_json_object() {
+        let (_dir, base, prompt) = tiny();
+        let mut whole = 0;
+        for seed in 0..8 {
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                seed: Some(seed),
+                max_new_tokens: Some(160),
+                stop: vec![],
+                opening: vec![
+                    Lead::Text("args: ".into()),
+                    Lead::JsonObject,
+                    Lead::Text(" end".into()),
+                ],
+            };
+            let g = run(&base, &prompt, &params);
+            let body = g.text.strip_prefix("args: ").expect("the frame first");
+            let mut read =
+                serde_json::Deserializer::from_str(body).into_iter::<serde_json::Value>();
+            match read.next() {
+                Some(Ok(v)) => {
+                    assert!(v.is_object(), "seed {seed}: {body:?}");
+                    assert!(body[read.byte_offset()..].starts_with(" end"), "{body:?}");
+                    whole += 1;
+                }
+                // Only the budget may cut an object short.
+                _ => {
+                    assert_eq!(g.completion_ids.len(), 160, "seed {seed}: {body:?}");
+                    assert!(JsonPrefix::new().after(body).is_some(), "{body:?}");
+                }
+            }
+        }
+        assert!(whole > 0, "no object was finished within the budget");
+    }
+
+    #[test]
+    fn the_budget_cuts_the_opening_an_end_ends_it_and_choices_must_not_begin_one_another() {
         let (_dir, base, prompt) = tiny();
         let forced = base.format.encode("It is sunny in Oslo").unwrap();
         assert!(forced.len() > 2);
@@ -194,6 +324,20 @@ mod tests {
         let g = run(&base, &prompt, &params);
         assert_eq!(g.completion_ids, forced[..2]);
         assert_eq!(g.finish, FinishReason::Length);
+        // An opening that ends the completion ends it, unless the budget ends it first.
+        let text = Lead::Text("It is sunny in Oslo".into());
+        let ended = with(SamplingParams::greedy(40), vec![text.clone(), Lead::End]);
+        let g = run(&base, &prompt, &ended);
+        assert_eq!(
+            (g.completion_ids, g.finish),
+            (forced.clone(), FinishReason::Stop)
+        );
+        let cut = with(SamplingParams::greedy(2), vec![text, Lead::End]);
+        let g = run(&base, &prompt, &cut);
+        assert_eq!(
+            (&g.completion_ids[..], g.finish),
+            (&forced[..2], FinishReason::Length)
+        );
 
         let same = encode(&base.format, &[Lead::OneOf(vec!["a".into(), "a".into()])]).unwrap();
         assert!(matches!(&same[..], [Part::Choose(c)] if c.len() == 1));
