@@ -13,9 +13,10 @@ export function playgroundCard(jobId) {
     h('option', { value: '' }, 'Example prompts from the job’s data…'));
   const system = h('textarea', { rows: 2, 'data-testid': 'play-system', 'aria-label': 'System message', placeholder: 'System message (optional)' });
   const user = h('textarea', { rows: 3, 'data-testid': 'play-user', 'aria-label': 'Your message', placeholder: 'Your message' });
-  const useTools = h('input', { type: 'checkbox', 'data-testid': 'play-use-tools', checked: true });
+  // tool_choice: 'auto', 'none', 'required', or 'call:NAME' for one named function.
+  const toolChoice = h('select', { 'data-testid': 'play-tool-choice', 'aria-label': 'Tool choice' });
   const toolNames = h('span', { class: 'muted mono', 'data-testid': 'play-tools' });
-  const toolsRow = h('label', { class: 'row', hidden: true }, useTools, 'Offer the tools', toolNames);
+  const toolsRow = h('label', { class: 'row', hidden: true }, 'Tools', toolChoice, toolNames);
   const compare = h('input', { type: 'checkbox', 'data-testid': 'play-compare' });
   const temperature = h('input', { type: 'number', min: '0', max: '2', step: '0.1', value: '0', 'data-testid': 'play-temperature', 'aria-label': 'Temperature', class: 'narrow' });
   const maxTokens = h('input', { type: 'number', min: '1', step: '1', value: '128', 'data-testid': 'play-max-tokens', 'aria-label': 'Max tokens', class: 'narrow' });
@@ -50,7 +51,22 @@ export function playgroundCard(jobId) {
   function setTools(tools) {
     st.tools = Array.isArray(tools) ? tools : [];
     toolsRow.hidden = st.tools.length === 0;
-    toolNames.textContent = st.tools.map((t) => t.function?.name).filter(Boolean).join(', ');
+    const names = st.tools.map((t) => t.function?.name).filter(Boolean);
+    toolNames.textContent = names.join(', ');
+    toolChoice.replaceChildren(
+      h('option', { value: 'auto' }, 'offered, the model decides'),
+      h('option', { value: 'none' }, 'not offered'),
+      h('option', { value: 'required' }, 'a call is required'),
+      ...names.map((n) => h('option', { value: `call:${n}` }, `call ${n}`)));
+  }
+
+  /** The request's `tools` and `tool_choice` for the chosen option. */
+  function toolFields() {
+    const choice = toolChoice.value || 'auto';
+    if (!st.tools.length || choice === 'none') return {};
+    if (choice === 'auto') return { tools: st.tools };
+    if (choice === 'required') return { tools: st.tools, tool_choice: 'required' };
+    return { tools: st.tools, tool_choice: { type: 'function', function: { name: choice.slice('call:'.length) } } };
   }
 
   function messages() {
@@ -72,8 +88,8 @@ export function playgroundCard(jobId) {
     const body = {
       model: modelId, messages: messages(), stream: true, stream_options: { include_usage: true },
       temperature: Number(temperature.value), max_completion_tokens: Number(maxTokens.value),
+      ...toolFields(),
     };
-    if (useTools.checked && st.tools.length) body.tools = st.tools;
     const a = emptyAnswer();
     try {
       const res = await fetch('v1/chat/completions', {

@@ -1,6 +1,7 @@
 // The job page's playground in a real headless Chromium against the real sftd binary and real
 // trained demo jobs: presets from the job's validation data, the answer streamed from
-// /v1/chat/completions, side by side with the base model, and a checkpoint while the job trains.
+// /v1/chat/completions, side by side with the base model, a forced tool call, and a checkpoint
+// while the job trains.
 //   cd tests/browser && npm ci && SFTD_BIN=../../target/debug/sftd node --test playground.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -103,6 +104,25 @@ test('a finished job: a preset from its validation data, streamed, side by side 
   const msg = plain.choices[0].message;
   assert.equal(shown[0].content, msg.content ?? '');
   assert.deepEqual(shown[0].calls.map((c) => c.name), (msg.tool_calls || []).map((c) => c.function.name));
+
+  // A named function forces the answer to be a call to it (or, if the budget runs out inside
+  // the arguments, text that opens that call).
+  const forced = withTools.tools[withTools.tools.length - 1].function.name;
+  const choices = await page.getByTestId('play-tool-choice').locator('option').evaluateAll((os) => os.map((o) => o.value));
+  assert.deepEqual(choices, ['auto', 'none', 'required', ...withTools.tools.map((x) => `call:${x.function.name}`)]);
+  await page.getByTestId('play-tool-choice').selectOption(`call:${forced}`);
+  await page.getByTestId('play-compare').uncheck();
+  await page.getByTestId('play-max-tokens').fill('96');
+  await page.getByTestId('play-send').click();
+  await waitFor(async () => chats.length === 3, { timeoutMs: 15_000, what: 'the forced request' });
+  const [f] = await answers(page, 1);
+  assertAnswered(f, t);
+  assert.deepEqual(chats[2].body.tool_choice, { type: 'function', function: { name: forced } });
+  if (f.finish === 'tool_calls') assert.deepEqual(f.calls.map((c) => c.name), [forced]);
+  else {
+    assert.equal(f.finish, 'length', f.footer);
+    assert.ok(f.content.startsWith(`<tool_call>\n{"name": "${forced}", "arguments": `), f.content);
+  }
   assert.deepEqual(page.jsErrors(), []);
 });
 
