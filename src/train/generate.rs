@@ -71,16 +71,19 @@ impl ChatFormat {
     }
 
     /// Each token's text by id, for masking the vocabulary by what the tokens would write.
-    /// Added tokens (`<|im_end|>`, `<tool_call>`, …) are empty: they are markup, never content.
+    /// Added tokens (`<|im_end|>`, `<tool_call>`, …) and end-of-turn tokens are empty: they are
+    /// markup, never content.
     /// Built once per format, on first use: one decode per token.
     pub fn token_texts(&self) -> &[String] {
         self.token_texts.get_or_init(|| {
             let added = self.tokenizer.get_added_tokens_decoder();
             (0..self.tokenizer.get_vocab_size(true) as u32)
-                .map(|id| match added.contains_key(&id) {
-                    true => String::new(),
-                    false => self.tokenizer.decode(&[id], false).unwrap_or_default(),
-                })
+                .map(
+                    |id| match added.contains_key(&id) || self.stop_ids.contains(&id) {
+                        true => String::new(),
+                        false => self.tokenizer.decode(&[id], false).unwrap_or_default(),
+                    },
+                )
                 .collect()
         })
     }

@@ -273,6 +273,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn markup_tokens_have_no_text_to_write_in_json() {
+        let (_dir, base, _) = tiny();
+        let texts = base.format.token_texts();
+        let id = |t: &str| base.format.tokenizer.token_to_id(t).unwrap() as usize;
+        for markup in ["<tool_call>", "</tool_call>", "<|im_end|>", "<|endoftext|>"] {
+            assert_eq!(texts[id(markup)], "", "{markup}");
+        }
+        let brace = base.format.encode("{").unwrap();
+        assert_eq!(texts[brace[0] as usize], "{");
+        assert!(json_tokens(JsonPrefix::new(), texts)
+            .iter()
+            .all(|&t| texts[t as usize].starts_with('{')));
+    }
+
     /// A weak model writes whatever JSON it likes, but JSON it is: each completion that ends
     /// its object within the budget holds one whole object, and the frame after it.
     #[test]
