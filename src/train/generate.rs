@@ -78,12 +78,13 @@ impl ChatFormat {
         self.token_texts.get_or_init(|| {
             let added = self.tokenizer.get_added_tokens_decoder();
             (0..self.tokenizer.get_vocab_size(true) as u32)
-                .map(
-                    |id| match added.contains_key(&id) || self.stop_ids.contains(&id) {
-                        true => String::new(),
-                        false => self.tokenizer.decode(&[id], false).unwrap_or_default(),
-                    },
-                )
+                .map(|id| {
+                    if added.contains_key(&id) || self.stop_ids.contains(&id) {
+                        String::new()
+                    } else {
+                        self.tokenizer.decode(&[id], false).unwrap_or_default()
+                    }
+                })
                 .collect()
         })
     }
@@ -185,9 +186,10 @@ pub fn generate(
     // The opening is emitted whole: stop strings are looked for in what the model writes.
     let mut text = format.decode(&ids)?;
     let mut emitted = text.len();
-    let mut finish = match ended {
-        true => FinishReason::Stop,
-        false => FinishReason::Length,
+    let mut finish = if ended {
+        FinishReason::Stop
+    } else {
+        FinishReason::Length
     };
     if !text.is_empty() && !on_text(&text) {
         finish = FinishReason::Stop;
