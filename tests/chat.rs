@@ -126,10 +126,10 @@ async fn tool_choice_required_or_named_forces_a_call() {
     let mut body = hello("sftd-demo");
     body["max_completion_tokens"] = 24.into();
     body["tools"] = json!([
-        {"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-        {"type": "function", "function": {"name": "get_time",
-            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}},
     ]);
     let (st, auto) = chat(&s, &body).await;
     assert_eq!(st, 200, "{auto}");
@@ -157,7 +157,8 @@ async fn tool_choice_required_or_named_forces_a_call() {
     let (st, v) = chat(&s, &body).await;
     assert_eq!(st, 200, "{v}");
     assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
-    // The arguments are a JSON object, so every call that ends within the budget is a call.
+    // The arguments are a JSON object with the function's keys, so every call that ends within
+    // the budget is a call, with exactly its required key.
     body["temperature"] = 1.0.into();
     body["max_completion_tokens"] = 120.into();
     let mut calls = 0;
@@ -168,7 +169,13 @@ async fn tool_choice_required_or_named_forces_a_call() {
         assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
         if let Some(c) = v["choices"][0]["message"]["tool_calls"].as_array() {
             let args = c[0]["function"]["arguments"].as_str().unwrap();
-            assert!(serde_json::from_str::<Value>(args).unwrap().is_object());
+            let args: Value = serde_json::from_str(args).unwrap();
+            let keys: Vec<&String> = args.as_object().unwrap().keys().collect();
+            let want = match c[0]["function"]["name"].as_str() {
+                Some("get_weather") => "city",
+                _ => "zone",
+            };
+            assert_eq!(keys, [want], "{v}");
             calls += 1;
         } else {
             assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");

@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 
 mod json_prefix;
 mod opening;
+pub use json_prefix::ObjectKeys;
 pub use opening::Lead;
 
 /// A prompt that leaves no room in the model's context (a client error, not a failure).

@@ -5,7 +5,7 @@
 
 use super::invalid;
 use crate::api::error::AppError;
-use crate::train::generate::Lead;
+use crate::train::generate::{Lead, ObjectKeys};
 use crate::train::tool_calls::{CALL_AFTER_ARGUMENTS, CALL_AFTER_NAME, CALL_BEFORE_NAME};
 use serde_json::Value;
 
@@ -30,25 +30,27 @@ pub(super) fn resolve(
         })
     };
     let forced = |only: Option<&str>| -> Result<ToolUse, AppError> {
-        let names = function_names(tools.as_deref().unwrap_or_default())?;
-        if names.is_empty() {
+        let functions = functions(tools.as_deref().unwrap_or_default())?;
+        if functions.is_empty() {
             return Err(invalid(
                 "tool_choice",
                 "a required tool call needs at least one function in tools",
             ));
         }
-        let names = match only {
-            None => names,
-            Some(n) if names.contains(&n) => vec![n],
-            Some(n) => {
-                return Err(invalid(
-                    "tool_choice",
-                    format!("tool_choice names the function {n:?}, which is not in tools"),
-                ))
-            }
+        let functions = match only {
+            None => functions,
+            Some(n) => match functions.into_iter().find(|f| f.0 == n) {
+                Some(f) => vec![f],
+                None => {
+                    return Err(invalid(
+                        "tool_choice",
+                        format!("tool_choice names the function {n:?}, which is not in tools"),
+                    ))
+                }
+            },
         };
         Ok(ToolUse {
-            opening: call_opening(&names),
+            opening: call_opening(functions),
             tools: tools.clone(),
         })
     };
@@ -78,11 +80,13 @@ pub(super) fn resolve(
     }
 }
 
-/// The completion that is one call to one of `names`: the frame is written for the model, which
-/// picks the name when there are several (with what follows it, so that no pick begins another)
-/// and writes the arguments as one JSON object; the call closed, the completion ends.
-fn call_opening(names: &[&str]) -> Vec<Lead> {
-    let mut leads = match names {
+/// The completion that is one call to one of `functions`: the frame is written for the model,
+/// which picks the function when there are several (the name with what follows it, so that no
+/// pick begins another) and writes the arguments as one JSON object, with that function's keys
+/// when its schema lists them; the call closed, the completion ends.
+fn call_opening(functions: Vec<(&str, Option<ObjectKeys>)>) -> Vec<Lead> {
+    let (names, keys): (Vec<&str>, Vec<Option<ObjectKeys>>) = functions.into_iter().unzip();
+    let mut leads = match names[..] {
         [name] => vec![Lead::Text(format!(
             "{CALL_BEFORE_NAME}{name}{CALL_AFTER_NAME}"
         ))],
@@ -96,39 +100,40 @@ fn call_opening(names: &[&str]) -> Vec<Lead> {
             ),
         ],
     };
-    leads.push(Lead::JsonObject);
+    leads.push(Lead::JsonObject(keys));
     leads.push(Lead::Text(CALL_AFTER_ARGUMENTS.to_string()));
     // The forced call is the answer: what a model would write after it is not asked for.
     leads.push(Lead::End);
     leads
 }
 
-/// The names of the function tools, each checked to be a name a call can be forced to: OpenAI's
-/// 1 to 64 letters, digits, `_` and `-`, written into the call as they are.
-fn function_names(tools: &[Value]) -> Result<Vec<&str>, AppError> {
+/// The function tools: each name, checked to be one a call can be forced to (OpenAI's 1 to 64
+/// letters, digits, `_` and `-`, written into the call as they are), and the keys its
+/// `parameters` schema allows, when it lists them.
+fn functions(tools: &[Value]) -> Result<Vec<(&str, Option<ObjectKeys>)>, AppError> {
     tools
         .iter()
         .enumerate()
         .filter(|(_, t)| t.get("type").and_then(Value::as_str) == Some("function"))
         .map(|(i, t)| {
-            let name = t
-                .get("function")
-                .and_then(|f| f.get("name"))
+            let function = t.get("function").unwrap_or(&Value::Null);
+            let name = function
+                .get("name")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             let plain = (1..=64).contains(&name.len())
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if plain {
-                Ok(name)
-            } else {
-                Err(invalid(
+            if !plain {
+                return Err(invalid(
                     &format!("tools[{i}].function.name"),
                     "to force a call, every function name must be 1 to 64 letters, digits, \
                      underscores or dashes",
-                ))
+                ));
             }
+            let keys = function.get("parameters").and_then(ObjectKeys::from_schema);
+            Ok((name, keys))
         })
         .collect()
 }
@@ -175,7 +180,7 @@ mod tests {
         let want = vec![
             Lead::Text(CALL_BEFORE_NAME.into()),
             Lead::OneOf(picks),
-            Lead::JsonObject,
+            Lead::JsonObject(vec![None, None]),
             end.clone(),
             Lead::End,
         ];
@@ -190,8 +195,25 @@ mod tests {
         let whole = format!("{CALL_BEFORE_NAME}get_time{CALL_AFTER_NAME}");
         assert_eq!(
             u.opening,
-            vec![Lead::Text(whole), Lead::JsonObject, end, Lead::End]
+            vec![
+                Lead::Text(whole),
+                Lead::JsonObject(vec![None]),
+                end,
+                Lead::End
+            ]
         );
+    }
+
+    #[test]
+    fn a_schema_that_lists_its_properties_gives_the_arguments_keys() {
+        let params = json!({"type": "object", "required": ["city"],
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}});
+        let tools = [json!({"type": "function",
+            "function": {"name": "get_weather", "parameters": params}})];
+        let u = resolve(Some(&tools), Some(&json!("required"))).unwrap();
+        let keys = ObjectKeys::from_schema(&params);
+        assert!(keys.is_some());
+        assert_eq!(u.opening[1], Lead::JsonObject(vec![keys]));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! that keep to them. `tool_choice: "required"` and a named function are built on it: the call's
 //! frame is forced, the model picks the name and writes the arguments as JSON.
 
-use super::json_prefix::JsonPrefix;
+use super::json_prefix::{JsonPrefix, ObjectKeys};
 use super::{ChatFormat, Reader, Sampler};
 use anyhow::{bail, Result};
 
@@ -14,10 +14,11 @@ pub enum Lead {
     Text(String),
     /// Exactly one of these, chosen by the model token by token; none may begin another.
     OneOf(Vec<String>),
-    /// One JSON object (syntax only, no schema), written by the model with every token that
-    /// would make the text something no JSON object begins with masked. Ends where the object
-    /// closes; the budget may end it first.
-    JsonObject,
+    /// One JSON object, written by the model with every token masked that would make the text
+    /// something no such object begins with. Its top-level keys: with one entry, that entry's
+    /// (`None`: any); with one entry per choice of the `OneOf` before it, those of the choice
+    /// the model picked. Ends where the object closes; the budget may end it first.
+    JsonObject(Vec<Option<ObjectKeys>>),
     /// The completion ends here, as if the model had ended its turn.
     End,
 }
@@ -27,39 +28,47 @@ pub enum Lead {
 pub(super) enum Part {
     Force(Vec<u32>),
     /// Token sequences of which none is a prefix of another, so the model's pick is always one
-    /// whole choice.
-    Choose(Vec<Vec<u32>>),
-    Json,
+    /// whole choice; each with its index among the lead's choices.
+    Choose(Vec<(Vec<u32>, usize)>),
+    Json(Vec<Option<ObjectKeys>>),
     End,
 }
 
 /// Encodes `leads` with the model's tokenizer. Each piece is encoded alone; the model then reads
 /// the pieces' tokens one after another, as it would read its own.
 pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
-    leads
-        .iter()
-        .map(|lead| match lead {
-            Lead::Text(t) => Ok(Part::Force(format.encode(t)?)),
+    let mut parts = Vec::with_capacity(leads.len());
+    let mut last_choices = None;
+    for lead in leads {
+        parts.push(match lead {
+            Lead::Text(t) => Part::Force(format.encode(t)?),
             Lead::OneOf(choices) => {
-                let mut ids = choices
-                    .iter()
-                    .map(|c| format.encode(c))
-                    .collect::<Result<Vec<_>>>()?;
+                let mut ids = Vec::with_capacity(choices.len());
+                for (i, c) in choices.iter().enumerate() {
+                    ids.push((format.encode(c)?, i));
+                }
                 ids.sort();
-                ids.dedup();
-                if ids.iter().any(Vec::is_empty) {
+                ids.dedup_by(|a, b| a.0 == b.0);
+                if ids.iter().any(|c| c.0.is_empty()) {
                     bail!("a forced choice is empty");
                 }
                 // Sorted, a sequence that begins another sits right before one that it begins.
-                if ids.windows(2).any(|w| w[1].starts_with(&w[0])) {
+                if ids.windows(2).any(|w| w[1].0.starts_with(&w[0].0)) {
                     bail!("one forced choice begins another: {choices:?}");
                 }
-                Ok(Part::Choose(ids))
+                last_choices = Some(choices.len());
+                Part::Choose(ids)
             }
-            Lead::JsonObject => Ok(Part::Json),
-            Lead::End => Ok(Part::End),
-        })
-        .collect()
+            Lead::JsonObject(keys) => {
+                if keys.len() != 1 && Some(keys.len()) != last_choices {
+                    bail!("a JSON object's keys are one set, or one per choice before it");
+                }
+                Part::Json(keys.clone())
+            }
+            Lead::End => Part::End,
+        });
+    }
+    Ok(parts)
 }
 
 /// The choices still open after the first `k` tokens of a pick, and the tokens that may come
@@ -86,6 +95,8 @@ pub(super) fn write(
         ids.push(t);
         reader.unread.push(t);
     };
+    // The index of the last choice made, which picks a JSON object's keys.
+    let mut picked = 0;
     for part in parts {
         match part {
             Part::Force(tokens) => {
@@ -97,7 +108,7 @@ pub(super) fn write(
                 }
             }
             Part::Choose(choices) => {
-                let mut open: Vec<&[u32]> = choices.iter().map(Vec::as_slice).collect();
+                let mut open: Vec<&[u32]> = choices.iter().map(|c| c.0.as_slice()).collect();
                 // Every open choice is longer than `k` until one alone is left.
                 let mut k = 0;
                 while k < open[0].len() {
@@ -112,12 +123,14 @@ pub(super) fn write(
                     push(ids, reader, next);
                     k += 1;
                 }
+                picked = choices.iter().find(|c| c.0 == open[0]).map_or(0, |c| c.1);
             }
-            Part::Json => {
+            Part::Json(keys) => {
+                let keys = keys.get(picked).or(keys.first()).and_then(Option::as_ref);
                 let texts = format.token_texts();
                 let mut json = JsonPrefix::new();
                 while !json.is_done() {
-                    let allowed = json_tokens(json, texts);
+                    let allowed = json_tokens(json, keys, texts);
                     // Only a vocabulary without single-byte tokens could leave nothing to write.
                     if ids.len() == max_new || allowed.is_empty() {
                         return Ok(false);
@@ -127,7 +140,7 @@ pub(super) fn write(
                         _ => sampler.next_among(&reader.read()?, &allowed),
                     };
                     json = json
-                        .after(&texts[next as usize])
+                        .after(&texts[next as usize], keys)
                         .expect("an allowed token continues the object");
                     push(ids, reader, next);
                 }
@@ -138,14 +151,18 @@ pub(super) fn write(
     Ok(false)
 }
 
-/// The tokens whose text keeps what `json` has read a JSON object's prefix. `texts` are the
+/// The tokens whose text keeps what `json` has read a JSON object's prefix (with `keys`). `texts` are the
 /// tokens' texts, empty for those that may not be written in JSON (see
 /// [`ChatFormat::token_texts`]); ids past them (padding rows of the head) are never allowed.
-pub(super) fn json_tokens(json: JsonPrefix, texts: &[String]) -> Vec<u32> {
+pub(super) fn json_tokens(
+    json: JsonPrefix,
+    keys: Option<&ObjectKeys>,
+    texts: &[String],
+) -> Vec<u32> {
     texts
         .iter()
         .enumerate()
-        .filter(|(_, t)| !t.is_empty() && json.after(t).is_some())
+        .filter(|(_, t)| !t.is_empty() && json.after(t, keys).is_some())
         .map(|(id, _)| id as u32)
         .collect()
 }
@@ -283,7 +300,7 @@ mod tests {
         }
         let brace = base.format.encode("{").unwrap();
         assert_eq!(texts[brace[0] as usize], "{");
-        assert!(json_tokens(JsonPrefix::new(), texts)
+        assert!(json_tokens(JsonPrefix::new(), None, texts)
             .iter()
             .all(|&t| texts[t as usize].starts_with('{')));
     }
@@ -303,7 +320,7 @@ mod tests {
                 stop: vec![],
                 opening: vec![
                     Lead::Text("args: ".into()),
-                    Lead::JsonObject,
+                    Lead::JsonObject(vec![None]),
                     Lead::Text(" end".into()),
                 ],
             };
@@ -320,11 +337,50 @@ mod tests {
                 // Only the budget may cut an object short.
                 _ => {
                     assert_eq!(g.completion_ids.len(), 160, "seed {seed}: {body:?}");
-                    assert!(JsonPrefix::new().after(body).is_some(), "{body:?}");
+                    assert!(JsonPrefix::new().after(body, None).is_some(), "{body:?}");
                 }
             }
         }
         assert!(whole > 0, "no object was finished within the budget");
+    }
+
+    /// With a key set per choice, the object has the keys of the choice the model picked.
+    #[test]
+    fn the_picked_choice_decides_the_objects_keys() {
+        let (_dir, base, prompt) = tiny();
+        let keys = |k: &str| {
+            let schema = format!(r#"{{"properties": {{"{k}": {{}}}}, "required": ["{k}"]}}"#);
+            ObjectKeys::from_schema(&serde_json::from_str(&schema).unwrap())
+        };
+        let mut finished = std::collections::BTreeSet::new();
+        for seed in 0..12 {
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                seed: Some(seed),
+                max_new_tokens: Some(160),
+                stop: vec![],
+                opening: vec![
+                    Lead::OneOf(vec!["north ".into(), "south ".into()]),
+                    Lead::JsonObject(vec![keys("x"), keys("y")]),
+                    Lead::End,
+                ],
+            };
+            let g = run(&base, &prompt, &params);
+            let (key, body) = match g.text.strip_prefix("north ") {
+                Some(body) => ("x", body),
+                None => ("y", g.text.strip_prefix("south ").expect("a pick")),
+            };
+            if g.finish == FinishReason::Stop {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                let written: Vec<&String> = v.as_object().unwrap().keys().collect();
+                assert_eq!(written, [key], "seed {seed}: {body:?}");
+                finished.insert(key);
+            } else {
+                assert_eq!(g.completion_ids.len(), 160, "only the budget cuts it short");
+            }
+        }
+        assert_eq!(finished.len(), 2, "both picks finish: {finished:?}");
     }
 
     #[test]
