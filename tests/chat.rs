@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{example, read_sse, tiny_job, Env, Server};
+use common::{example, tiny_job, Env, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -19,25 +19,6 @@ fn hello(model: &str) -> Value {
 
 async fn chat(s: &Server, body: &Value) -> (u16, Value) {
     s.post_json("/v1/chat/completions", body).await
-}
-
-/// A streamed completion's chunks, checked to be server-sent events that end in `[DONE]`.
-async fn stream(s: &Server, body: &Value) -> Vec<Value> {
-    let r = s
-        .client
-        .post(s.url("/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let events = read_sse(r, |e| e.data == "[DONE]").await;
-    assert_eq!(events.last().unwrap().data, "[DONE]");
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(&e.data).unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -78,7 +59,7 @@ async fn a_streamed_completion_ends_with_done_and_usage() {
     let mut body = hello("sftd-demo");
     body["stream"] = true.into();
     body["stream_options"] = json!({"include_usage": true});
-    let chunks = stream(&s, &body).await;
+    let chunks = s.chat_stream(&body).await;
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
@@ -189,7 +170,7 @@ async fn tool_choice_required_or_named_forces_a_call() {
     streamed["temperature"] = 0.into();
     streamed["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
     streamed["stream"] = true.into();
-    let chunks = stream(&s, &streamed).await;
+    let chunks = s.chat_stream(&streamed).await;
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())

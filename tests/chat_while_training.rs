@@ -6,7 +6,7 @@
 mod common;
 
 use common::jobs::step_losses;
-use common::{example, read_sse, tiny_job, Env, Server};
+use common::{example, tiny_job, Env, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -36,20 +36,7 @@ async fn answer(s: &Server, model: &str) -> String {
 }
 
 async fn streamed(s: &Server, model: &str) -> Vec<Value> {
-    let r = s
-        .client
-        .post(s.url("/v1/chat/completions"))
-        .json(&ask(model, true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let events = read_sse(r, |e| e.data == "[DONE]").await;
-    assert_eq!(events.last().unwrap().data, "[DONE]");
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(&e.data).unwrap())
-        .collect()
+    s.chat_stream(&ask(model, true)).await
 }
 
 async fn status(s: &Server, id: &str) -> String {

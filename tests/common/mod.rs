@@ -209,6 +209,25 @@ impl Server {
         status_json(r).await
     }
 
+    /// A streamed chat completion's chunks, checked to be server-sent events ending in `[DONE]`.
+    pub async fn chat_stream(&self, body: &Value) -> Vec<Value> {
+        let r = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let events = read_sse(r, |e| e.data == "[DONE]").await;
+        assert_eq!(events.last().unwrap().data, "[DONE]");
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect()
+    }
+
     pub async fn upload_bytes(&self, name: &str, bytes: Vec<u8>) -> (u16, Value) {
         let form = reqwest::multipart::Form::new()
             .text("purpose", "fine-tune")

@@ -202,6 +202,18 @@ mod tests {
         params
     }
 
+    /// Sampling at temperature 1 (the tiny model's choices vary with the seed).
+    fn sampled(seed: u64, max_new: usize, opening: Vec<Lead>) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: Some(seed),
+            max_new_tokens: Some(max_new),
+            stop: vec![],
+            opening,
+        }
+    }
+
     #[test]
     fn forced_text_is_written_and_then_read_as_the_models_own() {
         let (_dir, base, prompt) = tiny();
@@ -312,18 +324,15 @@ mod tests {
         let (_dir, base, prompt) = tiny();
         let mut whole = 0;
         for seed in 0..8 {
-            let params = SamplingParams {
-                temperature: 1.0,
-                top_p: 1.0,
-                seed: Some(seed),
-                max_new_tokens: Some(160),
-                stop: vec![],
-                opening: vec![
+            let params = sampled(
+                seed,
+                160,
+                vec![
                     Lead::Text("args: ".into()),
                     Lead::JsonObject(vec![None]),
                     Lead::Text(" end".into()),
                 ],
-            };
+            );
             let g = run(&base, &prompt, &params);
             let body = g.text.strip_prefix("args: ").expect("the frame first");
             let mut read =
@@ -354,18 +363,15 @@ mod tests {
         };
         let mut finished = std::collections::BTreeSet::new();
         for seed in 0..12 {
-            let params = SamplingParams {
-                temperature: 1.0,
-                top_p: 1.0,
-                seed: Some(seed),
-                max_new_tokens: Some(160),
-                stop: vec![],
-                opening: vec![
+            let params = sampled(
+                seed,
+                160,
+                vec![
                     Lead::OneOf(vec!["north ".into(), "south ".into()]),
                     Lead::JsonObject(vec![keys("x"), keys("y")]),
                     Lead::End,
                 ],
-            };
+            );
             let g = run(&base, &prompt, &params);
             let (key, body) = match g.text.strip_prefix("north ") {
                 Some(body) => ("x", body),

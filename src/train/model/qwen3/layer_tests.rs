@@ -83,6 +83,15 @@ fn model_with(dtype: DType, plain: &str, dropout: f64) -> Qwen3 {
     m
 }
 
+/// A random input (or output gradient) for the test layer: one row per packed token.
+fn random_rows(dtype: DType) -> Tensor {
+    let n: usize = SEGMENTS.iter().sum();
+    Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 fn packed(m: &Qwen3) -> Packed {
     let seqs: Vec<Vec<u32>> = SEGMENTS
         .iter()
@@ -301,14 +310,7 @@ fn gradient_only_recompute_gives_exactly_the_full_gradients() {
     for plain in ["v_proj", "down_proj"] {
         for dtype in [DType::F32, DType::F64] {
             let m = model_without_lora_on(dtype, plain);
-            let n: usize = SEGMENTS.iter().sum();
-            let rnd = || {
-                Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let (x0, cot) = (rnd(), rnd());
+            let (x0, cot) = (random_rows(dtype), random_rows(dtype));
             let p = packed(&m);
             let bits = |t: &Tensor| -> Vec<u64> {
                 let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
@@ -379,14 +381,7 @@ fn one_op_layer_with_dropout_equals_the_per_op_path() {
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-11)] {
         for plain in ["v_proj", "down_proj"] {
             let m = model_with(dtype, plain, 0.3);
-            let n: usize = SEGMENTS.iter().sum();
-            let rnd = || {
-                Tensor::randn(0f64, 1., (n, 16), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let (x0, cot) = (rnd(), rnd());
+            let (x0, cot) = (random_rows(dtype), random_rows(dtype));
             let pass = |key| Pass {
                 track: true,
                 dropout_key: Some(key),
