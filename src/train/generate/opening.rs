@@ -71,10 +71,10 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
     Ok(parts)
 }
 
-/// The choices still open after the first `k` tokens of a pick, and the tokens that may come
-/// next: every open choice is longer than `k`, as none begins another.
-pub(super) fn next_tokens(open: &[&[u32]], k: usize) -> Vec<u32> {
-    let mut next: Vec<u32> = open.iter().map(|c| c[k]).collect();
+/// The tokens that may follow the first `k` tokens of a pick, given the choices still open
+/// (each with its index): every open choice is longer than `k`, as none begins another.
+pub(super) fn next_tokens(open: &[&(Vec<u32>, usize)], k: usize) -> Vec<u32> {
+    let mut next: Vec<u32> = open.iter().map(|c| c.0[k]).collect();
     next.sort_unstable();
     next.dedup();
     next
@@ -108,22 +108,22 @@ pub(super) fn write(
                 }
             }
             Part::Choose(choices) => {
-                let mut open: Vec<&[u32]> = choices.iter().map(|c| c.0.as_slice()).collect();
+                let mut open: Vec<&(Vec<u32>, usize)> = choices.iter().collect();
                 // Every open choice is longer than `k` until one alone is left.
                 let mut k = 0;
-                while k < open[0].len() {
+                while k < open[0].0.len() {
                     if ids.len() == max_new {
                         return Ok(false);
                     }
                     let next = match open.as_slice() {
-                        [only] => only[k],
+                        [only] => only.0[k],
                         _ => sampler.next_among(&reader.read()?, &next_tokens(&open, k)),
                     };
-                    open.retain(|c| c[k] == next);
+                    open.retain(|c| c.0[k] == next);
                     push(ids, reader, next);
                     k += 1;
                 }
-                picked = choices.iter().find(|c| c.0 == open[0]).map_or(0, |c| c.1);
+                picked = open[0].1;
             }
             Part::Json(keys) => {
                 let keys = keys.get(picked).or(keys.first()).and_then(Option::as_ref);

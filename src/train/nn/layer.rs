@@ -14,8 +14,7 @@
 use super::attention::{self, Dims};
 use super::dropout::DropMask;
 use super::fused::{rope_rows, Real};
-use super::lora_op::{project, project_bwd, DxInto, Proj};
-use super::matmul::{product, View};
+use super::lora_op::{adapter_input, project, project_bwd, DxInto, Proj};
 use super::rms_norm::{rms_rows, rms_rows_bwd};
 use super::{swiglu, LoraLinear, Pass};
 use candle_core::{
@@ -278,17 +277,7 @@ impl LayerOp {
             }
             // The backward needs only down's LoRA input product z Aᵀ (N, r).
             Output::GradientOnly => {
-                let dropped = masks[6].as_ref().map(|m| m.apply(&z));
-                let z_lora = dropped.as_deref().unwrap_or(&z);
-                let xa_d = match p[6].1 {
-                    Some((a, ..)) => product(
-                        (n, a.len() / f, f),
-                        View::rows(z_lora, f),
-                        View::t(a, f),
-                        T::one(),
-                    ),
-                    None => Vec::new(),
-                };
+                let xa_d = adapter_input(&z, p[6], (n, f), masks[6].as_ref());
                 (x_mid.clone(), xa_d)
             }
         };

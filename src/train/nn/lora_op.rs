@@ -237,6 +237,27 @@ pub(super) fn project<T: WithDType>(
     }
 }
 
+/// The adapter's input product `x' Aᵀ (N, r)` (`x' = x ⊙ mask` under LoRA dropout), empty
+/// without LoRA: all a projection's backward needs from a forward whose output is not read.
+pub(super) fn adapter_input<T: WithDType>(
+    x: &[T],
+    (_, lora): Proj<T>,
+    (n, i): (usize, usize),
+    mask: Option<&DropMask>,
+) -> Vec<T> {
+    let Some((a, ..)) = lora else {
+        return Vec::new();
+    };
+    let dropped = mask.map(|m| m.apply(x));
+    let x = dropped.as_deref().unwrap_or(x);
+    product(
+        (n, a.len() / i, i),
+        View::rows(x, i),
+        View::t(a, i),
+        T::one(),
+    )
+}
+
 /// [`project`]'s backward for the output gradient `g (N, O)`: its input gradient into `dx`
 /// when given, and `(dA, dB)` when it carries LoRA.
 ///

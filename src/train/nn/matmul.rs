@@ -7,8 +7,9 @@ use rayon::prelude::*;
 
 pub(crate) use super::view::{Dst, SendPtr, View};
 
-/// `dst (m, n) = β·lhs (m, k)·rhs (k, n)`, plus `dst`'s own values when it accumulates. `threaded`: split this one product over candle's
-/// CPU threads (small products still run on one).
+/// `dst (m, n) = β·lhs (m, k)·rhs (k, n)`, plus `dst`'s own values when it accumulates.
+/// `threaded`: split this one product over candle's CPU threads (small products still run on
+/// one).
 ///
 /// The split is ours, not gemm's: gemm transposes a row-major product (`dstᵀ = rhsᵀ·lhsᵀ`) and
 /// then hands each thread a share of `dst`'s rows, so every thread packs the whole of `rhs` (in
