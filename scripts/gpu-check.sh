@@ -2,8 +2,9 @@
 # One command for a GPU host: builds sftd with `cuda`, runs the CUDA tests (CUDA against the CPU:
 # forward and LoRA gradients of a fixture model in f32, f16 and, from compute capability 8.0,
 # bf16; dropout masks drawn on the device; the cached causal mask; a 20-step training run on the
-# GPU against the same run on the CPU), then `sftd bench --device cuda:0` on a random model shaped
-# like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
+# GPU against the same run on the CPU; greedy generation with an adapter against transformers +
+# PEFT), one job through `sftd serve` on the GPU (tools/serve_e2e.py: train, chat, a forced tool
+# call), then `sftd bench --device cuda:0` on a random model shaped like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
 # the same model and batch where python3 has them. Everything goes to one results file. See
 # docs/gpu.md.
 #
@@ -16,6 +17,8 @@
 #   SFTD_GPU_CHECK_DIR scratch directory for the 1.7B-shaped model (~7 GB) and data
 #                      (default: target/gpu-check)
 #   BENCH_STEPS        timed bench steps (default 5)
+#   GPU_CHECK_PARTS    which parts to run (default all: "tests serve bench peft f16"); a lease too
+#                      short for all of them can take them in two calls
 # Needs: an NVIDIA driver, python3 (to write the long-sequence bench data), and either Rust and a
 # CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc supports, or the prebuilt
 # binaries above. CUDA libraries the binary cannot find (cuBLAS, cuRAND, NVRTC, cudart) are looked
@@ -36,6 +39,8 @@ mkdir -p "$scratch"
 log() { printf '%s\n' "$*" | tee -a "$results"; }
 step() { log ""; log "== $* ($(date -u +%H:%M:%S))"; }
 status=0
+parts=" ${GPU_CHECK_PARTS:-tests serve bench peft f16} "
+part() { [[ $parts == *" $1 "* ]]; }
 
 step "host"
 log "gpu: $gpu_name, compute capability $cap"
@@ -76,11 +81,21 @@ if [ -n "$missing" ]; then
 fi
 "$bin" --version | tee -a "$results"
 
-step "CUDA tests (tests/cuda.rs)"
-if ! SFTD_REQUIRE_GPU=1 "$tests" --nocapture --test-threads=1 2>&1 | tee -a "$results"; then
+part tests && step "CUDA tests (tests/cuda.rs)"
+if part tests && ! SFTD_REQUIRE_GPU=1 "$tests" --nocapture --test-threads=1 2>&1 | tee -a "$results"; then
   log "CUDA tests: FAILED"
   status=1
 fi
+
+part serve && step "serve end to end on cuda:0 (upload, 20 training steps of the demo job, chat, a forced tool call)"
+if part serve && ! python3 tools/serve_e2e.py --bin "$bin" --device cuda:0 --dir "$scratch/e2e" --max-steps 20 \
+  2>&1 | tee -a "$results"; then
+  log "serve end to end: FAILED"
+  tail -20 "$scratch/e2e/server.log" | tee -a "$results"
+  status=1
+fi
+
+part bench || part peft || part f16 || { step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"; exit $status; }
 
 step "random Qwen3-1.7B-shaped model (28 layers, hidden 2048, intermediate 6144, 16/8 heads of 128, vocab 151936, tied)"
 model=$scratch/qwen3-1.7b-shape
@@ -111,10 +126,10 @@ sftd_bench() { # sftd_bench PRECISION
 }
 
 # auto: bf16 from compute capability 8.0, f16 with loss scaling below.
-sftd_bench auto
+part bench && sftd_bench auto
 
 # transformers + PEFT on the same model, data and batch, where python3 has them (bf16 needs 8.0+).
-if [ "$cap" -ge 80 ] && python3 -c 'import torch, transformers, peft' 2>/dev/null; then
+if part peft && [ "$cap" -ge 80 ] && python3 -c 'import torch, transformers, peft' 2>/dev/null; then
   step "transformers + PEFT, bf16 base weights, batch 4 × 2048, checkpointing on"
   if ! python3 tools/bench/compare.py --device cuda:0 --dtype bfloat16 --gc on --model "$model" \
     --data "$data" --batch-size 4 --seq-len 2048 --steps "${BENCH_STEPS:-5}" --warmup 1 \
@@ -125,7 +140,7 @@ if [ "$cap" -ge 80 ] && python3 -c 'import torch, transformers, peft' 2>/dev/nul
 fi
 
 # f16 with loss scaling (the T4's policy) on a GPU that also has bf16.
-[ "$cap" -ge 80 ] && sftd_bench f16
+if part f16 && [ "$cap" -ge 80 ]; then sftd_bench f16; fi
 
 step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"
 exit $status
