@@ -243,3 +243,55 @@ fn greedy_generation_on_the_gpu_is_token_identical_to_transformers_peft() {
     }
     println!("greedy generation on the GPU: {generated} tokens, all equal to transformers + PEFT");
 }
+
+/// The GPU's attention node (candle's softmax, hand-written backward) at lengths past a tile,
+/// several sequences packed, against the op-by-op composition on the CPU: value and q/k/v
+/// gradients in f32.
+#[test]
+fn packed_attention_on_the_gpu_equals_the_composed_ops_on_the_cpu() {
+    use candle_core::Var;
+    use sftd::train::nn::attention_device::packed_attention_device;
+    use sftd::train::nn::ops::packed_causal_attention_composed;
+    let Some((dev, _)) = gpu() else { return };
+    let segments = [(0usize, 300usize), (300, 1), (301, 700)];
+    let n = 1001;
+    let cpu = |shape: (usize, usize, usize)| Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
+    let (q, k, v) = (cpu((n, 4, 64)), cpu((n, 2, 64)), cpu((n, 2, 64)));
+    let g = cpu((n, 4, 64)).reshape((n, 256)).unwrap();
+    type Attention =
+        fn(&Tensor, &Tensor, &Tensor, &[(usize, usize)]) -> candle_core::Result<Tensor>;
+    let run = |f: Attention, d: &Device| -> Vec<Tensor> {
+        let vars: Vec<Var> = [&q, &k, &v]
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(d).unwrap()).unwrap())
+            .collect();
+        let out = f(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            &segments,
+        )
+        .unwrap();
+        let grads = (&out * g.to_device(d).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![out.to_device(&Device::Cpu).unwrap()];
+        for x in &vars {
+            all.push(grads.get(x).unwrap().to_device(&Device::Cpu).unwrap());
+        }
+        all
+    };
+    let want = run(packed_causal_attention_composed, &Device::Cpu);
+    let got = run(packed_attention_device, &dev);
+    for (name, (a, b)) in ["output", "dq", "dk", "dv"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        let err = rel_err(a, b);
+        println!("packed attention on the GPU: {name} relative L2 error {err:.1e}");
+        assert!(err < 1e-4, "{name}: {err}");
+    }
+}

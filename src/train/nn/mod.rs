@@ -1,6 +1,7 @@
 //! Neural-network building blocks that keep gradients flowing where candle's fused ops would not.
 
 pub mod attention;
+pub mod attention_device;
 pub mod cpu_kernels;
 pub(crate) mod dropout;
 pub mod fused;

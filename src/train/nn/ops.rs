@@ -103,10 +103,11 @@ pub fn packed_causal_attention(
     if super::attention::packed_attention_usable(q, k, v) {
         return super::attention::packed_attention(q, k, v, segments);
     }
-    packed_causal_attention_composed(q, k, v, segments)
+    super::attention_device::packed_attention_device(q, k, v, segments)
 }
 
-/// [`packed_causal_attention`] from tensor ops (other devices; the fused op's test oracle).
+/// [`packed_causal_attention`] op by op, each with its own autograd node (the test oracle of
+/// both the CPU op and the device op).
 pub fn packed_causal_attention_composed(
     q: &Tensor,
     k: &Tensor,

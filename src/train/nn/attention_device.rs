@@ -1,0 +1,333 @@
+//! Causal attention over packed sequences where sftd's CPU kernels do not run (the GPU, and the
+//! CPU with them off): one autograd node whose forward is candle ops with candle's one-pass
+//! softmax and whose backward is written out, so each `(heads, T, T)` score tensor is touched by
+//! few elementwise passes.
+//!
+//! Composed op by op, autograd keeps every intermediate and replays about thirty elementwise
+//! passes over each score tensor per layer (the scale, the mask, max, subtract, exp, sum, divide,
+//! and their gradients, several through candle's slow broadcasting kernels); on an H200 those
+//! passes were three quarters of a Qwen3-1.7B-shaped step. Here the forward makes two (add the
+//! mask, softmax), keeps only the probabilities, and the backward makes two (subtract the row
+//! term, multiply by the probabilities), taking the row term `Σⱼ Pᵢⱼ dPᵢⱼ` as `dOᵢ · Oᵢ`, a
+//! product over the head dim instead of over T.
+//!
+//! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
+//! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
+
+use super::ops::causal_mask;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::Arc;
+
+/// `q (N, Hq, D)`, `k`/`v (N, Hkv, D)`, `segments`: (start, len) of each sequence, covering N
+/// -> `(N, Hq·D)`: per sequence, `softmax(q kᵀ / √D)` with row i seeing keys 0..=i, times v.
+pub fn packed_attention_device(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+) -> Result<Tensor> {
+    let (n, hq, d) = q.dims3()?;
+    let (nk, hkv, dk) = k.dims3()?;
+    let covered: usize = segments.iter().map(|s| s.1).sum();
+    if nk != n || dk != d || k.shape() != v.shape() || hkv == 0 || hq % hkv != 0 || covered != n {
+        candle_core::bail!(
+            "packed attention: q {:?}, k {:?}, v {:?} and segments {segments:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let heads = Heads {
+        hq,
+        hkv,
+        d,
+        scale: 1.0 / (d as f64).sqrt(),
+    };
+    // The forward on detached inputs: nothing but the op's own node enters the graph.
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut probs = Vec::with_capacity(segments.len());
+    for &(start, t) in segments {
+        let qs = heads.query_major(&qd, start, t)?; // (Hkv, G·T, D)
+        let ks = heads.kv_major(&kd, start, t)?; // (Hkv, T, D)
+        let vs = heads.kv_major(&vd, start, t)?;
+        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv·G, T, T), masked above the diagonal.
+        let scores = (qs * heads.scale)?
+            .matmul(&ks.t()?)?
+            .reshape((hq, t, t))?
+            .broadcast_add(&causal_mask(t, q.device(), q.dtype())?)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((hkv, hq / hkv * t, t))?;
+        outs.push(heads.token_major(&p.matmul(&vs)?, t)?); // (T, Hq·D)
+        probs.push(p);
+    }
+    let out = match outs.len() {
+        1 => outs.pop().expect("one segment"),
+        _ => Tensor::cat(&outs, 0)?,
+    };
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let op = DeviceAttention {
+        segments: segments.to_vec(),
+        heads,
+        out: out.contiguous()?,
+        probs,
+    };
+    q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
+}
+
+/// Head counts, head dim and the score scale `1/√D`.
+#[derive(Clone, Copy)]
+struct Heads {
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    scale: f64,
+}
+
+impl Heads {
+    /// `(N, Hq, D)` or `(N, Hq·D)` rows `start..start+t` -> `(Hkv, G·T, D)`, contiguous.
+    fn query_major(&self, x: &Tensor, start: usize, t: usize) -> Result<Tensor> {
+        x.narrow(0, start, t)?
+            .reshape((t, self.hq, self.d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((self.hkv, self.hq / self.hkv * t, self.d))
+    }
+
+    /// `(N, Hkv, D)` rows `start..start+t` -> `(Hkv, T, D)`, contiguous.
+    fn kv_major(&self, x: &Tensor, start: usize, t: usize) -> Result<Tensor> {
+        x.narrow(0, start, t)?.transpose(0, 1)?.contiguous()
+    }
+
+    /// `(Hkv, G·T, D)` -> `(T, Hq·D)`, contiguous.
+    fn token_major(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        x.reshape((self.hq, t, self.d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, self.hq * self.d))
+    }
+}
+
+/// The autograd node of [`packed_attention_device`]: its output and probabilities, computed
+/// before the node exists, and the backward.
+struct DeviceAttention {
+    segments: Vec<(usize, usize)>,
+    heads: Heads,
+    /// `(N, Hq·D)`, contiguous.
+    out: Tensor,
+    /// Per sequence, `(Hkv, G·T, T)`.
+    probs: Vec<Tensor>,
+}
+
+impl DeviceAttention {
+    /// A copy of the output computed up front, as this node's value.
+    fn value<S: BackendStorage>(&self, storage: &S, layout: &Layout) -> Result<(S, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("packed attention: output not laid out from its start")
+        }
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for DeviceAttention {
+    fn name(&self) -> &'static str {
+        "packed-attention-device"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = self.out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => self.value(s, layout),
+            _ => candle_core::bail!("packed attention: output and inputs on different devices"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (storage, layout) = self.out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => self.value(s, layout),
+            _ => candle_core::bail!("packed attention: output and inputs on different devices"),
+        }
+    }
+
+    /// Per sequence, with `dO (Hkv, G·T, D)` and `P (Hkv, G·T, T)`:
+    /// `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = s · dS K`, `dK = s · dSᵀ Q`,
+    /// where `s = 1/√D`; the G query heads of a group sum into their key/value head through
+    /// the `(G·T)` axis of the products.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = self.heads;
+        let (qd, kd, vd, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for (&(start, t), p) in self.segments.iter().zip(&self.probs) {
+            let qs = h.query_major(&qd, start, t)?;
+            let ks = h.kv_major(&kd, start, t)?;
+            let vs = h.kv_major(&vd, start, t)?;
+            let os = h.query_major(&self.out, start, t)?;
+            let gs = h.query_major(&grad, start, t)?;
+            let row = (&gs * &os)?.sum_keepdim(D::Minus1)?; // (Hkv, G·T, 1)
+            let ds = (gs.matmul(&vs.t()?)?.broadcast_sub(&row)? * p)?; // (Hkv, G·T, T)
+            let dq = (ds.matmul(&ks)? * h.scale)?; // (Hkv, G·T, D)
+            let dk = (ds.t()?.matmul(&qs)? * h.scale)?; // (Hkv, T, D)
+            let dv = p.t()?.matmul(&gs)?; // (Hkv, T, D)
+            dqs.push(h.token_major(&dq, t)?.reshape((t, h.hq, h.d))?);
+            dks.push(dk.transpose(0, 1)?.contiguous()?);
+            dvs.push(dv.transpose(0, 1)?.contiguous()?);
+        }
+        let cat = |parts: Vec<Tensor>| -> Result<Tensor> {
+            match parts.len() {
+                1 => Ok(parts.into_iter().next().expect("one segment")),
+                _ => Tensor::cat(&parts, 0),
+            }
+        };
+        Ok((Some(cat(dqs)?), Some(cat(dks)?), Some(cat(dvs)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::nn::ops::packed_causal_attention_composed;
+    use candle_core::{DType, Device, Var};
+
+    /// q, k, v of a GQA layout (4 query heads on 2 key/value heads, head dim 8) as f64 variables.
+    fn inputs(n: usize, seed: u64) -> (Var, Var, Var) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut var = |heads: usize| {
+            let data: Vec<f64> = (0..n * heads * 8)
+                .map(|_| rng.random_range(-1.5..1.5))
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(data, (n, heads, 8), &Device::Cpu).unwrap()).unwrap()
+        };
+        (var(4), var(2), var(2))
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    const SEGMENTS: [(usize, usize); 3] = [(0, 5), (5, 1), (6, 9)];
+
+    type Attention = fn(&Tensor, &Tensor, &Tensor, &[(usize, usize)]) -> Result<Tensor>;
+
+    /// Value and the gradients of q, k and v equal the op-by-op composition's (autograd's).
+    #[test]
+    fn equals_the_composed_attention_and_its_autograd() {
+        let (q, k, v) = inputs(15, 1);
+        let g = Tensor::randn(0f64, 1.0, (15, 32), &Device::Cpu).unwrap();
+        let run = |f: Attention| {
+            let out = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &SEGMENTS).unwrap();
+            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let take = |x: &Var| grads.get(x).unwrap().clone();
+            (out, take(&q), take(&k), take(&v))
+        };
+        let ours = run(packed_attention_device);
+        let composed = run(packed_causal_attention_composed);
+        for (name, a, b) in [
+            ("output", &ours.0, &composed.0),
+            ("dq", &ours.1, &composed.1),
+            ("dk", &ours.2, &composed.2),
+            ("dv", &ours.3, &composed.3),
+        ] {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-12, "{name} differs by {d}");
+        }
+    }
+
+    /// Central differences of `Σ out ⊙ g` at a few elements of q, k and v.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (q, k, v) = inputs(15, 2);
+        let g = Tensor::randn(0f64, 1.0, (15, 32), &Device::Cpu).unwrap();
+        let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
+            let out = packed_attention_device(q, k, v, &SEGMENTS).unwrap();
+            (out * &g).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        };
+        let out = packed_attention_device(q.as_tensor(), k.as_tensor(), v.as_tensor(), &SEGMENTS)
+            .unwrap();
+        let grads = (out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-6;
+        for (which, x) in [(0, &q), (1, &k), (2, &v)] {
+            let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let analytic: Vec<f64> = grads
+                .get(x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for i in [0, 7, base.len() / 2, base.len() - 1] {
+                let shifted = |delta: f64| {
+                    let mut data = base.clone();
+                    data[i] += delta;
+                    let t = Tensor::from_vec(data, x.shape(), &Device::Cpu).unwrap();
+                    let mut args = [
+                        q.as_tensor().clone(),
+                        k.as_tensor().clone(),
+                        v.as_tensor().clone(),
+                    ];
+                    args[which] = t;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+                let err = (numeric - analytic[i]).abs() / numeric.abs().max(1e-3);
+                assert!(
+                    err < 1e-6,
+                    "input {which} element {i}: {} vs {numeric}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
+    /// Without a tracked input the output is the plain value, with no node and no kept
+    /// probabilities.
+    #[test]
+    fn untracked_inputs_make_no_node() {
+        let (q, k, v) = inputs(15, 3);
+        let (q, k, v) = (
+            q.as_detached_tensor(),
+            k.as_detached_tensor(),
+            v.as_detached_tensor(),
+        );
+        let out = packed_attention_device(&q, &k, &v, &SEGMENTS).unwrap();
+        assert!(!out.track_op());
+        let want = packed_causal_attention_composed(&q, &k, &v, &SEGMENTS).unwrap();
+        assert!(max_abs_diff(&out, &want) < 1e-12);
+        assert_eq!(out.dtype(), DType::F64);
+    }
+}
