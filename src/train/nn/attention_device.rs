@@ -14,9 +14,8 @@
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
 
-use super::ops::causal_mask;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use std::sync::Arc;
 
 /// `q (N, Hq, D)`, `k`/`v (N, Hkv, D)`, `segments`: (start, len) of each sequence, covering N
@@ -75,6 +74,39 @@ pub fn packed_attention_device(
         probs,
     };
     q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
+}
+
+/// `(T, T)` additive mask: 0 on and below the diagonal, -inf above. Built once per device and
+/// dtype at the longest length asked for so far (rounded up to 256), and handed out as a view
+/// of its top-left corner, which is the mask of every shorter length: no per-segment, per-layer
+/// upload to a GPU.
+pub fn causal_mask(t: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+    use std::sync::Mutex;
+    static CACHE: Mutex<Vec<(candle_core::Device, DType, Tensor)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().expect("causal mask cache");
+    let slot = cache
+        .iter()
+        .position(|(d, dt, _)| d.same_device(dev) && *dt == dtype);
+    let cached = slot.and_then(|i| {
+        let m = &cache[i].2;
+        (m.dim(0).ok()? >= t).then(|| m.clone())
+    });
+    let mask = match cached {
+        Some(m) => m,
+        None => {
+            let n = t.div_ceil(256) * 256;
+            let m: Vec<f32> = (0..n)
+                .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let m = Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?;
+            match slot {
+                Some(i) => cache[i].2 = m.clone(),
+                None => cache.push((dev.clone(), dtype, m.clone())),
+            }
+            m
+        }
+    };
+    mask.narrow(0, 0, t)?.narrow(1, 0, t)
 }
 
 /// Head counts, head dim and the score scale `1/√D`.

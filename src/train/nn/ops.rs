@@ -5,6 +5,7 @@
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length.
 
+use super::attention_device::causal_mask;
 use super::fused::{self, Real};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -162,39 +163,6 @@ pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
     let mask = causal_mask(t, scores.device(), scores.dtype())?;
     softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
-}
-
-/// `(T, T)` additive mask: 0 on and below the diagonal, -inf above. Built once per device and
-/// dtype at the longest length asked for so far (rounded up to 256), and handed out as a view
-/// of its top-left corner, which is the mask of every shorter length: no per-segment, per-layer
-/// upload to a GPU.
-pub fn causal_mask(t: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
-    use std::sync::Mutex;
-    static CACHE: Mutex<Vec<(candle_core::Device, DType, Tensor)>> = Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().expect("causal mask cache");
-    let slot = cache
-        .iter()
-        .position(|(d, dt, _)| d.same_device(dev) && *dt == dtype);
-    let cached = slot.and_then(|i| {
-        let m = &cache[i].2;
-        (m.dim(0).ok()? >= t).then(|| m.clone())
-    });
-    let mask = match cached {
-        Some(m) => m,
-        None => {
-            let n = t.div_ceil(256) * 256;
-            let m: Vec<f32> = (0..n)
-                .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let m = Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?;
-            match slot {
-                Some(i) => cache[i].2 = m.clone(),
-                None => cache.push((dev.clone(), dtype, m.clone())),
-            }
-            m
-        }
-    };
-    mask.narrow(0, 0, t)?.narrow(1, 0, t)
 }
 
 /// Loss sum and correct-argmax count of one chunk of label positions.
