@@ -206,8 +206,13 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     } else {
         0
     };
+    // On a GPU the graph holds about 1.35× this inventory (the casts around each half-precision
+    // GEMM among it), and its backward about 20 widest activations at once, as measured on an
+    // H200 with Qwen3-1.7B's layers (docs/memory.md).
     let layer_graph = if one_op {
         one_op_graph * ACT + mask_bits
+    } else if composed {
+        (base_graph + lora_graph) * ACT * 27 / 20
     } else {
         (base_graph + lora_graph) * ACT
     };
@@ -233,22 +238,21 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     let in_flight = if one_op {
         n * ((3 * f).max(3 * a + 2 * k) + 2 * h) * ACT + masked * ACT
     } else {
-        3 * n * f.max(a).max(h) * ACT
+        (if composed { 20 } else { 3 }) * n * f.max(a).max(h) * ACT
     };
-    // Attention: scores and probabilities (composed: scale, mask, shift, exp, divide as well)
-    // for every sequence, plus four T×T buffers while one sequence's softmax is differentiated.
+    // Attention keeps the probabilities of every sequence. The one-op layer's backward works
+    // through them one block of query rows at a time (a 64×T buffer per thread, not counted);
+    // the GPU's attention node (`nn/attention_device.rs`) holds three T×T buffers of one sequence
+    // while it is differentiated (dP, dP minus the row term, dS), as its forward holds two
+    // (scores, probabilities); the CPU's per-op path keeps scores and probabilities.
     let hq = m.heads as u64;
-    // The one-op layer keeps only the probabilities, and its backward works through them one
-    // block of query rows at a time (a 64×T buffer per thread, not counted).
-    let score_buffers = if composed {
-        7
-    } else if one_op {
-        1
-    } else {
-        2
-    };
+    let score_buffers = if composed || one_op { 1 } else { 2 };
     let attention_graph = score_buffers * hq * b * t * t * ACT;
-    let attention_backward = if one_op { 0 } else { 4 * hq * t * t * ACT };
+    let attention_backward = match (one_op, composed) {
+        (true, _) => 0,
+        (false, true) => 3 * hq * t * t * ACT,
+        (false, false) => 4 * hq * t * t * ACT,
+    };
 
     // `kept`: alive through the whole backward; `backward`: the largest moment within it.
     let (saved_activations, kept_scores, layer_activations) = if recipe.gradient_checkpointing {
