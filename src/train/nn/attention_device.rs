@@ -244,76 +244,60 @@ impl CustomOp3 for DeviceAttention {
 mod tests {
     use super::*;
     use crate::train::nn::ops::packed_causal_attention_composed;
-    use candle_core::{DType, Device, Var};
-
-    /// q, k, v of a GQA layout (4 query heads on 2 key/value heads, head dim 8) as f64 variables.
-    fn inputs(n: usize, seed: u64) -> (Var, Var, Var) {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut var = |heads: usize| {
-            let data: Vec<f64> = (0..n * heads * 8)
-                .map(|_| rng.random_range(-1.5..1.5))
-                .collect();
-            Var::from_tensor(&Tensor::from_vec(data, (n, heads, 8), &Device::Cpu).unwrap()).unwrap()
-        };
-        (var(4), var(2), var(2))
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::train::nn::testing::{check_fused_inputs, max_diff};
+    use candle_core::{Device, Var};
 
     const SEGMENTS: [(usize, usize); 3] = [(0, 5), (5, 1), (6, 9)];
 
-    type Attention = fn(&Tensor, &Tensor, &Tensor, &[(usize, usize)]) -> Result<Tensor>;
+    /// q, k, v of a GQA layout (4 query heads on 2 key/value heads, head dim 8), f64, and a
+    /// cotangent for the output.
+    fn inputs() -> [Tensor; 4] {
+        let rnd = |heads: usize| Tensor::randn(0f64, 1., (15, heads, 8), &Device::Cpu).unwrap();
+        [rnd(4), rnd(2), rnd(2), rnd(4).reshape((15, 32)).unwrap()]
+    }
 
     /// Value and the gradients of q, k and v equal the op-by-op composition's (autograd's).
     #[test]
     fn equals_the_composed_attention_and_its_autograd() {
-        let (q, k, v) = inputs(15, 1);
-        let g = Tensor::randn(0f64, 1.0, (15, 32), &Device::Cpu).unwrap();
-        let run = |f: Attention| {
-            let out = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &SEGMENTS).unwrap();
-            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let take = |x: &Var| grads.get(x).unwrap().clone();
-            (out, take(&q), take(&k), take(&v))
-        };
-        let ours = run(packed_attention_device);
-        let composed = run(packed_causal_attention_composed);
-        for (name, a, b) in [
-            ("output", &ours.0, &composed.0),
-            ("dq", &ours.1, &composed.1),
-            ("dk", &ours.2, &composed.2),
-            ("dv", &ours.3, &composed.3),
-        ] {
-            let d = max_abs_diff(a, b);
-            assert!(d < 1e-12, "{name} differs by {d}");
-        }
+        let [q, k, v, cot] = inputs();
+        check_fused_inputs(
+            |node, x| {
+                if node {
+                    packed_attention_device(x[0], x[1], x[2], &SEGMENTS)
+                } else {
+                    packed_causal_attention_composed(x[0], x[1], x[2], &SEGMENTS)
+                }
+            },
+            &[&q, &k, &v],
+            &cot,
+            &["output", "dq", "dk", "dv"],
+            1e-12,
+            "f64",
+        );
     }
 
-    /// Central differences of `Σ out ⊙ g` at a few elements of q, k and v.
+    /// Central differences of `Σ out ⊙ cot` at a few elements of q, k and v.
     #[test]
     fn gradients_match_finite_differences() {
-        let (q, k, v) = inputs(15, 2);
-        let g = Tensor::randn(0f64, 1.0, (15, 32), &Device::Cpu).unwrap();
-        let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
-            let out = packed_attention_device(q, k, v, &SEGMENTS).unwrap();
-            (out * &g).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        let [q, k, v, cot] = inputs();
+        let loss = |args: &[Tensor]| -> f64 {
+            let out = packed_attention_device(&args[0], &args[1], &args[2], &SEGMENTS).unwrap();
+            (out * &cot)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
-        let out = packed_attention_device(q.as_tensor(), k.as_tensor(), v.as_tensor(), &SEGMENTS)
-            .unwrap();
-        let grads = (out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars: Vec<Var> = [&q, &k, &v]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let out = packed_attention_device(xs[0], xs[1], xs[2], &SEGMENTS).unwrap();
+        let grads = (out * &cot).unwrap().sum_all().unwrap().backward().unwrap();
         let eps = 1e-6;
-        for (which, x) in [(0, &q), (1, &k), (2, &v)] {
+        for (which, x) in vars.iter().enumerate() {
             let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             let analytic: Vec<f64> = grads
                 .get(x)
@@ -326,14 +310,9 @@ mod tests {
                 let shifted = |delta: f64| {
                     let mut data = base.clone();
                     data[i] += delta;
-                    let t = Tensor::from_vec(data, x.shape(), &Device::Cpu).unwrap();
-                    let mut args = [
-                        q.as_tensor().clone(),
-                        k.as_tensor().clone(),
-                        v.as_tensor().clone(),
-                    ];
-                    args[which] = t;
-                    loss(&args[0], &args[1], &args[2])
+                    let mut args = [q.clone(), k.clone(), v.clone()];
+                    args[which] = Tensor::from_vec(data, x.shape(), &Device::Cpu).unwrap();
+                    loss(&args)
                 };
                 let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
                 let err = (numeric - analytic[i]).abs() / numeric.abs().max(1e-3);
@@ -350,16 +329,10 @@ mod tests {
     /// probabilities.
     #[test]
     fn untracked_inputs_make_no_node() {
-        let (q, k, v) = inputs(15, 3);
-        let (q, k, v) = (
-            q.as_detached_tensor(),
-            k.as_detached_tensor(),
-            v.as_detached_tensor(),
-        );
+        let [q, k, v, _] = inputs();
         let out = packed_attention_device(&q, &k, &v, &SEGMENTS).unwrap();
         assert!(!out.track_op());
         let want = packed_causal_attention_composed(&q, &k, &v, &SEGMENTS).unwrap();
-        assert!(max_abs_diff(&out, &want) < 1e-12);
-        assert_eq!(out.dtype(), DType::F64);
+        assert!(max_diff(&out, &want) < 1e-12);
     }
 }
