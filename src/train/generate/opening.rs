@@ -395,6 +395,54 @@ mod tests {
         assert_eq!(finished.len(), 2, "both picks finish: {finished:?}");
     }
 
+    /// A JSON number written without fraction or exponent: serde_json parses it as an integer,
+    /// or as an f64 when it is too large for one or is `-0` (which `-0.0` cannot be told from).
+    fn is_integer(v: &serde_json::Value) -> bool {
+        let huge_or_minus_zero =
+            |f: f64| f.fract() == 0.0 && (f.abs() >= 9e18 || (f == 0.0 && f.is_sign_negative()));
+        v.is_i64() || v.is_u64() || v.as_f64().is_some_and(huge_or_minus_zero)
+    }
+
+    /// The top-level values keep to their schema: every finished object has one of the listed
+    /// values for `unit` and an integer for `days`; one the budget cuts is a prefix of such.
+    #[test]
+    fn sampled_arguments_keep_to_their_types_and_listed_values() {
+        let (_dir, base, prompt) = tiny();
+        let units = ["c", "celsius", "fahrenheit"];
+        let schema = ArgumentSchema::from_schema(&serde_json::json!({
+            "type": "object", "required": ["unit", "days"], "properties": {
+                "unit": {"type": "string", "enum": units},
+                "days": {"type": "integer"},
+                "note": {}}}));
+        assert!(schema.is_some());
+        let mut finished = 0;
+        for seed in 0..12 {
+            let params = sampled(
+                seed,
+                160,
+                vec![
+                    Lead::Text("args: ".into()),
+                    Lead::JsonObject(vec![schema.clone()]),
+                    Lead::End,
+                ],
+            );
+            let g = run(&base, &prompt, &params);
+            let body = g.text.strip_prefix("args: ").expect("the frame first");
+            if g.finish == FinishReason::Stop {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                let unit = v["unit"].as_str().unwrap_or_default();
+                assert!(units.contains(&unit), "seed {seed}: {body:?}");
+                assert!(is_integer(&v["days"]), "seed {seed}: {body:?}");
+                finished += 1;
+            } else {
+                assert_eq!(g.completion_ids.len(), 160, "only the budget cuts it short");
+                let cut = JsonPrefix::new().after(body, schema.as_ref());
+                assert!(cut.is_some(), "seed {seed}: {body:?}");
+            }
+        }
+        assert!(finished > 0, "no object was finished within the budget");
+    }
+
     #[test]
     fn the_budget_cuts_the_opening_an_end_ends_it_and_choices_must_not_begin_one_another() {
         let (_dir, base, prompt) = tiny();
