@@ -205,6 +205,45 @@ async fn tool_choice_required_or_named_forces_a_call() {
     );
 }
 
+/// A forced call's top-level values keep to the function's schema: whenever the call finishes,
+/// `unit` is one of its listed values and `days` an integer.
+#[tokio::test]
+async fn a_forced_calls_values_keep_to_their_schema() {
+    let env = Env::new();
+    let s = env.start();
+    let units = ["c", "celsius", "fahrenheit"];
+    let mut body = hello("sftd-demo");
+    body["temperature"] = 1.0.into();
+    body["max_completion_tokens"] = 120.into();
+    body["tools"] = json!([{"type": "function", "function": {"name": "forecast",
+        "parameters": {"type": "object", "required": ["unit", "days"], "properties": {
+            "unit": {"type": "string", "enum": units}, "days": {"type": "integer"}}}}}]);
+    body["tool_choice"] = json!({"type": "function", "function": {"name": "forecast"}});
+    let mut calls = 0;
+    for seed in 0..6 {
+        body["seed"] = seed.into();
+        let (st, v) = chat(&s, &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(forced_name(&v), "forecast");
+        let Some(c) = v["choices"][0]["message"]["tool_calls"].as_array() else {
+            assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+            continue;
+        };
+        let args: Value = serde_json::from_str(c[0]["function"]["arguments"].as_str().unwrap())
+            .expect("the arguments parse");
+        let unit = args["unit"].as_str().unwrap_or_default();
+        assert!(units.contains(&unit), "{v}");
+        // serde_json reads integers too large for an i64 or u64, and `-0`, as f64s.
+        let days = &args["days"];
+        let f64_integer = days.as_f64().is_some_and(|f| {
+            f.fract() == 0.0 && (f.abs() >= 9e18 || (f == 0.0 && f.is_sign_negative()))
+        });
+        assert!(days.is_i64() || days.is_u64() || f64_integer, "{v}");
+        calls += 1;
+    }
+    assert!(calls > 0, "no forced call was finished within 120 tokens");
+}
+
 #[tokio::test]
 async fn request_errors_have_openai_shape() {
     let env = Env::new();

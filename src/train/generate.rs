@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 use tokenizers::Tokenizer;
 
+mod argument_schema;
 mod json_prefix;
 mod opening;
-pub use json_prefix::ObjectKeys;
+pub use argument_schema::ArgumentSchema;
 pub use opening::Lead;
 
 /// A prompt that leaves no room in the model's context (a client error, not a failure).

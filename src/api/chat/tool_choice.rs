@@ -5,7 +5,7 @@
 
 use super::invalid;
 use crate::api::error::AppError;
-use crate::train::generate::{Lead, ObjectKeys};
+use crate::train::generate::{ArgumentSchema, Lead};
 use crate::train::tool_calls::{CALL_AFTER_ARGUMENTS, CALL_AFTER_NAME, CALL_BEFORE_NAME};
 use serde_json::Value;
 
@@ -83,9 +83,10 @@ pub(super) fn resolve(
 /// The completion that is one call to one of `functions`: the frame is written for the model,
 /// which picks the function when there are several (the name with what follows it, so that no
 /// pick begins another) and writes the arguments as one JSON object, with that function's keys
-/// when its schema lists them; the call closed, the completion ends.
-fn call_opening(functions: Vec<(&str, Option<ObjectKeys>)>) -> Vec<Lead> {
-    let (names, keys): (Vec<&str>, Vec<Option<ObjectKeys>>) = functions.into_iter().unzip();
+/// and their values' types and listed values when its schema lists them; the call closed, the
+/// completion ends.
+fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>) -> Vec<Lead> {
+    let (names, schemas): (Vec<&str>, Vec<Option<ArgumentSchema>>) = functions.into_iter().unzip();
     let mut leads = match names[..] {
         [name] => vec![Lead::Text(format!(
             "{CALL_BEFORE_NAME}{name}{CALL_AFTER_NAME}"
@@ -100,7 +101,7 @@ fn call_opening(functions: Vec<(&str, Option<ObjectKeys>)>) -> Vec<Lead> {
             ),
         ],
     };
-    leads.push(Lead::JsonObject(keys));
+    leads.push(Lead::JsonObject(schemas));
     leads.push(Lead::Text(CALL_AFTER_ARGUMENTS.to_string()));
     // The forced call is the answer: what a model would write after it is not asked for.
     leads.push(Lead::End);
@@ -108,9 +109,9 @@ fn call_opening(functions: Vec<(&str, Option<ObjectKeys>)>) -> Vec<Lead> {
 }
 
 /// The function tools: each name, checked to be one a call can be forced to (OpenAI's 1 to 64
-/// letters, digits, `_` and `-`, written into the call as they are), and the keys its
-/// `parameters` schema allows, when it lists them.
-fn functions(tools: &[Value]) -> Result<Vec<(&str, Option<ObjectKeys>)>, AppError> {
+/// letters, digits, `_` and `-`, written into the call as they are), and the arguments its
+/// `parameters` schema allows, when it lists its keys.
+fn functions(tools: &[Value]) -> Result<Vec<(&str, Option<ArgumentSchema>)>, AppError> {
     tools
         .iter()
         .enumerate()
@@ -132,8 +133,10 @@ fn functions(tools: &[Value]) -> Result<Vec<(&str, Option<ObjectKeys>)>, AppErro
                      underscores or dashes",
                 ));
             }
-            let keys = function.get("parameters").and_then(ObjectKeys::from_schema);
-            Ok((name, keys))
+            let schema = function
+                .get("parameters")
+                .and_then(ArgumentSchema::from_schema);
+            Ok((name, schema))
         })
         .collect()
 }
@@ -211,9 +214,9 @@ mod tests {
         let tools = [json!({"type": "function",
             "function": {"name": "get_weather", "parameters": params}})];
         let u = resolve(Some(&tools), Some(&json!("required"))).unwrap();
-        let keys = ObjectKeys::from_schema(&params);
-        assert!(keys.is_some());
-        assert_eq!(u.opening[1], Lead::JsonObject(vec![keys]));
+        let schema = ArgumentSchema::from_schema(&params);
+        assert!(schema.is_some());
+        assert_eq!(u.opening[1], Lead::JsonObject(vec![schema]));
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! Whether a text can still grow into one JSON object (RFC 8259 syntax), optionally with its
-//! top-level keys drawn from a tool schema's `properties` and its `required` keys all present: a
-//! checker fed a byte at a time whose whole state is a few words, so that masking a vocabulary
-//! copies it once per candidate token instead of re-reading the text.
+//! Whether a text can still grow into one JSON object (RFC 8259 syntax), optionally one that an
+//! [`ArgumentSchema`] allows (listed top-level keys, the required ones, each top-level value's
+//! type and listed values): a checker fed a byte at a time whose whole state is a few words, so
+//! that masking a vocabulary copies it once per candidate token instead of re-reading the text.
 
-use serde_json::Value;
+use super::argument_schema::{types_beginning_with, ArgumentSchema, NUMBER};
 
 /// Containers nest at most this deep (one bit each in `arrays`).
 const MAX_DEPTH: u8 = 64;
@@ -16,81 +16,74 @@ const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 const MAX_INT_DIGITS: u8 = 200;
 const MAX_EXP_DIGITS: u8 = 2;
 
-/// The keys an arguments object may have: a function schema's `properties` names, sorted, and
-/// which of them are `required` (bit `i` for `names[i]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectKeys {
-    names: Vec<String>,
-    required: u64,
-}
-
-impl ObjectKeys {
-    /// The keys of a function's `parameters` schema, when it lists them: an object schema with
-    /// `properties` that does not allow others (`additionalProperties` absent or false), at most
-    /// 64 of them, each plain text (no quote, backslash or control character, so never escaped),
-    /// and `required` naming only them. `None` otherwise: the object's keys are then free.
-    pub fn from_schema(schema: &Value) -> Option<Self> {
-        if schema.get("type").is_some_and(|t| t != "object") {
-            return None;
-        }
-        if schema
-            .get("additionalProperties")
-            .is_some_and(|a| a != &Value::Bool(false))
-        {
-            return None;
-        }
-        let mut names: Vec<String> = schema
-            .get("properties")?
-            .as_object()?
-            .keys()
-            .cloned()
-            .collect();
-        names.sort();
-        let plain = |n: &String| !n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
-        if names.len() > 64 || !names.iter().all(plain) {
-            return None;
-        }
-        let mut required = 0u64;
-        for r in schema
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let i = names.iter().position(|n| Some(n.as_str()) == r.as_str())?;
-            required |= 1 << i;
-        }
-        Some(Self { names, required })
-    }
-
-    fn all(&self) -> u64 {
-        match self.names.len() {
-            64 => u64::MAX,
-            n => (1 << n) - 1,
-        }
-    }
-
-    /// Keys in `lo..hi`, as bits.
-    fn range(lo: u8, hi: u8) -> u64 {
-        let below = |i: u8| if i >= 64 { u64::MAX } else { (1u64 << i) - 1 };
-        below(hi) & !below(lo)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct JsonPrefix {
     /// Bit `i` set: the container at depth `i + 1` is an array, else an object.
     arrays: u64,
+    /// Top-level keys written, as bits over the [`ArgumentSchema`]'s names.
+    written: u64,
     depth: u8,
     /// Whitespace bytes just read between tokens.
     blanks: u8,
-    /// In a top-level key, with [`ObjectKeys`]: the names `lo..hi` begin with its `off` bytes.
-    key_lo: u8,
-    key_hi: u8,
-    key_off: u16,
-    /// Top-level keys written, as bits over [`ObjectKeys`]' names.
-    written: u64,
+    /// With an [`ArgumentSchema`]: in a top-level key, the names it may still become; after
+    /// the key, `key.lo` is its index, so the value knows its schema.
+    key: Spelling,
+    /// In a top-level value whose key lists its values: those it may still become; else none.
+    value: Spelling,
     at: At,
+}
+
+// The vocabulary mask copies the state once per candidate token: it must stay a few words.
+const _: () = assert!(std::mem::size_of::<JsonPrefix>() <= 40);
+
+/// Among sorted texts, those (`lo..hi`) that begin with the `off` bytes read. Sorted, the texts
+/// that share a prefix are a range, and one that is exactly the prefix comes first in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spelling {
+    lo: u16,
+    hi: u16,
+    off: u16,
+}
+
+impl Spelling {
+    const NONE: Self = Self {
+        lo: 0,
+        hi: 0,
+        off: 0,
+    };
+
+    fn all(texts: &[String]) -> Self {
+        Self {
+            lo: 0,
+            hi: texts.len() as u16,
+            off: 0,
+        }
+    }
+
+    fn is_open(self) -> bool {
+        self.lo < self.hi
+    }
+
+    /// Those that go on with `b`, if any.
+    fn narrow(self, texts: &[String], b: u8) -> Option<Self> {
+        let off = self.off as usize;
+        let range = &texts[self.lo as usize..self.hi as usize];
+        // In the range the byte at `off` never decreases, a text that ends there (`None`) first,
+        // so the texts going on with `b` are found by bisection.
+        let byte = |t: &String| t.as_bytes().get(off).copied();
+        let lo = range.partition_point(|t| byte(t) < Some(b));
+        let hi = range.partition_point(|t| byte(t) <= Some(b));
+        (lo < hi).then(|| Self {
+            lo: self.lo + lo as u16,
+            hi: self.lo + hi as u16,
+            off: self.off + 1,
+        })
+    }
+
+    /// Whether the bytes read are one of the texts, whole.
+    fn is_whole(self, texts: &[String]) -> bool {
+        self.is_open() && texts[self.lo as usize].len() == self.off as usize
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,12 +136,11 @@ impl JsonPrefix {
     pub(super) fn new() -> Self {
         Self {
             arrays: 0,
+            written: 0,
             depth: 0,
             blanks: 0,
-            key_lo: 0,
-            key_hi: 0,
-            key_off: 0,
-            written: 0,
+            key: Spelling::NONE,
+            value: Spelling::NONE,
             at: At::Start,
         }
     }
@@ -157,31 +149,65 @@ impl JsonPrefix {
         self.at == At::Done
     }
 
-    /// The state after `text`, or `None` when no JSON object (with `keys`, when given) begins
-    /// with what was read and it.
-    pub(super) fn after(mut self, text: &str, keys: Option<&ObjectKeys>) -> Option<Self> {
+    /// The state after `text`, or `None` when no JSON object (that `args` allows, when given)
+    /// begins with what was read and it.
+    pub(super) fn after(mut self, text: &str, args: Option<&ArgumentSchema>) -> Option<Self> {
         for b in text.bytes() {
-            self = self.step(b, keys)?;
+            self = self.step(b, args)?;
         }
         Some(self)
     }
 
-    fn step(mut self, b: u8, keys: Option<&ObjectKeys>) -> Option<Self> {
+    fn step(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
+        let Some(a) = args.filter(|_| self.depth == 1 || self.value.is_open()) else {
+            return self.syntax(b, args);
+        };
+        if self.depth == 1 && matches!(self.at, At::Str { key: true, .. }) {
+            return self.key_byte(a, b);
+        }
+        if !self.value.is_open() {
+            return self.syntax(b, args);
+        }
+        // A top-level value with listed values: each of its bytes must go on spelling one, and
+        // where it ends it must have spelled one whole. A number ends before the first byte that
+        // cannot extend it (so `1` is not cut short where `10` is listed too), any other value
+        // on its own last byte.
+        let texts = &a.values[self.key.lo as usize].one_of;
+        if let At::Num(n) = self.at {
+            if self.depth == 1 && self.number(n, b, args).is_none() {
+                if !self.value.is_whole(texts) {
+                    return None;
+                }
+                self.value = Spelling::NONE;
+                return self.syntax(b, args);
+            }
+        }
+        self.value = self.value.narrow(texts, b)?;
+        let mut next = self.syntax(b, args)?;
+        if next.depth == 1 && next.at == At::AfterValue {
+            if !next.value.is_whole(texts) {
+                return None;
+            }
+            next.value = Spelling::NONE;
+        }
+        Some(next)
+    }
+
+    /// `b` as JSON, with the top-level keys' and values' first bytes (and integers) as `args`
+    /// allows; [`JsonPrefix::step`] follows key names and listed values.
+    fn syntax(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
         let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
         let blanks = std::mem::take(&mut self.blanks);
-        let top_keys = keys.filter(|_| self.depth == 1);
-        if let (Some(k), At::Str { key: true, .. }) = (top_keys, self.at) {
-            return self.key_byte(k, b);
-        }
+        let top = args.filter(|_| self.depth == 1);
         self.at = match self.at {
             At::Done => return None,
             At::Str { key, escaped, hex } => string(key, escaped, hex, b)?,
-            At::Num(n) => match number(n, b) {
+            At::Num(n) => match self.number(n, b, args) {
                 Some(n) => At::Num(n),
                 // A number ends at the first byte that cannot extend it, if it is whole.
                 None if matches!(n, Num::Zero | Num::Int(_) | Num::Frac | Num::Exp(_)) => {
                     self.at = At::AfterValue;
-                    return self.step(b, keys);
+                    return self.syntax(b, args);
                 }
                 None => return None,
             },
@@ -206,11 +232,11 @@ impl JsonPrefix {
                 self.at
             }
             At::KeyOrEnd | At::Key if b == b'"' => {
-                if let Some(k) = top_keys {
-                    if k.all() & !self.written == 0 {
+                if let Some(a) = top {
+                    if a.all() & !self.written == 0 {
                         return None;
                     }
-                    (self.key_lo, self.key_hi, self.key_off) = (0, k.names.len() as u8, 0);
+                    self.key = Spelling::all(&a.names);
                 }
                 At::Str {
                     key: true,
@@ -218,36 +244,56 @@ impl JsonPrefix {
                     hex: 0,
                 }
             }
-            At::KeyOrEnd if b == b'}' => return self.close(b, top_keys),
+            At::KeyOrEnd if b == b'}' => return self.close(b, top),
             At::Colon if b == b':' => At::Value,
-            At::ValueOrEnd if b == b']' => return self.close(b, top_keys),
-            At::Value | At::ValueOrEnd => match b {
-                b'"' => At::Str {
-                    key: false,
-                    escaped: false,
-                    hex: 0,
-                },
-                b'{' => return self.open(false),
-                b'[' => return self.open(true),
-                b'-' => At::Num(Num::Minus),
-                b'0' => At::Num(Num::Zero),
-                b'1'..=b'9' => At::Num(Num::Int(1)),
-                b't' => At::Literal { which: 0, done: 1 },
-                b'f' => At::Literal { which: 1, done: 1 },
-                b'n' => At::Literal { which: 2, done: 1 },
-                _ => return None,
-            },
+            At::ValueOrEnd if b == b']' => return self.close(b, top),
+            At::Value | At::ValueOrEnd => {
+                if let Some(a) = top {
+                    let value = &a.values[self.key.lo as usize];
+                    if types_beginning_with(b) & value.types == 0 {
+                        return None;
+                    }
+                    // No value is one byte long, so `step` checks for its end from the next.
+                    if !value.one_of.is_empty() {
+                        self.value = Spelling::all(&value.one_of).narrow(&value.one_of, b)?;
+                    }
+                }
+                match b {
+                    b'"' => At::Str {
+                        key: false,
+                        escaped: false,
+                        hex: 0,
+                    },
+                    b'{' => return self.open(false),
+                    b'[' => return self.open(true),
+                    b'-' => At::Num(Num::Minus),
+                    b'0' => At::Num(Num::Zero),
+                    b'1'..=b'9' => At::Num(Num::Int(1)),
+                    b't' => At::Literal { which: 0, done: 1 },
+                    b'f' => At::Literal { which: 1, done: 1 },
+                    b'n' => At::Literal { which: 2, done: 1 },
+                    _ => return None,
+                }
+            }
             At::AfterValue => match b {
                 b',' if self.in_array() => At::Value,
                 // A comma promises a key: one must be left to write.
-                b',' if top_keys.is_some_and(|k| k.all() & !self.written == 0) => return None,
+                b',' if top.is_some_and(|a| a.all() & !self.written == 0) => return None,
                 b',' => At::Key,
-                b'}' | b']' => return self.close(b, top_keys),
+                b'}' | b']' => return self.close(b, top),
                 _ => return None,
             },
             At::KeyOrEnd | At::Key | At::Colon => return None,
         };
         Some(self)
+    }
+
+    /// The number after `b`, if `b` extends it: a top-level one whose key allows integers only
+    /// takes no fraction or exponent.
+    fn number(&self, n: Num, b: u8, args: Option<&ArgumentSchema>) -> Option<Num> {
+        let whole_only = self.depth == 1
+            && args.is_some_and(|a| a.values[self.key.lo as usize].types & NUMBER == 0);
+        number(n, b).filter(|m| !(whole_only && matches!(m, Num::Dot | Num::E)))
     }
 
     fn in_array(&self) -> bool {
@@ -269,33 +315,28 @@ impl JsonPrefix {
     }
 
     /// A byte of a top-level key: it must go on spelling a name not yet written, or end one.
-    fn key_byte(mut self, k: &ObjectKeys, b: u8) -> Option<Self> {
-        let (lo, hi, off) = (self.key_lo, self.key_hi, self.key_off as usize);
+    fn key_byte(mut self, a: &ArgumentSchema, b: u8) -> Option<Self> {
         if b == b'"' {
-            // Sorted, a name that is exactly the prefix comes first in the range.
-            let done = k.names[lo as usize].len() == off && self.written & (1 << lo) == 0;
-            if !done {
+            if !self.key.is_whole(&a.names) || self.written & (1 << self.key.lo) != 0 {
                 return None;
             }
-            self.written |= 1 << lo;
+            self.written |= 1 << self.key.lo;
             self.at = At::Colon;
             return Some(self);
         }
-        let matches = |i: &u8| k.names[*i as usize].as_bytes().get(off) == Some(&b);
-        let new_lo = (lo..hi).find(matches)?;
-        let new_hi = (new_lo..hi).rfind(matches)? + 1;
-        if ObjectKeys::range(new_lo, new_hi) & !self.written == 0 {
+        let key = self.key.narrow(&a.names, b)?;
+        if ArgumentSchema::range(key.lo, key.hi) & !self.written == 0 {
             return None;
         }
-        (self.key_lo, self.key_hi, self.key_off) = (new_lo, new_hi, off as u16 + 1);
+        self.key = key;
         Some(self)
     }
 
-    fn close(mut self, closer: u8, top_keys: Option<&ObjectKeys>) -> Option<Self> {
+    fn close(mut self, closer: u8, top: Option<&ArgumentSchema>) -> Option<Self> {
         if (closer == b']') != self.in_array() {
             return None;
         }
-        if top_keys.is_some_and(|k| k.required & !self.written != 0) {
+        if top.is_some_and(|a| a.required & !self.written != 0) {
             return None;
         }
         self.depth -= 1;
@@ -428,72 +469,6 @@ mod tests {
         assert!(check(&blanks(32)).unwrap().is_done());
         assert_eq!(check(&blanks(33)), None, "blanks are bounded");
         assert!(check("{\"a\": \"                                           \"}").is_some());
-    }
-
-    #[test]
-    fn with_keys_only_listed_keys_once_each_and_every_required_one() {
-        let schema = serde_json::json!({"type": "object", "required": ["city", "a"],
-            "properties": {"city": {}, "days": {}, "a": {}, "ab": {}}});
-        let k = ObjectKeys::from_schema(&schema).unwrap();
-        let check = |t: &str| JsonPrefix::new().after(t, Some(&k));
-        let whole = [
-            r#"{"city": "Oslo", "a": 1}"#,
-            r#"{"a": 1, "ab": [2], "days": 3, "city": {"free": {"x": 1}}}"#,
-            r#"{"ab": 1, "a": 2, "city": "c"}"#,
-        ];
-        for o in whole {
-            for (i, _) in o.char_indices().skip(1) {
-                assert!(check(&o[..i]).is_some(), "{:?} refused", &o[..i]);
-            }
-            assert!(check(o).unwrap().is_done(), "{o}");
-        }
-        let refused = [
-            r#"{"town"#,                                  // not a listed key
-            r#"{"cityx"#,                                 // a listed key and more
-            r#"{"cit":"#,                                 // a listed key's prefix
-            r#"{"a": 1, "a""#,                            // a key twice
-            r#"{"a\u0062"#,                               // escaped (keys never are)
-            r#"{}"#,                                      // required keys missing
-            r#"{"city": 1}"#,                             // "a" missing
-            r#"{"city": 1, "days": 2, "a": 3, "ab": 4,"#, // no key left for the comma
-        ];
-        for r in refused {
-            assert_eq!(check(r), None, "{r} accepted");
-        }
-        // Nested objects are free; a written key's prefix is refused once no listed key can
-        // follow it (here "ab" is left, so "a" still leads somewhere).
-        assert!(check(r#"{"a": 1, "a"#).is_some());
-        assert!(check(r#"{"a": 1, "ab": 2, "a"#).is_none());
-    }
-
-    #[test]
-    fn schemas_that_do_not_list_their_keys_leave_them_free() {
-        let free = [
-            serde_json::json!({"type": "object"}),
-            serde_json::json!({"type": "array", "properties": {"a": {}}}),
-            serde_json::json!({"properties": {"a": {}}, "additionalProperties": true}),
-            serde_json::json!({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}),
-            serde_json::json!({"properties": {"a\"b": {}}}),
-            serde_json::json!({"properties": {"a": {}}, "required": ["b"]}),
-        ];
-        for s in free {
-            assert_eq!(ObjectKeys::from_schema(&s), None, "{s}");
-        }
-        let listed =
-            serde_json::json!({"properties": {"b": {}, "a": {}}, "additionalProperties": false});
-        let k = ObjectKeys::from_schema(&listed).unwrap();
-        assert_eq!(
-            (k.names.clone(), k.required),
-            (vec!["a".into(), "b".into()], 0)
-        );
-        let none = serde_json::json!({"type": "object", "properties": {}});
-        let k = ObjectKeys::from_schema(&none).unwrap();
-        assert!(JsonPrefix::new().after("{}", Some(&k)).unwrap().is_done());
-        assert_eq!(
-            JsonPrefix::new().after("{\"", Some(&k)),
-            None,
-            "no key to write"
-        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! that keep to them. `tool_choice: "required"` and a named function are built on it: the call's
 //! frame is forced, the model picks the name and writes the arguments as JSON.
 
-use super::json_prefix::{JsonPrefix, ObjectKeys};
+use super::argument_schema::ArgumentSchema;
+use super::json_prefix::JsonPrefix;
 use super::{ChatFormat, Reader, Sampler};
 use anyhow::{bail, Result};
 
@@ -15,10 +16,11 @@ pub enum Lead {
     /// Exactly one of these, chosen by the model token by token; none may begin another.
     OneOf(Vec<String>),
     /// One JSON object, written by the model with every token masked that would make the text
-    /// something no such object begins with. Its top-level keys: with one entry, that entry's
-    /// (`None`: any); with one entry per choice of the `OneOf` before it, those of the choice
-    /// the model picked. Ends where the object closes; the budget may end it first.
-    JsonObject(Vec<Option<ObjectKeys>>),
+    /// something no such object begins with. Its top-level keys and values: with one entry,
+    /// that entry's schema (`None`: any); with one entry per choice of the `OneOf` before it,
+    /// that of the choice the model picked. Ends where the object closes; the budget may end it
+    /// first.
+    JsonObject(Vec<Option<ArgumentSchema>>),
     /// The completion ends here, as if the model had ended its turn.
     End,
 }
@@ -30,7 +32,7 @@ pub(super) enum Part {
     /// Token sequences of which none is a prefix of another, so the model's pick is always one
     /// whole choice; each with its index among the lead's choices.
     Choose(Vec<(Vec<u32>, usize)>),
-    Json(Vec<Option<ObjectKeys>>),
+    Json(Vec<Option<ArgumentSchema>>),
     End,
 }
 
@@ -59,11 +61,11 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
                 last_choices = Some(choices.len());
                 Part::Choose(ids)
             }
-            Lead::JsonObject(keys) => {
-                if keys.len() != 1 && Some(keys.len()) != last_choices {
-                    bail!("a JSON object's keys are one set, or one per choice before it");
+            Lead::JsonObject(schemas) => {
+                if schemas.len() != 1 && Some(schemas.len()) != last_choices {
+                    bail!("a JSON object's schemas are one, or one per choice before it");
                 }
-                Part::Json(keys.clone())
+                Part::Json(schemas.clone())
             }
             Lead::End => Part::End,
         });
@@ -95,7 +97,7 @@ pub(super) fn write(
         ids.push(t);
         reader.unread.push(t);
     };
-    // The index of the last choice made, which picks a JSON object's keys.
+    // The index of the last choice made, which picks a JSON object's schema.
     let mut picked = 0;
     for part in parts {
         match part {
@@ -125,12 +127,15 @@ pub(super) fn write(
                 }
                 picked = open[0].1;
             }
-            Part::Json(keys) => {
-                let keys = keys.get(picked).or(keys.first()).and_then(Option::as_ref);
+            Part::Json(schemas) => {
+                let schema = schemas
+                    .get(picked)
+                    .or(schemas.first())
+                    .and_then(Option::as_ref);
                 let texts = format.token_texts();
                 let mut json = JsonPrefix::new();
                 while !json.is_done() {
-                    let allowed = json_tokens(json, keys, texts);
+                    let allowed = json_tokens(json, schema, texts);
                     // Only a vocabulary without single-byte tokens could leave nothing to write.
                     if ids.len() == max_new || allowed.is_empty() {
                         return Ok(false);
@@ -140,7 +145,7 @@ pub(super) fn write(
                         _ => sampler.next_among(&reader.read()?, &allowed),
                     };
                     json = json
-                        .after(&texts[next as usize], keys)
+                        .after(&texts[next as usize], schema)
                         .expect("an allowed token continues the object");
                     push(ids, reader, next);
                 }
@@ -151,18 +156,19 @@ pub(super) fn write(
     Ok(false)
 }
 
-/// The tokens whose text keeps what `json` has read a JSON object's prefix (with `keys`). `texts` are the
-/// tokens' texts, empty for those that may not be written in JSON (see
-/// [`ChatFormat::token_texts`]); ids past them (padding rows of the head) are never allowed.
+/// The tokens whose text keeps what `json` has read a JSON object's prefix (one that `schema`
+/// allows, when given). `texts` are the tokens' texts, empty for those that may not be written
+/// in JSON (see [`ChatFormat::token_texts`]); ids past them (padding rows of the head) are never
+/// allowed.
 pub(super) fn json_tokens(
     json: JsonPrefix,
-    keys: Option<&ObjectKeys>,
+    schema: Option<&ArgumentSchema>,
     texts: &[String],
 ) -> Vec<u32> {
     texts
         .iter()
         .enumerate()
-        .filter(|(_, t)| !t.is_empty() && json.after(t, keys).is_some())
+        .filter(|(_, t)| !t.is_empty() && json.after(t, schema).is_some())
         .map(|(id, _)| id as u32)
         .collect()
 }
@@ -359,7 +365,7 @@ mod tests {
         let (_dir, base, prompt) = tiny();
         let keys = |k: &str| {
             let schema = format!(r#"{{"properties": {{"{k}": {{}}}}, "required": ["{k}"]}}"#);
-            ObjectKeys::from_schema(&serde_json::from_str(&schema).unwrap())
+            ArgumentSchema::from_schema(&serde_json::from_str(&schema).unwrap())
         };
         let mut finished = std::collections::BTreeSet::new();
         for seed in 0..12 {
@@ -387,6 +393,54 @@ mod tests {
             }
         }
         assert_eq!(finished.len(), 2, "both picks finish: {finished:?}");
+    }
+
+    /// A JSON number written without fraction or exponent: serde_json parses it as an integer,
+    /// or as an f64 when it is too large for one or is `-0` (which `-0.0` cannot be told from).
+    fn is_integer(v: &serde_json::Value) -> bool {
+        let huge_or_minus_zero =
+            |f: f64| f.fract() == 0.0 && (f.abs() >= 9e18 || (f == 0.0 && f.is_sign_negative()));
+        v.is_i64() || v.is_u64() || v.as_f64().is_some_and(huge_or_minus_zero)
+    }
+
+    /// The top-level values keep to their schema: every finished object has one of the listed
+    /// values for `unit` and an integer for `days`; one the budget cuts is a prefix of such.
+    #[test]
+    fn sampled_arguments_keep_to_their_types_and_listed_values() {
+        let (_dir, base, prompt) = tiny();
+        let units = ["c", "celsius", "fahrenheit"];
+        let schema = ArgumentSchema::from_schema(&serde_json::json!({
+            "type": "object", "required": ["unit", "days"], "properties": {
+                "unit": {"type": "string", "enum": units},
+                "days": {"type": "integer"},
+                "note": {}}}));
+        assert!(schema.is_some());
+        let mut finished = 0;
+        for seed in 0..12 {
+            let params = sampled(
+                seed,
+                160,
+                vec![
+                    Lead::Text("args: ".into()),
+                    Lead::JsonObject(vec![schema.clone()]),
+                    Lead::End,
+                ],
+            );
+            let g = run(&base, &prompt, &params);
+            let body = g.text.strip_prefix("args: ").expect("the frame first");
+            if g.finish == FinishReason::Stop {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                let unit = v["unit"].as_str().unwrap_or_default();
+                assert!(units.contains(&unit), "seed {seed}: {body:?}");
+                assert!(is_integer(&v["days"]), "seed {seed}: {body:?}");
+                finished += 1;
+            } else {
+                assert_eq!(g.completion_ids.len(), 160, "only the budget cuts it short");
+                let cut = JsonPrefix::new().after(body, schema.as_ref());
+                assert!(cut.is_some(), "seed {seed}: {body:?}");
+            }
+        }
+        assert!(finished > 0, "no object was finished within the budget");
     }
 
     #[test]
