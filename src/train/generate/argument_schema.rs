@@ -46,8 +46,8 @@ impl ArgumentSchema {
     /// The keys of a function's `parameters` schema, when it lists them: an object schema with
     /// `properties` that does not allow others (`additionalProperties` absent or false), at most
     /// 64 of them, each plain text (no quote, backslash or control character, so never escaped;
-    /// shorter than 64 KiB, as the checker counts), and `required` naming only them. `None` otherwise: the object's keys and values are then
-    /// free.
+    /// shorter than 64 KiB, as the checker counts), and `required` naming only them. `None`
+    /// otherwise: the object's keys and values are then free.
     pub fn from_schema(schema: &Value) -> Option<Self> {
         if schema.get("type").is_some_and(|t| t != "object") {
             return None;
