@@ -1,7 +1,6 @@
 //! What a forced call's arguments object may hold, read from the function's `parameters` schema:
 //! its top-level keys, which are required, and each key's value type and `enum`/`const` values.
 
-use super::json_prefix::JsonPrefix;
 use serde_json::Value;
 
 /// Value types, as bits: a key's `types` is the union of those its schema allows.
@@ -48,7 +47,11 @@ impl ArgumentSchema {
     /// 64 of them, each plain text (no quote, backslash or control character, so never escaped;
     /// shorter than 64 KiB, as the checker counts), and `required` naming only them. `None`
     /// otherwise: the object's keys and values are then free.
-    pub fn from_schema(schema: &Value) -> Option<Self> {
+    ///
+    /// `writable(types, text)`: whether the checker can write the listed value `text` as a value
+    /// of `types` (it is [`super::json_prefix`]'s, passed in by `from_schema` there, so that this
+    /// file does not import the checker that reads it).
+    pub(super) fn read(schema: &Value, writable: &dyn Fn(u8, &str) -> bool) -> Option<Self> {
         if schema.get("type").is_some_and(|t| t != "object") {
             return None;
         }
@@ -77,7 +80,10 @@ impl ArgumentSchema {
             let i = names.iter().position(|n| Some(n.as_str()) == r.as_str())?;
             required |= 1 << i;
         }
-        let values = names.iter().map(|n| value_schema(&properties[n])).collect();
+        let values = names
+            .iter()
+            .map(|n| value_schema(&properties[n], writable))
+            .collect();
         Some(Self {
             names,
             required,
@@ -115,7 +121,7 @@ pub(super) fn types_beginning_with(b: u8) -> u8 {
 /// A property's `type` and `enum`/`const`. A property that combines schemas (`$ref`, `anyOf`,
 /// `oneOf`, `allOf`) is free: following those is more than a byte-at-a-time check can hold, and
 /// a sibling `type` may mean little beside a `$ref`. An unknown type name leaves the type free.
-fn value_schema(p: &Value) -> ValueSchema {
+fn value_schema(p: &Value, writable: &dyn Fn(u8, &str) -> bool) -> ValueSchema {
     let combined = ["$ref", "anyOf", "oneOf", "allOf"];
     if !p.is_object() || combined.iter().any(|k| p.get(k).is_some()) {
         return ValueSchema::FREE;
@@ -136,20 +142,7 @@ fn value_schema(p: &Value) -> ValueSchema {
     };
     // The checker itself tells which listed values can be written as the type: one of another
     // type, or a number it cannot hold (1e300: three exponent digits), could never be finished.
-    let alone = ArgumentSchema {
-        names: vec!["k".into()],
-        required: 0,
-        values: vec![ValueSchema {
-            types,
-            one_of: Vec::new(),
-        }],
-    };
-    let writable = |t: &String| {
-        t.len() < u16::MAX as usize
-            && JsonPrefix::new()
-                .after(&format!("{{\"k\":{t}}}"), Some(&alone))
-                .is_some_and(|p| p.is_done())
-    };
+    let writable = |t: &String| t.len() < u16::MAX as usize && writable(types, t);
     let mut one_of: Vec<String> = listed
         .into_iter()
         .map(Value::to_string)
@@ -180,6 +173,7 @@ fn type_bits(name: &str) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::json_prefix::JsonPrefix;
     use super::*;
     use serde_json::json;
 

@@ -3,7 +3,8 @@
 //! type and listed values): a checker fed a byte at a time whose whole state is a few words, so
 //! that masking a vocabulary copies it once per candidate token instead of re-reading the text.
 
-use super::argument_schema::{types_beginning_with, ArgumentSchema, NUMBER};
+use super::argument_schema::{types_beginning_with, ArgumentSchema, ValueSchema, NUMBER};
+use serde_json::Value;
 
 /// Containers nest at most this deep (one bit each in `arrays`).
 const MAX_DEPTH: u8 = 64;
@@ -130,6 +131,29 @@ enum Num {
     E,
     ESign,
     Exp(u8),
+}
+
+impl ArgumentSchema {
+    /// The schema of a function's `parameters` (see [`ArgumentSchema::read`]), its listed values
+    /// kept to those this checker can write.
+    pub fn from_schema(schema: &Value) -> Option<Self> {
+        Self::read(schema, &writable)
+    }
+}
+
+/// Whether the checker can write `text` as the one value of a key of `types`.
+fn writable(types: u8, text: &str) -> bool {
+    let alone = ArgumentSchema {
+        names: vec!["k".into()],
+        required: 0,
+        values: vec![ValueSchema {
+            types,
+            one_of: Vec::new(),
+        }],
+    };
+    JsonPrefix::new()
+        .after(&format!("{{\"k\":{text}}}"), Some(&alone))
+        .is_some_and(|p| p.is_done())
 }
 
 impl JsonPrefix {
