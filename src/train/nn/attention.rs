@@ -56,36 +56,37 @@ pub(super) struct Dims {
 
 impl PackedAttention {
     fn dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Dims> {
-        let (n, hq, d) = ql.shape().dims3()?;
-        let (nk, hkv, dk) = kl.shape().dims3()?;
-        let covered: usize = self.segments.iter().map(|s| s.1).sum();
-        let contiguous_cover = self
-            .segments
-            .iter()
-            .try_fold(0, |at, &(s, t)| (s == at).then_some(at + t))
-            == Some(n);
-        if nk != n
-            || dk != d
-            || kl.shape() != vl.shape()
-            || hkv == 0
-            || hq % hkv != 0
-            || covered != n
-            || !contiguous_cover
-        {
-            candle_core::bail!(
-                "packed attention: q {:?}, k {:?}, v {:?} and segments {:?} do not fit",
-                ql.dims(),
-                kl.dims(),
-                vl.dims(),
-                self.segments
-            )
-        }
-        Ok(Dims { hq, hkv, d })
+        packed_dims(ql.shape(), kl.shape(), vl.shape(), &self.segments)
     }
 
     fn prob_offsets(&self, hq: usize) -> (Vec<usize>, usize) {
         prob_offsets(&self.segments, hq)
     }
+}
+
+/// The head counts and head dim of packed attention over `q (N, Hq, D)`, `k`/`v (N, Hkv, D)`,
+/// when the shapes agree and the segments cover the N rows in order, each once.
+pub(super) fn packed_dims(
+    q: &Shape,
+    k: &Shape,
+    v: &Shape,
+    segments: &[(usize, usize)],
+) -> Result<Dims> {
+    let (n, hq, d) = q.dims3()?;
+    let (nk, hkv, dk) = k.dims3()?;
+    let contiguous_cover = segments
+        .iter()
+        .try_fold(0, |at, &(s, t)| (s == at).then_some(at + t))
+        == Some(n);
+    if nk != n || dk != d || k != v || hkv == 0 || hq % hkv != 0 || !contiguous_cover {
+        candle_core::bail!(
+            "packed attention: q {:?}, k {:?}, v {:?} and segments {segments:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    Ok(Dims { hq, hkv, d })
 }
 
 /// Where each sequence's Hq probability blocks of T×T start, and their total size.

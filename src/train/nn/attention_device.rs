@@ -14,9 +14,10 @@
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
 
+use super::attention::{packed_dims, Dims};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// `q (N, Hq, D)`, `k`/`v (N, Hkv, D)`, `segments`: (start, len) of each sequence, covering N
 /// -> `(N, Hq·D)`: per sequence, `softmax(q kᵀ / √D)` with row i seeing keys 0..=i, times v.
@@ -26,17 +27,7 @@ pub fn packed_attention_device(
     v: &Tensor,
     segments: &[(usize, usize)],
 ) -> Result<Tensor> {
-    let (n, hq, d) = q.dims3()?;
-    let (nk, hkv, dk) = k.dims3()?;
-    let covered: usize = segments.iter().map(|s| s.1).sum();
-    if nk != n || dk != d || k.shape() != v.shape() || hkv == 0 || hq % hkv != 0 || covered != n {
-        candle_core::bail!(
-            "packed attention: q {:?}, k {:?}, v {:?} and segments {segments:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )
-    }
+    let Dims { hq, hkv, d } = packed_dims(q.shape(), k.shape(), v.shape(), segments)?;
     let heads = Heads {
         hq,
         hkv,
@@ -70,7 +61,7 @@ pub fn packed_attention_device(
     let op = DeviceAttention {
         segments: segments.to_vec(),
         heads,
-        out: out.contiguous()?,
+        out: Mutex::new(Some(out.contiguous()?)),
         probs,
     };
     q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
@@ -147,19 +138,31 @@ impl Heads {
 struct DeviceAttention {
     segments: Vec<(usize, usize)>,
     heads: Heads,
-    /// `(N, Hq·D)`, contiguous.
-    out: Tensor,
+    /// `(N, Hq·D)`, contiguous, until the node copies it as its value; the backward reads that.
+    out: Mutex<Option<Tensor>>,
     /// Per sequence, `(Hkv, G·T, T)`.
     probs: Vec<Tensor>,
 }
 
 impl DeviceAttention {
-    /// A copy of the output computed up front, as this node's value.
-    fn value<S: BackendStorage>(&self, storage: &S, layout: &Layout) -> Result<(S, Shape)> {
+    /// The output computed up front, copied as this node's value and then let go, so that it is
+    /// not held twice.
+    fn value<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let out = self.out.lock().expect("attention output").take();
+        let Some(out) = out else {
+            candle_core::bail!("packed attention: the node's value was already taken")
+        };
+        let (storage, layout) = out.storage_and_layout();
+        let Some(s) = pick(&storage) else {
+            candle_core::bail!("packed attention: output and inputs on different devices")
+        };
         if !layout.is_contiguous() || layout.start_offset() != 0 {
             candle_core::bail!("packed attention: output not laid out from its start")
         }
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
     }
 }
 
@@ -177,11 +180,10 @@ impl CustomOp3 for DeviceAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => self.value(s, layout),
-            _ => candle_core::bail!("packed attention: output and inputs on different devices"),
-        }
+        self.value(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(
@@ -193,11 +195,10 @@ impl CustomOp3 for DeviceAttention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => self.value(s, layout),
-            _ => candle_core::bail!("packed attention: output and inputs on different devices"),
-        }
+        self.value(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// Per sequence, with `dO (Hkv, G·T, D)` and `P (Hkv, G·T, T)`:
@@ -209,17 +210,18 @@ impl CustomOp3 for DeviceAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = self.heads;
-        let (qd, kd, vd, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        let (od, grad) = (out.detach(), grad.detach());
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for (&(start, t), p) in self.segments.iter().zip(&self.probs) {
             let qs = h.query_major(&qd, start, t)?;
             let ks = h.kv_major(&kd, start, t)?;
             let vs = h.kv_major(&vd, start, t)?;
-            let os = h.query_major(&self.out, start, t)?;
+            let os = h.query_major(&od, start, t)?;
             let gs = h.query_major(&grad, start, t)?;
             let row = (&gs * &os)?.sum_keepdim(D::Minus1)?; // (Hkv, G·T, 1)
             let ds = (gs.matmul(&vs.t()?)?.broadcast_sub(&row)? * p)?; // (Hkv, G·T, T)
