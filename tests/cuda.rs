@@ -10,12 +10,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::grads::{loss_and_grads, random_lora, rel_err};
 use common::train::{encoded_examples, run_steps, tiny_model, train_job};
-use sftd::train::checkpoint::load_adapter;
 use sftd::train::data::encode::Example;
 use sftd::train::device::DeviceInfo;
 use sftd::train::events::{Control, StepMetrics};
-use sftd::train::generate::{generate, BaseModel, SamplingParams};
-use sftd::train::model::qwen3::AdapterWeights;
 use sftd::train::model::Qwen3;
 use std::collections::HashMap;
 use std::path::Path;
@@ -194,53 +191,13 @@ fn twenty_training_steps_on_the_gpu_track_the_cpu() {
     }
 }
 
-/// The serving path on the GPU: the generation fixture (written by transformers + PEFT, as
-/// `tests/generate_parity.rs` uses it on the CPU) prefilled and decoded through the KV cache,
-/// with and without its adapter, token for token.
+/// The serving path on the GPU: the generation fixture (as `tests/generate_parity.rs` uses it
+/// on the CPU) prefilled and decoded through the KV cache, with and without its adapter, token
+/// for token against transformers + PEFT.
 #[test]
 fn greedy_generation_on_the_gpu_is_token_identical_to_transformers_peft() {
     let Some((dev, _)) = gpu() else { return };
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let dir = tempfile::tempdir().unwrap();
-    for (from, f) in [
-        ("generate/model", "config.json"),
-        ("generate/model", "model.safetensors"),
-        ("tokenizer", "tokenizer.json"),
-        ("tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixtures.join(from).join(f), dir.path().join(f)).unwrap();
-    }
-    let base = BaseModel::load(dir.path(), &dev).unwrap();
-    let raw = load_adapter(&fixtures.join("generate/adapter"), &dev).unwrap();
-    let adapter = AdapterWeights::new(&base.model, &raw).unwrap();
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join("generate/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    let stop: Vec<u32> = serde_json::from_value(expected["stop_ids"].clone()).unwrap();
-    let mut generated = 0;
-    for case in expected["cases"].as_array().unwrap() {
-        let ids: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
-        for (key, lora) in [("base", None), ("adapter", Some(&adapter))] {
-            let mut want: Vec<u32> = serde_json::from_value(case[key]["ids"].clone()).unwrap();
-            if want.last().is_some_and(|t| stop.contains(t)) {
-                want.pop();
-            }
-            let params = SamplingParams::greedy(max_new);
-            let g = generate(
-                &base.model,
-                lora.into(),
-                &base.format,
-                &ids,
-                &params,
-                |_| true,
-            )
-            .unwrap();
-            assert_eq!(g.completion_ids, want, "{key} generation of case {case}");
-            generated += g.completion_ids.len();
-        }
-    }
+    let generated = common::generate_fixture::assert_greedy_matches_transformers_peft(&dev);
     println!("greedy generation on the GPU: {generated} tokens, all equal to transformers + PEFT");
 }
 

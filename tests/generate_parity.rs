@@ -2,88 +2,30 @@
 //! `tools/parity/generate_parity.py`: a tiny Qwen3 with scaled weights so the logits are well
 //! apart, and a LoRA adapter with non-zero B), and the KV-cache path agrees with a full forward.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
+use common::generate_fixture::{self, fixtures, greedy};
 use sftd::train::checkpoint::load_adapter;
-use sftd::train::generate::{generate, BaseModel, FinishReason, Generation, SamplingParams};
+use sftd::train::generate::BaseModel;
 use sftd::train::model::qwen3::{AdapterWeights, KvCache, Tuning};
 use sftd::train::model::Qwen3;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// The fixture model directory with the fixture tokenizer beside its weights.
-fn model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            fixtures().join("generate/model").join(f),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixtures().join("tokenizer").join(f), dir.path().join(f)).unwrap();
-    }
-    dir
-}
 
 fn load() -> (tempfile::TempDir, BaseModel, AdapterWeights) {
-    let dir = model_dir();
-    let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
-    let raw = load_adapter(&fixtures().join("generate/adapter"), &Device::Cpu).unwrap();
-    let adapter = AdapterWeights::new(&base.model, &raw).unwrap();
-    (dir, base, adapter)
+    generate_fixture::load_on(&Device::Cpu)
 }
 
 #[test]
 fn greedy_output_is_token_identical_to_transformers_peft() {
-    assert_greedy_matches_transformers_peft();
+    generate_fixture::assert_greedy_matches_transformers_peft(&Device::Cpu);
 }
 
 /// The same with sftd's CPU kernels off: the uncached prefill and cached decode a GPU runs.
 #[test]
 fn greedy_output_on_the_gpu_graph_is_token_identical_too() {
-    sftd::train::nn::cpu_kernels::off_in(assert_greedy_matches_transformers_peft);
-}
-
-fn assert_greedy_matches_transformers_peft() {
-    let (_dir, base, adapter) = load();
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("generate/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    let stop: Vec<u32> = serde_json::from_value(expected["stop_ids"].clone()).unwrap();
-    for case in expected["cases"].as_array().unwrap() {
-        let messages = case["messages"].as_array().unwrap();
-        let tools = case["tools"].as_array().map(|t| t.as_slice());
-        let text = base
-            .format
-            .template
-            .render_prompt(messages, tools, true, case["enable_thinking"].as_bool())
-            .unwrap();
-        let ids = base.format.encode(&text).unwrap();
-        let want_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
-        assert_eq!(ids, want_prompt, "prompt of {messages:?}");
-        for (key, lora) in [("base", None), ("adapter", Some(&adapter))] {
-            let mut want: Vec<u32> = serde_json::from_value(case[key]["ids"].clone()).unwrap();
-            let ended = want.last().is_some_and(|t| stop.contains(t));
-            if ended {
-                want.pop();
-            }
-            let g = greedy(&base, lora, &ids, max_new).unwrap();
-            assert_eq!(g.completion_ids, want, "{key} generation of {messages:?}");
-            let finish = if ended {
-                FinishReason::Stop
-            } else {
-                FinishReason::Length
-            };
-            assert_eq!(g.finish, finish, "{key}");
-        }
-    }
+    sftd::train::nn::cpu_kernels::off_in(|| {
+        generate_fixture::assert_greedy_matches_transformers_peft(&Device::Cpu);
+    });
 }
 
 #[test]
@@ -189,24 +131,6 @@ fn a_prompt_beyond_the_context_is_refused() {
         .is_some());
     let err = greedy(&base, None, &ids[..n - 4], 8).unwrap_err();
     assert!(err.to_string().contains("exceed"), "{err}");
-}
-
-/// Greedy generation of up to `max_new` tokens on `base`, with `adapter` beside it.
-fn greedy(
-    base: &BaseModel,
-    adapter: Option<&AdapterWeights>,
-    ids: &[u32],
-    max_new: usize,
-) -> anyhow::Result<Generation> {
-    let params = SamplingParams::greedy(max_new);
-    generate(
-        &base.model,
-        adapter.into(),
-        &base.format,
-        ids,
-        &params,
-        |_| true,
-    )
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod generate_fixture;
 pub mod grads;
 pub mod jobs;
 pub mod postgres;
