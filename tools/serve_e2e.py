@@ -68,21 +68,21 @@ def main():
         server.wait(timeout=30)
 
 
-def run(base, args, server, log_path):
-    for _ in range(300):
+def wait_healthy(base, server, log_path, seconds=60):
+    """Returns once /healthz answers; exits, with the server's log, if it dies or stays silent."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and server.poll() is None:
         try:
             call(base, "GET", "/healthz", timeout=2)
-            break
-        except Exception:
-            if server.poll() is not None:
-                break
+            return
+        except OSError:
             time.sleep(0.2)
-    else:
-        server.poll()
-    if server.returncode is not None:
-        print(open(log_path).read(), file=sys.stderr)
-        sys.exit(f"sftd serve exited with {server.returncode}")
+    print(open(log_path).read(), file=sys.stderr)
+    sys.exit(f"sftd serve did not come up (exit status {server.poll()})")
 
+
+def run(base, args, server, log_path):
+    wait_healthy(base, server, log_path)
     train = upload(base, os.path.join(ROOT, "examples/tool_calls.jsonl"))
     val = upload(base, os.path.join(ROOT, "examples/tool_calls_val.jsonl"))
     job = json.load(open(os.path.join(ROOT, "examples/job.json")))
