@@ -350,3 +350,39 @@ async fn a_fine_tuned_job_and_its_checkpoints_are_models() {
         (404, Some("model_not_found"))
     );
 }
+
+/// A node that trains nothing (`serve --no-worker`, the cluster's API node) still answers chat,
+/// on its own device, with what a full node answers.
+#[tokio::test]
+async fn an_api_node_answers_chat_on_its_own_device() {
+    let env = Env::new();
+    let full = env.start();
+    let (st, expected) = chat(&full, &hello("sftd-demo")).await;
+    assert_eq!(st, 200, "{expected}");
+    drop(full);
+    let api = env.start_args(&["serve", "--no-worker"]);
+    let ask = hello("sftd-demo");
+    let (st, v) = tokio::time::timeout(Duration::from_secs(60), chat(&api, &ask))
+        .await
+        .expect("an API node answers chat instead of queueing it for a worker it has not");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"], expected["choices"][0]["message"],
+        "greedy, the same answer as a full node"
+    );
+    let mut streamed = hello("sftd-demo");
+    streamed["stream"] = true.into();
+    let chunks = tokio::time::timeout(Duration::from_secs(60), api.chat_stream(&streamed))
+        .await
+        .expect("a streamed answer too");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        content,
+        expected["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+}

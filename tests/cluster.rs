@@ -6,7 +6,7 @@
 //! workers, that a killed worker's job is taken over after its lease and succeeds, that a
 //! frozen worker past its lease writes nothing once it wakes (fencing), that an event stream
 //! moves from one API node to another with `Last-Event-ID` and sees every event exactly once,
-//! and that no job is claimed twice. Leases are short (SFTD_LEASE_MS) so this runs in CI.
+//! that the API nodes answer chat with a fine-tuned model, and that no job is claimed twice. Leases are short (SFTD_LEASE_MS) so this runs in CI.
 
 mod common;
 
@@ -64,10 +64,29 @@ async fn two_api_nodes_and_two_workers_survive_a_killed_and_a_frozen_worker() {
         .parse()
         .unwrap();
     let second_part = read_sse(open_stream(&b, &followed, Some(last_id)).await, |_| false).await;
+    let mut fine_tuned = String::new();
     for id in &jobs {
         let j = b.wait_status(id, "succeeded", LONG).await;
         assert_eq!(j["result_files"].as_array().unwrap().len(), 3, "{j}");
+        fine_tuned = j["fine_tuned_model"].as_str().unwrap().to_string();
     }
+    // Chat with a fine-tuned model on the API nodes, which train nothing: each fetches the
+    // adapter from the bucket and generates on its own device, and greedy, both say the same.
+    let ask = serde_json::json!({
+        "model": fine_tuned,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "temperature": 0,
+        "max_completion_tokens": 6,
+    });
+    let (st, on_a) = a.post_json("/v1/chat/completions", &ask).await;
+    assert_eq!(st, 200, "{on_a}");
+    let (st, on_b) = b.post_json("/v1/chat/completions", &ask).await;
+    assert_eq!(st, 200, "{on_b}");
+    assert!(
+        on_a["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{on_a}"
+    );
+    assert_eq!(on_a["choices"][0]["message"], on_b["choices"][0]["message"]);
     let ran_on: std::collections::BTreeSet<String> =
         sqlx::query_scalar("SELECT worker_id FROM jobs WHERE id = ANY($1)")
             .bind(&jobs)

@@ -231,6 +231,15 @@ impl Worker {
             }
         }
         if !opts.trains() {
+            let device = opts.device.clone();
+            let thread = std::thread::Builder::new()
+                .name("sftd-serving".into())
+                .spawn(move || {
+                    let _alive = ClearOnExit(shared.clone());
+                    serving_main(&device, rx, &shared);
+                })
+                .expect("spawning the serving thread");
+            *worker.thread.lock().expect("worker thread lock") = Some(thread);
             return Ok(worker);
         }
         for job in store.orphaned_jobs(true).await? {
@@ -471,6 +480,29 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
         }
     }
     tracing::info!("worker stopped");
+}
+
+/// The thread of a process that trains nothing (`sftd serve --no-worker`): it answers chat,
+/// running the generation tasks on this node's own device (`SFTD_DEVICE`; the CPU where it has
+/// no GPU) as they come.
+fn serving_main(device: &str, rx: mpsc::Receiver<Command>, shared: &Shared) {
+    let device = match crate::train::device_from_str(device) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(device, error = %e, "cannot open the device; chat is not served here");
+            return;
+        }
+    };
+    tracing::info!(device = ?device, "serving chat on this node's device");
+    let serving = serve::Serving::new(shared.tasks.clone(), device);
+    loop {
+        // A wake-up sent while the tasks ran waits in the channel: none is missed.
+        serving.run_idle();
+        match rx.recv() {
+            Ok(Command::Wake) => {}
+            Ok(Command::Shutdown) | Err(_) => break,
+        }
+    }
 }
 
 /// Waits [`STORAGE_BACKOFF`] before the next claim, or less if the worker is shutting down.
