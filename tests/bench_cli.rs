@@ -109,3 +109,34 @@ fn bench_runs_with_lora_dropout_and_refuses_an_impossible_one() {
         "{stderr}"
     );
 }
+
+/// `--json-mask` times the forced-call mask over the model's vocabulary at each state it
+/// reports, the index against reading every token (the command fails if they disagree), and
+/// the states allow what a JSON object allows there.
+#[test]
+fn bench_json_mask_reports_each_state_of_a_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mask = report(&bench(
+        tmp.path(),
+        &["--json-mask", "--steps", "2", "--json"],
+    ));
+    assert!(mask["vocabulary"].as_u64().unwrap() > 1000, "{mask}");
+    assert_eq!(mask["runs"], 2);
+    let cases = mask["cases"].as_array().unwrap();
+    let allowed = |state: &str, schema: bool| {
+        let case = cases
+            .iter()
+            .find(|c| c["state"] == state && c["schema"] == schema)
+            .unwrap_or_else(|| panic!("{state} {schema}: {mask}"));
+        assert!(case["indexed_ms_best"].as_f64().unwrap() >= 0.0);
+        assert!(case["one_by_one_ms_median"].as_f64().unwrap() > 0.0);
+        case["allowed_tokens"].as_u64().unwrap()
+    };
+    let vocabulary = mask["vocabulary"].as_u64().unwrap();
+    // Inside a free string nearly every token fits; before the object only those of `{`; a
+    // listed key narrows the first key to the schema's names.
+    assert!(allowed("in a string value", false) > vocabulary * 9 / 10);
+    assert!(allowed("before the object", false) < 10);
+    assert!(allowed("first key", true) < allowed("first key", false));
+    assert!(allowed("in a listed value", true) < 10);
+}

@@ -3,6 +3,7 @@
 
 mod device;
 mod generate;
+mod json_mask;
 
 use crate::train::data::encode::{Encoder, Example};
 use crate::train::data::template::ChatTemplate;
@@ -80,6 +81,12 @@ pub struct BenchArgs {
     /// the prompt is the data's first chat row up to its first assistant turn.
     #[arg(long)]
     pub generate: bool,
+    /// Benchmark the vocabulary mask of forced tool calls instead: milliseconds per mask over
+    /// the model's vocabulary at the states a call's arguments go through, by the vocabulary's
+    /// index and by reading every token (`--steps` timed runs each). Reads only the model's
+    /// tokenizer, template and config.
+    #[arg(long, conflicts_with = "generate")]
+    pub json_mask: bool,
     /// Tokens generated per run with `--generate`.
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
@@ -124,6 +131,14 @@ pub struct BenchReport {
 pub fn bench(args: BenchArgs) -> Result<()> {
     for note in crate::train::nn::kernel_isa().1 {
         eprintln!("warning: {note}");
+    }
+    if args.json_mask {
+        let model_dir = if args.model == crate::train::spec::DEMO_MODEL {
+            crate::train::demo::ensure_demo_model(&args.data_dir)?
+        } else {
+            PathBuf::from(&args.model)
+        };
+        return json_mask::bench(&model_dir, args.steps, args.json);
     }
     if args.generate {
         return generate::bench(&generate::GenerateArgs {
@@ -387,7 +402,7 @@ fn bench_model(data_dir: &std::path::Path, shape: &str) -> Result<PathBuf> {
 }
 
 /// `model name` from /proc/cpuinfo.
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     cpuinfo_field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 

@@ -18,8 +18,30 @@ use tokenizers::Tokenizer;
 mod argument_schema;
 mod json_prefix;
 mod opening;
+mod vocab_mask;
 pub use argument_schema::ArgumentSchema;
 pub use opening::Lead;
+pub use vocab_mask::TokenTexts;
+
+/// The tokens allowed after `prefix` of a forced call's JSON arguments (keeping to `schema`
+/// when given), by the vocabulary's index or, `one_by_one`, by reading every token's text:
+/// `sftd bench --json-mask` times both.
+pub fn json_mask(
+    format: &ChatFormat,
+    prefix: &str,
+    schema: Option<&ArgumentSchema>,
+    one_by_one: bool,
+) -> Result<Vec<u32>> {
+    let json = json_prefix::JsonPrefix::new()
+        .after(prefix, schema)
+        .ok_or_else(|| anyhow!("no JSON object that the schema allows begins with {prefix:?}"))?;
+    let vocab = format.token_texts();
+    Ok(if one_by_one {
+        vocab.json_tokens_one_by_one(json, schema)
+    } else {
+        vocab.json_tokens(json, schema)
+    })
+}
 
 /// A prompt that leaves no room in the model's context (a client error, not a failure).
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +59,7 @@ pub struct ChatFormat {
     /// Prompt plus completion positions (`max_position_embeddings`).
     pub context_len: usize,
     /// Each token's text, built on first use by [`ChatFormat::token_texts`].
-    token_texts: OnceLock<Vec<String>>,
+    token_texts: OnceLock<TokenTexts>,
 }
 
 impl ChatFormat {
@@ -72,22 +94,24 @@ impl ChatFormat {
         })
     }
 
-    /// Each token's text by id, for masking the vocabulary by what the tokens would write.
-    /// Added tokens (`<|im_end|>`, `<tool_call>`, …) and end-of-turn tokens are empty: they are
-    /// markup, never content.
+    /// Each token's text by id, indexed for masking the vocabulary by what the tokens would
+    /// write. Added tokens (`<|im_end|>`, `<tool_call>`, …) and end-of-turn tokens are empty:
+    /// they are markup, never content.
     /// Built once per format, on first use: one decode per token.
-    pub fn token_texts(&self) -> &[String] {
+    pub fn token_texts(&self) -> &TokenTexts {
         self.token_texts.get_or_init(|| {
             let added = self.tokenizer.get_added_tokens_decoder();
-            (0..self.tokenizer.get_vocab_size(true) as u32)
-                .map(|id| {
-                    if added.contains_key(&id) || self.stop_ids.contains(&id) {
-                        String::new()
-                    } else {
-                        self.tokenizer.decode(&[id], false).unwrap_or_default()
-                    }
-                })
-                .collect()
+            TokenTexts::new(
+                (0..self.tokenizer.get_vocab_size(true) as u32)
+                    .map(|id| {
+                        if added.contains_key(&id) || self.stop_ids.contains(&id) {
+                            String::new()
+                        } else {
+                            self.tokenizer.decode(&[id], false).unwrap_or_default()
+                        }
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -366,7 +390,8 @@ impl Sampler {
 
 impl Sampler {
     /// [`Sampler::next`] over `allowed` alone: the other tokens' probabilities are zero, so
-    /// temperature and top-p act on the allowed tokens' renormalised distribution.
+    /// temperature and top-p act on the allowed tokens' renormalised distribution. `allowed`
+    /// is ascending.
     fn next_among(&mut self, logits: &[f32], allowed: &[u32]) -> u32 {
         let mut masked = vec![f32::NEG_INFINITY; logits.len()];
         for &t in allowed {
@@ -374,7 +399,7 @@ impl Sampler {
         }
         let next = self.next(&masked);
         // Logits that are all -inf or NaN leave nothing to weigh; the first allowed token stands.
-        if allowed.contains(&next) {
+        if allowed.binary_search(&next).is_ok() {
             next
         } else {
             allowed[0]

@@ -175,11 +175,41 @@ impl JsonPrefix {
 
     /// The state after `text`, or `None` when no JSON object (that `args` allows, when given)
     /// begins with what was read and it.
-    pub(super) fn after(mut self, text: &str, args: Option<&ArgumentSchema>) -> Option<Self> {
-        for b in text.bytes() {
+    pub(super) fn after(self, text: &str, args: Option<&ArgumentSchema>) -> Option<Self> {
+        self.after_bytes(text.as_bytes(), args)
+    }
+
+    /// [`JsonPrefix::after`] for bytes that may begin or end inside a character.
+    pub(super) fn after_bytes(
+        mut self,
+        bytes: &[u8],
+        args: Option<&ArgumentSchema>,
+    ) -> Option<Self> {
+        for &b in bytes {
             self = self.step(b, args)?;
         }
         Some(self)
+    }
+
+    /// The state after the one byte `b` (see [`JsonPrefix::after`]).
+    pub(super) fn after_byte(self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
+        self.step(b, args)
+    }
+
+    /// Whether any text without a quote, a backslash or a control byte leaves this state as it
+    /// is: inside a string, not just after a backslash, and not spelling a key or value that
+    /// `args` lists (which every byte narrows).
+    pub(super) fn keeps_plain_text(&self, args: Option<&ArgumentSchema>) -> bool {
+        let At::Str {
+            key,
+            escaped: false,
+            hex: 0,
+        } = self.at
+        else {
+            return false;
+        };
+        // A byte read clears the blanks count, which a string's first byte has already done.
+        self.blanks == 0 && (args.is_none() || !(self.value.is_open() || (key && self.depth == 1)))
     }
 
     fn step(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {

@@ -132,10 +132,10 @@ pub(super) fn write(
                     .get(picked)
                     .or(schemas.first())
                     .and_then(Option::as_ref);
-                let texts = format.token_texts();
+                let vocab = format.token_texts();
                 let mut json = JsonPrefix::new();
                 while !json.is_done() {
-                    let allowed = json_tokens(json, schema, texts);
+                    let allowed = vocab.json_tokens(json, schema);
                     // Only a vocabulary without single-byte tokens could leave nothing to write.
                     if ids.len() == max_new || allowed.is_empty() {
                         return Ok(false);
@@ -145,7 +145,7 @@ pub(super) fn write(
                         _ => sampler.next_among(&reader.read()?, &allowed),
                     };
                     json = json
-                        .after(&texts[next as usize], schema)
+                        .after(&vocab.texts()[next as usize], schema)
                         .expect("an allowed token continues the object");
                     push(ids, reader, next);
                 }
@@ -154,23 +154,6 @@ pub(super) fn write(
         }
     }
     Ok(false)
-}
-
-/// The tokens whose text keeps what `json` has read a JSON object's prefix (one that `schema`
-/// allows, when given). `texts` are the tokens' texts, empty for those that may not be written
-/// in JSON (see [`ChatFormat::token_texts`]); ids past them (padding rows of the head) are never
-/// allowed.
-pub(super) fn json_tokens(
-    json: JsonPrefix,
-    schema: Option<&ArgumentSchema>,
-    texts: &[String],
-) -> Vec<u32> {
-    texts
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| !t.is_empty() && json.after(t, schema).is_some())
-        .map(|(id, _)| id as u32)
-        .collect()
 }
 
 #[cfg(test)]
@@ -311,14 +294,16 @@ mod tests {
     #[test]
     fn markup_tokens_have_no_text_to_write_in_json() {
         let (_dir, base, _) = tiny();
-        let texts = base.format.token_texts();
+        let vocab = base.format.token_texts();
+        let texts = vocab.texts();
         let id = |t: &str| base.format.tokenizer.token_to_id(t).unwrap() as usize;
         for markup in ["<tool_call>", "</tool_call>", "<|im_end|>", "<|endoftext|>"] {
             assert_eq!(texts[id(markup)], "", "{markup}");
         }
         let brace = base.format.encode("{").unwrap();
         assert_eq!(texts[brace[0] as usize], "{");
-        assert!(json_tokens(JsonPrefix::new(), None, texts)
+        assert!(vocab
+            .json_tokens(JsonPrefix::new(), None)
             .iter()
             .all(|&t| texts[t as usize].starts_with('{')));
     }
