@@ -141,28 +141,47 @@ async fn tool_choice_required_or_named_forces_a_call() {
     // The arguments are a JSON object with the function's keys, so every call that ends within
     // the budget is a call, with exactly its required key.
     body["temperature"] = 1.0.into();
-    body["max_completion_tokens"] = 120.into();
-    let mut calls = 0;
-    for seed in 0..6 {
-        body["seed"] = seed.into();
-        let (st, v) = chat(&s, &body).await;
-        assert_eq!(st, 200, "{v}");
-        assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
-        if let Some(c) = v["choices"][0]["message"]["tool_calls"].as_array() {
-            let args = c[0]["function"]["arguments"].as_str().unwrap();
-            let args: Value = serde_json::from_str(args).unwrap();
-            let keys: Vec<&String> = args.as_object().unwrap().keys().collect();
-            let want = match c[0]["function"]["name"].as_str() {
-                Some("get_weather") => "city",
-                _ => "zone",
+    body["max_completion_tokens"] = 400.into();
+    // With parallel calls (the default) the model may write more than one, each such a call;
+    // with `parallel_tool_calls: false`, exactly one.
+    let mut finished = 0;
+    let mut most = 0;
+    for (parallel, seeds) in [(true, 0..24), (false, 0..6)] {
+        body["parallel_tool_calls"] = parallel.into();
+        for seed in seeds {
+            body["seed"] = seed.into();
+            let (st, v) = chat(&s, &body).await;
+            assert_eq!(st, 200, "{v}");
+            assert!(["get_weather", "get_time"].contains(&forced_name(&v).as_str()));
+            let Some(calls) = v["choices"][0]["message"]["tool_calls"].as_array() else {
+                assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+                continue;
             };
-            assert_eq!(keys, [want], "{v}");
-            calls += 1;
-        } else {
-            assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+            for call in calls {
+                let args = call["function"]["arguments"].as_str().unwrap();
+                let args: Value = serde_json::from_str(args).unwrap();
+                let keys: Vec<&String> = args.as_object().unwrap().keys().collect();
+                let want = match call["function"]["name"].as_str() {
+                    Some("get_weather") => "city",
+                    _ => "zone",
+                };
+                assert_eq!(keys, [want], "{v}");
+            }
+            if !parallel {
+                assert_eq!(calls.len(), 1, "{v}");
+                let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+                assert!(!text.contains("<tool_call>"), "{v}");
+            }
+            most = most.max(calls.len());
+            finished += 1;
         }
     }
-    assert!(calls > 0, "no forced call was finished within 120 tokens");
+    assert!(
+        finished > 0,
+        "no forced call was finished within 120 tokens"
+    );
+    assert!(most > 1, "no turn held parallel calls");
+    body["parallel_tool_calls"] = Value::Null;
     body["max_completion_tokens"] = 24.into();
 
     // Streamed, the same completion arrives: greedy, so the same text.
@@ -214,7 +233,7 @@ async fn a_forced_calls_values_keep_to_their_schema() {
     let units = ["c", "celsius", "fahrenheit"];
     let mut body = hello("sftd-demo");
     body["temperature"] = 1.0.into();
-    body["max_completion_tokens"] = 120.into();
+    body["max_completion_tokens"] = 400.into();
     body["tools"] = json!([{"type": "function", "function": {"name": "forecast",
         "parameters": {"type": "object", "required": ["unit", "days"], "properties": {
             "unit": {"type": "string", "enum": units}, "days": {"type": "integer"}}}}}]);

@@ -36,6 +36,8 @@ pub struct ChatRequest {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    /// Whether a turn may hold several calls (OpenAI's default: true). `false`: at most one.
+    parallel_tool_calls: Option<bool>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     max_completion_tokens: Option<u64>,
@@ -122,7 +124,8 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
             "stream_options is only allowed with stream: true",
         ));
     }
-    let tool_use = tool_choice::resolve(r.tools.as_deref(), r.tool_choice.as_ref())?;
+    let parallel = r.parallel_tool_calls.unwrap_or(true);
+    let tool_use = tool_choice::resolve(r.tools.as_deref(), r.tool_choice.as_ref(), parallel)?;
     // A forced call begins the answer, so there is no thinking to do: the template's
     // non-thinking form (Qwen3: an empty thinking block) unless the client asks otherwise.
     let forced = !tool_use.opening.is_empty();
@@ -206,6 +209,7 @@ async fn create(
         created: crate::store::now(),
         model: req.model.clone(),
         tools: plan.tools.is_some(),
+        one_call: req.parallel_tool_calls == Some(false),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let (done, job) = oneshot::channel();
@@ -291,10 +295,16 @@ struct Meta {
     created: i64,
     model: String,
     tools: bool,
+    /// `parallel_tool_calls: false`: a turn holds at most its first call.
+    one_call: bool,
 }
 
 fn parse(meta: &Meta, text: &str) -> AssistantTurn {
-    let turn = parse_assistant(text);
+    let mut turn = parse_assistant(text);
+    if meta.one_call {
+        // A forced call already stops after one; a free turn keeps its first.
+        turn.tool_calls.truncate(1);
+    }
     if meta.tools || turn.tool_calls.is_empty() {
         return turn;
     }

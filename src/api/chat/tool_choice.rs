@@ -1,7 +1,9 @@
 //! `tool_choice`: which tools the prompt offers and how the completion must begin. `"auto"` (the
 //! default) offers the tools and lets the model decide, `"none"` offers none, `"required"` and
 //! `{"type": "function", "function": {"name": …}}` force a call by writing its frame: the model
-//! picks among the offered names (`"required"`) and writes the arguments as a JSON object.
+//! picks among the offered names (`"required"`) and writes the arguments as a JSON object. With
+//! `"required"` and `parallel_tool_calls` (OpenAI's default) the model may then write further
+//! calls, each forced the same way, or end its turn.
 
 use super::invalid;
 use crate::api::error::AppError;
@@ -21,6 +23,7 @@ pub(super) struct ToolUse {
 pub(super) fn resolve(
     tools: Option<&[Value]>,
     choice: Option<&Value>,
+    parallel: bool,
 ) -> Result<ToolUse, AppError> {
     let tools = tools.filter(|t| !t.is_empty()).map(<[Value]>::to_vec);
     let free = |tools| {
@@ -49,8 +52,10 @@ pub(super) fn resolve(
                 }
             },
         };
+        // A named function is one call to it, as OpenAI forces it.
+        let more = parallel && only.is_none();
         Ok(ToolUse {
-            opening: call_opening(functions),
+            opening: call_opening(functions, more),
             tools: tools.clone(),
         })
     };
@@ -80,12 +85,13 @@ pub(super) fn resolve(
     }
 }
 
-/// The completion that is one call to one of `functions`: the frame is written for the model,
+/// The completion that is a call to one of `functions`: the frame is written for the model,
 /// which picks the function when there are several (the name with what follows it, so that no
 /// pick begins another) and writes the arguments as one JSON object, with that function's keys
 /// and their values' types and listed values when its schema lists them; the call closed, the
-/// completion ends.
-fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>) -> Vec<Lead> {
+/// completion ends, or with `more` the model picks between ending its turn and another call
+/// (on a line of its own, as Qwen3's template writes parallel calls).
+fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>, more: bool) -> Vec<Lead> {
     let (names, schemas): (Vec<&str>, Vec<Option<ArgumentSchema>>) = functions.into_iter().unzip();
     let mut leads = match names[..] {
         [name] => vec![Lead::Text(format!(
@@ -103,8 +109,12 @@ fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>) -> Vec<Lead> {
     };
     leads.push(Lead::JsonObject(schemas));
     leads.push(Lead::Text(CALL_AFTER_ARGUMENTS.to_string()));
-    // The forced call is the answer: what a model would write after it is not asked for.
-    leads.push(Lead::End);
+    // The forced calls are the answer: what a model would write after them is not asked for.
+    leads.push(if more {
+        Lead::Again("\n".to_string())
+    } else {
+        Lead::End
+    });
     leads
 }
 
@@ -155,11 +165,11 @@ mod tests {
     fn auto_and_none_force_nothing() {
         let tools = [tool("a"), tool("b")];
         for choice in [None, Some(json!("auto"))] {
-            let u = resolve(Some(&tools), choice.as_ref()).unwrap();
+            let u = resolve(Some(&tools), choice.as_ref(), true).unwrap();
             assert_eq!(u.tools.as_deref(), Some(&tools[..]));
             assert!(u.opening.is_empty());
         }
-        let u = resolve(Some(&tools), Some(&json!("none"))).unwrap();
+        let u = resolve(Some(&tools), Some(&json!("none")), true).unwrap();
         assert_eq!(
             u,
             ToolUse {
@@ -167,14 +177,14 @@ mod tests {
                 opening: vec![]
             }
         );
-        let u = resolve(Some(&[]), None).unwrap();
+        let u = resolve(Some(&[]), None, true).unwrap();
         assert_eq!(u.tools, None, "an empty list offers nothing");
     }
 
     #[test]
     fn required_picks_among_all_and_a_named_function_is_forced() {
         let tools = [tool("get_weather"), tool("get_time")];
-        let u = resolve(Some(&tools), Some(&json!("required"))).unwrap();
+        let u = resolve(Some(&tools), Some(&json!("required")), false).unwrap();
         let picks = vec![
             format!("get_weather{CALL_AFTER_NAME}"),
             format!("get_time{CALL_AFTER_NAME}"),
@@ -194,7 +204,7 @@ mod tests {
             "every tool stays offered"
         );
         let named = json!({"type": "function", "function": {"name": "get_time"}});
-        let u = resolve(Some(&tools), Some(&named)).unwrap();
+        let u = resolve(Some(&tools), Some(&named), true).unwrap();
         let whole = format!("{CALL_BEFORE_NAME}get_time{CALL_AFTER_NAME}");
         assert_eq!(
             u.opening,
@@ -207,13 +217,26 @@ mod tests {
         );
     }
 
+    /// With parallel calls (OpenAI's default) a required call may be followed by others; a
+    /// named function is called once either way.
+    #[test]
+    fn parallel_calls_let_the_model_write_another_or_end() {
+        let tools = [tool("get_weather"), tool("get_time")];
+        let u = resolve(Some(&tools), Some(&json!("required")), true).unwrap();
+        assert_eq!(u.opening.last(), Some(&Lead::Again("\n".into())));
+        assert_eq!(u.opening[0], Lead::Text(CALL_BEFORE_NAME.into()));
+        let named = json!({"type": "function", "function": {"name": "get_time"}});
+        let u = resolve(Some(&tools), Some(&named), true).unwrap();
+        assert_eq!(u.opening.last(), Some(&Lead::End));
+    }
+
     #[test]
     fn a_schema_that_lists_its_properties_gives_the_arguments_keys() {
         let params = json!({"type": "object", "required": ["city"],
             "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}});
         let tools = [json!({"type": "function",
             "function": {"name": "get_weather", "parameters": params}})];
-        let u = resolve(Some(&tools), Some(&json!("required"))).unwrap();
+        let u = resolve(Some(&tools), Some(&json!("required")), true).unwrap();
         let schema = ArgumentSchema::from_schema(&params);
         assert!(schema.is_some());
         assert_eq!(u.opening[1], Lead::JsonObject(vec![schema]));
@@ -239,7 +262,7 @@ mod tests {
             ),
         ];
         for (tools, choice, param) in cases {
-            let e = resolve(tools, Some(&choice)).unwrap_err();
+            let e = resolve(tools, Some(&choice), true).unwrap_err();
             assert_eq!(e.param_name(), Some(param), "{choice}");
             assert_eq!(e.into_response().status(), 400, "{choice}");
         }

@@ -23,6 +23,10 @@ pub enum Lead {
     JsonObject(Vec<Option<ArgumentSchema>>),
     /// The completion ends here, as if the model had ended its turn.
     End,
+    /// The model picks: end its turn here (an end-of-turn token), or write this text and then
+    /// the leads from the first again (another call after the one before). Only the budget
+    /// bounds how often.
+    Again(String),
 }
 
 /// An opening in token ids.
@@ -34,6 +38,7 @@ pub(super) enum Part {
     Choose(Vec<(Vec<u32>, usize)>),
     Json(Vec<Option<ArgumentSchema>>),
     End,
+    Again(Vec<u32>),
 }
 
 /// Encodes `leads` with the model's tokenizer. Each piece is encoded alone; the model then reads
@@ -68,6 +73,16 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
                 Part::Json(schemas.clone())
             }
             Lead::End => Part::End,
+            Lead::Again(text) => {
+                let ids = format.encode(text)?;
+                match ids.first() {
+                    None => bail!("the text before another round is empty"),
+                    Some(t) if format.stop_ids.contains(t) => {
+                        bail!("the text before another round begins with an end-of-turn token")
+                    }
+                    Some(_) => Part::Again(ids),
+                }
+            }
         });
     }
     Ok(parts)
@@ -83,8 +98,8 @@ pub(super) fn next_tokens(open: &[&(Vec<u32>, usize)], k: usize) -> Vec<u32> {
 }
 
 /// Writes the opening `parts` into `ids` (the model reading each token as its own), within
-/// `max_new` tokens in all. `true` when the opening reached an [`Lead::End`] whole: the
-/// completion is over.
+/// `max_new` tokens in all. `true` when the opening reached an [`Lead::End`] whole, or the model
+/// ended its turn at a [`Lead::Again`]: the completion is over.
 pub(super) fn write(
     parts: &[Part],
     format: &ChatFormat,
@@ -99,7 +114,9 @@ pub(super) fn write(
     };
     // The index of the last choice made, which picks a JSON object's schema.
     let mut picked = 0;
-    for part in parts {
+    let mut at = 0;
+    while let Some(part) = parts.get(at) {
+        at += 1;
         match part {
             Part::Force(tokens) => {
                 for &t in tokens {
@@ -151,6 +168,26 @@ pub(super) fn write(
                 }
             }
             Part::End => return Ok(true),
+            Part::Again(text) => {
+                if ids.len() == max_new {
+                    return Ok(false);
+                }
+                let mut allowed = format.stop_ids.clone();
+                allowed.push(text[0]);
+                allowed.sort_unstable();
+                allowed.dedup();
+                let next = sampler.next_among(&reader.read()?, &allowed);
+                if format.stop_ids.contains(&next) {
+                    return Ok(true);
+                }
+                for &t in text {
+                    if ids.len() == max_new {
+                        return Ok(false);
+                    }
+                    push(ids, reader, t);
+                }
+                at = 0;
+            }
         }
     }
     Ok(false)
@@ -342,6 +379,67 @@ mod tests {
             }
         }
         assert!(whole > 0, "no object was finished within the budget");
+    }
+
+    /// After `Again` the model either ends its turn or writes the text and every lead once
+    /// more: each completion is whole rounds (the last one possibly cut by the budget), and
+    /// across seeds the model both stops after one round and goes on to more.
+    #[test]
+    fn again_repeats_the_leads_until_the_model_ends_its_turn() {
+        let (_dir, base, prompt) = tiny();
+        let names = ["north", "south"];
+        let mut rounds_seen = std::collections::BTreeSet::new();
+        for seed in 0..24 {
+            let params = sampled(
+                seed,
+                200,
+                vec![
+                    Lead::Text("go ".into()),
+                    Lead::OneOf(names.iter().map(|n| format!("{n} ")).collect()),
+                    Lead::JsonObject(vec![None]),
+                    Lead::Text(" done".into()),
+                    Lead::Again("\n".into()),
+                ],
+            );
+            let g = run(&base, &prompt, &params);
+            let mut rest = g.text.as_str();
+            let mut rounds = 0;
+            loop {
+                rest = rest
+                    .strip_prefix("go ")
+                    .expect("each round opens with its text");
+                let name = names.iter().find(|n| rest.starts_with(&format!("{n} ")));
+                rest = &rest[name.expect("a whole pick").len() + 1..];
+                let mut read =
+                    serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
+                if !matches!(read.next(), Some(Ok(v)) if v.is_object()) {
+                    // Only the budget cuts a round short.
+                    assert_eq!(g.completion_ids.len(), 200, "seed {seed}: {:?}", g.text);
+                    break;
+                }
+                rest = &rest[read.byte_offset()..];
+                rest = rest
+                    .strip_prefix(" done")
+                    .expect("then the round's closing text");
+                rounds += 1;
+                if rest.is_empty() {
+                    if g.finish == FinishReason::Stop {
+                        rounds_seen.insert(rounds.min(2));
+                    }
+                    break;
+                }
+                rest = rest
+                    .strip_prefix('\n')
+                    .expect("another round after the text");
+                // Whether or not the budget lets it finish, the model went on.
+                rounds_seen.insert(2);
+            }
+        }
+        assert_eq!(
+            rounds_seen.into_iter().collect::<Vec<_>>(),
+            [1, 2],
+            "turns that end after one round and after more"
+        );
     }
 
     /// With a key set per choice, the object has the keys of the choice the model picked.
