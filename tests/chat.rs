@@ -405,3 +405,74 @@ async fn an_api_node_answers_chat_on_its_own_device() {
             .unwrap()
     );
 }
+
+/// `response_format` makes the answer one JSON object (`json_object`), with the schema's keys
+/// and value types (`json_schema`); the model writes it, sampled or greedy, and whenever the
+/// budget lets it finish it parses. Formats sftd cannot follow are 400s naming the parameter.
+#[tokio::test]
+async fn response_format_makes_the_answer_a_json_object() {
+    let env = Env::new();
+    let s = env.start();
+    let mut body = hello("sftd-demo");
+    body["max_completion_tokens"] = 400.into();
+    body["temperature"] = 1.0.into();
+    let schema = json!({"type": "object", "additionalProperties": false,
+        "required": ["city", "days"],
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}});
+    let formats = [
+        json!({"type": "json_object"}),
+        json!({"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}),
+    ];
+    for (keyed, format) in formats.iter().enumerate() {
+        body["response_format"] = format.clone();
+        let mut finished = 0;
+        for seed in 0..6 {
+            body["seed"] = seed.into();
+            let (st, v) = chat(&s, &body).await;
+            assert_eq!(st, 200, "{v}");
+            let choice = &v["choices"][0];
+            let content = choice["message"]["content"].as_str().unwrap();
+            assert!(content.starts_with('{'), "{v}");
+            if choice["finish_reason"] == "length" {
+                continue;
+            }
+            assert_eq!(choice["finish_reason"], "stop", "{v}");
+            let object: Value = serde_json::from_str(content).unwrap();
+            if keyed == 1 {
+                let mut keys: Vec<&String> = object.as_object().unwrap().keys().collect();
+                keys.sort();
+                assert_eq!(keys, ["city", "days"], "{v}");
+                // An integer: serde_json reads one beyond i64/u64 as a whole f64.
+                let days = &object["days"];
+                let whole = days.is_i64()
+                    || days.is_u64()
+                    || days.as_f64().is_some_and(|d| d.fract() == 0.0);
+                assert!(object["city"].is_string() && whole, "{v}");
+            }
+            finished += 1;
+        }
+        assert!(
+            finished > 0,
+            "{format}: no object finished within the budget"
+        );
+    }
+    body["response_format"] = json!({"type": "text"});
+    let (st, v) = chat(&s, &body).await;
+    assert_eq!(st, 200, "{v}");
+
+    for (format, choice) in [
+        (json!({"type": "yaml"}), Value::Null),
+        (json!({"type": "json_schema"}), Value::Null),
+        (json!({"type": "json_object"}), json!("required")),
+    ] {
+        body["response_format"] = format.clone();
+        body["tools"] = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        body["tool_choice"] = choice;
+        let (st, v) = chat(&s, &body).await;
+        assert_eq!(
+            (st, v["error"]["param"].as_str()),
+            (400, Some("response_format")),
+            "{format}: {v}"
+        );
+    }
+}

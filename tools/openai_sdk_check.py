@@ -139,6 +139,17 @@ def chat_checks(client, model, checkpoint):
           [(c.function.name, c.function.arguments) for c in forced.message.tool_calls or []]
           or repr(forced.message.content))
 
+    j = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_completion_tokens=64,
+                                       response_format={"type": "json_object"})
+    answer = j.choices[0]
+    assert answer.message.content.startswith("{"), answer
+    if answer.finish_reason == "stop":
+        assert isinstance(json.loads(answer.message.content), dict), answer
+    else:
+        assert answer.finish_reason == "length", answer
+    print("chat.completions.create(response_format=json_object):", answer.finish_reason,
+          repr(answer.message.content[:80]))
+
     ids = [m.id for m in client.models.list()]
     assert model in ids and checkpoint in ids, ids
     assert client.models.retrieve(model).id == model

@@ -3,6 +3,7 @@
 //! thread that owns the device (between a training job's micro-batches), and `<tool_call>` blocks come back as OpenAI `tool_calls`, whole or streamed as
 //! `chat.completion.chunk` server-sent events ending in `data: [DONE]`.
 
+mod response_format;
 mod tool_choice;
 
 use super::error::{AppError, AppJson};
@@ -38,6 +39,9 @@ pub struct ChatRequest {
     tool_choice: Option<Value>,
     /// Whether a turn may hold several calls (OpenAI's default: true). `false`: at most one.
     parallel_tool_calls: Option<bool>,
+    /// `text`, `json_object` or `json_schema`: the answer as one JSON object.
+    #[serde(default)]
+    response_format: Option<Value>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     max_completion_tokens: Option<u64>,
@@ -126,9 +130,21 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
     }
     let parallel = r.parallel_tool_calls.unwrap_or(true);
     let tool_use = tool_choice::resolve(r.tools.as_deref(), r.tool_choice.as_ref(), parallel)?;
-    // A forced call begins the answer, so there is no thinking to do: the template's
+    let json_answer = response_format::resolve(r.response_format.as_ref())?;
+    if !json_answer.is_empty() && !tool_use.opening.is_empty() {
+        return Err(invalid(
+            "response_format",
+            "a JSON response_format and a forced tool call cannot both begin the answer",
+        ));
+    }
+    let opening = if json_answer.is_empty() {
+        tool_use.opening
+    } else {
+        json_answer
+    };
+    // A forced call or object begins the answer, so there is no thinking to do: the template's
     // non-thinking form (Qwen3: an empty thinking block) unless the client asks otherwise.
-    let forced = !tool_use.opening.is_empty();
+    let forced = !opening.is_empty();
     let enable_thinking = r
         .enable_thinking
         .or_else(|| {
@@ -146,7 +162,7 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
             seed: r.seed.map(|s| s as u64),
             max_new_tokens,
             stop,
-            opening: tool_use.opening,
+            opening,
         },
         add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
         enable_thinking,
