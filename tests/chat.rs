@@ -456,6 +456,26 @@ async fn response_format_makes_the_answer_a_json_object() {
             "{format}: no object finished within the budget"
         );
     }
+    // Streamed, the object arrives in pieces as it is written: the same seed, the same text.
+    body["response_format"] = json!({"type": "json_object"});
+    body["seed"] = 3.into();
+    body["max_completion_tokens"] = 48.into();
+    let (_, whole) = chat(&s, &body).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let deltas: Vec<String> = s
+        .chat_stream(&streamed)
+        .await
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect();
+    assert!(deltas.len() > 3, "{deltas:?}");
+    assert_eq!(
+        deltas.concat(),
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     body["response_format"] = json!({"type": "text"});
     let (st, v) = chat(&s, &body).await;
     assert_eq!(st, 200, "{v}");

@@ -201,6 +201,10 @@ pub fn generate(
         unread: prompt.to_vec(),
     };
     let mut ids: Vec<u32> = Vec::new();
+    // The opening streams as it is written (but for a trailing partial character); stop
+    // strings are looked for only in what the model writes after it.
+    let mut emitted = 0;
+    let mut stopped = false;
     let ended = opening::write(
         &opening,
         format,
@@ -208,18 +212,32 @@ pub fn generate(
         &mut sampler,
         &mut ids,
         max_new,
+        &mut |ids| {
+            let Ok(text) = format.decode(ids) else {
+                return true;
+            };
+            let ready = final_prefix_len(&text, &[]);
+            if ready > emitted && text.is_char_boundary(emitted) {
+                stopped = !on_text(&text[emitted..ready]);
+                emitted = ready;
+            }
+            !stopped
+        },
     )?;
-    // The opening is emitted whole: stop strings are looked for in what the model writes.
     let mut text = format.decode(&ids)?;
-    let mut emitted = text.len();
+    emitted = emitted.min(text.len());
+    while !text.is_char_boundary(emitted) {
+        emitted -= 1;
+    }
     let mut finish = if ended {
         FinishReason::Stop
     } else {
         FinishReason::Length
     };
-    if !text.is_empty() && !on_text(&text) {
+    if stopped || (text.len() > emitted && !on_text(&text[emitted..])) {
         finish = FinishReason::Stop;
     }
+    emitted = text.len();
     while finish == FinishReason::Length && ids.len() < max_new {
         let next = sampler.next(&reader.read()?);
         if format.stop_ids.contains(&next) {

@@ -98,8 +98,9 @@ pub(super) fn next_tokens(open: &[&(Vec<u32>, usize)], k: usize) -> Vec<u32> {
 }
 
 /// Writes the opening `parts` into `ids` (the model reading each token as its own), within
-/// `max_new` tokens in all. `true` when the opening reached an [`Lead::End`] whole, or the model
-/// ended its turn at a [`Lead::Again`]: the completion is over.
+/// `max_new` tokens in all, showing `written` the ids after each token (`false` from it stops
+/// the opening: the client is gone). `true` when the opening reached an [`Lead::End`] whole, the
+/// model ended its turn at a [`Lead::Again`], or `written` stopped it: the completion is over.
 pub(super) fn write(
     parts: &[Part],
     format: &ChatFormat,
@@ -107,10 +108,12 @@ pub(super) fn write(
     sampler: &mut Sampler,
     ids: &mut Vec<u32>,
     max_new: usize,
+    written: &mut dyn FnMut(&[u32]) -> bool,
 ) -> Result<bool> {
-    let push = |ids: &mut Vec<u32>, reader: &mut Reader<'_>, t: u32| {
+    let mut push = |ids: &mut Vec<u32>, reader: &mut Reader<'_>, t: u32| {
         ids.push(t);
         reader.unread.push(t);
+        written(ids)
     };
     // The index of the last choice made, which picks a JSON object's schema.
     let mut picked = 0;
@@ -123,7 +126,9 @@ pub(super) fn write(
                     if ids.len() == max_new {
                         return Ok(false);
                     }
-                    push(ids, reader, t);
+                    if !push(ids, reader, t) {
+                        return Ok(true);
+                    }
                 }
             }
             Part::Choose(choices) => {
@@ -139,7 +144,9 @@ pub(super) fn write(
                         _ => sampler.next_among(&reader.read()?, &next_tokens(&open, k)),
                     };
                     open.retain(|c| c.0[k] == next);
-                    push(ids, reader, next);
+                    if !push(ids, reader, next) {
+                        return Ok(true);
+                    }
                     k += 1;
                 }
                 picked = open[0].1;
@@ -164,7 +171,9 @@ pub(super) fn write(
                     json = json
                         .after(&vocab.texts()[next as usize], schema)
                         .expect("an allowed token continues the object");
-                    push(ids, reader, next);
+                    if !push(ids, reader, next) {
+                        return Ok(true);
+                    }
                 }
             }
             Part::End => return Ok(true),
@@ -184,7 +193,9 @@ pub(super) fn write(
                     if ids.len() == max_new {
                         return Ok(false);
                     }
-                    push(ids, reader, t);
+                    if !push(ids, reader, t) {
+                        return Ok(true);
+                    }
                 }
                 at = 0;
             }
@@ -268,6 +279,58 @@ mod tests {
         let free = run(&base, &longer, &SamplingParams::greedy(12 - forced.len()));
         assert_eq!(g.completion_ids[forced.len()..], free.completion_ids[..]);
         assert_eq!(g.finish, free.finish);
+    }
+
+    /// A forced JSON object streams as the model writes it, piece by piece, and a consumer
+    /// that stops taking text (a client gone) stops the opening at its next token.
+    #[test]
+    fn the_opening_streams_and_a_consumer_that_leaves_stops_it() {
+        let (_dir, base, prompt) = tiny();
+        let params = sampled(
+            3,
+            120,
+            vec![Lead::Text("args: ".into()), Lead::JsonObject(vec![None])],
+        );
+        let mut pieces = Vec::new();
+        let g = generate(
+            &base.model,
+            Tuning::Base,
+            &base.format,
+            &prompt,
+            &params,
+            |t| {
+                pieces.push(t.to_string());
+                true
+            },
+        )
+        .unwrap();
+        assert!(pieces.len() > 5, "streamed, not whole: {pieces:?}");
+        assert_eq!(pieces.concat(), g.text);
+        let mut taken = 0;
+        let cut = generate(
+            &base.model,
+            Tuning::Base,
+            &base.format,
+            &prompt,
+            &params,
+            |_| {
+                taken += 1;
+                taken < 3
+            },
+        )
+        .unwrap();
+        assert_eq!(taken, 3);
+        assert_eq!(cut.finish, FinishReason::Stop);
+        assert!(
+            cut.completion_ids.len() < g.completion_ids.len(),
+            "{} of {} tokens",
+            cut.completion_ids.len(),
+            g.completion_ids.len()
+        );
+        assert_eq!(
+            cut.completion_ids[..],
+            g.completion_ids[..cut.completion_ids.len()]
+        );
     }
 
     #[test]
