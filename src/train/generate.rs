@@ -17,10 +17,16 @@ use tokenizers::Tokenizer;
 
 mod argument_schema;
 mod json_prefix;
+#[cfg(test)]
+mod json_prefix_tests;
 mod opening;
+#[cfg(test)]
+mod opening_tests;
+mod stop;
 mod vocab_mask;
 pub use argument_schema::ArgumentSchema;
 pub use opening::Lead;
+use stop::{final_prefix_len, find_stop};
 pub use vocab_mask::TokenTexts;
 
 /// The tokens allowed after `prefix` of a forced call's JSON arguments (keeping to `schema`
@@ -94,21 +100,32 @@ impl ChatFormat {
         })
     }
 
-    /// Each token's text by id, indexed for masking the vocabulary by what the tokens would
+    /// Each token's bytes by id, indexed for masking the vocabulary by what the tokens would
     /// write. Added tokens (`<|im_end|>`, `<tool_call>`, …) and end-of-turn tokens are empty:
-    /// they are markup, never content.
+    /// they are markup, never content. A byte-level tokenizer's tokens (Qwen's) are read back to
+    /// their exact bytes, part of a character included; others as their decoded text.
     /// Built once per format, on first use: one decode per token.
     pub fn token_texts(&self) -> &TokenTexts {
         self.token_texts.get_or_init(|| {
             let added = self.tokenizer.get_added_tokens_decoder();
+            let byte_level = matches!(
+                self.tokenizer.get_decoder(),
+                Some(tokenizers::DecoderWrapper::ByteLevel(_))
+            );
             TokenTexts::new(
                 (0..self.tokenizer.get_vocab_size(true) as u32)
                     .map(|id| {
                         if added.contains_key(&id) || self.stop_ids.contains(&id) {
-                            String::new()
-                        } else {
-                            self.tokenizer.decode(&[id], false).unwrap_or_default()
+                            return Vec::new();
                         }
+                        let exact = byte_level
+                            .then(|| self.tokenizer.id_to_token(id))
+                            .flatten()
+                            .and_then(|t| vocab_mask::byte_level_bytes(&t));
+                        exact.unwrap_or_else(|| {
+                            let text = self.tokenizer.decode(&[id], false).unwrap_or_default();
+                            text.into_bytes()
+                        })
                     })
                     .collect(),
             )
@@ -435,38 +452,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Byte offset of the first stop string in `text` that ends after byte `from`.
-fn find_stop(text: &str, stop: &[String], from: usize) -> Option<usize> {
-    stop.iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| {
-            let start = from.saturating_sub(s.len() - 1);
-            let start = (start..=from).find(|&i| text.is_char_boundary(i))?;
-            text[start..].find(s.as_str()).map(|i| start + i)
-        })
-        .min()
-}
-
-/// How much of `text` is final: all but a trailing partial character (shown as U+FFFD while a
-/// multi-byte character is incomplete) and a tail that could still grow into a stop string.
-fn final_prefix_len(text: &str, stop: &[String]) -> usize {
-    let mut end = text.len();
-    if text.ends_with('\u{FFFD}') {
-        end -= '\u{FFFD}'.len_utf8();
-    }
-    let held = stop
-        .iter()
-        .filter_map(|s| {
-            (1..s.len())
-                .rev()
-                .filter(|&n| s.is_char_boundary(n))
-                .find(|&n| text[..end].ends_with(&s[..n]))
-        })
-        .max()
-        .unwrap_or(0);
-    end - held
-}
-
 /// Base models, chat formats and adapters loaded once and kept: switching adapters over a loaded
 /// base costs no reload. Bases and formats are keyed by directory, adapters by (base directory,
 /// adapter directory, file mtime). Adapters prepared against a training model of a base serve
@@ -561,21 +546,6 @@ impl ModelCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stop_strings_are_found_across_pieces() {
-        let stop = vec!["END".to_string()];
-        assert_eq!(find_stop("abcEN", &stop, 3), None);
-        assert_eq!(find_stop("abcEND", &stop, 5), Some(3));
-        assert_eq!(
-            find_stop("ENDabc", &stop, 6),
-            None,
-            "already emitted text is not searched"
-        );
-        assert_eq!(final_prefix_len("abcEN", &stop), 3);
-        assert_eq!(final_prefix_len("abcx", &stop), 4);
-        assert_eq!(final_prefix_len("ab\u{FFFD}", &[]), 2);
-    }
 
     #[test]
     fn greedy_takes_the_first_maximum_and_top_p_keeps_the_head() {

@@ -13,16 +13,40 @@ use super::json_prefix::JsonPrefix;
 /// A range of sorted texts at most this long is read text by text instead of split further.
 const SMALL_RANGE: usize = 16;
 
-/// A text a JSON string's content may hold as it is: no quote, backslash or control byte. Read
-/// inside a string it leaves the checker where it was (see [`JsonPrefix::keeps_plain_text`]).
-pub(super) fn is_plain(text: &str) -> bool {
-    !text.is_empty() && text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+/// A text a JSON string's content may hold as it is: whole UTF-8 characters, no quote,
+/// backslash or control byte. Read inside a string it leaves the checker where it was (see
+/// [`JsonPrefix::keeps_plain_text`]).
+pub(super) fn is_plain(text: &[u8]) -> bool {
+    !text.is_empty()
+        && std::str::from_utf8(text).is_ok()
+        && text.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
+}
+
+/// The bytes a byte-level BPE token stands for (GPT-2's scheme, which Qwen's tokenizers use:
+/// each byte is one printable character, the printable Latin-1 ones themselves and the others
+/// U+0100 onwards in byte order), or `None` if `token` holds a character outside that scheme.
+pub fn byte_level_bytes(token: &str) -> Option<Vec<u8>> {
+    let kept = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    token
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            if c < 0x100 {
+                return kept(c as u8).then_some(c as u8);
+            }
+            // The n-th byte (in order) that is not kept stands as U+0100 + n.
+            static OTHERS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let others = OTHERS.get_or_init(|| (0..=255u8).filter(|&b| !kept(b)).collect());
+            others.get((c - 0x100) as usize).copied()
+        })
+        .collect()
 }
 
 pub struct TokenTexts {
-    /// By token id; empty for tokens that may not be written in JSON (added tokens, end of
+    /// Each token's bytes by id, exactly (a token of a byte-level vocabulary may hold part of
+    /// a character); empty for tokens that may not be written in JSON (added tokens, end of
     /// turn).
-    texts: Vec<String>,
+    texts: Vec<Vec<u8>>,
     /// Ids of the non-empty texts, by text (bytewise).
     sorted: Vec<u32>,
     /// Ids of the non-empty texts that are not plain, by text.
@@ -32,7 +56,7 @@ pub struct TokenTexts {
 }
 
 impl TokenTexts {
-    pub fn new(texts: Vec<String>) -> Self {
+    pub fn new(texts: Vec<Vec<u8>>) -> Self {
         let mut sorted: Vec<u32> = (0..texts.len() as u32)
             .filter(|&id| !texts[id as usize].is_empty())
             .collect();
@@ -41,11 +65,7 @@ impl TokenTexts {
             .copied()
             .filter(|&id| is_plain(&texts[id as usize]))
             .collect();
-        sorted.sort_by(|&a, &b| {
-            texts[a as usize]
-                .as_bytes()
-                .cmp(texts[b as usize].as_bytes())
-        });
+        sorted.sort_by(|&a, &b| texts[a as usize].cmp(&texts[b as usize]));
         let sorted_other = sorted
             .iter()
             .copied()
@@ -60,7 +80,7 @@ impl TokenTexts {
     }
 
     /// Each token's text by id (see [`TokenTexts::texts`]).
-    pub fn texts(&self) -> &[String] {
+    pub fn texts(&self) -> &[Vec<u8>] {
         &self.texts
     }
 
@@ -93,7 +113,7 @@ impl TokenTexts {
         schema: Option<&ArgumentSchema>,
         out: &mut Vec<u32>,
     ) {
-        let text = |id: u32| self.texts[id as usize].as_bytes();
+        let text = |id: u32| self.texts[id as usize].as_slice();
         // A text that is the shared prefix itself sorts first, and has been read whole.
         let mut rest = range;
         while let Some((&id, tail)) = rest.split_first() {
@@ -131,7 +151,7 @@ impl TokenTexts {
         (0..self.texts.len() as u32)
             .filter(|&id| {
                 let text = &self.texts[id as usize];
-                !text.is_empty() && json.after(text, schema).is_some()
+                !text.is_empty() && json.after_bytes(text, schema).is_some()
             })
             .collect()
     }
@@ -268,6 +288,25 @@ mod tests {
                 }
             }
         }
+        let mut texts: Vec<Vec<u8>> = texts.into_iter().map(String::into_bytes).collect();
+        // Parts of characters, as byte-level vocabularies hold, and bytes no valid UTF-8 has
+        // (overlong, surrogate, past U+10FFFF, a lone continuation).
+        let east = "東".as_bytes();
+        for part in [
+            &east[..1],
+            &east[..2],
+            &east[1..],
+            &east[2..],
+            &[0xC3],
+            &[0xA9, b'"'],
+            &[0xC0, 0x80],
+            &[0xED, 0xA0, 0x80],
+            &[0xF4, 0x90, 0x80, 0x80],
+            &[0xF0, 0x9F, 0x98],
+            &[0x80],
+        ] {
+            texts.push(part.to_vec());
+        }
         TokenTexts::new(texts)
     }
 
@@ -337,7 +376,7 @@ mod tests {
                 let kept = vocab
                     .plain
                     .iter()
-                    .all(|&id| json.after(&vocab.texts[id as usize], args) == Some(json));
+                    .all(|&id| json.after_bytes(&vocab.texts[id as usize], args) == Some(json));
                 // The fast path only where it holds, and wherever inside a string it holds
                 // for every plain text (not in a key or a listed value being spelled).
                 if json.keeps_plain_text(args) {
@@ -363,13 +402,40 @@ mod tests {
 
     #[test]
     fn plain_means_no_quote_backslash_or_control_byte() {
-        assert!(is_plain("Hello, world"));
-        assert!(is_plain("日本\u{7f}"));
-        assert!(!is_plain(""));
-        assert!(!is_plain("a\"b"));
-        assert!(!is_plain("a\\b"));
-        assert!(!is_plain("a\nb"));
-        assert!(!is_plain("\u{1f}"));
+        assert!(is_plain(b"Hello, world"));
+        assert!(is_plain("日本\u{7f}".as_bytes()));
+        assert!(!is_plain(b""));
+        assert!(!is_plain(b"a\"b"));
+        assert!(!is_plain(b"a\\b"));
+        assert!(!is_plain(b"a\nb"));
+        assert!(!is_plain(b"\x1f"));
+        // Part of a character: the string is not where it was after it.
+        assert!(!is_plain(&"東".as_bytes()[..2]));
+        assert!(!is_plain(&"東".as_bytes()[1..]));
+    }
+
+    /// GPT-2's byte-level characters: `Ġ` is a blank, `Ċ` a line feed, Latin-1 letters stand
+    /// for themselves, a character outside the scheme is refused.
+    #[test]
+    fn byte_level_tokens_map_back_to_their_bytes() {
+        assert_eq!(byte_level_bytes("ĠOslo").unwrap(), b" Oslo");
+        assert_eq!(byte_level_bytes("Ċ").unwrap(), b"\n");
+        assert_eq!(byte_level_bytes("Ā").unwrap(), [0u8]);
+        assert_eq!(byte_level_bytes("Ã©").unwrap(), "é".as_bytes());
+        assert_eq!(byte_level_bytes("æĿ±").unwrap(), "東".as_bytes());
+        assert_eq!(byte_level_bytes("Ń").unwrap(), [0xAD]);
+        assert_eq!(byte_level_bytes("ł").unwrap(), [0xA0]);
+        assert_eq!(byte_level_bytes("東"), None);
+        // All 256 bytes, each from its own character.
+        let mut seen = std::collections::BTreeSet::new();
+        for c in ('!'..='~')
+            .chain('¡'..='¬')
+            .chain('®'..='ÿ')
+            .chain('Ā'..='Ń')
+        {
+            seen.insert(byte_level_bytes(&c.to_string()).unwrap()[0]);
+        }
+        assert_eq!(seen.len(), 256);
     }
 
     #[test]

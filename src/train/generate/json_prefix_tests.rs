@@ -1,0 +1,123 @@
+//! The JSON prefix checker on objects, prefixes and bytes no object may hold: syntax, bounds,
+//! UTF-8, and the keys, types and listed values an argument schema asks for.
+
+use super::json_prefix::*;
+
+fn check(text: &str) -> Option<JsonPrefix> {
+    JsonPrefix::new().after(text, None)
+}
+
+#[test]
+fn every_prefix_of_an_object_passes_and_only_the_whole_is_done() {
+    let objects = [
+        r#"{}"#,
+        r#"{"city": "Oslo", "days": 3}"#,
+        "{\n  \"a\": [1, -0.5, 2e10, 3.25E-2, true, false, null, [], {}],\n  \"b\": {\"c\": []}\n}",
+        r#"{"s": "quote \" slash \\ \/ \b\f\n\r\t \u00e9 \uD7FF \uE000 é 😀"}"#,
+        r#"{"n":0,"m":-12,"k":[[[{"x":[0.0]}]]]}"#,
+    ];
+    for o in objects {
+        serde_json::from_str::<serde_json::Value>(o).expect("a valid object");
+        for (i, _) in o.char_indices().skip(1) {
+            let p = check(&o[..i]).unwrap_or_else(|| panic!("{:?} refused", &o[..i]));
+            assert!(!p.is_done(), "{:?} is not whole", &o[..i]);
+        }
+        assert!(check(o).unwrap().is_done(), "{o}");
+        assert_eq!(check(&format!("{o} ")), None, "nothing after the object");
+    }
+}
+
+#[test]
+fn what_no_json_object_begins_with_is_refused() {
+    let bad = [
+        "[",
+        "\"a\"",
+        "1",
+        " {",
+        "{a",
+        "{\"a\" 1",
+        "{\"a\":}",
+        "{\"a\":1,}",
+        "{\"a\":01",
+        "{\"a\":-}",
+        "{\"a\":1.}",
+        "{\"a\":1e}",
+        "{\"a\":.5",
+        "{\"a\":tru}",
+        "{\"a\":nul ",
+        "{\"a\":[1,]",
+        "{\"a\":[}",
+        "{\"a\":{]",
+        "{\"a\":\"\\x\"",
+        "{\"a\":\"\\u12g",
+        "{\"a\":\"line\nbreak\"",
+        "{,",
+        "{\"a\":\"\\uD83D",
+        "{\"a\":\"\\udc00",
+        "{\"a\"::",
+        "{\"a\":1 2",
+    ];
+    for b in bad {
+        assert_eq!(check(b), None, "{b:?} accepted");
+    }
+    assert!(check(&format!("{}{}", "{\"a\":".repeat(63), "1")).is_some());
+    assert_eq!(check(&"{\"a\":".repeat(65)), None, "nesting is bounded");
+    let blanks = |n| format!("{{\"a\":{}1}}", " ".repeat(n));
+    assert!(check(&blanks(32)).unwrap().is_done());
+    assert_eq!(check(&blanks(33)), None, "blanks are bounded");
+    assert!(check("{\"a\": \"                                           \"}").is_some());
+}
+
+/// Strings hold whole, valid UTF-8 characters, however the bytes come: a character split
+/// over tokens goes on, a quote inside one, an overlong form, a surrogate or a code point
+/// past U+10FFFF does not.
+#[test]
+fn strings_hold_only_valid_utf8() {
+    let open = JsonPrefix::new().after("{\"a\": \"", None).unwrap();
+    let bytes = |b: &[u8]| open.after_bytes(b, None);
+    let east = "東".as_bytes();
+    let split = bytes(&east[..1]).and_then(|p| p.after_bytes(&east[1..], None));
+    assert_eq!(split, bytes(east));
+    assert!(bytes(east).unwrap().keeps_plain_text(None));
+    assert!(!bytes(&east[..2]).unwrap().keeps_plain_text(None));
+    assert!(
+        bytes(&[east[0], b'"']).is_none(),
+        "a quote inside a character"
+    );
+    assert!(bytes(&east[1..]).is_none(), "a continuation without a lead");
+    for bad in [
+        &[0xC0, 0x80][..],
+        &[0xC1, 0xBF],
+        &[0xE0, 0x80, 0x80],
+        &[0xED, 0xA0, 0x80],
+        &[0xF0, 0x80, 0x80, 0x80],
+        &[0xF4, 0x90, 0x80, 0x80],
+        &[0xF5, 0x80, 0x80, 0x80],
+        &[0xFF],
+    ] {
+        assert!(bytes(bad).is_none(), "{bad:x?}");
+    }
+    for good in ["é", "東京", "😀", "\u{10FFFF}", "\u{E000}", "\u{D7FF}"] {
+        let whole = bytes(good.as_bytes()).and_then(|p| p.after("\"}", None));
+        assert!(whole.is_some_and(|p| p.is_done()), "{good:?}");
+    }
+}
+
+#[test]
+fn numbers_end_at_the_first_byte_that_cannot_extend_them() {
+    for (text, done) in [
+        ("{\"a\":10}", true),
+        ("{\"a\":-0}", true),
+        ("{\"a\":1.5e+3}", true),
+        ("{\"a\":[0,1]}", true),
+        ("{\"a\":12", false),
+    ] {
+        assert_eq!(check(text).map(|p| p.is_done()), Some(done), "{text}");
+    }
+    // Bounded so that a parser can hold every number written.
+    let big = format!("{{\"a\": -{}.5e-99}}", "9".repeat(200));
+    serde_json::from_str::<serde_json::Value>(&big).unwrap();
+    assert!(check(&big).unwrap().is_done());
+    assert_eq!(check(&format!("{{\"a\": {}", "9".repeat(201))), None);
+    assert_eq!(check("{\"a\": 1e100"), None);
+}
