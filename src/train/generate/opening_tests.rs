@@ -19,13 +19,23 @@ fn tiny() -> (tempfile::TempDir, BaseModel, Vec<u32>) {
 }
 
 fn run(base: &BaseModel, prompt: &[u32], params: &SamplingParams) -> Generation {
+    streamed(base, prompt, params, |_| true)
+}
+
+/// [`run`], showing each piece of text to `on_text` as it is emitted.
+fn streamed(
+    base: &BaseModel,
+    prompt: &[u32],
+    params: &SamplingParams,
+    on_text: impl FnMut(&str) -> bool,
+) -> Generation {
     generate(
         &base.model,
         Tuning::Base,
         &base.format,
         prompt,
         params,
-        |_| true,
+        on_text,
     )
     .unwrap()
 }
@@ -53,18 +63,10 @@ fn forced_text_is_written_and_then_read_as_the_models_own() {
     let forced = base.format.encode("It is").unwrap();
     let params = with(SamplingParams::greedy(12), vec![Lead::Text("It is".into())]);
     let mut pieces = String::new();
-    let g = generate(
-        &base.model,
-        Tuning::Base,
-        &base.format,
-        &prompt,
-        &params,
-        |t| {
-            pieces.push_str(t);
-            true
-        },
-    )
-    .unwrap();
+    let g = streamed(&base, &prompt, &params, |t| {
+        pieces.push_str(t);
+        true
+    });
     assert!(g.text.starts_with("It is"), "{:?}", g.text);
     assert_eq!(pieces, g.text, "the opening is streamed like the rest");
     assert_eq!(g.completion_ids[..forced.len()], forced[..]);
@@ -88,33 +90,17 @@ fn the_opening_streams_and_a_consumer_that_leaves_stops_it() {
         vec![Lead::Text("args: ".into()), Lead::JsonObject(vec![None])],
     );
     let mut pieces = Vec::new();
-    let g = generate(
-        &base.model,
-        Tuning::Base,
-        &base.format,
-        &prompt,
-        &params,
-        |t| {
-            pieces.push(t.to_string());
-            true
-        },
-    )
-    .unwrap();
+    let g = streamed(&base, &prompt, &params, |t| {
+        pieces.push(t.to_string());
+        true
+    });
     assert!(pieces.len() > 5, "streamed, not whole: {pieces:?}");
     assert_eq!(pieces.concat(), g.text);
     let mut taken = 0;
-    let cut = generate(
-        &base.model,
-        Tuning::Base,
-        &base.format,
-        &prompt,
-        &params,
-        |_| {
-            taken += 1;
-            taken < 3
-        },
-    )
-    .unwrap();
+    let cut = streamed(&base, &prompt, &params, |_| {
+        taken += 1;
+        taken < 3
+    });
     assert_eq!(taken, 3);
     assert_eq!(cut.finish, FinishReason::Stop);
     assert!(
