@@ -421,6 +421,20 @@ async fn without_a_key_v1_is_open_on_loopback() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("SFTD_DEVICE"), "{text}");
+    // An API node too: it generates chat answers on that device.
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--no-worker"])
+        .env("SFTD_DATA_DIR", env.data_dir())
+        .env("SFTD_ADDR", "127.0.0.1:0")
+        .env("SFTD_DEVICE", "gpu")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("SFTD_DEVICE=\"gpu\" cannot be used"),
+        "{text}"
+    );
     let down = std::process::Command::new(common::BIN)
         .args(["healthcheck"])
         .env("SFTD_ADDR", &addr)

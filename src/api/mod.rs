@@ -106,12 +106,10 @@ async fn run(mut config: Config, role: Role) -> anyhow::Result<()> {
     config.data_dir = config.data_dir.canonicalize()?;
     tracing::info!(config = ?config, ?role, "starting sftd");
     let (lease, heartbeat) = config.lease_timing()?;
-    if role != Role::Api {
-        // A device that cannot be opened is a configuration error: fail now, not in a silent worker.
-        crate::train::device_from_str(&config.device).map_err(|e| {
-            anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device)
-        })?;
-    }
+    // A device that cannot be opened is a configuration error: fail now, not in a silent
+    // worker. An API node needs one too: it generates chat answers on it.
+    crate::train::device_from_str(&config.device)
+        .map_err(|e| anyhow::anyhow!("SFTD_DEVICE={:?} cannot be used: {e:#}", config.device))?;
     let store = Store::open(&config.database_url(), &config.data_dir).await?;
     let storage = Storage::open(config.storage_url.as_deref(), &config.data_dir)?;
     tracing::info!(storage = storage.location(), "artifact storage");
