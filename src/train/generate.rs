@@ -26,7 +26,7 @@ mod stop;
 mod vocab_mask;
 pub use argument_schema::ArgumentSchema;
 pub use opening::Lead;
-use stop::{final_prefix_len, find_stop};
+use stop::Emitted;
 pub use vocab_mask::TokenTexts;
 
 /// The tokens allowed after `prefix` of a forced call's JSON arguments (keeping to `schema`
@@ -218,9 +218,9 @@ pub fn generate(
         unread: prompt.to_vec(),
     };
     let mut ids: Vec<u32> = Vec::new();
-    // The opening streams as it is written (but for a trailing partial character); stop
-    // strings are looked for only in what the model writes after it.
-    let mut emitted = 0;
+    // The opening streams as it is written; stop strings are looked for only in what the model
+    // writes after it.
+    let mut emitted = Emitted::default();
     let mut stopped = false;
     let ended = opening::write(
         &opening,
@@ -230,31 +230,18 @@ pub fn generate(
         &mut ids,
         max_new,
         &mut |ids| {
-            let Ok(text) = format.decode(ids) else {
-                return true;
-            };
-            let ready = final_prefix_len(&text, &[]);
-            if ready > emitted && text.is_char_boundary(emitted) {
-                stopped = !on_text(&text[emitted..ready]);
-                emitted = ready;
+            if let Ok(text) = format.decode(ids) {
+                stopped = !emitted.more(&text, &[], &mut on_text);
             }
             !stopped
         },
     )?;
     let mut text = format.decode(&ids)?;
-    emitted = emitted.min(text.len());
-    while !text.is_char_boundary(emitted) {
-        emitted -= 1;
-    }
-    let mut finish = if ended {
+    let mut finish = if ended || stopped {
         FinishReason::Stop
     } else {
         FinishReason::Length
     };
-    if stopped || (text.len() > emitted && !on_text(&text[emitted..])) {
-        finish = FinishReason::Stop;
-    }
-    emitted = text.len();
     while finish == FinishReason::Length && ids.len() < max_new {
         let next = sampler.next(&reader.read()?);
         if format.stop_ids.contains(&next) {
@@ -264,26 +251,20 @@ pub fn generate(
         ids.push(next);
         reader.unread.push(next);
         text = format.decode(&ids)?;
-        // Decoding more tokens only ever extends the text; clamp in case a tokenizer disagrees.
-        emitted = emitted.min(text.len());
-        while !text.is_char_boundary(emitted) {
-            emitted -= 1;
-        }
-        if let Some(at) = find_stop(&text, &params.stop, emitted) {
+        if let Some(at) = emitted.stop_in(&text, &params.stop) {
             text.truncate(at);
             finish = FinishReason::Stop;
             break;
         }
-        let ready = final_prefix_len(&text, &params.stop).max(emitted);
-        if ready > emitted && !on_text(&text[emitted..ready]) {
-            emitted = ready;
+        if !emitted.more(&text, &params.stop, &mut on_text) {
+            stopped = true;
             finish = FinishReason::Stop;
             break;
         }
-        emitted = ready;
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    // What is left: a partial character, or a tail that a stop string would have needed more.
+    if !stopped && text.len() > emitted.0 {
+        on_text(&text[emitted.0..]);
     }
     let prefill_seconds = reader.prefill_seconds.unwrap_or(0.0);
     Ok(Generation {

@@ -1,8 +1,44 @@
-//! Stop strings over a growing completion: where the first one ends the text, and how much of
-//! the text is final (no partial character, no tail that could still become a stop string).
+//! A growing completion handed on piece by piece: where the first stop string ends the text, how
+//! much of the text is final (no partial character, no tail that could still become a stop
+//! string), and what of it has been handed on.
+
+/// How many bytes of a growing completion have been handed on.
+#[derive(Default)]
+pub(super) struct Emitted(pub usize);
+
+impl Emitted {
+    /// Keeps what is out within `text`, on a character boundary: decoding more tokens only ever
+    /// extends the text, but a tokenizer might disagree.
+    fn clamp(&mut self, text: &str) {
+        self.0 = self.0.min(text.len());
+        while !text.is_char_boundary(self.0) {
+            self.0 -= 1;
+        }
+    }
+
+    /// Where the first of `stop` in what is not out yet begins, if one is there.
+    pub fn stop_in(&mut self, text: &str, stop: &[String]) -> Option<usize> {
+        self.clamp(text);
+        find_stop(text, stop, self.0)
+    }
+
+    /// Hands on what of `text` is final and not out yet (holding back what could still become
+    /// one of `stop`). `false`: `on_text` wants no more.
+    pub fn more(
+        &mut self,
+        text: &str,
+        stop: &[String],
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> bool {
+        self.clamp(text);
+        let ready = final_prefix_len(text, stop).max(self.0);
+        let from = std::mem::replace(&mut self.0, ready);
+        ready == from || on_text(&text[from..ready])
+    }
+}
 
 /// Byte offset of the first stop string in `text` that ends after byte `from`.
-pub(super) fn find_stop(text: &str, stop: &[String], from: usize) -> Option<usize> {
+fn find_stop(text: &str, stop: &[String], from: usize) -> Option<usize> {
     stop.iter()
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
