@@ -38,7 +38,11 @@ pub(super) enum Part {
     Choose(Vec<(Vec<u32>, usize)>),
     Json(Vec<Option<ArgumentSchema>>),
     End,
-    Again(Vec<u32>),
+    /// The model ends its turn here, or goes on with this token (the next part forces it and
+    /// the rest of its text, then [`Part::Restart`]).
+    EndOr(u32),
+    /// Back to the first part.
+    Restart,
 }
 
 /// Encodes `leads` with the model's tokenizer. Each piece is encoded alone; the model then reads
@@ -47,7 +51,7 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
     let mut parts = Vec::with_capacity(leads.len());
     let mut last_choices = None;
     for lead in leads {
-        parts.push(match lead {
+        let part = match lead {
             Lead::Text(t) => Part::Force(format.encode(t)?),
             Lead::OneOf(choices) => {
                 let mut ids = Vec::with_capacity(choices.len());
@@ -80,10 +84,12 @@ pub(super) fn encode(format: &ChatFormat, leads: &[Lead]) -> Result<Vec<Part>> {
                     Some(t) if format.stop_ids.contains(t) => {
                         bail!("the text before another round begins with an end-of-turn token")
                     }
-                    Some(_) => Part::Again(ids),
+                    Some(&t) => parts.extend([Part::EndOr(t), Part::Force(ids)]),
                 }
+                Part::Restart
             }
-        });
+        };
+        parts.push(part);
     }
     Ok(parts)
 }
@@ -177,28 +183,19 @@ pub(super) fn write(
                 }
             }
             Part::End => return Ok(true),
-            Part::Again(text) => {
+            Part::EndOr(token) => {
                 if ids.len() == max_new {
                     return Ok(false);
                 }
                 let mut allowed = format.stop_ids.clone();
-                allowed.push(text[0]);
+                allowed.push(*token);
                 allowed.sort_unstable();
                 allowed.dedup();
-                let next = sampler.next_among(&reader.read()?, &allowed);
-                if format.stop_ids.contains(&next) {
+                if sampler.next_among(&reader.read()?, &allowed) != *token {
                     return Ok(true);
                 }
-                for &t in text {
-                    if ids.len() == max_new {
-                        return Ok(false);
-                    }
-                    if !push(ids, reader, t) {
-                        return Ok(true);
-                    }
-                }
-                at = 0;
             }
+            Part::Restart => at = 0,
         }
     }
     Ok(false)
