@@ -232,14 +232,9 @@ impl Worker {
         }
         if !opts.trains() {
             let device = opts.device.clone();
-            let thread = std::thread::Builder::new()
-                .name("sftd-serving".into())
-                .spawn(move || {
-                    let _alive = ClearOnExit(shared.clone());
-                    serving_main(&device, rx, &shared);
-                })
-                .expect("spawning the serving thread");
-            *worker.thread.lock().expect("worker thread lock") = Some(thread);
+            worker.spawn("sftd-serving", shared, move |shared| {
+                serving_main(&device, rx, shared)
+            });
             return Ok(worker);
         }
         for job in store.orphaned_jobs(true).await? {
@@ -275,16 +270,23 @@ impl Worker {
             started: std::time::Instant::now(),
             drops_local_copies: opts.role == Role::Trainer,
         };
-        let thread = std::thread::Builder::new()
-            .name("sftd-worker".into())
-            .spawn(move || {
-                let _alive = ClearOnExit(shared.clone());
-                thread_main(ctx, rx, &shared);
-            })
-            .expect("spawning the worker thread");
-        *worker.thread.lock().expect("worker thread lock") = Some(thread);
+        worker.spawn("sftd-worker", shared, move |shared| {
+            thread_main(ctx, rx, shared)
+        });
         worker.id = Some(id);
         Ok(worker)
+    }
+
+    /// Starts the thread that owns the device, which marks the worker stopped when it ends.
+    fn spawn(&self, name: &str, shared: Arc<Shared>, body: impl FnOnce(&Shared) + Send + 'static) {
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _alive = ClearOnExit(shared.clone());
+                body(&shared);
+            })
+            .expect("spawning the device thread");
+        *self.thread.lock().expect("worker thread lock") = Some(thread);
     }
 
     /// Tells the thread to look at the queue.

@@ -57,19 +57,20 @@ pub struct TokenTexts {
 
 impl TokenTexts {
     pub fn new(texts: Vec<Vec<u8>>) -> Self {
+        let plain_by_id: Vec<bool> = texts.iter().map(|t| is_plain(t)).collect();
         let mut sorted: Vec<u32> = (0..texts.len() as u32)
             .filter(|&id| !texts[id as usize].is_empty())
             .collect();
         let plain: Vec<u32> = sorted
             .iter()
             .copied()
-            .filter(|&id| is_plain(&texts[id as usize]))
+            .filter(|&id| plain_by_id[id as usize])
             .collect();
         sorted.sort_by(|&a, &b| texts[a as usize].cmp(&texts[b as usize]));
         let sorted_other = sorted
             .iter()
             .copied()
-            .filter(|&id| !is_plain(&texts[id as usize]))
+            .filter(|&id| !plain_by_id[id as usize])
             .collect();
         Self {
             texts,
