@@ -1,5 +1,6 @@
 //! CUDA against the CPU on a tiny generated Qwen3: forward loss and LoRA gradients in f32, f16
-//! and (compute capability 8.0+) bf16, dropout masks drawn on the device, the cached causal mask,
+//! and (compute capability 8.0+) bf16, sftd's CUDA kernels against its CPU kernels one by one,
+//! dropout masks drawn on the device, the cached causal mask,
 //! a 20-step training run, and greedy generation with a PEFT adapter token for token against
 //! transformers + PEFT (the serving path: prefill and KV-cached decode). Built only with `--features cuda`; run by `scripts/gpu-check.sh`.
 //! Without a GPU each test says so and passes, unless `SFTD_REQUIRE_GPU=1` (as gpu-check sets).
@@ -142,6 +143,121 @@ fn composed_causal_softmax_on_the_gpu_equals_the_cpu_kernel() {
             .unwrap();
         assert!(d < 1e-5, "t={t}: {d}");
     }
+}
+
+/// Value and input gradients of `f` on the GPU (sftd's CUDA kernels) against the CPU (its CPU
+/// kernels), for `inputs` made on the CPU and a random cotangent; relative L2 error below `tol`.
+fn gpu_kernel_matches_cpu(
+    what: &str,
+    dev: &Device,
+    inputs: &[Tensor],
+    tol: f64,
+    f: impl Fn(&[&Tensor], &Device) -> Tensor,
+) {
+    use candle_core::Var;
+    // Each op here keeps its first input's shape.
+    let cot = Tensor::randn(0f64, 1., inputs[0].shape(), &Device::Cpu)
+        .and_then(|c| c.to_dtype(inputs[0].dtype()))
+        .unwrap();
+    let run = |d: &Device| -> Vec<Tensor> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(d).unwrap()).unwrap())
+            .collect();
+        let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let out = f(&xs, d);
+        let grads = (&out * cot.to_device(d).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![out.to_device(&Device::Cpu).unwrap()];
+        for x in &vars {
+            all.push(grads.get(x).unwrap().to_device(&Device::Cpu).unwrap());
+        }
+        all
+    };
+    let want = run(&Device::Cpu);
+    let got = run(dev);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        let err = rel_err(a, b);
+        let name = if i == 0 {
+            "value".to_string()
+        } else {
+            format!("gradient {i}")
+        };
+        println!("{what}: {name} relative L2 error {err:.1e}");
+        assert!(err < tol, "{what}: {name} differs by {err}");
+    }
+}
+
+/// sftd's CUDA kernels against its CPU kernels, value and gradient: causal softmax (rows
+/// shorter than a warp, past a block's threads, f32 and f64), RMSNorm (a head's 128, a hidden
+/// size's 2048, an odd 37), rotary embedding, and the SwiGLU gate.
+#[test]
+fn each_cuda_kernel_matches_its_cpu_kernel() {
+    use sftd::train::nn::ops::{causal_softmax, rms_norm, rope, rope_tables};
+    use sftd::train::nn::swiglu::swiglu;
+    let Some((dev, _)) = gpu() else { return };
+    assert!(
+        sftd::train::nn::kernels_on(&dev).0 == "cuda",
+        "SFTD_CUDA_KERNELS=off: this test checks the kernels"
+    );
+    let cpu = |shape: &[usize], dtype: DType| {
+        Tensor::randn(0f64, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    for (t, dtype, tol) in [
+        (1, DType::F32, 1e-5),
+        (7, DType::F32, 1e-5),
+        (300, DType::F32, 1e-5),
+        (1030, DType::F32, 1e-5),
+        (300, DType::F64, 1e-12),
+    ] {
+        gpu_kernel_matches_cpu(
+            &format!("causal softmax, rows of {t}, {dtype:?}"),
+            &dev,
+            &[cpu(&[2, 3, t, t], dtype)],
+            tol,
+            |x, _| causal_softmax(x[0], 0.3).unwrap(),
+        );
+    }
+    for c in [37, 128, 2048] {
+        let w = cpu(&[c], DType::F32);
+        gpu_kernel_matches_cpu(
+            &format!("RMSNorm, rows of {c}"),
+            &dev,
+            &[cpu(&[50, c], DType::F32)],
+            1e-5,
+            |x, d| rms_norm(x[0], &w.to_device(d).unwrap(), 1e-6).unwrap(),
+        );
+    }
+    let pos = Tensor::new(&[5u32, 0, 1, 2, 3, 700, 31], &Device::Cpu).unwrap();
+    gpu_kernel_matches_cpu(
+        "rotary embedding, 7 tokens of 4 heads of 128",
+        &dev,
+        &[cpu(&[7, 4, 128], DType::F32)],
+        1e-5,
+        |x, d| {
+            let (cos, sin) = rope_tables(128, 1024, 1e6, d).unwrap();
+            let p = pos.to_device(d).unwrap();
+            let (cos, sin) = (
+                cos.index_select(&p, 0).unwrap(),
+                sin.index_select(&p, 0).unwrap(),
+            );
+            rope(x[0], &cos, &sin).unwrap()
+        },
+    );
+    gpu_kernel_matches_cpu(
+        "SwiGLU gate, 33 × 300",
+        &dev,
+        &[cpu(&[33, 300], DType::F32), cpu(&[33, 300], DType::F32)],
+        1e-5,
+        |x, _| swiglu(x[0], x[1]).unwrap(),
+    );
 }
 
 #[test]

@@ -129,7 +129,8 @@ pub struct BenchReport {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    for note in crate::train::nn::kernel_isa().1 {
+    let notes = crate::train::nn::kernel_isa().1.into_iter();
+    for note in notes.chain(crate::train::nn::cuda_kernels::note()) {
         eprintln!("warning: {note}");
     }
     if args.json_mask {
@@ -340,7 +341,7 @@ fn run(args: &BenchArgs) -> Result<BenchReport> {
         cpu: cpu_model(),
         isa: cpu_isa(),
         gemm_kernel: gemm_kernel(),
-        sftd_kernels: crate::train::nn::kernel_isa().0,
+        sftd_kernels: crate::train::nn::kernels_on(&dev).0,
     })
 }
 

@@ -432,11 +432,10 @@ fn thread_main(ctx: Ctx, rx: mpsc::Receiver<Command>, shared: &Shared) {
             return;
         }
     };
-    let kernels = device.is_cpu().then(crate::train::nn::kernel_isa);
-    for note in kernels.iter().flat_map(|(_, notes)| notes) {
+    let (kernels, notes) = crate::train::nn::kernels_on(&device);
+    for note in notes {
         tracing::warn!("{note}");
     }
-    let kernels = kernels.map(|(isa, _)| isa);
     tracing::info!(device = ?device, kernels, "worker started");
     let serving = serve::Serving::new(shared.tasks.clone(), device.clone());
     let mut unestimable = estimate::Unestimable::default();

@@ -1,20 +1,24 @@
-//! Causal attention over packed sequences where sftd's CPU kernels do not run (the GPU, and the
-//! CPU with them off): one autograd node whose forward is candle ops with candle's one-pass
-//! softmax and whose backward is written out, so each `(heads, T, T)` score tensor is touched by
-//! few elementwise passes.
+//! Causal attention over packed sequences where sftd's CPU attention does not run (the GPU, and
+//! the CPU with its kernels off): one autograd node whose forward is batched matmuls around a
+//! causal softmax and whose backward is written out, so each `(heads, T, T)` score tensor is
+//! touched by few elementwise passes.
 //!
 //! Composed op by op, autograd keeps every intermediate and replays about thirty elementwise
 //! passes over each score tensor per layer (the scale, the mask, max, subtract, exp, sum, divide,
 //! and their gradients, several through candle's slow broadcasting kernels); on an H200 those
-//! passes were three quarters of a Qwen3-1.7B-shaped step. Here the forward makes two (add the
-//! mask, softmax), keeps only the probabilities, and the backward makes two (subtract the row
-//! term, multiply by the probabilities), taking the row term `Σⱼ Pᵢⱼ dPᵢⱼ` as `dOᵢ · Oᵢ`, a
-//! product over the head dim instead of over T.
+//! passes were three quarters of a Qwen3-1.7B-shaped step. Here, where the fused causal softmax
+//! serves (sftd's CUDA kernels on a GPU), the forward makes one pass (scale, mask and softmax in
+//! one kernel) and the backward one (`s · P ⊙ (dP − rowsum(P ⊙ dP))`); elsewhere the forward
+//! makes two (add the mask, candle's softmax) and the backward two (subtract the row term taken
+//! as `dOᵢ · Oᵢ`, a product over the head dim, then multiply by P). Either way the node keeps only
+//! the probabilities.
 //!
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length. Query head h uses key/value head h / G, as in HF's `repeat_kv`.
 
 use super::attention::{packed_dims, Dims};
+use super::cuda_kernels::{attention_gemms, fused_kernels};
+use super::fused;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use std::sync::{Arc, Mutex};
@@ -36,21 +40,10 @@ pub fn packed_attention_device(
     };
     // The forward on detached inputs: nothing but the op's own node enters the graph.
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let mut outs = Vec::with_capacity(segments.len());
-    let mut probs = Vec::with_capacity(segments.len());
-    for &(start, t) in segments {
-        let qs = heads.query_major(&qd, start, t)?; // (Hkv, G·T, D)
-        let ks = heads.kv_major(&kd, start, t)?; // (Hkv, T, D)
-        let vs = heads.kv_major(&vd, start, t)?;
-        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv·G, T, T), masked above the diagonal.
-        let scores = (qs * heads.scale)?
-            .matmul(&ks.t()?)?
-            .reshape((hq, t, t))?
-            .broadcast_add(&causal_mask(t, q.device(), q.dtype())?)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((hkv, hq / hkv * t, t))?;
-        outs.push(heads.token_major(&p.matmul(&vs)?, t)?); // (T, Hq·D)
-        probs.push(p);
-    }
+    let fused = fused_kernels(q);
+    let (mut outs, probs) = attention_gemms(q.device(), || {
+        segments_forward(&qd, &kd, &vd, segments, heads, fused)
+    })?;
     let out = match outs.len() {
         1 => outs.pop().expect("one segment"),
         _ => Tensor::cat(&outs, 0)?,
@@ -61,10 +54,44 @@ pub fn packed_attention_device(
     let op = DeviceAttention {
         segments: segments.to_vec(),
         heads,
+        fused,
         out: Mutex::new(Some(out.contiguous()?)),
         probs,
     };
     q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
+}
+
+/// Per sequence, the output `(T, Hq·D)` and the probabilities `(Hkv, G·T, T)`.
+fn segments_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    heads: Heads,
+    fused: bool,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let (hq, hkv) = (heads.hq, heads.hkv);
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut probs = Vec::with_capacity(segments.len());
+    for &(start, t) in segments {
+        let qs = heads.query_major(q, start, t)?; // (Hkv, G·T, D)
+        let ks = heads.kv_major(k, start, t)?; // (Hkv, T, D)
+        let vs = heads.kv_major(v, start, t)?;
+        // (Hkv, G·T, D) @ (Hkv, D, T) -> (Hkv·G, T, T), masked above the diagonal.
+        let p = if fused {
+            fused::causal_softmax_value(&qs.matmul(&ks.t()?)?, heads.scale)?
+        } else {
+            let scores = (qs * heads.scale)?
+                .matmul(&ks.t()?)?
+                .reshape((hq, t, t))?
+                .broadcast_add(&causal_mask(t, q.device(), q.dtype())?)?;
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let p = p.reshape((hkv, hq / hkv * t, t))?;
+        outs.push(heads.token_major(&p.matmul(&vs)?, t)?); // (T, Hq·D)
+        probs.push(p);
+    }
+    Ok((outs, probs))
 }
 
 /// `(T, T)` additive mask: 0 on and below the diagonal, -inf above. Built once per device and
@@ -138,6 +165,8 @@ impl Heads {
 struct DeviceAttention {
     segments: Vec<(usize, usize)>,
     heads: Heads,
+    /// Whether the fused causal softmax made the probabilities (and so makes their gradient).
+    fused: bool,
     /// `(N, Hq·D)`, contiguous, until the node copies it as its value; the backward reads that.
     out: Mutex<Option<Tensor>>,
     /// Per sequence, `(Hkv, G·T, T)`.
@@ -213,20 +242,45 @@ impl CustomOp3 for DeviceAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = self.heads;
         let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
         let (od, grad) = (out.detach(), grad.detach());
+        attention_gemms(q.device(), || {
+            self.segments_backward(&qd, &kd, &vd, &od, &grad)
+        })
+    }
+}
+
+impl DeviceAttention {
+    /// `(dq, dk, dv)` for the output gradient `grad`, sequence by sequence.
+    fn segments_backward(
+        &self,
+        qd: &Tensor,
+        kd: &Tensor,
+        vd: &Tensor,
+        od: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = self.heads;
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for (&(start, t), p) in self.segments.iter().zip(&self.probs) {
-            let qs = h.query_major(&qd, start, t)?;
-            let ks = h.kv_major(&kd, start, t)?;
-            let vs = h.kv_major(&vd, start, t)?;
-            let os = h.query_major(&od, start, t)?;
-            let gs = h.query_major(&grad, start, t)?;
-            let row = (&gs * &os)?.sum_keepdim(D::Minus1)?; // (Hkv, G·T, 1)
-            let ds = (gs.matmul(&vs.t()?)?.broadcast_sub(&row)? * p)?; // (Hkv, G·T, T)
-            let dq = (ds.matmul(&ks)? * h.scale)?; // (Hkv, G·T, D)
-            let dk = (ds.t()?.matmul(&qs)? * h.scale)?; // (Hkv, T, D)
+            let qs = h.query_major(qd, start, t)?;
+            let ks = h.kv_major(kd, start, t)?;
+            let vs = h.kv_major(vd, start, t)?;
+            let gs = h.query_major(grad, start, t)?;
+            let dp = gs.matmul(&vs.t()?)?; // (Hkv, G·T, T)
+                                           // dq (Hkv, G·T, D), dk (Hkv, T, D); the fused gradient holds the scale already.
+            let (dq, dk) = if self.fused {
+                let ds = fused::causal_softmax_grad(p, &dp, h.scale)?; // (Hkv, G·T, T)
+                (ds.matmul(&ks)?, ds.t()?.matmul(&qs)?)
+            } else {
+                let os = h.query_major(od, start, t)?;
+                let row = (&gs * &os)?.sum_keepdim(D::Minus1)?; // (Hkv, G·T, 1)
+                let ds = (dp.broadcast_sub(&row)? * p)?;
+                (
+                    (ds.matmul(&ks)? * h.scale)?,
+                    (ds.t()?.matmul(&qs)? * h.scale)?,
+                )
+            };
             let dv = p.t()?.matmul(&gs)?; // (Hkv, T, D)
             dqs.push(h.token_major(&dq, t)?.reshape((t, h.hq, h.d))?);
             dks.push(dk.transpose(0, 1)?.contiguous()?);
@@ -266,9 +320,20 @@ mod tests {
         [rnd(4), rnd(2), rnd(2), rnd(4).reshape((15, 32)).unwrap()]
     }
 
+    /// Runs `check` on both of the node's paths: the fused causal softmax (the CPU kernel, as
+    /// the GPU runs its CUDA twin) and, with the kernels off, the mask add and candle's softmax.
+    fn on_both_paths(check: impl Fn()) {
+        check();
+        crate::train::nn::cpu_kernels::off_in(check);
+    }
+
     /// Value and the gradients of q, k and v equal the op-by-op composition's (autograd's).
     #[test]
     fn equals_the_composed_attention_and_its_autograd() {
+        on_both_paths(equals_the_composed_attention);
+    }
+
+    fn equals_the_composed_attention() {
         let [q, k, v, cot] = inputs();
         check_fused_inputs(
             |node, x| {
@@ -289,6 +354,10 @@ mod tests {
     /// Central differences of `Σ out ⊙ cot` at a few elements of q, k and v.
     #[test]
     fn gradients_match_finite_differences() {
+        on_both_paths(gradients_match_central_differences);
+    }
+
+    fn gradients_match_central_differences() {
         let [q, k, v, cot] = inputs();
         let loss = |args: &[Tensor]| -> f64 {
             let out = packed_attention_device(&args[0], &args[1], &args[2], &SEGMENTS).unwrap();

@@ -19,6 +19,12 @@ thread_local! {
 
 /// Whether `value` of the variable leaves the kernels on, and why it was ignored if it was.
 fn setting_from(value: Option<&str>) -> (bool, Option<String>) {
+    on_off(VARIABLE, value)
+}
+
+/// An on/off switch's value (unset or empty: on), and why it was ignored if it was; shared with
+/// `cuda_kernels`' switch.
+pub(super) fn on_off(variable: &str, value: Option<&str>) -> (bool, Option<String>) {
     let value = value.unwrap_or_default();
     match value.trim().to_ascii_lowercase().as_str() {
         "" | "on" => (true, None),
@@ -26,7 +32,7 @@ fn setting_from(value: Option<&str>) -> (bool, Option<String>) {
         _ => (
             true,
             Some(format!(
-                "{VARIABLE}={value:?} is not one of on, off; leaving them on"
+                "{variable}={value:?} is not one of on, off; leaving them on"
             )),
         ),
     }

@@ -158,6 +158,15 @@ impl CustomOp1 for Rope {
         )
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::rope(s, l, &self.cos, &self.sin, self.inverse)
+    }
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let inverse = Rope {
             cos: self.cos.clone(),
@@ -175,6 +184,20 @@ impl CustomOp1 for Rope {
 /// `scores (..., T, T)` -> causal softmax probabilities of `scale · scores`, `(..., T, T)`.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+}
+
+/// [`causal_softmax`]'s value, with no graph node (for a node with its own backward).
+pub fn causal_softmax_value(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores
+        .contiguous()?
+        .apply_op1_no_bwd(&CausalSoftmax { scale })
+}
+
+/// The gradient of `scores` from the probabilities `y = causal_softmax(scores, scale)` and their
+/// gradient `g`: `scale · y ⊙ (g − rowsum(g ⊙ y))`, with no graph node.
+pub fn causal_softmax_grad(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale })
 }
 
 struct CausalSoftmax {
@@ -218,9 +241,17 @@ impl CustomOp1 for CausalSoftmax {
         by_dtype!(self.name(), s, causal_softmax_fwd(s, l, self.scale))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::causal_softmax(s, l, self.scale)
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let op = SoftmaxGrad { scale: self.scale };
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+        Ok(Some(causal_softmax_grad(y, g, self.scale)?))
     }
 }
 
@@ -270,6 +301,18 @@ impl CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(self.name(), y, softmax_bwd(y, yl, g, gl, self.scale))
+    }
+
+    /// Only the seen columns (on and below the diagonal) are read: `y` is 0 above it.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::causal_softmax_grad(y, yl, g, gl, self.scale)
     }
 }
 

@@ -1,11 +1,13 @@
 //! Differentiable forms of the ops whose fused candle kernels silently cut the gradient
-//! (rms_norm, softmax, rope): our one-pass kernels from `fused` on the CPU, composed tensor ops
-//! elsewhere; causal attention over packed sequences; the LM-head cross-entropy.
+//! (rms_norm, softmax, rope): our one-pass kernels from `fused` on the CPU and, through their
+//! CUDA kernels, on a GPU; composed tensor ops elsewhere (other dtypes, kernels turned off);
+//! causal attention over packed sequences; the LM-head cross-entropy.
 //!
 //! Shapes: N packed tokens, Hq query heads, Hkv key/value heads, G = Hq/Hkv, D head dim, T one
 //! sequence's length.
 
 use super::attention_device::causal_mask;
+use super::cuda_kernels::fused_kernels;
 use super::fused::{self, Real};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -16,11 +18,6 @@ pub fn upcast(dtype: DType) -> DType {
     } else {
         DType::F32
     }
-}
-
-/// Whether the one-pass CPU kernels of [`fused`] serve this tensor.
-fn fused_kernels(x: &Tensor) -> bool {
-    super::cpu_kernels::serve(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// RMSNorm over the last axis, computed in f32: `x / √(mean(x²) + eps) · w`, `w` frozen.

@@ -110,6 +110,15 @@ impl CustomOp1 for RmsNorm {
         by_dtype!(self.name(), s, rms_norm_fwd(s, l, &self.w, self.eps))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::rms_norm(s, l, &self.w, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let op = RmsNormGrad {
             w: self.w.clone(),
@@ -213,6 +222,17 @@ impl CustomOp2 for RmsNormGrad {
             x,
             rms_norm_bwd(x, xl, g, gl, &self.w, self.eps)
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::rms_norm_grad(x, xl, g, gl, &self.w, self.eps)
     }
 }
 

@@ -20,18 +20,19 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// `silu(gate) ⊙ up`; CPU, f32 or f64, both of one dtype and shape.
+/// `silu(gate) ⊙ up`; CPU or GPU, f32 or f64, both of one dtype and shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
 }
 
 /// Whether [`silu_mul`] serves these operands.
 pub fn silu_mul_usable(gate: &Tensor, up: &Tensor) -> bool {
-    super::cpu_kernels::serve(gate.device())
+    let kernels = super::cpu_kernels::serve(gate.device())
         && matches!(
             gate.dtype(),
             candle_core::DType::F32 | candle_core::DType::F64
-        )
+        );
+    (kernels || super::cuda_kernels::serve(gate))
         && up.dtype() == gate.dtype()
         && up.shape() == gate.shape()
 }
@@ -174,6 +175,17 @@ impl CustomOp2 for SiluMul {
         Ok((y, gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_launch::silu_mul(gs, gl, us, ul)
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -181,6 +193,11 @@ impl CustomOp2 for SiluMul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let (dg, du) = super::cuda_launch::silu_mul_grad(gate, up, dy)?;
+            return Ok((Some(dg), Some(du)));
+        }
         let dy = dy.contiguous()?;
         let (gs, gl) = gate.storage_and_layout();
         let (us, ul) = up.storage_and_layout();

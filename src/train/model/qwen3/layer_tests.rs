@@ -444,3 +444,21 @@ fn one_op_layer_with_dropout_matches_finite_differences_and_its_recompute() {
     };
     check_finite_differences(&m, untracked, &x0, &cot, &grads[1], &grads[2..]);
 }
+
+/// What `weighted_sum_backward` relies on off the CPU: a non-scalar root's backward gives the
+/// gradients of its sum.
+#[test]
+fn a_non_scalar_backward_gives_the_gradients_of_the_sum() {
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 7), &Device::Cpu).unwrap()).unwrap();
+    let g = Tensor::randn(0f64, 1., (5, 7), &Device::Cpu).unwrap();
+    let out = x.as_tensor().sqr().unwrap().exp().unwrap();
+    let weighted = (&out * &g).unwrap();
+    let of_sum = weighted.sum_all().unwrap().backward().unwrap();
+    let of_root = weighted.backward().unwrap();
+    assert_close(
+        of_root.get(&x).unwrap(),
+        of_sum.get(&x).unwrap(),
+        1e-15,
+        "non-scalar root",
+    );
+}
