@@ -134,3 +134,44 @@ fn named_gpus_are_answered_without_one() {
     assert_eq!(a100["weight_dtype"], json!("bf16"));
     assert_eq!(a100["fits"], json!(true), "{a100}");
 }
+
+/// The GPU estimate against peak device memory measured on an H200 (bf16, LoRA r 16
+/// all-linear, dropout 0, every sequence 2048 tokens; docs/memory.md's GPU calibration, median
+/// of the runs there): within 5% on each shape.
+#[test]
+fn the_gpu_estimate_stays_within_five_percent_of_the_h200_measurements() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("qwen3-1.7b");
+    qwen3_1_7b(&full);
+    // Four of those layers with a 4096-token vocabulary (`sftd bench --shape layers-1.7b`).
+    let layers = tmp.path().join("layers-1.7b");
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(full.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = json!(4);
+    config["vocab_size"] = json!(4096);
+    std::fs::create_dir_all(&layers).unwrap();
+    std::fs::write(layers.join("config.json"), config.to_string()).unwrap();
+    for (model, batch, checkpointing, measured_gb) in [
+        (&layers, 4, true, 9.41),
+        (&layers, 4, false, 22.36),
+        (&layers, 1, true, 3.64),
+        (&full, 4, true, 15.02),
+    ] {
+        let body = json!({"model": model, "training_file": "absent.jsonl", "method": {
+            "type": "supervised", "supervised": {"hyperparameters": {
+                "batch_size": batch, "max_seq_len": 2048,
+                "gradient_checkpointing": checkpointing, "lora": {"r": 16, "dropout": 0.0}}}}});
+        let job = tmp.path().join("job.json");
+        std::fs::write(&job, body.to_string()).unwrap();
+        let h100 = estimate(&job, "h100", tmp.path());
+        let gb = h100["estimated_peak_memory_bytes"].as_u64().unwrap() as f64 / 1e9;
+        let error = gb / measured_gb - 1.0;
+        assert!(
+            error.abs() < 0.05,
+            "batch {batch}, checkpointing {checkpointing}, {}: estimate {gb:.2} GB, measured \
+             {measured_gb} GB ({:+.1}%)",
+            model.display(),
+            100.0 * error
+        );
+    }
+}

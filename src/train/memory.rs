@@ -188,31 +188,27 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     // (3 N×A); k before and after, v (3 N×K); gate, up, their product (3 N×F); x·Aᵀ (N×r) per
     // LoRA projection.
     let one_op_graph = n * (4 * h + 3 * a + 3 * k + 3 * f + r * targets.len() as u64);
-    // The per-op path: every projection keeps its output; a LoRA one also keeps B·A·x, its
-    // scaled copy and the sum, A·x, and with dropout the mask and the masked input.
-    let norm = if composed { 3 } else { 1 }; // rms_norm: fused kernel vs sqr, div, mul
-    let rope = if composed { 4 } else { 1 }; // rope: fused kernel vs 4 products, sub/add, cat
+    // The per-op path (a GPU's: RMSNorm, rotary and SwiGLU are one node each there, through
+    // sftd's CUDA kernels): every projection keeps its output; a LoRA one also keeps A·x and its
+    // scaled copy, B's product and the sum, and with dropout the mask and the masked input.
     let lora_graph: u64 = targets
         .iter()
-        .map(|(i, o)| 3 * n * o + n * r + if recipe.lora_dropout { 2 * n * i } else { 0 })
+        .map(|(i, o)| 2 * n * o + 2 * n * r + if recipe.lora_dropout { 2 * n * i } else { 0 })
         .sum();
-    let base_graph = n * h * (4 + 2 * norm) // 2 norms, o_proj, residual, down_proj, output
-        + n * a * (4 + norm + rope + u64::from(b > 1)) // q, norm, rope, 3 head-major copies, cat
-        + n * k * (4 + norm + rope) // k, v, norm, rope, 2 head-major copies
-        + n * f * 4; // gate, silu, up, product
+    let base_graph = n * h * 6 // 2 norms, o_proj, residual, down_proj, output
+        + n * a * (6 + u64::from(b > 1)) // q, norm, rope, 3 head-major copies, cat
+        + n * k * 6 // k, v, norm, rope, 2 head-major copies
+        + n * f * 3; // gate, up, product
                      // With dropout it also keeps each LoRA projection's mask, one bit per input element.
     let mask_bits: u64 = if recipe.lora_dropout {
         targets.iter().map(|(i, _)| (n * i).div_ceil(8)).sum()
     } else {
         0
     };
-    // On a GPU the graph holds about 1.35× this inventory (the casts around each half-precision
-    // GEMM among it), and its backward about 20 widest activations at once, as measured on an
-    // H200 with Qwen3-1.7B's layers (docs/memory.md).
+    // On a GPU its backward holds about 18 widest activations at once, as measured on an H200
+    // with Qwen3-1.7B's layers (docs/memory.md).
     let layer_graph = if one_op {
         one_op_graph * ACT + mask_bits
-    } else if composed {
-        (base_graph + lora_graph) * ACT * 27 / 20
     } else {
         (base_graph + lora_graph) * ACT
     };
@@ -238,19 +234,19 @@ pub fn estimate(model: &ModelDims, recipe: &Recipe, target: Target) -> MemoryEst
     let in_flight = if one_op {
         n * ((3 * f).max(3 * a + 2 * k) + 2 * h) * ACT + masked * ACT
     } else {
-        (if composed { 20 } else { 3 }) * n * f.max(a).max(h) * ACT
+        (if composed { 18 } else { 3 }) * n * f.max(a).max(h) * ACT
     };
     // Attention keeps the probabilities of every sequence. The one-op layer's backward works
     // through them one block of query rows at a time (a 64×T buffer per thread, not counted);
-    // the GPU's attention node (`nn/attention_device.rs`) holds three T×T buffers of one sequence
-    // while it is differentiated (dP, dP minus the row term, dS), as its forward holds two
-    // (scores, probabilities); the CPU's per-op path keeps scores and probabilities.
+    // the GPU's attention node (`nn/attention_device.rs`) holds two T×T buffers of one sequence
+    // while it is differentiated (dP, then dS from the fused softmax gradient), as its forward
+    // holds two (scores, probabilities); the CPU's per-op path keeps scores and probabilities.
     let hq = m.heads as u64;
     let score_buffers = if composed || one_op { 1 } else { 2 };
     let attention_graph = score_buffers * hq * b * t * t * ACT;
     let attention_backward = match (one_op, composed) {
         (true, _) => 0,
-        (false, true) => 3 * hq * t * t * ACT,
+        (false, true) => 2 * hq * t * t * ACT,
         (false, false) => 4 * hq * t * t * ACT,
     };
 
