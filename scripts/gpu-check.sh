@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU host: builds sftd with `cuda`, runs the CUDA tests (CUDA against the CPU:
 # forward and LoRA gradients of a fixture model in f32, f16 and, from compute capability 8.0,
-# bf16; dropout masks drawn on the device; the cached causal mask; a 20-step training run on the
+# bf16; each of sftd's CUDA kernels against its CPU kernel; dropout masks drawn on the device;
+# the cached causal mask; a 20-step training run on the
 # GPU against the same run on the CPU; greedy generation with an adapter against transformers +
 # PEFT), one job through `sftd serve` on the GPU (tools/serve_e2e.py: train, chat, a forced tool
 # call), then `sftd bench --device cuda:0` on a random model shaped like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
