@@ -87,6 +87,9 @@ struct Plan {
     params: SamplingParams,
     add_generation_prompt: bool,
     enable_thinking: Option<bool>,
+    /// `parallel_tool_calls: false` in a turn the model writes freely: generation ends once its
+    /// first call is closed.
+    first_call_ends: bool,
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> AppError {
@@ -145,6 +148,8 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
     // A forced call or object begins the answer, so there is no thinking to do: the template's
     // non-thinking form (Qwen3: an empty thinking block) unless the client asks otherwise.
     let forced = !opening.is_empty();
+    // A forced call already stops after one (its opening ends the completion).
+    let first_call_ends = !parallel && !forced && tool_use.tools.is_some();
     let enable_thinking = r
         .enable_thinking
         .or_else(|| {
@@ -166,6 +171,7 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
         },
         add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
         enable_thinking,
+        first_call_ends,
     })
 }
 
@@ -300,8 +306,10 @@ fn run(
         .budget(ids.len(), plan.params.max_new_tokens)
         .map_err(refused)?;
     let _ = tx.send(Piece::Started);
+    let mut first_call = FirstCall::default();
     base.generate(adapter.as_deref(), &ids, &plan.params, |t| {
-        tx.send(Piece::Text(t.to_string())).is_ok()
+        let wanted = tx.send(Piece::Text(t.to_string())).is_ok();
+        wanted && !(plan.first_call_ends && first_call.closed_by(t))
     })
     .map_err(refused)
 }
@@ -313,6 +321,32 @@ struct Meta {
     tools: bool,
     /// `parallel_tool_calls: false`: a turn holds at most its first call.
     one_call: bool,
+}
+
+/// Follows a completion piece by piece for the end of its first tool call (after any reasoning
+/// block, where a `</tool_call>` is only talk about one).
+#[derive(Default)]
+struct FirstCall {
+    text: String,
+}
+
+impl FirstCall {
+    /// Adds `piece`; whether the text so far holds a closed call.
+    fn closed_by(&mut self, piece: &str) -> bool {
+        self.text.push_str(piece);
+        let t = self.text.trim_start();
+        let answer = if "<think>".starts_with(t) {
+            return false;
+        } else if let Some(body) = t.strip_prefix("<think>") {
+            match body.split_once("</think>") {
+                Some((_, rest)) => rest,
+                None => return false,
+            }
+        } else {
+            t
+        };
+        answer.contains("</tool_call>")
+    }
 }
 
 fn parse(meta: &Meta, text: &str) -> AssistantTurn {
@@ -525,41 +559,4 @@ async fn stream(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn visible_content_grows_and_hides_tags() {
-        assert_eq!(visible_content("<thi", true), "");
-        assert_eq!(visible_content("<think>\nhm", true), "");
-        assert_eq!(visible_content("<think>\n\n</think>\n\nHel", true), "Hel");
-        assert_eq!(visible_content("Hello <tool_", true), "Hello");
-        assert_eq!(visible_content("Hello <tool_", false), "Hello <tool_");
-        assert_eq!(visible_content("Hi\n<tool_call>\n{\"name\"", true), "Hi");
-    }
-
-    #[test]
-    fn requests_are_checked() {
-        let req = |v: Value| -> ChatRequest { serde_json::from_value(v).unwrap() };
-        let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-        assert!(plan(&req(base.clone())).is_ok());
-        for (field, value) in [
-            ("n", json!(2)),
-            ("temperature", json!(3)),
-            ("top_p", json!(0)),
-            ("max_completion_tokens", json!(0)),
-            ("tool_choice", json!("required")),
-            ("tool_choice", json!("always")),
-            ("stop", json!(["a", "b", "c", "d", "e"])),
-        ] {
-            let mut b = base.clone();
-            b[field] = value;
-            let e = plan(&req(b)).err().expect(field);
-            assert_eq!(e.into_response().status(), 400, "{field}");
-        }
-        let parts = json!({"model": "m", "messages": [{"role": "developer",
-            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
-        let p = plan(&req(parts)).unwrap();
-        assert_eq!(p.messages[0], json!({"role": "system", "content": "ab"}));
-    }
-}
+mod tests;
