@@ -1,7 +1,7 @@
 // The job page's Playground: chat with the job's fine-tuned model or any of its checkpoints
 // (also while it trains), the answer streamed from /v1/chat/completions; example prompts with
-// their tool schemas from the job's data as presets; tool calls shown as calls; optionally side
-// by side with the base model.
+// their tool schemas from the job's data as presets; tool calls shown as calls; the answer as text
+// or as a JSON object (`response_format`); optionally side by side with the base model.
 import { api, authHeaders, jobPath, listData } from './api.js';
 import { emptyAnswer, foldChunk, formatToolCall, sseData } from './chatstream.js';
 import { h } from './dom.js';
@@ -17,6 +17,10 @@ export function playgroundCard(jobId) {
   const toolChoice = h('select', { 'data-testid': 'play-tool-choice', 'aria-label': 'Tool choice' });
   const toolNames = h('span', { class: 'muted mono', 'data-testid': 'play-tools' });
   const toolsRow = h('label', { class: 'row', hidden: true }, 'Tools', toolChoice, toolNames);
+  // response_format: 'text' (the default) or 'json_object'.
+  const format = h('select', { 'data-testid': 'play-format', 'aria-label': 'Answer format' },
+    h('option', { value: 'text' }, 'text'),
+    h('option', { value: 'json_object' }, 'a JSON object'));
   const compare = h('input', { type: 'checkbox', 'data-testid': 'play-compare' });
   const temperature = h('input', { type: 'number', min: '0', max: '2', step: '0.1', value: '0', 'data-testid': 'play-temperature', 'aria-label': 'Temperature', class: 'narrow' });
   const maxTokens = h('input', { type: 'number', min: '1', step: '1', value: '128', 'data-testid': 'play-max-tokens', 'aria-label': 'Max tokens', class: 'narrow' });
@@ -30,6 +34,7 @@ export function playgroundCard(jobId) {
     h('div', { class: 'row' },
       h('label', { class: 'row' }, 'Temperature', temperature),
       h('label', { class: 'row' }, 'Max tokens', maxTokens),
+      h('label', { class: 'row' }, 'Answer', format),
       h('label', { class: 'row' }, compare, 'Side by side with the base model'),
       h('span', { class: 'spacer' }), stop, send));
   const card = h('section', { class: 'card area-play', 'aria-label': 'Playground', 'data-testid': 'playground' },
@@ -48,6 +53,15 @@ export function playgroundCard(jobId) {
     setTools(p.tools);
   });
 
+  // A JSON answer and a forced call cannot both begin the answer (the API refuses the pair), so
+  // while the answer is JSON the tool choices that force a call are off.
+  function syncFormat() {
+    const json = format.value === 'json_object';
+    for (const o of toolChoice.options) o.disabled = json && (o.value === 'required' || o.value.startsWith('call:'));
+    if (toolChoice.selectedOptions[0]?.disabled) toolChoice.value = 'auto';
+  }
+  format.addEventListener('change', syncFormat);
+
   function setTools(tools) {
     st.tools = Array.isArray(tools) ? tools : [];
     toolsRow.hidden = st.tools.length === 0;
@@ -58,6 +72,7 @@ export function playgroundCard(jobId) {
       h('option', { value: 'none' }, 'not offered'),
       h('option', { value: 'required' }, 'a call is required'),
       ...names.map((n) => h('option', { value: `call:${n}` }, `call ${n}`)));
+    syncFormat();
   }
 
   /** The request's `tools` and `tool_choice` for the chosen option. */
@@ -89,6 +104,7 @@ export function playgroundCard(jobId) {
       model: modelId, messages: messages(), stream: true, stream_options: { include_usage: true },
       temperature: Number(temperature.value), max_completion_tokens: Number(maxTokens.value),
       ...toolFields(),
+      ...(format.value === 'json_object' ? { response_format: { type: 'json_object' } } : {}),
     };
     const a = emptyAnswer();
     try {

@@ -1,7 +1,7 @@
 // The job page's playground in a real headless Chromium against the real sftd binary and real
 // trained demo jobs: presets from the job's validation data, the answer streamed from
-// /v1/chat/completions, side by side with the base model, a forced tool call, and a checkpoint
-// while the job trains.
+// /v1/chat/completions, side by side with the base model, a forced tool call, a JSON answer, and
+// a checkpoint while the job trains.
 //   cd tests/browser && npm ci && SFTD_BIN=../../target/debug/sftd node --test playground.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -123,6 +123,23 @@ test('a finished job: a preset from its validation data, streamed, side by side 
     assert.equal(f.finish, 'length', f.footer);
     assert.ok(f.content.startsWith(`<tool_call>\n{"name": "${forced}", "arguments": `), f.content);
   }
+
+  // A JSON answer: the forced tool choices are off (the API refuses them with a JSON answer),
+  // the request carries response_format, and the answer is a JSON object (or, cut by the
+  // budget, the start of one).
+  await page.getByTestId('play-format').selectOption('json_object');
+  assert.equal(await page.getByTestId('play-tool-choice').inputValue(), 'auto', 'a forced choice gave way');
+  const disabled = await page.getByTestId('play-tool-choice').locator('option').evaluateAll((os) => os.filter((o) => o.disabled).map((o) => o.value));
+  assert.deepEqual(disabled, ['required', ...withTools.tools.map((x) => `call:${x.function.name}`)]);
+  await page.getByTestId('play-send').click();
+  await waitFor(async () => chats.length === 4, { timeoutMs: 15_000, what: 'the JSON request' });
+  const [j] = await answers(page, 1);
+  assertAnswered(j, t);
+  assert.deepEqual(chats[3].body.response_format, { type: 'json_object' });
+  assert.equal(chats[3].status, 200);
+  assert.ok(j.content.startsWith('{'), j.content);
+  if (j.finish === 'stop') assert.equal(typeof JSON.parse(j.content), 'object', j.content);
+  else assert.equal(j.finish, 'length', j.footer);
   assert.deepEqual(page.jsErrors(), []);
 });
 
