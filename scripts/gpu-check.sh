@@ -5,7 +5,7 @@
 # the cached causal mask; a 20-step training run on the
 # GPU against the same run on the CPU; greedy generation with an adapter against transformers +
 # PEFT), one job through `sftd serve` on the GPU (tools/serve_e2e.py: train, chat, a forced tool
-# call), then `sftd bench --device cuda:0` on a random model shaped like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
+# call), 4 Qwen3-1.7B layers' step with sftd's CUDA kernels on and off, then `sftd bench --device cuda:0` on a random model shaped like Qwen3-1.7B at batch 4 × 2048 tokens with checkpointing on, next to transformers + PEFT on
 # the same model and batch where python3 has them. Everything goes to one results file. See
 # docs/gpu.md.
 #
@@ -18,7 +18,7 @@
 #   SFTD_GPU_CHECK_DIR scratch directory for the 1.7B-shaped model (~7 GB) and data
 #                      (default: target/gpu-check)
 #   BENCH_STEPS        timed bench steps (default 5)
-#   GPU_CHECK_PARTS    which parts to run (default all: "tests serve bench peft f16"); a lease too
+#   GPU_CHECK_PARTS    which parts to run (default all: "tests serve layers bench peft f16"); a lease too
 #                      short for all of them can take them in two calls
 # Needs: an NVIDIA driver, python3 (to write the long-sequence bench data), and either Rust and a
 # CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc supports, or the prebuilt
@@ -40,7 +40,7 @@ mkdir -p "$scratch"
 log() { printf '%s\n' "$*" | tee -a "$results"; }
 step() { log ""; log "== $* ($(date -u +%H:%M:%S))"; }
 status=0
-parts=" ${GPU_CHECK_PARTS:-tests serve bench peft f16} "
+parts=" ${GPU_CHECK_PARTS:-tests serve layers bench peft f16} "
 part() { [[ $parts == *" $1 "* ]]; }
 
 step "host"
@@ -100,14 +100,8 @@ if part serve; then
   fi
 fi
 
-part bench || part peft || part f16 || { step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"; exit $status; }
+part layers || part bench || part peft || part f16 || { step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"; exit $status; }
 
-step "random Qwen3-1.7B-shaped model (28 layers, hidden 2048, intermediate 6144, 16/8 heads of 128, vocab 151936, tied)"
-model=$scratch/qwen3-1.7b-shape
-if [ ! -f "$model/config.json" ]; then
-  "$bin" demo-model "$model" --hidden 2048 --intermediate 6144 --layers 28 --heads 16 \
-    --kv-heads 8 --head-dim 128 --vocab 151936 2>&1 | tee -a "$results"
-fi
 # Rows long enough that every sequence is cut at 2048 tokens.
 data=$scratch/long.jsonl
 python3 - "$data" <<'PY'
@@ -121,6 +115,35 @@ with open(sys.argv[1], "w") as f:
             {"role": "assistant", "content": text}]}) + "\n")
 PY
 
+# 4 layers of Qwen3-1.7B with a 4096-token vocabulary (`--shape layers-1.7b`, generated into the
+# scratch directory): the step with sftd's CUDA kernels and without (SFTD_CUDA_KERNELS=off, the
+# composed graph), run by run, so the pair is measured back to back.
+if part layers; then
+  runs=${LAYERS_RUNS:-3}
+  step "4 layers of Qwen3-1.7B (vocab 4096), bf16: sftd's CUDA kernels on and off, $runs runs each"
+  for args in "--batch-size 1 --steps 5" "--batch-size 4 --steps 3" "--batch-size 4 --steps 3 --no-checkpointing"; do
+    for run in $(seq "$runs"); do
+      for kernels in on off; do
+        log "-- kernels $kernels, run $run: --seq-len 2048 $args"
+        # shellcheck disable=SC2086 # $args is a list of options
+        if ! SFTD_CUDA_KERNELS=$kernels "$bin" bench --device cuda:0 --shape layers-1.7b \
+          --data "$data" --data-dir "$scratch" --seq-len 2048 $args --json 2>&1 | tail -1 | tee -a "$results"; then
+          log "layers bench (kernels $kernels): FAILED"
+          status=1
+        fi
+      done
+    done
+  done
+fi
+
+part bench || part peft || part f16 || { step "done: $( [ $status -eq 0 ] && echo OK || echo FAILURES ) — results in $results"; exit $status; }
+
+step "random Qwen3-1.7B-shaped model (28 layers, hidden 2048, intermediate 6144, 16/8 heads of 128, vocab 151936, tied)"
+model=$scratch/qwen3-1.7b-shape
+if [ ! -f "$model/config.json" ]; then
+  "$bin" demo-model "$model" --hidden 2048 --intermediate 6144 --layers 28 --heads 16 \
+    --kv-heads 8 --head-dim 128 --vocab 151936 2>&1 | tee -a "$results"
+fi
 sftd_bench() { # sftd_bench PRECISION
   step "sftd bench --device cuda:0 --precision $1, batch 4 × 2048, checkpointing on"
   if ! "$bin" bench --device cuda:0 --precision "$1" --model "$model" --data "$data" \
