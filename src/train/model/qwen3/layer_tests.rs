@@ -445,7 +445,7 @@ fn one_op_layer_with_dropout_matches_finite_differences_and_its_recompute() {
     check_finite_differences(&m, untracked, &x0, &cot, &grads[1], &grads[2..]);
 }
 
-/// What `weighted_sum_backward` relies on off the CPU: a non-scalar root's backward gives the
+/// What `weighted_sum_backward` relies on: a non-scalar root's backward gives the
 /// gradients of its sum.
 #[test]
 fn a_non_scalar_backward_gives_the_gradients_of_the_sum() {
