@@ -334,18 +334,20 @@ impl FirstCall {
     /// Adds `piece`; whether the text so far holds a closed call.
     fn closed_by(&mut self, piece: &str) -> bool {
         self.text.push_str(piece);
-        let t = self.text.trim_start();
-        let answer = if "<think>".starts_with(t) {
-            return false;
-        } else if let Some(body) = t.strip_prefix("<think>") {
-            match body.split_once("</think>") {
-                Some((_, rest)) => rest,
-                None => return false,
-            }
-        } else {
-            t
-        };
-        answer.contains("</tool_call>")
+        after_reasoning(&self.text).is_some_and(|answer| answer.contains("</tool_call>"))
+    }
+}
+
+/// What a growing completion says after its reasoning block: `None` while it is (or may yet
+/// become) inside `<think>…</think>`.
+fn after_reasoning(text: &str) -> Option<&str> {
+    let t = text.trim_start();
+    if "<think>".starts_with(t) {
+        return None;
+    }
+    match t.strip_prefix("<think>") {
+        Some(body) => body.split_once("</think>").map(|(_, rest)| rest),
+        None => Some(t),
     }
 }
 
@@ -448,17 +450,10 @@ fn sse(v: &Value) -> String {
 /// any `<tool_call>` (when tools were offered), without trailing whitespace or a tail that may
 /// still become a tag. Only ever grows as the text grows.
 fn visible_content(text: &str, tools: bool) -> &str {
-    let t = text.trim_start();
-    let rest = if "<think>".starts_with(t) {
+    let Some(rest) = after_reasoning(text) else {
         return "";
-    } else if let Some(body) = t.strip_prefix("<think>") {
-        match body.split_once("</think>") {
-            Some((_, rest)) => rest.trim_start(),
-            None => return "",
-        }
-    } else {
-        t
     };
+    let rest = rest.trim_start();
     let mut end = rest.len();
     if tools {
         if let Some(i) = rest.find("<tool_call>") {
