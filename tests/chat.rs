@@ -407,7 +407,8 @@ async fn an_api_node_answers_chat_on_its_own_device() {
 }
 
 /// `response_format` makes the answer one JSON object (`json_object`), with the schema's keys
-/// and value types (`json_schema`); the model writes it, sampled or greedy, and whenever the
+/// and value types at every depth (`json_schema`, checked by the `jsonschema` crate when
+/// nested); the model writes it, sampled or greedy, and whenever the
 /// budget lets it finish it parses. Formats sftd cannot follow are 400s naming the parameter.
 #[tokio::test]
 async fn response_format_makes_the_answer_a_json_object() {
@@ -419,9 +420,19 @@ async fn response_format_makes_the_answer_a_json_object() {
     let schema = json!({"type": "object", "additionalProperties": false,
         "required": ["city", "days"],
         "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}});
+    // Nested: an object in the object, an array of listed values, an array of objects by `$ref`.
+    let nested = json!({"type": "object", "required": ["trip"], "properties": {
+        "trip": {"type": "object", "required": ["from", "days"], "properties": {
+            "from": {"type": "string"}, "days": {"type": "integer"}}},
+        "tags": {"type": "array", "items": {"enum": ["weekday", "weekend"]}},
+        "legs": {"type": "array", "items": {"$ref": "#/$defs/leg"}}},
+        "$defs": {"leg": {"type": "object", "required": ["km"], "properties": {
+            "km": {"type": "number"}, "mode": {"enum": ["car", "foot"]}}}}});
+    let validator = jsonschema::validator_for(&nested).unwrap();
     let formats = [
         json!({"type": "json_object"}),
         json!({"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}),
+        json!({"type": "json_schema", "json_schema": {"name": "trip", "schema": nested}}),
     ];
     for (keyed, format) in formats.iter().enumerate() {
         body["response_format"] = format.clone();
@@ -448,6 +459,9 @@ async fn response_format_makes_the_answer_a_json_object() {
                     || days.is_u64()
                     || days.as_f64().is_some_and(|d| d.fract() == 0.0);
                 assert!(object["city"].is_string() && whole, "{v}");
+            }
+            if keyed == 2 {
+                assert!(validator.is_valid(&object), "{v}");
             }
             finished += 1;
         }

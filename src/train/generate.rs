@@ -16,9 +16,14 @@ use std::time::{Instant, SystemTime};
 use tokenizers::Tokenizer;
 
 mod argument_schema;
+#[cfg(test)]
+mod argument_schema_tests;
 mod json_prefix;
 #[cfg(test)]
 mod json_prefix_tests;
+mod json_scalars;
+#[cfg(test)]
+mod nested_schema_tests;
 mod opening;
 #[cfg(test)]
 mod opening_tests;

@@ -1,41 +1,49 @@
 //! Whether a text can still grow into one JSON object (RFC 8259 syntax), optionally one that an
-//! [`ArgumentSchema`] allows (listed top-level keys, the required ones, each top-level value's
-//! type and listed values): a checker fed a byte at a time whose whole state is a few words, so
-//! that masking a vocabulary copies it once per candidate token instead of re-reading the text.
+//! [`ArgumentSchema`] allows (listed keys, the required ones, each value's type and listed
+//! values, at every depth the schema describes): a checker fed a byte at a time whose whole
+//! state is a few cache lines, so that masking a vocabulary copies it once per candidate token
+//! instead of re-reading the text.
 
-use super::argument_schema::{types_beginning_with, ArgumentSchema, ValueSchema, NUMBER};
+use super::argument_schema::{
+    types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, NUMBER, OBJECT,
+};
+use super::json_scalars::{number, Num, Utf8};
 use serde_json::Value;
 
 /// Containers nest at most this deep (one bit each in `arrays`).
 const MAX_DEPTH: u8 = 64;
+/// Containers this deep follow their schema nodes; deeper ones are free. Enough for objects in
+/// arrays in objects in arrays, and it keeps the state small.
+pub(super) const SCHEMA_DEPTH: usize = 8;
 /// The longest run of whitespace between tokens: enough for any indentation, and a model that
 /// would write blanks for ever must write something else.
 const MAX_BLANKS: u8 = 32;
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
-/// Numbers stay within what an f64 holds (below 1e300), so that every object written parses:
-/// JSON itself has no bound, but a parser refuses what it cannot represent.
-const MAX_INT_DIGITS: u8 = 200;
-const MAX_EXP_DIGITS: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct JsonPrefix {
     /// Bit `i` set: the container at depth `i + 1` is an array, else an object.
     arrays: u64,
-    /// Top-level keys written, as bits over the [`ArgumentSchema`]'s names.
-    written: u64,
+    /// Per container depth (`i + 1`, up to [`SCHEMA_DEPTH`]): the keys its object has written,
+    /// as bits over its node's names.
+    written: [u64; SCHEMA_DEPTH],
+    /// Per container depth: the schema node its contents keep to ([`FREE`]: anything).
+    nodes: [u16; SCHEMA_DEPTH],
     depth: u8,
     /// Whitespace bytes just read between tokens.
     blanks: u8,
-    /// With an [`ArgumentSchema`]: in a top-level key, the names it may still become; after
-    /// the key, `key.lo` is its index, so the value knows its schema.
+    /// In a key of an object whose node lists its keys: the names it may still become; after
+    /// the key, `key.lo` is its index, so the value knows its node.
     key: Spelling,
-    /// In a top-level value whose key lists its values: those it may still become; else none.
+    /// In a value whose node lists its values: those it may still become; else none.
     value: Spelling,
+    /// The node `value` spells the values of, and the depth of the container holding it.
+    spelled: (u16, u8),
     at: At,
 }
 
-// The vocabulary mask copies the state once per candidate token: it must stay a few words.
-const _: () = assert!(std::mem::size_of::<JsonPrefix>() <= 40);
+// The vocabulary mask copies the state once per candidate token: it must stay small.
+const _: () = assert!(std::mem::size_of::<JsonPrefix>() <= 128);
 
 /// Among sorted texts, those (`lo..hi`) that begin with the `off` bytes read. Sorted, the texts
 /// that share a prefix are a range, and one that is exactly the prefix comes first in it.
@@ -121,62 +129,6 @@ enum At {
     Done,
 }
 
-/// Where a number stands: after `-`, a leading `0`, integer digits (so many), `.`, fraction
-/// digits, `e`, the exponent's sign, exponent digits (so many).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Num {
-    Minus,
-    Zero,
-    Int(u8),
-    Dot,
-    Frac,
-    E,
-    ESign,
-    Exp(u8),
-}
-
-/// Inside a string, the continuation bytes a UTF-8 character still needs (0 to 3) and the
-/// range the next one must fall in, so that every string written is valid UTF-8 (RFC 3629: no
-/// overlong forms, no surrogates, nothing past U+10FFFF). A byte-level vocabulary splits rare
-/// characters over tokens, so a token may end or begin inside one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Utf8 {
-    left: u8,
-    lo: u8,
-    hi: u8,
-}
-
-impl Utf8 {
-    const WHOLE: Self = Self {
-        left: 0,
-        lo: 0x80,
-        hi: 0xBF,
-    };
-
-    /// After the lead byte `b` of a multi-byte character, or `None` if `b` leads none.
-    fn lead(b: u8) -> Option<Self> {
-        let (left, lo, hi) = match b {
-            0xC2..=0xDF => (1, 0x80, 0xBF),
-            0xE0 => (2, 0xA0, 0xBF),
-            0xED => (2, 0x80, 0x9F),
-            0xE1..=0xEF => (2, 0x80, 0xBF),
-            0xF0 => (3, 0x90, 0xBF),
-            0xF4 => (3, 0x80, 0x8F),
-            0xF1..=0xF3 => (3, 0x80, 0xBF),
-            _ => return None,
-        };
-        Some(Self { left, lo, hi })
-    }
-
-    /// After the continuation byte `b`, if it may come next.
-    fn next(self, b: u8) -> Option<Self> {
-        (self.lo..=self.hi).contains(&b).then_some(Self {
-            left: self.left - 1,
-            ..Self::WHOLE
-        })
-    }
-}
-
 impl ArgumentSchema {
     /// The schema of a function's `parameters` (see [`ArgumentSchema::read`]), its listed values
     /// kept to those this checker can write.
@@ -187,13 +139,22 @@ impl ArgumentSchema {
 
 /// Whether the checker can write `text` as the one value of a key of `types`.
 fn writable(types: u8, text: &str) -> bool {
+    let value = ValueSchema {
+        types,
+        ..ValueSchema::FREE
+    };
+    let object = ValueSchema {
+        types: OBJECT,
+        keys: Some(Keys {
+            names: vec!["k".into()],
+            required: 0,
+            values: vec![2],
+        }),
+        ..ValueSchema::FREE
+    };
     let alone = ArgumentSchema {
-        names: vec!["k".into()],
-        required: 0,
-        values: vec![ValueSchema {
-            types,
-            one_of: Vec::new(),
-        }],
+        nodes: vec![ValueSchema::FREE, object, value],
+        root: 1,
     };
     JsonPrefix::new()
         .after(&format!("{{\"k\":{text}}}"), Some(&alone))
@@ -204,11 +165,13 @@ impl JsonPrefix {
     pub(super) fn new() -> Self {
         Self {
             arrays: 0,
-            written: 0,
+            written: [0; SCHEMA_DEPTH],
+            nodes: [FREE; SCHEMA_DEPTH],
             depth: 0,
             blanks: 0,
             key: Spelling::NONE,
             value: Spelling::NONE,
+            spelled: (FREE, 0),
             at: At::Start,
         }
     }
@@ -254,36 +217,76 @@ impl JsonPrefix {
             return false;
         };
         // A byte read clears the blanks count, which a string's first byte has already done.
-        self.blanks == 0 && (args.is_none() || !(self.value.is_open() || (key && self.depth == 1)))
+        self.blanks == 0 && !(self.value.is_open() || (key && self.keys(args).is_some()))
     }
 
-    fn step(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
-        let Some(a) = args.filter(|_| self.depth == 1 || self.value.is_open()) else {
-            return self.syntax(b, args);
+    /// The node of the container the checker is in, when it constrains anything.
+    fn container<'a>(&self, args: Option<&'a ArgumentSchema>) -> Option<&'a ValueSchema> {
+        let a = args?;
+        let d = self.depth as usize;
+        let id = *self.nodes.get(d.checked_sub(1)?)?;
+        (id != FREE).then(|| &a.nodes[id as usize])
+    }
+
+    /// The keys of the object the checker is in, when its node lists them.
+    fn keys<'a>(&self, args: Option<&'a ArgumentSchema>) -> Option<&'a Keys> {
+        self.container(args)
+            .filter(|_| !self.in_array())?
+            .keys
+            .as_ref()
+    }
+
+    /// The node of the value beginning or being written: an array's items', or the one of the
+    /// key just written.
+    fn value_node(&self, args: Option<&ArgumentSchema>) -> u16 {
+        match self.container(args) {
+            Some(c) if self.in_array() => c.items,
+            Some(c) => c
+                .keys
+                .as_ref()
+                .map_or(FREE, |k| k.values[self.key.lo as usize]),
+            None => FREE,
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.written[self.depth as usize - 1]
+    }
+
+    fn step(self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
+        let Some(a) = args else {
+            return self.syntax(b, None);
         };
-        if self.depth == 1 && matches!(self.at, At::Str { key: true, .. }) {
-            return self.key_byte(a, b);
+        if self.value.is_open() {
+            return self.spell(a, b);
         }
-        if !self.value.is_open() {
-            return self.syntax(b, args);
+        if matches!(self.at, At::Str { key: true, .. }) {
+            if let Some(keys) = self.keys(args) {
+                return self.key_byte(keys, b);
+            }
         }
-        // A top-level value with listed values: each of its bytes must go on spelling one, and
-        // where it ends it must have spelled one whole. A number ends before the first byte that
-        // cannot extend it (so `1` is not cut short where `10` is listed too), any other value
-        // on its own last byte.
-        let texts = &a.values[self.key.lo as usize].one_of;
+        self.syntax(b, args)
+    }
+
+    /// A byte of a value whose node lists its values: it must go on spelling one, and where the
+    /// value ends it must have spelled one whole. A number ends before the first byte that
+    /// cannot extend it (so `1` is not cut short where `10` is listed too), any other value on
+    /// its own last byte. Containers inside it are free: the spelling holds them.
+    fn spell(mut self, a: &ArgumentSchema, b: u8) -> Option<Self> {
+        let (node, depth) = self.spelled;
+        let texts = &a.nodes[node as usize].one_of;
         if let At::Num(n) = self.at {
-            if self.depth == 1 && self.number(n, b, args).is_none() {
+            if self.depth == depth && self.number(n, b, Some(a)).is_none() {
                 if !self.value.is_whole(texts) {
                     return None;
                 }
                 self.value = Spelling::NONE;
-                return self.syntax(b, args);
+                return self.syntax(b, Some(a));
             }
         }
         self.value = self.value.narrow(texts, b)?;
-        let mut next = self.syntax(b, args)?;
-        if next.depth == 1 && next.at == At::AfterValue {
+        let mut next = self.syntax(b, Some(a))?;
+        if next.depth == depth && next.at == At::AfterValue {
             if !next.value.is_whole(texts) {
                 return None;
             }
@@ -292,12 +295,12 @@ impl JsonPrefix {
         Some(next)
     }
 
-    /// `b` as JSON, with the top-level keys' and values' first bytes (and integers) as `args`
-    /// allows; [`JsonPrefix::step`] follows key names and listed values.
+    /// `b` as JSON, with keys' and values' first bytes (and integers) as the nodes of `args`
+    /// allow; [`JsonPrefix::step`] follows key names and listed values.
     fn syntax(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
         let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
         let blanks = std::mem::take(&mut self.blanks);
-        let top = args.filter(|_| self.depth == 1);
+        let keys = self.keys(args);
         self.at = match self.at {
             At::Done => return None,
             At::Str {
@@ -330,17 +333,20 @@ impl JsonPrefix {
                 }
             }
             // The object follows its frame directly (the frame ends in its own blank).
-            At::Start => return (b == b'{').then(|| self.open(false)).flatten(),
+            At::Start => {
+                let root = args.map_or(FREE, |a| a.root);
+                return (b == b'{').then(|| self.open(false, root)).flatten();
+            }
             _ if ws && blanks < MAX_BLANKS => {
                 self.blanks = blanks + 1;
                 self.at
             }
             At::KeyOrEnd | At::Key if b == b'"' => {
-                if let Some(a) = top {
-                    if a.all() & !self.written == 0 {
+                if let Some(k) = keys {
+                    if k.all() & !self.written() == 0 {
                         return None;
                     }
-                    self.key = Spelling::all(&a.names);
+                    self.key = Spelling::all(&k.names);
                 }
                 At::Str {
                     key: true,
@@ -349,18 +355,24 @@ impl JsonPrefix {
                     utf8: Utf8::WHOLE,
                 }
             }
-            At::KeyOrEnd if b == b'}' => return self.close(b, top),
+            At::KeyOrEnd if b == b'}' => return self.close(b, keys),
             At::Colon if b == b':' => At::Value,
-            At::ValueOrEnd if b == b']' => return self.close(b, top),
+            At::ValueOrEnd if b == b']' => return self.close(b, None),
             At::Value | At::ValueOrEnd => {
-                if let Some(a) = top {
-                    let value = &a.values[self.key.lo as usize];
+                // What a container opened here keeps to: its node, unless the value is spelled.
+                let mut inside = FREE;
+                let id = self.value_node(args);
+                if let (Some(a), true) = (args, id != FREE) {
+                    let value = &a.nodes[id as usize];
                     if types_beginning_with(b) & value.types == 0 {
                         return None;
                     }
-                    // No value is one byte long, so `step` checks for its end from the next.
-                    if !value.one_of.is_empty() {
+                    // No value is one byte long, so `spell` checks for its end from the next.
+                    if value.one_of.is_empty() {
+                        inside = id;
+                    } else {
                         self.value = Spelling::all(&value.one_of).narrow(&value.one_of, b)?;
+                        self.spelled = (id, self.depth);
                     }
                 }
                 match b {
@@ -370,8 +382,8 @@ impl JsonPrefix {
                         hex: 0,
                         utf8: Utf8::WHOLE,
                     },
-                    b'{' => return self.open(false),
-                    b'[' => return self.open(true),
+                    b'{' => return self.open(false, inside),
+                    b'[' => return self.open(true, inside),
                     b'-' => At::Num(Num::Minus),
                     b'0' => At::Num(Num::Zero),
                     b'1'..=b'9' => At::Num(Num::Int(1)),
@@ -384,9 +396,9 @@ impl JsonPrefix {
             At::AfterValue => match b {
                 b',' if self.in_array() => At::Value,
                 // A comma promises a key: one must be left to write.
-                b',' if top.is_some_and(|a| a.all() & !self.written == 0) => return None,
+                b',' if keys.is_some_and(|k| k.all() & !self.written() == 0) => return None,
                 b',' => At::Key,
-                b'}' | b']' => return self.close(b, top),
+                b'}' | b']' => return self.close(b, keys),
                 _ => return None,
             },
             At::KeyOrEnd | At::Key | At::Colon => return None,
@@ -394,11 +406,11 @@ impl JsonPrefix {
         Some(self)
     }
 
-    /// The number after `b`, if `b` extends it: a top-level one whose key allows integers only
-    /// takes no fraction or exponent.
+    /// The number after `b`, if `b` extends it: one whose node allows integers only takes no
+    /// fraction or exponent.
     fn number(&self, n: Num, b: u8, args: Option<&ArgumentSchema>) -> Option<Num> {
-        let whole_only = self.depth == 1
-            && args.is_some_and(|a| a.values[self.key.lo as usize].types & NUMBER == 0);
+        let id = self.value_node(args);
+        let whole_only = args.is_some_and(|a| a.nodes[id as usize].types & NUMBER == 0);
         number(n, b).filter(|m| !(whole_only && matches!(m, Num::Dot | Num::E)))
     }
 
@@ -406,7 +418,8 @@ impl JsonPrefix {
         self.depth > 0 && self.arrays & (1 << (self.depth - 1)) != 0
     }
 
-    fn open(mut self, array: bool) -> Option<Self> {
+    /// Opens an array or object whose contents keep to `node` (free past [`SCHEMA_DEPTH`]).
+    fn open(mut self, array: bool, node: u16) -> Option<Self> {
         if self.depth == MAX_DEPTH {
             return None;
         }
@@ -415,34 +428,41 @@ impl JsonPrefix {
         } else {
             self.arrays &= !(1 << self.depth);
         }
+        if let Some(slot) = self.nodes.get_mut(self.depth as usize) {
+            *slot = node;
+            self.written[self.depth as usize] = 0;
+        }
         self.depth += 1;
         self.at = if array { At::ValueOrEnd } else { At::KeyOrEnd };
         Some(self)
     }
 
-    /// A byte of a top-level key: it must go on spelling a name not yet written, or end one.
-    fn key_byte(mut self, a: &ArgumentSchema, b: u8) -> Option<Self> {
+    /// A byte of a listed key: it must go on spelling a name not yet written, or end one.
+    fn key_byte(mut self, keys: &Keys, b: u8) -> Option<Self> {
+        let d = self.depth as usize - 1;
         if b == b'"' {
-            if !self.key.is_whole(&a.names) || self.written & (1 << self.key.lo) != 0 {
+            if !self.key.is_whole(&keys.names) || self.written[d] & (1 << self.key.lo) != 0 {
                 return None;
             }
-            self.written |= 1 << self.key.lo;
+            self.written[d] |= 1 << self.key.lo;
             self.at = At::Colon;
             return Some(self);
         }
-        let key = self.key.narrow(&a.names, b)?;
-        if ArgumentSchema::range(key.lo, key.hi) & !self.written == 0 {
+        let key = self.key.narrow(&keys.names, b)?;
+        if Keys::range(key.lo, key.hi) & !self.written[d] == 0 {
             return None;
         }
         self.key = key;
         Some(self)
     }
 
-    fn close(mut self, closer: u8, top: Option<&ArgumentSchema>) -> Option<Self> {
+    /// Closes the container with `closer`; an object whose node lists `keys` must have written
+    /// the required ones.
+    fn close(mut self, closer: u8, keys: Option<&Keys>) -> Option<Self> {
         if (closer == b']') != self.in_array() {
             return None;
         }
-        if top.is_some_and(|a| a.required & !self.written != 0) {
+        if keys.is_some_and(|k| k.required & !self.written() != 0) {
             return None;
         }
         self.depth -= 1;
@@ -508,21 +528,5 @@ fn string(key: bool, escaped: bool, hex: u8, utf8: Utf8, b: u8) -> Option<At> {
                 utf8: Utf8::lead(b)?,
             },
         }
-    })
-}
-
-fn number(n: Num, b: u8) -> Option<Num> {
-    let digit = b.is_ascii_digit();
-    Some(match (n, b) {
-        (Num::Minus, b'0') => Num::Zero,
-        (Num::Minus, _) if digit => Num::Int(1),
-        (Num::Int(n), _) if digit && n < MAX_INT_DIGITS => Num::Int(n + 1),
-        (Num::Zero | Num::Int(_), b'.') => Num::Dot,
-        (Num::Dot | Num::Frac, _) if digit => Num::Frac,
-        (Num::Zero | Num::Int(_) | Num::Frac, b'e' | b'E') => Num::E,
-        (Num::E, b'+' | b'-') => Num::ESign,
-        (Num::E | Num::ESign, _) if digit => Num::Exp(1),
-        (Num::Exp(n), _) if digit && n < MAX_EXP_DIGITS => Num::Exp(n + 1),
-        _ => return None,
     })
 }

@@ -319,6 +319,8 @@ mod tests {
             r#"{"unit":"fahrenheit","city":"a\\b","days":-12}"#,
             r#"{ "city" : "x" , "days" : 7 }"#,
             r#"{"a": [1, -2.5e+3, true, false, null, {"b": "c\n"}], "d": {}}"#,
+            r#"{"trip": {"from": "Oslo \"x\" 日本", "stops": 3}, "tags": ["a", "ab"]}"#,
+            r#"{"legs": [{"km": 2.5, "mode": "foot"}, {"km": -1}], "trip": {"from": ""}}"#,
         ];
         let mut out = Vec::new();
         for object in objects {
@@ -348,12 +350,28 @@ mod tests {
         .unwrap()
     }
 
+    /// Keys, types and listed values below the top level.
+    fn nested() -> ArgumentSchema {
+        ArgumentSchema::from_schema(&json!({
+            "type": "object",
+            "required": ["trip"],
+            "properties": {
+                "trip": {"type": "object", "required": ["from"], "properties": {
+                    "from": {"type": "string"}, "stops": {"type": "integer"}}},
+                "tags": {"type": "array", "items": {"enum": ["a", "ab"]}},
+                "legs": {"type": "array", "items": {"type": "object", "properties": {
+                    "km": {"type": "number"}, "mode": {"enum": ["car", "foot"]}}}},
+            },
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn the_index_allows_exactly_the_tokens_read_one_by_one() {
         let vocab = vocabulary();
-        let schema = schema();
+        let (schema, nested) = (schema(), nested());
         let mut plain_states = 0;
-        for args in [None, Some(&schema)] {
+        for args in [None, Some(&schema), Some(&nested)] {
             let states = states(args);
             assert!(states.len() > 100, "{}", states.len());
             for json in states {
@@ -371,8 +389,8 @@ mod tests {
     #[test]
     fn plain_text_leaves_a_free_string_where_it_was() {
         let vocab = vocabulary();
-        let schema = schema();
-        for args in [None, Some(&schema)] {
+        let (schema, nested) = (schema(), nested());
+        for args in [None, Some(&schema), Some(&nested)] {
             for json in states(args) {
                 let kept = vocab
                     .plain
