@@ -1,6 +1,7 @@
 //! `sftd bench --json-mask`: the cost of masking a model's vocabulary before each token of a
 //! forced tool call's arguments, by the vocabulary's index and by reading every token, at the
-//! states a call goes through (outside the object, in keys, in string and number values).
+//! states a call goes through (outside the object, in keys, in string and number values, at the
+//! top level and nested).
 
 use crate::train::generate::{json_mask, ArgumentSchema, ChatFormat};
 use anyhow::{bail, Result};
@@ -33,7 +34,7 @@ pub struct MaskReport {
     pub cases: Vec<MaskCase>,
 }
 
-const CASES: [(&str, &str, bool); 8] = [
+const CASES: [(&str, &str, bool); 11] = [
     ("before the object", "", false),
     ("first key", "{\"", false),
     ("in a string value", "{\"city\": \"Os", false),
@@ -42,6 +43,9 @@ const CASES: [(&str, &str, bool); 8] = [
     ("first key", "{\"", true),
     ("in a string value", "{\"city\": \"Os", true),
     ("in a listed value", "{\"unit\": \"cel", true),
+    ("nested key", "{\"trip\": {\"", true),
+    ("in a nested string", "{\"trip\": {\"from\": \"Os", true),
+    ("in a listed array item", "{\"tags\": [\"week", true),
 ];
 
 pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
@@ -55,6 +59,9 @@ pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
             "city": {"type": "string"},
             "days": {"type": "integer"},
             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "trip": {"type": "object", "required": ["from"], "properties": {
+                "from": {"type": "string"}, "to": {"type": "string"}}},
+            "tags": {"type": "array", "items": {"enum": ["weekday", "weekend"]}},
         },
         "required": ["city"],
     }))
