@@ -1,8 +1,9 @@
 //! What a JSON object written under a schema may hold, read once into a table of nodes: each
 //! value's types and listed (`enum`/`const`) values, an object's keys (which are required, and
 //! each one's node) and an array's items' node, nested as deep as the schema goes, local `$ref`s
-//! followed (recursive ones too). What a node cannot say is left free: the checker then allows
-//! more than the schema does, never less.
+//! followed (recursive ones too), `anyOf`/`oneOf` kept where a value's first byte tells the
+//! alternatives apart. What a node cannot say is left free: the checker then allows more than
+//! the schema does, never less.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -44,6 +45,9 @@ pub(super) struct ValueSchema {
     /// `None`: an object here may have any keys, with any values.
     pub(super) keys: Option<Keys>,
     pub(super) items: u16,
+    /// `anyOf`/`oneOf` whose alternatives a value's first byte tells apart: the value keeps to
+    /// the one its first byte begins ([`ArgumentSchema::pick`]); `types` is their union.
+    pub(super) alternatives: Vec<u16>,
 }
 
 /// The keys an object may have: its schema's `properties` names, sorted, which of them are
@@ -61,6 +65,7 @@ impl ValueSchema {
         one_of: Vec::new(),
         keys: None,
         items: FREE,
+        alternatives: Vec::new(),
     };
 }
 
@@ -80,6 +85,18 @@ impl Keys {
 }
 
 impl ArgumentSchema {
+    /// The node a value of `node` keeps to once its first byte says it is one of `types`: the
+    /// node itself, or the alternative of that type; `None` when no alternative is.
+    pub(super) fn pick(&self, mut node: u16, types: u8) -> Option<u16> {
+        while !self.nodes[node as usize].alternatives.is_empty() {
+            node = *self.nodes[node as usize]
+                .alternatives
+                .iter()
+                .find(|&&a| self.nodes[a as usize].types & types != 0)?;
+        }
+        Some(node)
+    }
+
     /// The schema, when its top level lists its keys (an object schema with `properties` that
     /// does not allow others, see [`Reader::keys`]); `None` otherwise: the object's keys and
     /// values are then free.
@@ -112,8 +129,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// The node of the value schema `p`. Combined schemas (`anyOf`, `oneOf`, `allOf`) are free:
-    /// following several alternatives at once is more than a byte-at-a-time check holds.
+    /// The node of the value schema `p`.
     fn node(&mut self, p: &'a Value) -> u16 {
         if self.nodes.len() >= MAX_NODES {
             return FREE;
@@ -121,9 +137,11 @@ impl<'a> Reader<'a> {
         if let Some(r) = p.get("$ref") {
             return self.reference(r);
         }
-        let combined = ["anyOf", "oneOf", "allOf"];
-        if !p.is_object() || combined.iter().any(|k| p.get(k).is_some()) {
+        if !p.is_object() || p.get("allOf").is_some() {
             return FREE;
+        }
+        if let Some(alternatives) = p.get("anyOf").or_else(|| p.get("oneOf")) {
+            return self.union(alternatives);
         }
         let id = self.nodes.len() as u16;
         self.nodes.push(ValueSchema::FREE);
@@ -141,8 +159,39 @@ impl<'a> Reader<'a> {
             one_of,
             keys,
             items,
+            alternatives: Vec::new(),
         };
         id
+    }
+
+    /// `anyOf`/`oneOf` (keywords beside it not read), when a value's first byte tells its
+    /// alternatives apart: each of other JSON types (`integer` and `number` count as one, as
+    /// both begin with a digit), such as `X` or `null`. Free otherwise: following several
+    /// alternatives at once is more than a byte-at-a-time check holds.
+    fn union(&mut self, alternatives: &'a Value) -> u16 {
+        let Some(list) = alternatives.as_array().filter(|l| !l.is_empty()) else {
+            return FREE;
+        };
+        let nodes: Vec<u16> = list.iter().map(|p| self.node(p)).collect();
+        let mut seen = 0u8;
+        for &n in &nodes {
+            // An alternative of every type tells nothing apart; it is also what a reference
+            // still being read looks like, so no union can end up among its own alternatives.
+            let kinds = kinds(self.nodes[n as usize].types);
+            if kinds == ANY || seen & kinds != 0 {
+                return FREE;
+            }
+            seen |= kinds;
+        }
+        let types = nodes
+            .iter()
+            .fold(0, |t, &n| t | self.nodes[n as usize].types);
+        self.nodes.push(ValueSchema {
+            types,
+            alternatives: nodes,
+            ..ValueSchema::FREE
+        });
+        (self.nodes.len() - 1) as u16
     }
 
     /// The node a `$ref` points at, when it is a JSON pointer into this document (`#`,
@@ -245,6 +294,15 @@ fn types(p: &Value) -> u8 {
         _ => None,
     }
     .unwrap_or(ANY)
+}
+
+/// `types` as what a first byte tells apart: integers are numbers.
+fn kinds(types: u8) -> u8 {
+    if types & INTEGER != 0 {
+        types | NUMBER
+    } else {
+        types
+    }
 }
 
 /// The types a value beginning with `b` may have.

@@ -363,10 +363,13 @@ impl JsonPrefix {
                 let mut inside = FREE;
                 let id = self.value_node(args);
                 if let (Some(a), true) = (args, id != FREE) {
-                    let value = &a.nodes[id as usize];
-                    if types_beginning_with(b) & value.types == 0 {
+                    if types_beginning_with(b) & a.nodes[id as usize].types == 0 {
                         return None;
                     }
+                    // Of alternatives, the first byte picks one (a number's whether it is whole
+                    // comes from the union's types: only one alternative is a number).
+                    let id = a.pick(id, types_beginning_with(b))?;
+                    let value = &a.nodes[id as usize];
                     // No value is one byte long, so `spell` checks for its end from the next.
                     if value.one_of.is_empty() {
                         inside = id;

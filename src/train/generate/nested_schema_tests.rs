@@ -21,6 +21,8 @@ fn trips() -> Value {
         "legs": {"type": "array", "items": {"type": "object", "required": ["km"], "properties": {
             "km": {"type": "number"}, "mode": {"enum": ["car", "foot"]}}}},
         "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        "note": {"anyOf": [{"type": "string", "enum": ["a", "c"]}, {"type": "null"}]},
+        "size": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
     }})
 }
 
@@ -103,6 +105,49 @@ fn references_are_followed_recursive_ones_too() {
 }
 
 #[test]
+fn alternatives_of_other_types_are_picked_by_the_first_byte() {
+    let s = read(&json!({"type": "object", "properties": {
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": null},
+        "leg": {"anyOf": [{"$ref": "#/$defs/leg"}, {"type": "null"}]},
+        "n": {"oneOf": [{"type": "integer"}, {"type": "string", "enum": ["a", "b"]}]},
+        "list": {"anyOf": [{"type": "array", "items": {"type": "boolean"}}, {"type": "string"}]},
+    }, "$defs": {"leg": {"type": "object", "required": ["km"], "properties": {
+        "km": {"type": "number"}}}}}));
+    let ok = [
+        r#"{"note": "x", "leg": {"km": 2.5}, "n": 3, "list": [true]}"#,
+        r#"{"note": null, "leg": null, "n": "b", "list": "all"}"#,
+    ];
+    for o in ok {
+        assert!(whole(&s, o), "{o}");
+    }
+    for b in [
+        r#"{"note": 1"#,
+        r#"{"leg": {"x"#,
+        r#"{"leg": {}"#,
+        r#"{"leg": true"#,
+        r#"{"n": 1.5"#,
+        r#"{"n": "c"#,
+        r#"{"n": null"#,
+        r#"{"list": [1"#,
+    ] {
+        assert!(refused(&s, b), "{b}");
+    }
+    // Alternatives a first byte cannot tell apart, or one of any type, leave the value free;
+    // so does a union that refers to itself.
+    let s = read(&json!({"properties": {
+        "objects": {"anyOf": [
+            {"type": "object", "properties": {"a": {}}},
+            {"type": "object", "properties": {"b": {}}}]},
+        "numbers": {"anyOf": [{"type": "integer"}, {"type": "number"}]},
+        "untyped": {"anyOf": [{"enum": [1]}, {"type": "string"}]},
+        "looped": {"$ref": "#/$defs/u"},
+    }, "$defs": {"u": {"anyOf": [{"$ref": "#/$defs/u"}, {"type": "null"}]}}}));
+    for n in ["objects", "numbers", "untyped", "looped"] {
+        assert_eq!(node(&s, n), &ValueSchema::FREE, "{n}");
+    }
+}
+
+#[test]
 fn past_the_schema_depth_values_are_free() {
     let mut schema = json!({"type": "integer"});
     for _ in 0..SCHEMA_DEPTH + 2 {
@@ -160,7 +205,7 @@ fn allowed<'p>(
 fn objects_written_under_a_schema_are_valid_under_it() {
     let names = [
         "from", "stops", "trip", "tags", "legs", "grid", "km", "mode", "root", "name", "children",
-        "unit", "a", "ab", "car", "foot", "c", "f",
+        "unit", "a", "ab", "car", "foot", "c", "f", "note", "size",
     ];
     let mut pieces = vec![
         "{", "}", "[", "]", ",", ":", " ", "\"", "\"a", "b", "x\"", "0", "-", "1", ".5", "e2", "7",
