@@ -224,8 +224,9 @@ async fn tool_choice_required_or_named_forces_a_call() {
     );
 }
 
-/// A forced call's top-level values keep to the function's schema: whenever the call finishes,
-/// `unit` is one of its listed values and `days` an integer.
+/// A forced call's values keep to the function's schema: whenever the call finishes, `unit` is
+/// one of its listed values, `days` an integer, and the whole is valid under the schema, nested
+/// optional object included (by the `jsonschema` crate).
 #[tokio::test]
 async fn a_forced_calls_values_keep_to_their_schema() {
     let env = Env::new();
@@ -234,9 +235,14 @@ async fn a_forced_calls_values_keep_to_their_schema() {
     let mut body = hello("sftd-demo");
     body["temperature"] = 1.0.into();
     body["max_completion_tokens"] = 400.into();
+    let parameters = json!({"type": "object", "required": ["unit", "days"], "properties": {
+        "unit": {"type": "string", "enum": units}, "days": {"type": "integer"},
+        "at": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["lat"],
+            "properties": {"lat": {"type": "number"}, "tags": {"type": "array",
+                "items": {"type": "boolean"}}}}]}}});
+    let validator = jsonschema::validator_for(&parameters).unwrap();
     body["tools"] = json!([{"type": "function", "function": {"name": "forecast",
-        "parameters": {"type": "object", "required": ["unit", "days"], "properties": {
-            "unit": {"type": "string", "enum": units}, "days": {"type": "integer"}}}}}]);
+        "parameters": parameters}}]);
     body["tool_choice"] = json!({"type": "function", "function": {"name": "forecast"}});
     let mut calls = 0;
     for seed in 0..6 {
@@ -252,6 +258,7 @@ async fn a_forced_calls_values_keep_to_their_schema() {
             .expect("the arguments parse");
         let unit = args["unit"].as_str().unwrap_or_default();
         assert!(units.contains(&unit), "{v}");
+        assert!(validator.is_valid(&args), "{v}");
         // serde_json reads integers too large for an i64 or u64, and `-0`, as f64s.
         let days = &args["days"];
         let f64_integer = days.as_f64().is_some_and(|f| {
