@@ -25,6 +25,10 @@ pub(super) const FREE: u16 = 0;
 /// Nodes a schema may make; past it the rest are free. Far beyond any tool's parameters, and it
 /// bounds the work a hostile schema can ask for.
 const MAX_NODES: usize = 4096;
+/// Schemas read inside one another (a property's, an item's, an alternative's, a reference's
+/// target); deeper ones are free. The checker follows 8 containers, each a few of these deep,
+/// and the bound keeps a hostile chain of references from overflowing a handler's stack.
+const MAX_READ_DEPTH: usize = 64;
 
 /// A function's `parameters` schema (or a JSON answer's), as the checker reads it: `nodes[root]`
 /// is the arguments object, whose keys are listed.
@@ -110,13 +114,16 @@ impl ArgumentSchema {
             nodes: vec![ValueSchema::FREE],
             refs: HashMap::new(),
             writable,
+            depth: 0,
         };
-        let root = reader.node(schema);
-        let top = &reader.nodes[root as usize];
-        (top.types & OBJECT != 0 && top.keys.is_some()).then_some(Self {
+        let read = reader.node(schema);
+        let schema = Self {
             nodes: reader.nodes,
-            root,
-        })
+            root: FREE,
+        };
+        let root = schema.pick(read, OBJECT)?;
+        let top = &schema.nodes[root as usize];
+        (top.types & OBJECT != 0 && top.keys.is_some()).then_some(Self { root, ..schema })
     }
 }
 
@@ -126,14 +133,23 @@ struct Reader<'a> {
     nodes: Vec<ValueSchema>,
     refs: HashMap<&'a str, u16>,
     writable: &'a dyn Fn(u8, &str) -> bool,
+    /// Schemas being read, one inside the other.
+    depth: usize,
 }
 
 impl<'a> Reader<'a> {
     /// The node of the value schema `p`.
     fn node(&mut self, p: &'a Value) -> u16 {
-        if self.nodes.len() >= MAX_NODES {
+        if self.nodes.len() >= MAX_NODES || self.depth >= MAX_READ_DEPTH {
             return FREE;
         }
+        self.depth += 1;
+        let id = self.read_node(p);
+        self.depth -= 1;
+        id
+    }
+
+    fn read_node(&mut self, p: &'a Value) -> u16 {
         if let Some(r) = p.get("$ref") {
             return self.reference(r);
         }
@@ -196,7 +212,8 @@ impl<'a> Reader<'a> {
 
     /// The node a `$ref` points at, when it is a JSON pointer into this document (`#`,
     /// `#/$defs/Item`, `#/definitions/Item`); free otherwise. Keywords beside it are not read.
-    /// A reference met again, also from inside itself, is the same node.
+    /// A reference met again, also from inside itself, is the same node: one that stands for
+    /// its target as a union of one (what it holds is not copied, however many refer to it).
     fn reference(&mut self, r: &'a Value) -> u16 {
         let Some(r) = r.as_str() else {
             return FREE;
@@ -215,7 +232,16 @@ impl<'a> Reader<'a> {
         self.nodes.push(ValueSchema::FREE);
         self.refs.insert(r, id);
         let inner = self.node(target);
-        self.nodes[id as usize] = self.nodes[inner as usize].clone();
+        let target = &self.nodes[inner as usize];
+        // A target that is free, or a reference still being read (which looks free until it is
+        // read, and would otherwise close a loop of references), leaves this one free.
+        if *target != ValueSchema::FREE {
+            self.nodes[id as usize] = ValueSchema {
+                types: target.types,
+                alternatives: vec![inner],
+                ..ValueSchema::FREE
+            };
+        }
         id
     }
 

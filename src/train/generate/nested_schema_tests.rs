@@ -259,3 +259,41 @@ fn objects_written_under_a_schema_are_valid_under_it() {
         );
     }
 }
+
+/// A request's schema is read on a server thread: a chain of thousands of references, each
+/// through an object, a union and an array, is read within a 2 MiB stack (a tokio worker's;
+/// past 64 schemas deep the rest is free), and a large `enum` references lead to is held once.
+#[test]
+fn hostile_schemas_are_read_in_bounded_stack_and_memory() {
+    let chain = |n: usize, link: &dyn Fn(usize) -> Value, end: Value| {
+        let mut defs = serde_json::Map::new();
+        for i in 0..n {
+            defs.insert(format!("d{i}"), link(i + 1));
+        }
+        defs.insert(format!("d{n}"), end);
+        json!({"properties": {"a": {"$ref": "#/$defs/d0"}}, "$defs": defs})
+    };
+    let next = |i: usize| format!("#/$defs/d{i}");
+    let deep = chain(
+        5000,
+        &|i| {
+            json!({"type": "object", "properties": {"x": {"anyOf": [
+                {"type": "array", "items": {"$ref": next(i)}}, {"type": "null"}]}}})
+        },
+        json!({"type": "integer"}),
+    );
+    let read_on_small_stack = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || read(&deep).nodes.len())
+        .unwrap()
+        .join();
+    assert!(read_on_small_stack.is_ok_and(|n| n <= 4100));
+
+    let values: Vec<String> = (0..2000).map(|i| format!("value {i}")).collect();
+    // 50 references in a row (within the depth read), each once a copy of the enum.
+    let refs = chain(50, &|i| json!({"$ref": next(i)}), json!({"enum": values}));
+    let s = read(&refs);
+    let held: usize = s.nodes.iter().map(|n| n.one_of.len()).sum();
+    assert_eq!(held, 2000);
+    assert!(whole(&s, r#"{"a": "value 1999"}"#) && refused(&s, r#"{"a": "other"#));
+}
