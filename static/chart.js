@@ -15,6 +15,7 @@ const COLORS = { raw: 'rgba(0,114,178,0.45)', smooth: '#0072B2', eval: '#D55E00'
 const TOOL_STYLE = {
   tool_name_accuracy: { label: 'tool name accuracy', stroke: '#E69F00', width: 2.25 },
   tool_args_exact: { label: 'tool args exact', stroke: '#56B4E9', width: 2 },
+  tool_args_valid: { label: 'tool args valid', stroke: '#117733', width: 1.5, dash: [6, 2] },
   tool_json_valid: { label: 'tool JSON valid', stroke: '#6b6b76', width: 1.5, dash: [4, 3] },
   no_call_accuracy: { label: 'no-call accuracy', stroke: '#000000', width: 1.5, dash: [1, 3] },
 };

@@ -32,7 +32,7 @@ export const EVENT_DATA = {
     type: 'metrics',
     key: 'tool_eval_examples',
     fields: ['step', 'tool_eval_examples', 'tool_call_examples', 'tool_name_accuracy', 'tool_args_exact',
-      'tool_json_valid', 'no_call_accuracy', 'tool_eval_seconds'],
+      'tool_json_valid', 'no_call_accuracy', 'tool_args_valid', 'tool_eval_seconds'],
   },
   checkpoint: { type: 'message', key: 'checkpoint_id', fields: ['checkpoint_id', 'step'] },
 };
@@ -45,10 +45,12 @@ export const JOB_FIELDS = ['id', 'object', 'created_at', 'started_at', 'finished
 
 /** Checkpoint.metrics: what a saved checkpoint records. */
 export const CHECKPOINT_METRICS = ['step', 'train_loss', 'train_mean_token_accuracy', 'valid_loss',
-  'valid_mean_token_accuracy', 'tool_name_accuracy', 'tool_args_exact', 'tool_json_valid', 'no_call_accuracy'];
+  'valid_mean_token_accuracy', 'tool_name_accuracy', 'tool_args_exact', 'tool_json_valid', 'no_call_accuracy',
+  'tool_args_valid'];
 
 /** The tool-call accuracies of a tool_eval event, in the order the chart draws them. */
-export const TOOL_RATES = ['tool_name_accuracy', 'tool_args_exact', 'tool_json_valid', 'no_call_accuracy'];
+export const TOOL_RATES = ['tool_name_accuracy', 'tool_args_exact', 'tool_args_valid', 'tool_json_valid',
+  'no_call_accuracy'];
 
 const finite = (v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
 

@@ -114,7 +114,7 @@ async fn full_lifecycle_on_the_demo_model_to_a_downloadable_adapter() {
                 assert_eq!(
                     lines.next().unwrap(),
                     "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens,\
-                     tool_name_accuracy,tool_args_exact,tool_json_valid,no_call_accuracy"
+                     tool_name_accuracy,tool_args_exact,tool_json_valid,no_call_accuracy,tool_args_valid"
                 );
                 let rows: Vec<&str> = lines.collect();
                 assert_eq!(rows.len(), 6, "{text}");

@@ -85,6 +85,8 @@ async fn a_job_with_a_validation_file_reports_tool_call_accuracy() {
         let name = rate(&t["tool_name_accuracy"]).unwrap();
         let args = rate(&t["tool_args_exact"]).unwrap();
         assert!(args <= name && name <= json_valid, "{t}");
+        let valid = rate(&t["tool_args_valid"]).unwrap();
+        assert!(valid <= json_valid, "{t}");
         rate(&t["no_call_accuracy"]).unwrap();
         // Every rate is a count of call turns over their number.
         let count = name * calls as f64;
@@ -155,12 +157,13 @@ async fn a_job_with_a_validation_file_reports_tool_call_accuracy() {
             "tool_args_exact",
             "tool_json_valid",
             "no_call_accuracy",
+            "tool_args_valid",
         ] {
             assert_eq!(m[key], at[key], "{key} of checkpoint {c}");
         }
     }
 
-    // metrics.csv: the four columns, filled on the evaluated steps (step 0 its own row).
+    // metrics.csv: the five columns, filled on the evaluated steps (step 0 its own row).
     let job = s.job(&id).await;
     let csv = s
         .result_file(&job, "metrics.csv")
@@ -178,8 +181,10 @@ async fn a_job_with_a_validation_file_reports_tool_call_accuracy() {
         assert_eq!(filled, step.is_multiple_of(2), "step {step}: {csv}");
         if filled {
             let t = tools.iter().find(|t| t["step"] == step).unwrap();
-            let v: f64 = row[col("tool_json_valid")].parse().unwrap();
-            assert_eq!(Some(v), t["tool_json_valid"].as_f64());
+            for key in ["tool_json_valid", "tool_args_valid"] {
+                let v: f64 = row[col(key)].parse().unwrap();
+                assert_eq!(Some(v), t[key].as_f64(), "{key}");
+            }
         }
     }
 }

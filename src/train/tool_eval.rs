@@ -6,6 +6,7 @@ use crate::train::data::Row;
 use crate::train::tool_calls::parse_assistant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
 
 /// What the reference assistant turn did.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,23 +98,59 @@ fn calls_of(message: &Value) -> Vec<ExpectedCall> {
         .collect()
 }
 
+/// The functions a case offers, each with its `parameters` compiled as a JSON Schema (`None`:
+/// any object will do, also when the schema does not compile, as nothing can be judged by it).
+#[derive(Default)]
+pub struct Offered(HashMap<String, Option<jsonschema::Validator>>);
+
+impl Offered {
+    pub fn new(tools: Option<&[Value]>) -> Self {
+        let mut by_name = HashMap::new();
+        for t in tools.into_iter().flatten() {
+            let f = t.get("function").unwrap_or(t);
+            let Some(name) = f.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let validator = f
+                .get("parameters")
+                .and_then(|p| jsonschema::validator_for(p).ok());
+            by_name.insert(name.to_string(), validator);
+        }
+        Self(by_name)
+    }
+
+    /// Whether `arguments` (a call's JSON text) is an object that the offered function `name`
+    /// accepts.
+    fn accepts(&self, name: &str, arguments: &str) -> bool {
+        let Some(validator) = self.0.get(name) else {
+            return false;
+        };
+        let Ok(args) = serde_json::from_str::<Value>(arguments) else {
+            return false;
+        };
+        args.is_object() && validator.as_ref().is_none_or(|v| v.is_valid(&args))
+    }
+}
+
 /// How one generated turn compares with its reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaseScore {
     /// The reference calls: whether the output parsed as calls, named the same functions, and
-    /// also passed equal arguments.
+    /// also passed equal arguments; and whether each of its calls named an offered function with
+    /// arguments valid under that function's schema.
     Call {
         json_valid: bool,
         name_right: bool,
         args_exact: bool,
+        args_valid: bool,
     },
     /// The reference does not call: whether the output did not start a call either.
     NoCall { no_call: bool },
 }
 
-/// Scores `generated` (the raw completion text) against `reference`. Calls are compared as
-/// multisets, so parallel calls may come in any order.
-pub fn score(reference: &Reference, generated: &str) -> CaseScore {
+/// Scores `generated` (the raw completion text) against `reference`, and its calls against the
+/// functions `offered`. Calls are compared as multisets, so parallel calls may come in any order.
+pub fn score(reference: &Reference, offered: &Offered, generated: &str) -> CaseScore {
     let turn = parse_assistant(generated);
     match reference {
         Reference::NoCall => CaseScore::NoCall {
@@ -144,10 +181,16 @@ pub fn score(reference: &Reference, generated: &str) -> CaseScore {
                     hit.map(|i| unmatched.swap_remove(i)).is_some()
                 })
             };
+            let args_valid = json_valid
+                && turn
+                    .tool_calls
+                    .iter()
+                    .all(|c| offered.accepts(&c.name, &c.arguments));
             CaseScore::Call {
                 json_valid,
                 name_right,
                 args_exact,
+                args_valid,
             }
         }
     }
@@ -190,6 +233,10 @@ pub struct ToolEvalMetrics {
     pub tool_args_exact: Option<f64>,
     /// Call cases whose output parsed as one or more well-formed calls ÷ call cases.
     pub tool_json_valid: Option<f64>,
+    /// Call cases whose output's calls each named an offered function with arguments valid
+    /// under its `parameters` schema ÷ call cases (absent from evaluations before 2026-12-04).
+    #[serde(default)]
+    pub tool_args_valid: Option<f64>,
     /// No-call cases whose output started no `<tool_call>` ÷ no-call cases.
     pub no_call_accuracy: Option<f64>,
     /// Wall-clock seconds the evaluation took (generation included).
@@ -201,12 +248,13 @@ impl ToolEvalMetrics {
     pub fn summary(&self) -> String {
         let pct = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.1}%", 100.0 * r));
         format!(
-            "tool calls over {} held-out turns ({} calling): name {}, arguments exact {}, valid JSON {}, no call {} ({:.1} s)",
+            "tool calls over {} held-out turns ({} calling): name {}, arguments exact {}, valid JSON {}, arguments valid {}, no call {} ({:.1} s)",
             self.tool_eval_examples,
             self.tool_call_examples,
             pct(self.tool_name_accuracy),
             pct(self.tool_args_exact),
             pct(self.tool_json_valid),
+            pct(self.tool_args_valid),
             pct(self.no_call_accuracy),
             self.tool_eval_seconds
         )
@@ -214,19 +262,21 @@ impl ToolEvalMetrics {
 
     /// Sums `scores` into rates; a rate whose denominator is zero is `None`.
     pub fn from_scores(step: u64, scores: &[CaseScore], seconds: f64) -> Self {
-        let (mut calls, mut json, mut name, mut args, mut no_calls, mut no_call_ok) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut calls, mut json, mut name, mut args, mut valid) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut no_calls, mut no_call_ok) = (0u64, 0u64);
         for s in scores {
             match *s {
                 CaseScore::Call {
                     json_valid,
                     name_right,
                     args_exact,
+                    args_valid,
                 } => {
                     calls += 1;
                     json += json_valid as u64;
                     name += name_right as u64;
                     args += args_exact as u64;
+                    valid += args_valid as u64;
                 }
                 CaseScore::NoCall { no_call } => {
                     no_calls += 1;
@@ -242,6 +292,7 @@ impl ToolEvalMetrics {
             tool_name_accuracy: rate(name, calls),
             tool_args_exact: rate(args, calls),
             tool_json_valid: rate(json, calls),
+            tool_args_valid: rate(valid, calls),
             no_call_accuracy: rate(no_call_ok, no_calls),
             tool_eval_seconds: seconds,
         }
@@ -265,14 +316,69 @@ mod tests {
     }
 
     fn scored(r: &Reference, text: &str) -> (bool, bool, bool) {
-        match score(r, text) {
+        match score(r, &Offered::default(), text) {
             CaseScore::Call {
                 json_valid,
                 name_right,
                 args_exact,
+                ..
             } => (json_valid, name_right, args_exact),
             s => panic!("{s:?}"),
         }
+    }
+
+    /// Whether `text`'s calls are valid under the functions `tools` offers.
+    fn args_valid(tools: &Value, text: &str) -> bool {
+        let offered = Offered::new(tools.as_array().map(Vec::as_slice));
+        match score(&weather("Oslo"), &offered, text) {
+            CaseScore::Call { args_valid, .. } => args_valid,
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn arguments_are_valid_when_each_call_keeps_to_its_functions_schema() {
+        let tools = json!([
+            {"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "required": ["city"], "additionalProperties": false,
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                    "unit": {"enum": ["celsius", "fahrenheit"]}}}}},
+            {"type": "function", "function": {"name": "now"}},
+            {"type": "function", "function": {"name": "odd", "parameters": {"type": 5}}},
+        ]);
+        let valid = [
+            call("get_weather", r#"{"city": "Oslo"}"#),
+            call("get_weather", r#""{\"city\": \"Oslo\", \"days\": 3}""#),
+            format!(
+                "{}\n{}",
+                call("get_weather", r#"{"city": "a"}"#),
+                call("now", "{}")
+            ),
+            call("now", r#"{"anything": [1]}"#),
+            call("odd", r#"{"x": 1}"#), // a schema that does not compile judges nothing
+        ];
+        for t in &valid {
+            assert!(args_valid(&tools, t), "{t}");
+        }
+        let invalid = [
+            call("get_weather", r#"{"days": 3}"#), // required key missing
+            call("get_weather", r#"{"city": 3}"#), // wrong type
+            call("get_weather", r#"{"city": "a", "unit": "k"}"#), // not a listed value
+            call("get_weather", r#"{"city": "a", "country": "b"}"#), // not a listed key
+            call("web_search", r#"{"q": "x"}"#),   // not offered
+            format!("{}\n{}", call("now", "{}"), call("get_weather", "{}")),
+            "no call at all".to_string(),
+            "<tool_call>\n{\"name\": \"now\"".to_string(),
+        ];
+        for t in &invalid {
+            assert!(!args_valid(&tools, t), "{t}");
+        }
+        assert!(
+            !args_valid(&Value::Null, &call("now", "{}")),
+            "nothing offered"
+        );
+        let offered = Offered::new(tools.as_array().map(Vec::as_slice));
+        assert!(offered.0["odd"].is_none() && offered.0["get_weather"].is_some());
     }
 
     #[test]
@@ -318,7 +424,7 @@ mod tests {
             scored(&weather("Paris"), "It is sunny in Paris."),
             (false, false, false)
         );
-        let no_call = |t: &str| score(&Reference::NoCall, t);
+        let no_call = |t: &str| score(&Reference::NoCall, &Offered::default(), t);
         assert_eq!(
             no_call("Which city do you mean?"),
             CaseScore::NoCall { no_call: true }
@@ -364,16 +470,17 @@ mod tests {
 
     #[test]
     fn rates_have_their_own_denominators() {
-        let c = |j, n, a| CaseScore::Call {
+        let c = |j, n, a, v| CaseScore::Call {
             json_valid: j,
             name_right: n,
             args_exact: a,
+            args_valid: v,
         };
         let scores = [
-            c(true, true, true),
-            c(true, true, false),
-            c(true, false, false),
-            c(false, false, false),
+            c(true, true, true, true),
+            c(true, true, false, false),
+            c(true, false, false, true),
+            c(false, false, false, false),
             CaseScore::NoCall { no_call: true },
             CaseScore::NoCall { no_call: false },
             CaseScore::NoCall { no_call: true },
@@ -383,6 +490,7 @@ mod tests {
         assert_eq!(m.tool_json_valid, Some(0.75));
         assert_eq!(m.tool_name_accuracy, Some(0.5));
         assert_eq!(m.tool_args_exact, Some(0.25));
+        assert_eq!(m.tool_args_valid, Some(0.5));
         assert_eq!(m.no_call_accuracy, Some(2.0 / 3.0));
         let only_answers = ToolEvalMetrics::from_scores(1, &scores[4..], 0.0);
         assert_eq!(only_answers.tool_name_accuracy, None);

@@ -176,6 +176,7 @@ impl<'a> Recorder<'a> {
             "tool_args_exact": tool.and_then(|t| t.tool_args_exact),
             "tool_json_valid": tool.and_then(|t| t.tool_json_valid),
             "no_call_accuracy": tool.and_then(|t| t.no_call_accuracy),
+            "tool_args_valid": tool.and_then(|t| t.tool_args_valid),
         });
         let what = format!("the checkpoint of step {}", c.step);
         // No upload once the job is no longer this worker's (cancelled, or its lease lost while

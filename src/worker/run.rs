@@ -478,7 +478,7 @@ pub fn fine_tuned_model_name(model: &str, suffix: Option<&str>, job_id: &str) ->
     format!("ft:{model}:{}:{job_id}", suffix.unwrap_or("sftd"))
 }
 
-const CSV_COLUMNS: [&str; 12] = [
+const CSV_COLUMNS: [&str; 13] = [
     "step",
     "train_loss",
     "train_mean_token_accuracy",
@@ -491,6 +491,7 @@ const CSV_COLUMNS: [&str; 12] = [
     "tool_args_exact",
     "tool_json_valid",
     "no_call_accuracy",
+    "tool_args_valid",
 ];
 
 /// One row per step, merging a step's training and validation metrics.
@@ -560,14 +561,14 @@ mod tests {
             ev(
                 4,
                 2,
-                serde_json::json!({"step": 2, "tool_eval_examples": 4, "tool_name_accuracy": 0.5, "tool_args_exact": 0.25, "tool_json_valid": 0.75, "no_call_accuracy": null}),
+                serde_json::json!({"step": 2, "tool_eval_examples": 4, "tool_name_accuracy": 0.5, "tool_args_exact": 0.25, "tool_json_valid": 0.75, "no_call_accuracy": null, "tool_args_valid": 0.5}),
             ),
         ]);
         assert_eq!(
             csv,
-            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens,tool_name_accuracy,tool_args_exact,tool_json_valid,no_call_accuracy\n\
-             1,2.5,0.25,,,0.1,1.0,10,,,,\n\
-             2,2.0,0.5,2.2,0.4,0.1,0.5,20,0.5,0.25,0.75,\n"
+            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,num_tokens,tool_name_accuracy,tool_args_exact,tool_json_valid,no_call_accuracy,tool_args_valid\n\
+             1,2.5,0.25,,,0.1,1.0,10,,,,,\n\
+             2,2.0,0.5,2.2,0.4,0.1,0.5,20,0.5,0.25,0.75,,0.5\n"
         );
     }
 }

@@ -185,7 +185,7 @@ test('tool-call accuracy from the event stream is drawn on its own axis', async 
   const axes = (await chart.getAttribute('data-axes')).split(',');
   assert.ok(axes.includes('tool-call accuracy'), `axes: ${axes}`);
   const legend = await chart.locator('.u-legend').innerText();
-  for (const label of ['tool name accuracy', 'tool args exact', 'tool JSON valid', 'no-call accuracy']) assert.ok(legend.includes(label), `legend lists ${label}: ${legend}`);
+  for (const label of ['tool name accuracy', 'tool args exact', 'tool args valid', 'tool JSON valid', 'no-call accuracy']) assert.ok(legend.includes(label), `legend lists ${label}: ${legend}`);
   // The readout at step 0 (the starting model) has the rates the server reported.
   await chart.focus();
   await page.keyboard.press('Home');

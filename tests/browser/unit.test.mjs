@@ -156,7 +156,7 @@ test('eval points share the x axis with the loss', () => {
 });
 
 test('tool-call evaluations are their own kind and their own columns', () => {
-  const data = { step: 0, tool_eval_examples: 6, tool_call_examples: 4, tool_name_accuracy: 0.5, tool_args_exact: 0.25, tool_json_valid: 0.75, no_call_accuracy: null, tool_eval_seconds: 2 };
+  const data = { step: 0, tool_eval_examples: 6, tool_call_examples: 4, tool_name_accuracy: 0.5, tool_args_exact: 0.25, tool_json_valid: 0.75, no_call_accuracy: null, tool_args_valid: 0.5, tool_eval_seconds: 2 };
   const n = V.classify({ id: 'ftevent-x-2', object: 'fine_tuning.job.event', seq: 2, created_at: 1, level: 'info', message: '', type: 'metrics', data }, '2');
   assert.equal(n.kind, 'tool_eval');
   const rs = new S.RunSeries();
@@ -168,7 +168,8 @@ test('tool-call evaluations are their own kind and their own columns', () => {
   assert.deepEqual(cols[0], [0, 1, 2]);
   assert.equal(cols.length, 6 + V.TOOL_RATES.length);
   assert.deepEqual(cols[6], [0.5, null, 1], 'tool_name_accuracy by step');
-  assert.deepEqual(cols[9], [null, null, null], 'no_call_accuracy without no-call turns');
+  assert.deepEqual(cols[8], [0.5, null, 0.5], 'tool_args_valid by step');
+  assert.deepEqual(cols[10], [null, null, null], 'no_call_accuracy without no-call turns');
   assert.equal(rs.latestToolEval.step, 2);
 });
 

@@ -8,15 +8,16 @@ use crate::train::events::Control;
 use crate::train::generate::{generate, ChatFormat, SamplingParams};
 use crate::train::model::qwen3::Tuning;
 use crate::train::model::Qwen3;
-use crate::train::tool_eval::{cases, has_tools, score, Reference, ToolEvalMetrics};
+use crate::train::tool_eval::{cases, has_tools, score, Offered, Reference, ToolEvalMetrics};
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
-/// The prepared cases of one run: prompts tokenized once, generated at every evaluation.
+/// The prepared cases of one run: prompts tokenized (and offered schemas compiled) once,
+/// generated at every evaluation.
 pub(super) struct ToolEval {
-    prompts: Vec<(Vec<u32>, Reference)>,
+    prompts: Vec<(Vec<u32>, Reference, Offered)>,
     format: ChatFormat,
     max_new_tokens: usize,
 }
@@ -74,11 +75,11 @@ impl ToolEval {
                 too_long += 1;
                 continue;
             }
-            prompts.push((ids, c.reference.clone()));
+            prompts.push((ids, c.reference.clone(), Offered::new(c.tools.as_deref())));
         }
         let calls = prompts
             .iter()
-            .filter(|(_, r)| matches!(r, Reference::Calls(_)))
+            .filter(|(_, r, _)| matches!(r, Reference::Calls(_)))
             .count();
         let mut message = format!(
             "tool-call evaluation: {} held-out assistant turns ({calls} calling a tool), greedy, at most {max_new_tokens} new tokens each",
@@ -114,14 +115,14 @@ impl ToolEval {
         let started = Instant::now();
         let params = SamplingParams::greedy(self.max_new_tokens);
         let mut scores = Vec::with_capacity(self.prompts.len());
-        for (ids, reference) in &self.prompts {
+        for (ids, reference, offered) in &self.prompts {
             if control.is_cancelled() || control.is_suspended() {
                 return Ok(None);
             }
             let out = generate(model, Tuning::Attached, &self.format, ids, &params, |_| {
                 true
             })?;
-            scores.push(score(reference, &out.text));
+            scores.push(score(reference, offered, &out.text));
         }
         let seconds = started.elapsed().as_secs_f64();
         Ok(Some(ToolEvalMetrics::from_scores(step, &scores, seconds)))
