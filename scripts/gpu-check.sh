@@ -19,7 +19,9 @@
 #                      (default: target/gpu-check)
 #   BENCH_STEPS        timed bench steps (default 5)
 #   GPU_CHECK_PARTS    which parts to run (default all: "tests serve layers bench peft f16"); a lease too
-#                      short for all of them can take them in two calls
+#                      short for all of them can take them in two calls. `cpu` (never by default):
+#                      the CPU engine's deciding cell against transformers + PEFT on this host's CPU
+#                      (CPU_CHECK_CORES [0,1], CPU_CHECK_RUNS [7])
 # Needs: an NVIDIA driver, python3 (to write the long-sequence bench data), and either Rust and a
 # CUDA toolkit with nvcc on PATH (or CUDA_HOME) matching what cudarc supports, or the prebuilt
 # binaries above. CUDA libraries the binary cannot find (cuBLAS, cuRAND, NVRTC, cudart) are looked
@@ -81,6 +83,25 @@ if [ -n "$missing" ]; then
   done
 fi
 "$bin" --version | tee -a "$results"
+
+# The CPU engine's deciding cell (docs/benchmarks.md): the layer shape at batch 1, no
+# checkpointing, loss on every token, sftd and transformers + PEFT interleaved, 2 threads pinned to
+# two cores, on this host's CPU (GPU hosts are Intel Xeons, which the build machines often are
+# not). Only when asked for (`cpu` is not a default part) and python3 has torch, transformers, peft.
+if part cpu; then
+  step "CPU: the layer shape at batch 1, no checkpointing (2 threads on cores ${CPU_CHECK_CORES:-0,1})"
+  log "cpu:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores"
+  log "isa: $(grep -ow 'avx2\|fma\|avx512f\|avx512bw\|avx512vl\|avx512_vnni\|avx512_bf16\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  if ! python3 -c 'import torch, transformers, peft' 2>/dev/null; then
+    log "CPU cell: python3 has no torch/transformers/peft here"
+    status=1
+  elif ! PY=python3 SFTD="$bin" RUNS="${CPU_CHECK_RUNS:-7}" STEPS=5 SHAPES=layers BATCHES=1 \
+    CKPT=off LOSS_ON=all taskset -c "${CPU_CHECK_CORES:-0,1}" \
+    tools/bench/side_by_side.sh "$scratch/cpu-cell" 2>&1 | tee -a "$results"; then
+    log "CPU cell: FAILED"
+    status=1
+  fi
+fi
 
 if part tests; then
   step "CUDA tests (tests/cuda.rs)"
