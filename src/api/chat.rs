@@ -140,10 +140,11 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
             "a JSON response_format and a forced tool call cannot both begin the answer",
         ));
     }
-    let opening = if json_answer.is_empty() {
-        tool_use.opening
+    // A JSON answer is never a call, so nothing the model writes is guided into one.
+    let (opening, guided_calls) = if json_answer.is_empty() {
+        (tool_use.opening, tool_use.guided)
     } else {
-        json_answer
+        (json_answer, None)
     };
     // A forced call or object begins the answer, so there is no thinking to do: the template's
     // non-thinking form (Qwen3: an empty thinking block) unless the client asks otherwise.
@@ -168,6 +169,7 @@ fn plan(r: &ChatRequest) -> Result<Plan, AppError> {
             max_new_tokens,
             stop,
             opening,
+            guided_calls,
         },
         add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
         enable_thinking,

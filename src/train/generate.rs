@@ -8,7 +8,6 @@ use crate::train::model::qwen3::{AdapterWeights, KvCache, Qwen3Config, Tuning};
 use crate::train::model::Qwen3;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,10 +26,13 @@ mod nested_schema_tests;
 mod opening;
 #[cfg(test)]
 mod opening_tests;
+mod sampling;
 mod stop;
 mod vocab_mask;
 pub use argument_schema::ArgumentSchema;
 pub use opening::Lead;
+use sampling::Sampler;
+pub use sampling::{argmax, GuidedCalls, SamplingParams};
 use stop::Emitted;
 pub use vocab_mask::TokenTexts;
 
@@ -213,6 +215,14 @@ pub fn generate(
 ) -> Result<Generation> {
     let max_new = format.budget(prompt.len(), params.max_new_tokens)?;
     let opening = opening::encode(format, &params.opening)?;
+    // A tokenizer without the opener as one token writes its calls freely.
+    let guided = match &params.guided_calls {
+        Some(g) => match format.encode(&g.opener)?[..] {
+            [opener] => Some((opener, opening::encode(format, &g.body)?)),
+            _ => None,
+        },
+        None => None,
+    };
     let mut sampler = Sampler::new(params);
     let mut reader = Reader {
         model,
@@ -266,6 +276,32 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
+        let Some((opener, body)) = &guided else {
+            continue;
+        };
+        if next != *opener || in_reasoning(&text) {
+            continue;
+        }
+        // Stop strings are not looked for inside the call, as in a forced one.
+        let gone = opening::write(
+            body,
+            format,
+            &mut reader,
+            &mut sampler,
+            &mut ids,
+            max_new,
+            &mut |ids| {
+                if let Ok(text) = format.decode(ids) {
+                    stopped = !emitted.more(&text, &[], &mut on_text);
+                }
+                !stopped
+            },
+        )?;
+        text = format.decode(&ids)?;
+        if gone || stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
     }
     // What is left: a partial character, or a tail that a stop string would have needed more.
     if !stopped && text.len() > emitted.0 {
@@ -280,6 +316,12 @@ pub fn generate(
         prefill_seconds,
         decode_seconds: reader.started.elapsed().as_secs_f64() - prefill_seconds,
     })
+}
+
+/// Whether `text` (a completion so far) is inside its leading `<think>` block.
+fn in_reasoning(text: &str) -> bool {
+    let t = text.trim_start();
+    t.starts_with("<think>") && !t.contains("</think>")
 }
 
 /// The model reading tokens into its KV cache: the prompt first, then each token written.
@@ -307,35 +349,6 @@ impl Reader<'_> {
     }
 }
 
-/// How to pick tokens and when to stop.
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f64,
-    pub top_p: f64,
-    /// Seeds the sampler; `None` draws a seed.
-    pub seed: Option<u64>,
-    /// `None`: until an end-of-turn token or the end of the context.
-    pub max_new_tokens: Option<usize>,
-    /// Text that ends the completion (not included in it).
-    pub stop: Vec<String>,
-    /// What the completion must begin with (empty: whatever the model writes).
-    pub opening: Vec<Lead>,
-}
-
-impl SamplingParams {
-    pub fn greedy(max_new_tokens: usize) -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            max_new_tokens: Some(max_new_tokens),
-            stop: Vec::new(),
-            opening: Vec::new(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-turn token or a stop string.
@@ -353,89 +366,6 @@ pub struct Generation {
     pub finish: FinishReason,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
-}
-
-/// Greedy (argmax, the first of equal maxima as torch does) or temperature + top-p sampling.
-struct Sampler {
-    temperature: f64,
-    top_p: f64,
-    rng: rand::rngs::StdRng,
-}
-
-impl Sampler {
-    fn new(p: &SamplingParams) -> Self {
-        let seed = p.seed.unwrap_or_else(|| rand::rng().random());
-        Self {
-            temperature: p.temperature,
-            top_p: p.top_p,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
-        }
-    }
-
-    fn next(&mut self, logits: &[f32]) -> u32 {
-        if self.temperature <= 0.0 {
-            return argmax(logits);
-        }
-        let t = self.temperature as f32;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
-            .collect();
-        let sum: f32 = probs.iter().map(|p| p.1).sum();
-        probs.iter_mut().for_each(|p| p.1 /= sum);
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-        // Nucleus: the fewest most likely tokens whose mass reaches top_p (at least one).
-        let mut mass = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            mass += p.1;
-            if mass as f64 >= self.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        let total: f32 = probs.iter().map(|p| p.1).sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for &(id, p) in &probs {
-            if r < p {
-                return id;
-            }
-            r -= p;
-        }
-        probs.last().map_or(0, |p| p.0)
-    }
-}
-
-impl Sampler {
-    /// [`Sampler::next`] over `allowed` alone: the other tokens' probabilities are zero, so
-    /// temperature and top-p act on the allowed tokens' renormalised distribution. `allowed`
-    /// is ascending.
-    fn next_among(&mut self, logits: &[f32], allowed: &[u32]) -> u32 {
-        let mut masked = vec![f32::NEG_INFINITY; logits.len()];
-        for &t in allowed {
-            masked[t as usize] = logits[t as usize];
-        }
-        let next = self.next(&masked);
-        // Logits that are all -inf or NaN leave nothing to weigh; the first allowed token stands.
-        if allowed.binary_search(&next).is_ok() {
-            next
-        } else {
-            allowed[0]
-        }
-    }
-}
-
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Base models, chat formats and adapters loaded once and kept: switching adapters over a loaded
@@ -526,38 +456,5 @@ impl ModelCache {
         }
         adapters.insert(key, a.clone());
         Ok(a)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_takes_the_first_maximum_and_top_p_keeps_the_head() {
-        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
-        let mut s = Sampler::new(&SamplingParams {
-            temperature: 1.0,
-            top_p: 0.5,
-            seed: Some(1),
-            max_new_tokens: None,
-            stop: vec![],
-            opening: vec![],
-        });
-        // Token 2 alone holds > 50% of the mass, so nucleus sampling can only pick it.
-        for _ in 0..20 {
-            assert_eq!(s.next(&[0.0, 0.0, 5.0, 0.0]), 2);
-        }
-        let mut s = Sampler::new(&SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: Some(7),
-            max_new_tokens: None,
-            stop: vec![],
-            opening: vec![],
-        });
-        let draws: std::collections::HashSet<u32> =
-            (0..200).map(|_| s.next(&[0.0, 0.0, 0.0, 0.0])).collect();
-        assert_eq!(draws.len(), 4, "a flat distribution draws every token");
     }
 }

@@ -3,11 +3,12 @@
 //! `{"type": "function", "function": {"name": …}}` force a call by writing its frame: the model
 //! picks among the offered names (`"required"`) and writes the arguments as a JSON object. With
 //! `"required"` and `parallel_tool_calls` (OpenAI's default) the model may then write further
-//! calls, each forced the same way, or end its turn.
+//! calls, each forced the same way, or end its turn. In an `"auto"` turn a call the model opens
+//! itself is guided the same way once it has written `<tool_call>`.
 
 use super::invalid;
 use crate::api::error::AppError;
-use crate::train::generate::{ArgumentSchema, Lead};
+use crate::train::generate::{ArgumentSchema, GuidedCalls, Lead};
 use crate::train::tool_calls::{CALL_AFTER_ARGUMENTS, CALL_AFTER_NAME, CALL_BEFORE_NAME};
 use serde_json::Value;
 
@@ -18,7 +19,12 @@ pub(super) struct ToolUse {
     pub tools: Option<Vec<Value>>,
     /// The forced opening of a call (empty unless one is required).
     pub opening: Vec<Lead>,
+    /// In a free turn with tools, how a call the model opens is written.
+    pub guided: Option<GuidedCalls>,
 }
+
+/// The token that opens a call in Qwen3's template, which the call's frame begins with.
+const CALL_OPENER: &str = "<tool_call>";
 
 pub(super) fn resolve(
     tools: Option<&[Value]>,
@@ -26,8 +32,9 @@ pub(super) fn resolve(
     parallel: bool,
 ) -> Result<ToolUse, AppError> {
     let tools = tools.filter(|t| !t.is_empty()).map(<[Value]>::to_vec);
-    let free = |tools| {
+    let free = |tools: Option<Vec<Value>>| {
         Ok(ToolUse {
+            guided: tools.as_deref().and_then(guided_calls),
             tools,
             opening: Vec::new(),
         })
@@ -57,6 +64,7 @@ pub(super) fn resolve(
         Ok(ToolUse {
             opening: call_opening(functions, more),
             tools: tools.clone(),
+            guided: None,
         })
     };
     match choice {
@@ -92,13 +100,25 @@ pub(super) fn resolve(
 /// completion ends, or with `more` the model picks between ending its turn and another call
 /// (on a line of its own, as Qwen3's template writes parallel calls).
 fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>, more: bool) -> Vec<Lead> {
+    let mut leads = call(CALL_BEFORE_NAME, functions);
+    // The forced calls are the answer: what a model would write after them is not asked for.
+    leads.push(if more {
+        Lead::Again("\n".to_string())
+    } else {
+        Lead::End
+    });
+    leads
+}
+
+/// One call written from `before` (the frame up to the name) on: the name (picked by the model
+/// among several), the arguments as a JSON object under the picked function's schema, the end
+/// of the frame.
+fn call(before: &str, functions: Vec<(&str, Option<ArgumentSchema>)>) -> Vec<Lead> {
     let (names, schemas): (Vec<&str>, Vec<Option<ArgumentSchema>>) = functions.into_iter().unzip();
     let mut leads = match names[..] {
-        [name] => vec![Lead::Text(format!(
-            "{CALL_BEFORE_NAME}{name}{CALL_AFTER_NAME}"
-        ))],
+        [name] => vec![Lead::Text(format!("{before}{name}{CALL_AFTER_NAME}"))],
         _ => vec![
-            Lead::Text(CALL_BEFORE_NAME.to_string()),
+            Lead::Text(before.to_string()),
             Lead::OneOf(
                 names
                     .iter()
@@ -109,13 +129,21 @@ fn call_opening(functions: Vec<(&str, Option<ArgumentSchema>)>, more: bool) -> V
     };
     leads.push(Lead::JsonObject(schemas));
     leads.push(Lead::Text(CALL_AFTER_ARGUMENTS.to_string()));
-    // The forced calls are the answer: what a model would write after them is not asked for.
-    leads.push(if more {
-        Lead::Again("\n".to_string())
-    } else {
-        Lead::End
-    });
     leads
+}
+
+/// A free turn's calls, guided once the model has opened one: the rest of the frame is written
+/// for it, it picks an offered function and writes arguments its schema allows. `None` (calls
+/// stay free text) when a function's name is not one a call can be forced to.
+fn guided_calls(tools: &[Value]) -> Option<GuidedCalls> {
+    let functions = functions(tools).ok().filter(|f| !f.is_empty())?;
+    let after_opener = CALL_BEFORE_NAME
+        .strip_prefix(CALL_OPENER)
+        .expect("a call's frame begins with its opener");
+    Some(GuidedCalls {
+        opener: CALL_OPENER.to_string(),
+        body: call(after_opener, functions),
+    })
 }
 
 /// The function tools: each name, checked to be one a call can be forced to (OpenAI's 1 to 64
@@ -162,21 +190,33 @@ mod tests {
     }
 
     #[test]
-    fn auto_and_none_force_nothing() {
+    fn auto_and_none_force_nothing_and_auto_guides_the_calls_the_model_opens() {
         let tools = [tool("a"), tool("b")];
         for choice in [None, Some(json!("auto"))] {
             let u = resolve(Some(&tools), choice.as_ref(), true).unwrap();
             assert_eq!(u.tools.as_deref(), Some(&tools[..]));
             assert!(u.opening.is_empty());
+            let guided = u.guided.unwrap();
+            assert_eq!(guided.opener, "<tool_call>");
+            // The forced frame, less the opener the model wrote itself, and no End or Again:
+            // the model goes on freely after the call.
+            let required = resolve(Some(&tools), Some(&json!("required")), false).unwrap();
+            let mut expected = required.opening[..required.opening.len() - 1].to_vec();
+            expected[0] = Lead::Text("\n{\"name\": \"".into());
+            assert_eq!(guided.body, expected);
         }
         let u = resolve(Some(&tools), Some(&json!("none")), true).unwrap();
         assert_eq!(
             u,
             ToolUse {
                 tools: None,
-                opening: vec![]
+                opening: vec![],
+                guided: None,
             }
         );
+        // A name a call cannot be forced to leaves the turn's calls free, without an error.
+        let odd = resolve(Some(&[tool("say hi")]), None, true).unwrap();
+        assert_eq!((odd.tools.is_some(), odd.guided), (true, None));
         let u = resolve(Some(&[]), None, true).unwrap();
         assert_eq!(u.tools, None, "an empty list offers nothing");
     }

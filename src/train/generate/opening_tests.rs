@@ -3,7 +3,9 @@
 
 use super::json_prefix::JsonPrefix;
 use super::opening::*;
-use super::{generate, ArgumentSchema, BaseModel, FinishReason, Generation, SamplingParams};
+use super::{
+    generate, ArgumentSchema, BaseModel, FinishReason, Generation, GuidedCalls, SamplingParams,
+};
 use crate::train::demo::{write_model, DemoSize};
 use crate::train::model::qwen3::{KvCache, Tuning};
 use candle_core::Device;
@@ -54,6 +56,7 @@ fn sampled(seed: u64, max_new: usize, opening: Vec<Lead>) -> SamplingParams {
         max_new_tokens: Some(max_new),
         stop: vec![],
         opening,
+        guided_calls: None,
     }
 }
 
@@ -160,6 +163,7 @@ fn sampled_picks_are_always_one_whole_choice_and_vary_with_the_seed() {
                 Lead::Text("call ".into()),
                 Lead::OneOf(choices.iter().map(|c| c.to_string()).collect()),
             ],
+            guided_calls: None,
         };
         let g = run(&base, &prompt, &params);
         let rest = &g.completion_ids[base.format.encode("call ").unwrap().len()..];
@@ -403,4 +407,106 @@ fn the_budget_cuts_the_opening_an_end_ends_it_and_choices_must_not_begin_one_ano
     assert!(base.format.encode("a a").unwrap().starts_with(&a));
     let e = encode(&base.format, &[Lead::OneOf(vec!["a a".into(), "a".into()])]);
     assert!(e.is_err(), "\"a\" begins \"a a\"");
+}
+
+/// A call the model opens in a free turn is guided: once the model writes the opener itself
+/// (here `\n`, the token the tiny model writes first greedily, standing in for `<tool_call>`),
+/// the body follows: the rest of the frame, an offered name, arguments its schema allows, the
+/// frame's end; then the model writes freely again. Greedy, the completion is one such call
+/// after another; sampled, every body in it is whole (or cut by the budget).
+#[test]
+fn a_call_the_model_opens_itself_is_written_under_the_mask() {
+    let (_dir, base, prompt) = tiny();
+    let format = &base.format;
+    let free = run(&base, &prompt, &SamplingParams::greedy(300));
+    let opener = format.decode(&free.completion_ids[..1]).unwrap();
+    assert_eq!(format.encode(&opener).unwrap(), free.completion_ids[..1]);
+    // Each function's one key takes listed values only, so that every call can finish within
+    // the budget (a free string the tiny model could write for ever).
+    let listed = |key: &str, values: [&str; 2]| {
+        ArgumentSchema::from_schema(&serde_json::json!({"type": "object", "required": [key],
+            "properties": {key: {"enum": values}}}))
+    };
+    let schemas = vec![listed("unit", ["c", "f"]), listed("zone", ["utc", "local"])];
+    const FRAME: &str = " {\"name\": \"";
+    let body = vec![
+        Lead::Text(FRAME.into()),
+        Lead::OneOf(vec!["get_weather\"".into(), "get_time\"".into()]),
+        Lead::Text(", \"arguments\": ".into()),
+        Lead::JsonObject(schemas.clone()),
+        Lead::Text("} END".into()),
+    ];
+    let guided = |mut p: SamplingParams| {
+        p.guided_calls = Some(GuidedCalls {
+            opener: opener.clone(),
+            body: body.clone(),
+        });
+        run(&base, &prompt, &p)
+    };
+    // Each body in `g`: the frame after the opener, a name, an object its schema allows, the end.
+    let bodies = |g: &Generation| -> usize {
+        let mut whole = 0;
+        for (at, _) in g.text.match_indices(FRAME) {
+            assert!(g.text[..at].ends_with(&opener), "{:?}", g.text);
+            let call = &g.text[at + FRAME.len()..];
+            let name = ["get_weather", "get_time"]
+                .into_iter()
+                .find(|n| call.starts_with(&format!("{n}\"")));
+            let args = name.and_then(|n| call.strip_prefix(&format!("{n}\", \"arguments\": ")));
+            let Some(args) = args else {
+                assert_eq!(g.finish, FinishReason::Length, "{:?}", g.text);
+                continue;
+            };
+            let (s, key) = match name {
+                Some("get_weather") => (schemas[0].as_ref(), "unit"),
+                _ => (schemas[1].as_ref(), "zone"),
+            };
+            let (mut json, mut end) = (JsonPrefix::new(), 0);
+            for b in args.bytes() {
+                if json.is_done() {
+                    break;
+                }
+                json = json
+                    .after_byte(b, s)
+                    .expect("the arguments keep to the mask");
+                end += 1;
+            }
+            if !json.is_done() {
+                assert_eq!(g.finish, FinishReason::Length, "{:?}", g.text);
+                continue;
+            }
+            let object: serde_json::Value = serde_json::from_str(&args[..end]).unwrap();
+            let value = object[key].as_str().unwrap_or_default();
+            assert!(["c", "f", "utc", "local"].contains(&value), "{object}");
+            assert!(args[end..].starts_with("} END"), "{:?}", g.text);
+            whole += 1;
+        }
+        whole
+    };
+    let g = guided(SamplingParams::greedy(300));
+    assert!(
+        g.text.starts_with(&format!("{opener}{FRAME}")),
+        "{:?}",
+        g.text
+    );
+    assert_ne!(g.text, free.text);
+    let greedy_calls = bodies(&g);
+    let sampled_calls: usize = (0..6)
+        .map(|seed| bodies(&guided(sampled(seed, 160, vec![]))))
+        .sum();
+    assert!(
+        greedy_calls >= 1 && sampled_calls >= 1,
+        "whole calls: greedy {greedy_calls}, sampled {sampled_calls}"
+    );
+}
+
+/// A `<tool_call>` inside the leading thinking block is talk about a call, which is not guided.
+#[test]
+fn only_a_leading_unclosed_thinking_block_is_reasoning() {
+    use super::in_reasoning;
+    assert!(in_reasoning("<think>\nI could use <tool_call>"));
+    assert!(in_reasoning("\n<think>"));
+    assert!(!in_reasoning("<think>\n</think>\n\n<tool_call>"));
+    assert!(!in_reasoning("Sure. <think> <tool_call>"));
+    assert!(!in_reasoning("<tool_call>"));
 }
