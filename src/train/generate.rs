@@ -244,12 +244,7 @@ pub fn generate(
         &mut sampler,
         &mut ids,
         max_new,
-        &mut |ids| {
-            if let Ok(text) = format.decode(ids) {
-                stopped = !emitted.more(&text, &[], &mut on_text);
-            }
-            !stopped
-        },
+        &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
     )?;
     let mut text = format.decode(&ids)?;
     let mut finish = if ended || stopped {
@@ -290,12 +285,7 @@ pub fn generate(
             &mut sampler,
             &mut ids,
             max_new,
-            &mut |ids| {
-                if let Ok(text) = format.decode(ids) {
-                    stopped = !emitted.more(&text, &[], &mut on_text);
-                }
-                !stopped
-            },
+            &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
         )?;
         text = format.decode(&ids)?;
         if gone || stopped {
@@ -316,6 +306,22 @@ pub fn generate(
         prefill_seconds,
         decode_seconds: reader.started.elapsed().as_secs_f64() - prefill_seconds,
     })
+}
+
+/// What a forced part of the completion (an opening, a guided call) shows `on_text` after each
+/// token: the text so far, no stop strings looked for; `stopped` once `on_text` wants no more.
+fn streamed<'a>(
+    format: &'a ChatFormat,
+    emitted: &'a mut Emitted,
+    stopped: &'a mut bool,
+    on_text: &'a mut impl FnMut(&str) -> bool,
+) -> impl FnMut(&[u32]) -> bool + 'a {
+    move |ids| {
+        if let Ok(text) = format.decode(ids) {
+            *stopped = !emitted.more(&text, &[], on_text);
+        }
+        !*stopped
+    }
 }
 
 /// Whether `text` (a completion so far) is inside its leading `<think>` block.
