@@ -247,6 +247,8 @@ pub fn generate(
         &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
     )?;
     let mut text = format.decode(&ids)?;
+    // Stop strings are looked for only in what the model writes itself.
+    let mut forced_end = text.len();
     let mut finish = if ended || stopped {
         FinishReason::Stop
     } else {
@@ -261,7 +263,7 @@ pub fn generate(
         ids.push(next);
         reader.unread.push(next);
         text = format.decode(&ids)?;
-        if let Some(at) = emitted.stop_in(&text, &params.stop) {
+        if let Some(at) = emitted.stop_in(&text, &params.stop, forced_end) {
             text.truncate(at);
             finish = FinishReason::Stop;
             break;
@@ -288,6 +290,7 @@ pub fn generate(
             &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
         )?;
         text = format.decode(&ids)?;
+        forced_end = text.len();
         if gone || stopped {
             finish = FinishReason::Stop;
             break;

@@ -510,3 +510,24 @@ fn only_a_leading_unclosed_thinking_block_is_reasoning() {
     assert!(!in_reasoning("Sure. <think> <tool_call>"));
     assert!(!in_reasoning("<tool_call>"));
 }
+
+/// Stop strings are looked for only in what the model writes: one that would begin in the forced
+/// opening and end in the model's first token does not cut the completion there.
+#[test]
+fn a_stop_string_may_not_begin_in_forced_text() {
+    let (_dir, base, prompt) = tiny();
+    let opening = vec![Lead::Text("It is".into())];
+    let free = run(
+        &base,
+        &prompt,
+        &with(SamplingParams::greedy(12), opening.clone()),
+    );
+    let first = free.text["It is".len()..]
+        .chars()
+        .next()
+        .expect("the model writes on");
+    let mut params = with(SamplingParams::greedy(12), opening);
+    params.stop = vec![format!("It is{first}")];
+    let g = run(&base, &prompt, &params);
+    assert_eq!(g.text, free.text);
+}

@@ -16,10 +16,11 @@ impl Emitted {
         }
     }
 
-    /// Where the first of `stop` in what is not out yet begins, if one is there.
-    pub fn stop_in(&mut self, text: &str, stop: &[String]) -> Option<usize> {
+    /// Where the first of `stop` in what is not out yet begins, if one is there, none beginning
+    /// before `floor` (the end of the text forced so far, where stop strings are not looked for).
+    pub fn stop_in(&mut self, text: &str, stop: &[String], floor: usize) -> Option<usize> {
         self.clamp(text);
-        find_stop(text, stop, self.0)
+        find_stop(text, stop, self.0, floor)
     }
 
     /// Hands on what of `text` is final and not out yet (holding back what could still become
@@ -37,13 +38,14 @@ impl Emitted {
     }
 }
 
-/// Byte offset of the first stop string in `text` that ends after byte `from`.
-fn find_stop(text: &str, stop: &[String], from: usize) -> Option<usize> {
+/// Byte offset of the first stop string in `text` that ends after byte `from` and begins at or
+/// after byte `floor`.
+fn find_stop(text: &str, stop: &[String], from: usize, floor: usize) -> Option<usize> {
     stop.iter()
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
-            let start = from.saturating_sub(s.len() - 1);
-            let start = (start..=from).find(|&i| text.is_char_boundary(i))?;
+            let start = from.saturating_sub(s.len() - 1).max(floor).min(text.len());
+            let start = (start..=text.len()).find(|&i| text.is_char_boundary(i))?;
             text[start..].find(s.as_str()).map(|i| start + i)
         })
         .min()
@@ -76,13 +78,16 @@ mod tests {
     #[test]
     fn stop_strings_are_found_across_pieces() {
         let stop = vec!["END".to_string()];
-        assert_eq!(find_stop("abcEN", &stop, 3), None);
-        assert_eq!(find_stop("abcEND", &stop, 5), Some(3));
+        assert_eq!(find_stop("abcEN", &stop, 3, 0), None);
+        assert_eq!(find_stop("abcEND", &stop, 5, 0), Some(3));
         assert_eq!(
-            find_stop("ENDabc", &stop, 6),
+            find_stop("ENDabc", &stop, 6, 0),
             None,
             "already emitted text is not searched"
         );
+        // Forced text up to the floor: a stop string may not begin in it, only after it.
+        assert_eq!(find_stop("abcEND", &stop, 5, 4), None);
+        assert_eq!(find_stop("abcENDxEND", &stop, 5, 4), Some(7));
         assert_eq!(final_prefix_len("abcEN", &stop), 3);
         assert_eq!(final_prefix_len("abcx", &stop), 4);
         assert_eq!(final_prefix_len("ab\u{FFFD}", &[]), 2);
