@@ -10,7 +10,7 @@ use super::error::{AppError, AppJson};
 use super::models::{resolve, Models};
 use super::AppState;
 use crate::train::generate::{ContextExceeded, FinishReason, Generation, SamplingParams};
-use crate::train::tool_calls::{parse_assistant, AssistantTurn};
+use crate::train::tool_calls::{after_reasoning, parse_assistant, AssistantTurn};
 use crate::worker::DeviceLoan;
 use axum::body::Body;
 use axum::extract::State;
@@ -337,19 +337,6 @@ impl FirstCall {
     fn closed_by(&mut self, piece: &str) -> bool {
         self.text.push_str(piece);
         after_reasoning(&self.text).is_some_and(|answer| answer.contains("</tool_call>"))
-    }
-}
-
-/// What a growing completion says after its reasoning block: `None` while it is (or may yet
-/// become) inside `<think>…</think>`.
-fn after_reasoning(text: &str) -> Option<&str> {
-    let t = text.trim_start();
-    if "<think>".starts_with(t) {
-        return None;
-    }
-    match t.strip_prefix("<think>") {
-        Some(body) => body.split_once("</think>").map(|(_, rest)| rest),
-        None => Some(t),
     }
 }
 

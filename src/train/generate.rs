@@ -6,6 +6,7 @@ use crate::train::checkpoint::load_adapter;
 use crate::train::data::template::ChatTemplate;
 use crate::train::model::qwen3::{AdapterWeights, KvCache, Qwen3Config, Tuning};
 use crate::train::model::Qwen3;
+use crate::train::tool_calls::after_reasoning;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
 use std::collections::HashMap;
@@ -276,7 +277,8 @@ pub fn generate(
         let Some((opener, body)) = &guided else {
             continue;
         };
-        if next != *opener || in_reasoning(&text) {
+        // A `<tool_call>` inside the leading thinking block is talk about a call.
+        if next != *opener || after_reasoning(&text).is_none() {
             continue;
         }
         // Stop strings are not looked for inside the call, as in a forced one.
@@ -325,12 +327,6 @@ fn streamed<'a>(
         }
         !*stopped
     }
-}
-
-/// Whether `text` (a completion so far) is inside its leading `<think>` block.
-fn in_reasoning(text: &str) -> bool {
-    let t = text.trim_start();
-    t.starts_with("<think>") && !t.contains("</think>")
 }
 
 /// The model reading tokens into its KV cache: the prompt first, then each token written.

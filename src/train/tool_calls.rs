@@ -54,6 +54,19 @@ pub fn parse_assistant(text: &str) -> AssistantTurn {
     }
 }
 
+/// What a growing completion says after its reasoning block: `None` while it is (or may yet
+/// become) inside a leading `<think>…</think>`.
+pub fn after_reasoning(text: &str) -> Option<&str> {
+    let t = text.trim_start();
+    if "<think>".starts_with(t) {
+        return None;
+    }
+    match t.strip_prefix("<think>") {
+        Some(body) => body.split_once("</think>").map(|(_, rest)| rest),
+        None => Some(t),
+    }
+}
+
 fn split_thinking(text: &str) -> (Option<String>, &str) {
     let trimmed = text.trim_start();
     if let Some(body) = trimmed.strip_prefix("<think>") {

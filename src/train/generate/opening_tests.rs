@@ -410,17 +410,21 @@ fn the_budget_cuts_the_opening_an_end_ends_it_and_choices_must_not_begin_one_ano
 }
 
 /// A call the model opens in a free turn is guided: once the model writes the opener itself
-/// (here `\n`, the token the tiny model writes first greedily, standing in for `<tool_call>`),
-/// the body follows: the rest of the frame, an offered name, arguments its schema allows, the
+/// (here the token the tiny model writes first greedily after a forced `Calls:`, standing in for
+/// `<tool_call>`; the opening keeps the text before it from being blank, which could still
+/// become a thinking block), the body follows: the rest of the frame, an offered name, arguments its schema allows, the
 /// frame's end; then the model writes freely again. Greedy, the completion is one such call
 /// after another; sampled, every body in it is whole (or cut by the budget).
 #[test]
 fn a_call_the_model_opens_itself_is_written_under_the_mask() {
     let (_dir, base, prompt) = tiny();
     let format = &base.format;
-    let free = run(&base, &prompt, &SamplingParams::greedy(300));
-    let opener = format.decode(&free.completion_ids[..1]).unwrap();
-    assert_eq!(format.encode(&opener).unwrap(), free.completion_ids[..1]);
+    let opening = vec![Lead::Text("Calls:".into())];
+    let forced = format.encode("Calls:").unwrap().len();
+    let free = run(&base, &prompt, &with(SamplingParams::greedy(300), opening.clone()));
+    let first = &free.completion_ids[forced..forced + 1];
+    let opener = format.decode(first).unwrap();
+    assert_eq!(format.encode(&opener).unwrap(), first);
     // Each function's one key takes listed values only, so that every call can finish within
     // the budget (a free string the tiny model could write for ever).
     let listed = |key: &str, values: [&str; 2]| {
@@ -437,6 +441,7 @@ fn a_call_the_model_opens_itself_is_written_under_the_mask() {
         Lead::Text("} END".into()),
     ];
     let guided = |mut p: SamplingParams| {
+        p.opening = opening.clone();
         p.guided_calls = Some(GuidedCalls {
             opener: opener.clone(),
             body: body.clone(),
@@ -485,7 +490,7 @@ fn a_call_the_model_opens_itself_is_written_under_the_mask() {
     };
     let g = guided(SamplingParams::greedy(300));
     assert!(
-        g.text.starts_with(&format!("{opener}{FRAME}")),
+        g.text.starts_with(&format!("Calls:{opener}{FRAME}")),
         "{:?}",
         g.text
     );
@@ -503,7 +508,8 @@ fn a_call_the_model_opens_itself_is_written_under_the_mask() {
 /// A `<tool_call>` inside the leading thinking block is talk about a call, which is not guided.
 #[test]
 fn only_a_leading_unclosed_thinking_block_is_reasoning() {
-    use super::in_reasoning;
+    use crate::train::tool_calls::after_reasoning;
+    let in_reasoning = |t| after_reasoning(t).is_none();
     assert!(in_reasoning("<think>\nI could use <tool_call>"));
     assert!(in_reasoning("\n<think>"));
     assert!(!in_reasoning("<think>\n</think>\n\n<tool_call>"));
