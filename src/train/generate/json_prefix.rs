@@ -300,7 +300,6 @@ impl JsonPrefix {
     fn syntax(mut self, b: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
         let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
         let blanks = std::mem::take(&mut self.blanks);
-        let keys = self.keys(args);
         self.at = match self.at {
             At::Done => return None,
             At::Str {
@@ -342,7 +341,7 @@ impl JsonPrefix {
                 self.at
             }
             At::KeyOrEnd | At::Key if b == b'"' => {
-                if let Some(k) = keys {
+                if let Some(k) = self.keys(args) {
                     if k.all() & !self.written() == 0 {
                         return None;
                     }
@@ -355,9 +354,9 @@ impl JsonPrefix {
                     utf8: Utf8::WHOLE,
                 }
             }
-            At::KeyOrEnd if b == b'}' => return self.close(b, keys),
+            At::KeyOrEnd if b == b'}' => return self.close(b, args),
             At::Colon if b == b':' => At::Value,
-            At::ValueOrEnd if b == b']' => return self.close(b, None),
+            At::ValueOrEnd if b == b']' => return self.close(b, args),
             At::Value | At::ValueOrEnd => {
                 // What a container opened here keeps to: its node, unless the value is spelled.
                 let mut inside = FREE;
@@ -399,9 +398,14 @@ impl JsonPrefix {
             At::AfterValue => match b {
                 b',' if self.in_array() => At::Value,
                 // A comma promises a key: one must be left to write.
-                b',' if keys.is_some_and(|k| k.all() & !self.written() == 0) => return None,
+                b',' if self
+                    .keys(args)
+                    .is_some_and(|k| k.all() & !self.written() == 0) =>
+                {
+                    return None
+                }
                 b',' => At::Key,
-                b'}' | b']' => return self.close(b, keys),
+                b'}' | b']' => return self.close(b, args),
                 _ => return None,
             },
             At::KeyOrEnd | At::Key | At::Colon => return None,
@@ -459,13 +463,16 @@ impl JsonPrefix {
         Some(self)
     }
 
-    /// Closes the container with `closer`; an object whose node lists `keys` must have written
-    /// the required ones.
-    fn close(mut self, closer: u8, keys: Option<&Keys>) -> Option<Self> {
+    /// Closes the container with `closer`; an object whose node lists its keys must have
+    /// written the required ones.
+    fn close(mut self, closer: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
         if (closer == b']') != self.in_array() {
             return None;
         }
-        if keys.is_some_and(|k| k.required & !self.written() != 0) {
+        if self
+            .keys(args)
+            .is_some_and(|k| k.required & !self.written() != 0)
+        {
             return None;
         }
         self.depth -= 1;

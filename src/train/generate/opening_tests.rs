@@ -421,7 +421,11 @@ fn a_call_the_model_opens_itself_is_written_under_the_mask() {
     let format = &base.format;
     let opening = vec![Lead::Text("Calls:".into())];
     let forced = format.encode("Calls:").unwrap().len();
-    let free = run(&base, &prompt, &with(SamplingParams::greedy(300), opening.clone()));
+    let free = run(
+        &base,
+        &prompt,
+        &with(SamplingParams::greedy(300), opening.clone()),
+    );
     let first = &free.completion_ids[forced..forced + 1];
     let opener = format.decode(first).unwrap();
     assert_eq!(format.encode(&opener).unwrap(), first);
