@@ -15,9 +15,12 @@ const MAX_DEPTH: u8 = 64;
 /// Containers this deep follow their schema nodes; deeper ones are free. Enough for objects in
 /// arrays in objects in arrays, and it keeps the state small.
 pub(super) const SCHEMA_DEPTH: usize = 8;
-/// The longest run of whitespace between tokens: enough for any indentation, and a model that
-/// would write blanks for ever must write something else.
-const MAX_BLANKS: u8 = 32;
+/// Set in `blanks` once a gap between tokens has broken its line; the bits below count the
+/// indentation after the break.
+const LINE_BROKEN: u8 = 0x80;
+/// Indentation a line may have per open container: what pretty printers write (2 or 4 spaces,
+/// or a tab, per level). Counted up to 16 levels, so the count stays below `LINE_BROKEN`.
+const INDENT_PER_DEPTH: u8 = 4;
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +33,7 @@ pub(super) struct JsonPrefix {
     /// Per container depth: the schema node its contents keep to ([`FREE`]: anything).
     nodes: [u16; SCHEMA_DEPTH],
     depth: u8,
-    /// Whitespace bytes just read between tokens.
+    /// The whitespace just read between tokens (see [`blank`]).
     blanks: u8,
     /// In a key of an object whose node lists its keys: the names it may still become; after
     /// the key, `key.lo` is its index, so the value knows its node.
@@ -336,8 +339,8 @@ impl JsonPrefix {
                 let root = args.map_or(FREE, |a| a.root);
                 return (b == b'{').then(|| self.open(false, root)).flatten();
             }
-            _ if ws && blanks < MAX_BLANKS => {
-                self.blanks = blanks + 1;
+            _ if ws => {
+                self.blanks = blank(blanks, b, self.depth)?;
                 self.at
             }
             At::KeyOrEnd | At::Key if b == b'"' => {
@@ -482,6 +485,25 @@ impl JsonPrefix {
             At::AfterValue
         };
         Some(self)
+    }
+}
+
+/// The gap's whitespace after the blank `b`, if a gap may hold it: nothing, one space or tab,
+/// or one line feed and an indentation of at most [`INDENT_PER_DEPTH`] bytes per open
+/// container. Any JSON serializer's output fits (compact, `", "` and `": "`, pretty-printed
+/// with 2 or 4 spaces or tabs); a model cannot spend its budget on blank lines or runs of
+/// spaces, which a weak one otherwise does (a fine-tuned tiny model wrote two dozen line feeds
+/// between a key and its colon, then ran out of tokens). No carriage returns: line feeds alone break lines in JSON text that
+/// models write.
+fn blank(blanks: u8, b: u8, depth: u8) -> Option<u8> {
+    let indent = blanks & !LINE_BROKEN;
+    match b {
+        b'\n' if blanks == 0 => Some(LINE_BROKEN),
+        b' ' | b'\t' if blanks == 0 => Some(1),
+        b' ' | b'\t' if blanks & LINE_BROKEN != 0 && indent < INDENT_PER_DEPTH * depth.min(16) => {
+            Some(blanks + 1)
+        }
+        _ => None,
     }
 }
 

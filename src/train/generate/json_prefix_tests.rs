@@ -62,10 +62,56 @@ fn what_no_json_object_begins_with_is_refused() {
     }
     assert!(check(&format!("{}{}", "{\"a\":".repeat(63), "1")).is_some());
     assert_eq!(check(&"{\"a\":".repeat(65)), None, "nesting is bounded");
-    let blanks = |n| format!("{{\"a\":{}1}}", " ".repeat(n));
-    assert!(check(&blanks(32)).unwrap().is_done());
-    assert_eq!(check(&blanks(33)), None, "blanks are bounded");
+    for gap in ["", " ", "\t", "\n", "\n    ", "\n\t"] {
+        let text = format!("{{\"a\":{gap}1}}");
+        assert!(check(&text).unwrap().is_done(), "{text:?} refused");
+    }
+    for gap in ["  ", " \n", "\n\n", "\r\n", "\n     ", "\t "] {
+        let text = format!("{{\"a\":{gap}1}}");
+        assert_eq!(check(&text), None, "{text:?} accepted: blanks are bounded");
+    }
     assert!(check("{\"a\": \"                                           \"}").is_some());
+}
+
+/// Blanks between tokens as serializers write them pass at every depth (compact, Python's
+/// separators, pretty-printed with 2 or 4 spaces or tabs); longer runs, blank lines and
+/// indentation past four bytes per open container do not.
+#[test]
+fn blanks_are_what_serializers_write_and_no_more() {
+    use serde::Serialize;
+    use serde_json::ser::{PrettyFormatter, Serializer};
+    let value =
+        serde_json::json!({"a": [1, {"b": [true, null, "x y"]}], "c": {"d": {"e": [[2.5]]}}});
+    let pretty = |indent: &[u8]| {
+        let mut out = Vec::new();
+        let mut ser = Serializer::with_formatter(&mut out, PrettyFormatter::with_indent(indent));
+        value.serialize(&mut ser).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let python = r#"{"a": [1, {"b": [true, null, "x y"]}], "c": {"d": {"e": [[2.5]]}}}"#;
+    for text in [
+        value.to_string(),
+        python.to_string(),
+        pretty(b"  "),
+        pretty(b"    "),
+        pretty(b"\t"),
+    ] {
+        let p = check(&text).unwrap_or_else(|| panic!("{text:?} refused"));
+        assert!(p.is_done(), "{text:?}");
+    }
+    // Three containers open: up to twelve bytes of indentation.
+    let deep = |indent: usize| format!("{{\"a\": {{\"b\": [\n{}1]}}}}", " ".repeat(indent));
+    assert!(check(&deep(12)).unwrap().is_done());
+    assert_eq!(
+        check(&deep(13)),
+        None,
+        "indentation is bounded by the depth"
+    );
+    assert_eq!(
+        check("{\"a\":\n        1}"),
+        None,
+        "one container: four bytes"
+    );
 }
 
 /// Strings hold whole, valid UTF-8 characters, however the bytes come: a character split

@@ -252,23 +252,36 @@ fn again_repeats_the_leads_until_the_model_ends_its_turn() {
         let g = run(&base, &prompt, &params);
         let mut rest = g.text.as_str();
         let mut rounds = 0;
+        // Only the budget cuts a round short, wherever it ends.
+        let cut = || assert_eq!(g.completion_ids.len(), 200, "seed {seed}: {:?}", g.text);
         loop {
-            rest = rest
-                .strip_prefix("go ")
-                .expect("each round opens with its text");
-            let name = names.iter().find(|n| rest.starts_with(&format!("{n} ")));
-            rest = &rest[name.expect("a whole pick").len() + 1..];
+            let Some(after) = rest.strip_prefix("go ") else {
+                assert!("go ".starts_with(rest), "each round opens with its text");
+                cut();
+                break;
+            };
+            let Some(name) = names.iter().find(|n| after.starts_with(&format!("{n} "))) else {
+                assert!(
+                    names.iter().any(|n| format!("{n} ").starts_with(after)),
+                    "{after:?}"
+                );
+                cut();
+                break;
+            };
+            rest = &after[name.len() + 1..];
             let mut read =
                 serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
             if !matches!(read.next(), Some(Ok(v)) if v.is_object()) {
-                // Only the budget cuts a round short.
-                assert_eq!(g.completion_ids.len(), 200, "seed {seed}: {:?}", g.text);
+                cut();
                 break;
             }
             rest = &rest[read.byte_offset()..];
-            rest = rest
-                .strip_prefix(" done")
-                .expect("then the round's closing text");
+            let Some(after) = rest.strip_prefix(" done") else {
+                assert!(" done".starts_with(rest), "then the round's closing text");
+                cut();
+                break;
+            };
+            rest = after;
             rounds += 1;
             if rest.is_empty() {
                 if g.finish == FinishReason::Stop {
