@@ -288,8 +288,15 @@ impl Server {
         }
     }
 
+    /// Polls until the job's status is `status`; a job that ends otherwise fails at once.
     pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
-        self.wait_for(id, timeout, |j| j["status"] == status).await
+        self.wait_for(id, timeout, |j| {
+            let now = j["status"].as_str().unwrap_or_default();
+            let ended = ["succeeded", "failed", "cancelled"].contains(&now);
+            assert!(!ended || now == status, "waiting for {status}; job: {j}");
+            now == status
+        })
+        .await
     }
 
     /// Every event of a job as JSON, through the paginated list.
