@@ -10,7 +10,7 @@ use super::error::{AppError, AppJson};
 use super::models::{resolve, Models};
 use super::AppState;
 use crate::train::generate::{ContextExceeded, FinishReason, Generation, SamplingParams};
-use crate::train::tool_calls::{after_reasoning, parse_assistant, AssistantTurn};
+use crate::train::tool_calls::{after_reasoning, parse_assistant, parse_text, AssistantTurn};
 use crate::worker::DeviceLoan;
 use axum::body::Body;
 use axum::extract::State;
@@ -341,24 +341,16 @@ impl FirstCall {
 }
 
 fn parse(meta: &Meta, text: &str) -> AssistantTurn {
+    if !meta.tools {
+        // No tools were offered: calls the model writes anyway stay text.
+        return parse_text(text);
+    }
     let mut turn = parse_assistant(text);
     if meta.one_call {
         // A forced call already stops after one; a free turn keeps its first.
         turn.tool_calls.truncate(1);
     }
-    if meta.tools || turn.tool_calls.is_empty() {
-        return turn;
-    }
-    // No tools were offered: calls the model writes anyway stay text.
-    let rest = match text.trim_start().strip_prefix("<think>") {
-        Some(b) => b.split_once("</think>").map_or(text, |(_, r)| r),
-        None => text,
-    };
-    AssistantTurn {
-        content: Some(rest.trim().to_string()).filter(|c| !c.is_empty()),
-        reasoning: turn.reasoning,
-        tool_calls: Vec::new(),
-    }
+    turn
 }
 
 fn finish_reason(turn: &AssistantTurn, g: &Generation) -> &'static str {

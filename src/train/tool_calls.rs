@@ -54,6 +54,18 @@ pub fn parse_assistant(text: &str) -> AssistantTurn {
     }
 }
 
+/// A turn read without calls, as when none were offered: the thinking block, and everything
+/// after it as content, `<tool_call>` blocks included.
+pub fn parse_text(text: &str) -> AssistantTurn {
+    let (reasoning, rest) = split_thinking(text);
+    let rest = rest.trim();
+    AssistantTurn {
+        content: (!rest.is_empty()).then(|| rest.to_string()),
+        reasoning,
+        tool_calls: Vec::new(),
+    }
+}
+
 /// What a growing completion says after its reasoning block: `None` while it is (or may yet
 /// become) inside a leading `<think>…</think>`.
 pub fn after_reasoning(text: &str) -> Option<&str> {
@@ -171,5 +183,18 @@ mod tests {
         let t = parse_assistant("<think>\nsunny?\n</think>\n\nIt is sunny.");
         assert_eq!(t.reasoning.as_deref(), Some("sunny?"));
         assert_eq!(t.content.as_deref(), Some("It is sunny."));
+    }
+
+    #[test]
+    fn read_as_text_calls_stay_content_and_only_a_closed_block_is_reasoning() {
+        let call = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
+        let t = parse_text(&format!("<think>\nhm\n</think>\n\n{call}\n"));
+        assert_eq!(t.reasoning.as_deref(), Some("hm"));
+        assert_eq!(t.content.as_deref(), Some(call));
+        assert!(t.tool_calls.is_empty());
+        let open = "<think>\nstill thinking";
+        assert_eq!(parse_text(open).content.as_deref(), Some(open));
+        assert_eq!(parse_text(open).reasoning, None);
+        assert_eq!(parse_text("<think></think>\n \n"), AssistantTurn::default());
     }
 }
