@@ -75,7 +75,28 @@ impl Encoder<'_> {
         Ok((out, skipped))
     }
 
+    /// The smallest `max_seq_len` that would keep a labelled token of at least one of `rows`
+    /// (through the first labelled token after the first token), or `None` when none has one.
+    pub fn shortest_fit(&self, rows: &[(usize, Row)]) -> Result<Option<usize>> {
+        let mut shortest = None;
+        for (line, row) in rows {
+            let whole = self.encode_whole(*line, row)?;
+            if let Some(j) = whole.labels.iter().skip(1).position(|&l| l) {
+                shortest = Some(shortest.map_or(j + 2, |s: usize| s.min(j + 2)));
+            }
+        }
+        Ok(shortest)
+    }
+
     pub fn encode(&self, line: usize, row: &Row) -> Result<Example> {
+        let mut ex = self.encode_whole(line, row)?;
+        ex.ids.truncate(self.max_seq_len);
+        ex.labels.truncate(self.max_seq_len);
+        Ok(ex)
+    }
+
+    /// [`Encoder::encode`] without the truncation to `max_seq_len`.
+    fn encode_whole(&self, line: usize, row: &Row) -> Result<Example> {
         let eos = &self.template.eos_token;
         // (text, byte ranges labelled)
         let (text, spans) = match row {
@@ -105,14 +126,12 @@ impl Encoder<'_> {
             .tokenizer
             .encode(text.as_str(), false)
             .map_err(|e| anyhow!("line {line}: tokenization failed: {e}"))?;
-        let mut ids = enc.get_ids().to_vec();
-        let mut labels: Vec<bool> = enc
+        let ids = enc.get_ids().to_vec();
+        let labels: Vec<bool> = enc
             .get_offsets()
             .iter()
             .map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b))
             .collect();
-        ids.truncate(self.max_seq_len);
-        labels.truncate(self.max_seq_len);
         Ok(Example { line, ids, labels })
     }
 }

@@ -43,7 +43,21 @@ pub fn load_dataset(
     };
     let (examples, skipped) = enc.encode_all(&rows)?;
     if examples.is_empty() {
-        bail!("{} has no row with tokens to train on", path.display());
+        // Usually a max_seq_len below the prompt (a system prompt with many tools is long).
+        let fit = match enc.shortest_fit(&rows)? {
+            Some(n) => format!(
+                "; the shortest row needs max_seq_len >= {n} to keep one labelled token: raise \
+                 max_seq_len or shorten the rows (tool definitions count)"
+            ),
+            None => "; no row has a labelled token at any length".into(),
+        };
+        bail!(
+            "{} has no row with tokens to train on: all {} row(s) have no labelled token within \
+             max_seq_len = {}{fit}",
+            path.display(),
+            rows.len(),
+            cfg.max_seq_len
+        );
     }
     Ok(Dataset { examples, skipped })
 }
