@@ -119,16 +119,13 @@ impl Offered {
         Self(by_name)
     }
 
-    /// Whether `arguments` (a call's JSON text) is an object that the offered function `name`
-    /// accepts.
-    fn accepts(&self, name: &str, arguments: &str) -> bool {
+    /// Whether `arguments` (a call's parsed arguments) is an object that the offered function
+    /// `name` accepts.
+    fn accepts(&self, name: &str, arguments: &Value) -> bool {
         let Some(validator) = self.0.get(name) else {
             return false;
         };
-        let Ok(args) = serde_json::from_str::<Value>(arguments) else {
-            return false;
-        };
-        args.is_object() && validator.as_ref().is_none_or(|v| v.is_valid(&args))
+        arguments.is_object() && validator.as_ref().is_none_or(|v| v.is_valid(arguments))
     }
 }
 
@@ -165,15 +162,17 @@ pub fn score(reference: &Reference, offered: &Offered, generated: &str) -> CaseS
             got_names.sort_unstable();
             want_names.sort_unstable();
             let name_right = json_valid && got_names == want_names;
+            // A call's arguments parsed once (the parser kept only JSON ones).
+            let calls: Vec<(&str, Value)> = turn
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let args = serde_json::from_str(&c.arguments).unwrap_or(Value::Null);
+                    (c.name.as_str(), args)
+                })
+                .collect();
             let args_exact = name_right && {
-                let mut unmatched: Vec<(&str, Value)> = turn
-                    .tool_calls
-                    .iter()
-                    .map(|c| {
-                        let args = serde_json::from_str(&c.arguments).unwrap_or(Value::Null);
-                        (c.name.as_str(), args)
-                    })
-                    .collect();
+                let mut unmatched: Vec<&(&str, Value)> = calls.iter().collect();
                 expected.iter().all(|e| {
                     let hit = unmatched
                         .iter()
@@ -181,11 +180,7 @@ pub fn score(reference: &Reference, offered: &Offered, generated: &str) -> CaseS
                     hit.map(|i| unmatched.swap_remove(i)).is_some()
                 })
             };
-            let args_valid = json_valid
-                && turn
-                    .tool_calls
-                    .iter()
-                    .all(|c| offered.accepts(&c.name, &c.arguments));
+            let args_valid = json_valid && calls.iter().all(|(n, a)| offered.accepts(n, a));
             CaseScore::Call {
                 json_valid,
                 name_right,
