@@ -139,4 +139,8 @@ fn bench_json_mask_reports_each_state_of_a_call() {
     assert!(allowed("before the object", false) < 10);
     assert!(allowed("first key", true) < allowed("first key", false));
     assert!(allowed("in a listed value", true) < 10);
+    // Six characters left: long texts no longer fit.
+    let bounded = allowed("in a string of at most 8 characters", true);
+    assert!(bounded < allowed("in a string value", true), "{mask}");
+    assert!(bounded > 100, "{mask}");
 }

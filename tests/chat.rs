@@ -225,8 +225,8 @@ async fn tool_choice_required_or_named_forces_a_call() {
 }
 
 /// A forced call's values keep to the function's schema: whenever the call finishes, `unit` is
-/// one of its listed values, `days` an integer, and the whole is valid under the schema, nested
-/// optional object included (by the `jsonschema` crate).
+/// one of its listed values, `days` an integer, `note` 1 to 4 characters, and the whole is valid
+/// under the schema, nested optional object included (by the `jsonschema` crate).
 #[tokio::test]
 async fn a_forced_calls_values_keep_to_their_schema() {
     let env = Env::new();
@@ -235,8 +235,9 @@ async fn a_forced_calls_values_keep_to_their_schema() {
     let mut body = hello("sftd-demo");
     body["temperature"] = 1.0.into();
     body["max_completion_tokens"] = 400.into();
-    let parameters = json!({"type": "object", "required": ["unit", "days"], "properties": {
+    let parameters = json!({"type": "object", "required": ["unit", "days", "note"], "properties": {
         "unit": {"type": "string", "enum": units}, "days": {"type": "integer"},
+        "note": {"type": "string", "minLength": 1, "maxLength": 4},
         "at": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["lat"],
             "properties": {"lat": {"type": "number"}, "tags": {"type": "array",
                 "items": {"type": "boolean"}}}}]}}});
@@ -259,6 +260,8 @@ async fn a_forced_calls_values_keep_to_their_schema() {
         let unit = args["unit"].as_str().unwrap_or_default();
         assert!(units.contains(&unit), "{v}");
         assert!(validator.is_valid(&args), "{v}");
+        let note = args["note"].as_str().unwrap().chars().count();
+        assert!((1..=4).contains(&note), "{v}");
         // serde_json reads integers too large for an i64 or u64, and `-0`, as f64s.
         let days = &args["days"];
         let f64_integer = days.as_f64().is_some_and(|f| {
@@ -430,7 +433,7 @@ async fn response_format_makes_the_answer_a_json_object() {
     // Nested: an object in the object, an array of listed values, an array of objects by `$ref`.
     let nested = json!({"type": "object", "required": ["trip"], "properties": {
         "trip": {"type": "object", "required": ["from", "days"], "properties": {
-            "from": {"type": "string"}, "days": {"type": "integer"}}},
+            "from": {"type": "string", "maxLength": 6}, "days": {"type": "integer"}}},
         "tags": {"type": "array", "items": {"enum": ["weekday", "weekend"]}},
         "legs": {"type": "array", "items": {"$ref": "#/$defs/leg"}}},
         "$defs": {"leg": {"type": "object", "required": ["km"], "properties": {

@@ -1,7 +1,7 @@
 //! `sftd bench --json-mask`: the cost of masking a model's vocabulary before each token of a
 //! forced tool call's arguments, by the vocabulary's index and by reading every token, at the
 //! states a call goes through (outside the object, in keys, in string and number values, at the
-//! top level and nested).
+//! top level and nested, in a string with a `maxLength`).
 
 use crate::train::generate::{json_mask, ArgumentSchema, ChatFormat};
 use anyhow::{bail, Result};
@@ -34,7 +34,7 @@ pub struct MaskReport {
     pub cases: Vec<MaskCase>,
 }
 
-const CASES: [(&str, &str, bool); 11] = [
+const CASES: [(&str, &str, bool); 12] = [
     ("before the object", "", false),
     ("first key", "{\"", false),
     ("in a string value", "{\"city\": \"Os", false),
@@ -46,6 +46,11 @@ const CASES: [(&str, &str, bool); 11] = [
     ("nested key", "{\"trip\": {\"", true),
     ("in a nested string", "{\"trip\": {\"from\": \"Os", true),
     ("in a listed array item", "{\"tags\": [\"week", true),
+    (
+        "in a string of at most 8 characters",
+        "{\"code\": \"Os",
+        true,
+    ),
 ];
 
 pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
@@ -62,6 +67,7 @@ pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
             "trip": {"type": "object", "required": ["from"], "properties": {
                 "from": {"type": "string"}, "to": {"type": "string"}}},
             "tags": {"type": "array", "items": {"enum": ["weekday", "weekend"]}},
+            "code": {"type": "string", "maxLength": 8},
         },
         "required": ["city"],
     }))

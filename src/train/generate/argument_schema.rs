@@ -2,8 +2,8 @@
 //! value's types and listed (`enum`/`const`) values, an object's keys (which are required, and
 //! each one's node) and an array's items' node, nested as deep as the schema goes, local `$ref`s
 //! followed (recursive ones too), `anyOf`/`oneOf` kept where a value's first byte tells the
-//! alternatives apart. What a node cannot say is left free: the checker then allows more than
-//! the schema does, never less.
+//! alternatives apart, a string's length bounds. What a node cannot say is left free: the
+//! checker then allows more than the schema does, never less.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -25,6 +25,8 @@ pub(super) const FREE: u16 = 0;
 /// Nodes a schema may make; past it the rest are free. Far beyond any tool's parameters, and it
 /// bounds the work a hostile schema can ask for.
 const MAX_NODES: usize = 4096;
+/// A string length no bound reaches: `ValueSchema::max_chars` when there is no `maxLength`.
+pub(super) const UNBOUNDED: u16 = u16::MAX;
 /// Schemas read inside one another (a property's, an item's, an alternative's, a reference's
 /// target); deeper ones are free. The checker follows 8 containers, each a few of these deep,
 /// and the bound keeps a hostile chain of references from overflowing a handler's stack.
@@ -52,6 +54,10 @@ pub(super) struct ValueSchema {
     /// `anyOf`/`oneOf` whose alternatives a value's first byte tells apart: the value keeps to
     /// the one its first byte begins ([`ArgumentSchema::pick`]); `types` is their union.
     pub(super) alternatives: Vec<u16>,
+    /// A string value's `minLength` and `maxLength`, in characters (Unicode code points, as
+    /// JSON Schema counts them); [`UNBOUNDED`]: no maximum.
+    pub(super) min_chars: u16,
+    pub(super) max_chars: u16,
 }
 
 /// The keys an object may have: its schema's `properties` names, sorted, which of them are
@@ -70,6 +76,8 @@ impl ValueSchema {
         keys: None,
         items: FREE,
         alternatives: Vec::new(),
+        min_chars: 0,
+        max_chars: UNBOUNDED,
     };
 }
 
@@ -164,6 +172,7 @@ impl<'a> Reader<'a> {
         let types = types(p);
         let one_of = self.listed(p, types);
         let keys = self.keys(p);
+        let (min_chars, max_chars) = lengths(p);
         // `prefixItems` gives the first elements their own schemas, `items` the rest: without
         // following positions, the elements stay free.
         let items = match (p.get("items"), p.get("prefixItems")) {
@@ -176,6 +185,8 @@ impl<'a> Reader<'a> {
             keys,
             items,
             alternatives: Vec::new(),
+            min_chars,
+            max_chars,
         };
         id
     }
@@ -320,6 +331,19 @@ fn types(p: &Value) -> u8 {
         _ => None,
     }
     .unwrap_or(ANY)
+}
+
+/// A string's `minLength` and `maxLength` in characters. Lengths past what the checker counts
+/// (65534) leave the maximum unbounded and cap the minimum, which a budget reaches long before;
+/// bounds that no string meets (a minimum above the maximum) are not followed.
+fn lengths(p: &Value) -> (u16, u16) {
+    let bound = |key: &str| p.get(key).and_then(Value::as_u64);
+    let min = bound("minLength").map_or(0, |n| n.min(UNBOUNDED as u64 - 1) as u16);
+    let max = bound("maxLength").map_or(UNBOUNDED, |n| n.min(UNBOUNDED as u64) as u16);
+    if min > max {
+        return (0, UNBOUNDED);
+    }
+    (min, max)
 }
 
 /// `types` as what a first byte tells apart: integers are numbers.

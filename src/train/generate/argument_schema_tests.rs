@@ -271,3 +271,48 @@ fn combined_schemas_and_values_that_cannot_be_written_leave_the_value_free() {
     );
     assert_eq!(at("typed").one_of, [r#""x""#, r#""y""#]);
 }
+
+/// `minLength` and `maxLength` count characters (code points): a multi-byte character or an
+/// escape is one; a string closes only once it has its minimum and takes no character past its
+/// maximum; bounds no string meets, or on keys, are not followed.
+#[test]
+fn a_strings_length_keeps_to_its_bounds_in_characters() {
+    let s = schema(json!({
+        "code": {"type": "string", "minLength": 2, "maxLength": 4},
+        "empty": {"type": "string", "maxLength": 0},
+        "odd": {"type": "string", "minLength": 5, "maxLength": 1},
+        "list": {"type": "array", "items": {"type": "string", "maxLength": 1}},
+    }));
+    assert_eq!(
+        (node(&s, "code").min_chars, node(&s, "code").max_chars),
+        (2, 4)
+    );
+    assert_eq!(
+        (node(&s, "odd").min_chars, node(&s, "odd").max_chars),
+        (0, UNBOUNDED)
+    );
+    for ok in [
+        r#"{"code": "ab"}"#,
+        r#"{"code": "abcd"}"#,
+        r#"{"code": "東京都"}"#,
+        r#"{"code": "\n\u00e9é😀"}"#,
+        r#"{"empty": ""}"#,
+        r#"{"odd": "anything at all"}"#,
+        r#"{"list": ["a", "", "😀"], "code": "ab"}"#,
+    ] {
+        assert!(whole(&s, ok), "{ok}");
+    }
+    for bad in [
+        r#"{"code": "a""#,
+        r#"{"code": """#,
+        r#"{"code": "abcde"#,
+        r#"{"code": "東京都大阪"#,
+        r#"{"code": "ab\n\t\""#,
+        r#"{"empty": "a"#,
+        r#"{"list": ["ab"#,
+    ] {
+        assert!(refused(&s, bad), "{bad}");
+    }
+    // Past a bounded string, the next one is free again.
+    assert!(whole(&s, r#"{"code": "ab", "odd": "", "list": []}"#));
+}

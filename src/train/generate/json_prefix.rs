@@ -5,7 +5,7 @@
 //! instead of re-reading the text.
 
 use super::argument_schema::{
-    types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, NUMBER, OBJECT,
+    types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, NUMBER, OBJECT, UNBOUNDED,
 };
 use super::json_scalars::{number, Num, Utf8};
 use serde_json::Value;
@@ -42,6 +42,10 @@ pub(super) struct JsonPrefix {
     value: Spelling,
     /// The node `value` spells the values of, and the depth of the container holding it.
     spelled: (u16, u8),
+    /// In a string value with length bounds: the characters it still owes its `minLength`, and
+    /// those its `maxLength` still allows ([`UNBOUNDED`]: any number).
+    chars_owed: u16,
+    chars_left: u16,
     at: At,
 }
 
@@ -175,6 +179,8 @@ impl JsonPrefix {
             key: Spelling::NONE,
             value: Spelling::NONE,
             spelled: (FREE, 0),
+            chars_owed: 0,
+            chars_left: UNBOUNDED,
             at: At::Start,
         }
     }
@@ -206,10 +212,12 @@ impl JsonPrefix {
         self.step(b, args)
     }
 
-    /// Whether any text of whole UTF-8 characters without a quote, a backslash or a control
-    /// byte leaves this state as it is: inside a string, not just after a backslash or inside a
-    /// character, and not spelling a key or value that `args` lists (which every byte narrows).
-    pub(super) fn keeps_plain_text(&self, args: Option<&ArgumentSchema>) -> bool {
+    /// How many characters of plain text (whole UTF-8 characters without a quote, a backslash
+    /// or a control byte) this state takes, any such text within that many allowed: inside a
+    /// string, not just after a backslash or inside a character, and not spelling a key or
+    /// value that `args` lists (which every byte narrows). `Some(UNBOUNDED)`: any length; `None`:
+    /// not in such a string. Plain text leaves the state as it is but for the characters counted.
+    pub(super) fn plain_text(&self, args: Option<&ArgumentSchema>) -> Option<u16> {
         let At::Str {
             key,
             escaped: false,
@@ -217,10 +225,12 @@ impl JsonPrefix {
             utf8: Utf8::WHOLE,
         } = self.at
         else {
-            return false;
+            return None;
         };
         // A byte read clears the blanks count, which a string's first byte has already done.
-        self.blanks == 0 && !(self.value.is_open() || (key && self.keys(args).is_some()))
+        let plain =
+            self.blanks == 0 && !(self.value.is_open() || (key && self.keys(args).is_some()));
+        plain.then_some(self.chars_left)
     }
 
     /// The node of the container the checker is in, when it constrains anything.
@@ -310,7 +320,22 @@ impl JsonPrefix {
                 escaped,
                 hex,
                 utf8,
-            } => string(key, escaped, hex, utf8, b)?,
+            } => {
+                // A byte that begins a character (an escape's backslash counts for the escape;
+                // `\u` escapes of surrogates, the one pair of escapes that is one character,
+                // are refused) is counted against a value's length bounds.
+                if !key && !escaped && hex == 0 && utf8.left == 0 {
+                    if b == b'"' {
+                        if self.chars_owed > 0 {
+                            return None;
+                        }
+                    } else if self.chars_left != UNBOUNDED {
+                        self.chars_left = self.chars_left.checked_sub(1)?;
+                    }
+                    self.chars_owed = self.chars_owed.saturating_sub(1);
+                }
+                string(key, escaped, hex, utf8, b)?
+            }
             At::Num(n) => match self.number(n, b, args) {
                 Some(n) => At::Num(n),
                 // A number ends at the first byte that cannot extend it, if it is whole.
@@ -363,6 +388,7 @@ impl JsonPrefix {
             At::Value | At::ValueOrEnd => {
                 // What a container opened here keeps to: its node, unless the value is spelled.
                 let mut inside = FREE;
+                (self.chars_owed, self.chars_left) = (0, UNBOUNDED);
                 let id = self.value_node(args);
                 if let (Some(a), true) = (args, id != FREE) {
                     if types_beginning_with(b) & a.nodes[id as usize].types == 0 {
@@ -375,6 +401,7 @@ impl JsonPrefix {
                     // No value is one byte long, so `spell` checks for its end from the next.
                     if value.one_of.is_empty() {
                         inside = id;
+                        (self.chars_owed, self.chars_left) = (value.min_chars, value.max_chars);
                     } else {
                         self.value = Spelling::all(&value.one_of).narrow(&value.one_of, b)?;
                         self.spelled = (id, self.depth);

@@ -124,8 +124,8 @@ fn strings_hold_only_valid_utf8() {
     let east = "東".as_bytes();
     let split = bytes(&east[..1]).and_then(|p| p.after_bytes(&east[1..], None));
     assert_eq!(split, bytes(east));
-    assert!(bytes(east).unwrap().keeps_plain_text(None));
-    assert!(!bytes(&east[..2]).unwrap().keeps_plain_text(None));
+    assert!(bytes(east).unwrap().plain_text(None).is_some());
+    assert!(bytes(&east[..2]).unwrap().plain_text(None).is_none());
     assert!(
         bytes(&[east[0], b'"']).is_none(),
         "a quote inside a character"

@@ -31,10 +31,19 @@ fn tree() -> Value {
         "type": "object", "required": ["root"],
         "properties": {"root": {"$ref": "#/$defs/node"}, "unit": {"$ref": "#/definitions/unit"}},
         "$defs": {"node": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 2},
             "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
         "definitions": {"unit": {"enum": ["c", "f"]}},
     })
+}
+
+/// Strings with length bounds, at the top, in an array and in a nested object.
+fn lengths() -> Value {
+    json!({"type": "object", "required": ["from"], "properties": {
+        "from": {"type": "string", "minLength": 2, "maxLength": 3},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 1}},
+        "trip": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}}},
+    }})
 }
 
 #[test]
@@ -169,10 +178,14 @@ fn past_the_schema_depth_values_are_free() {
 fn plain_text_is_read_only_where_no_nested_key_or_value_is_spelled() {
     let s = read(&trips());
     let at = |t: &str| JsonPrefix::new().after(t, Some(&s)).unwrap();
-    assert!(!at(r#"{"trip": {"fr"#).keeps_plain_text(Some(&s)));
-    assert!(at(r#"{"trip": {"from": "Os"#).keeps_plain_text(Some(&s)));
-    assert!(!at(r#"{"tags": ["a"#).keeps_plain_text(Some(&s)));
-    assert!(!at(r#"{"legs": [{"mode": "f"#).keeps_plain_text(Some(&s)));
+    assert!(at(r#"{"trip": {"fr"#).plain_text(Some(&s)).is_none());
+    assert!(at(r#"{"trip": {"from": "Os"#)
+        .plain_text(Some(&s))
+        .is_some());
+    assert!(at(r#"{"tags": ["a"#).plain_text(Some(&s)).is_none());
+    assert!(at(r#"{"legs": [{"mode": "f"#)
+        .plain_text(Some(&s))
+        .is_none());
 }
 
 /// How deep containers nest in `v` (an object of scalars: 1).
@@ -198,7 +211,8 @@ fn allowed<'p>(
 
 /// Random walks over a small vocabulary, each token taken only where the checker allows it,
 /// closers preferred as a walk grows long: every walk that finishes parses and, where it nests
-/// no deeper than the checker follows a schema, is valid under it by the `jsonschema` crate (whose integers include `1.0` and whose objects take
+/// no deeper than the checker follows a schema, is valid under it by the `jsonschema` crate
+/// (string lengths included; whose integers include `1.0` and whose objects take
 /// unlisted keys where `additionalProperties` is absent, both of which the checker refuses:
 /// stricter, never looser).
 #[test]
@@ -216,7 +230,7 @@ fn objects_written_under_a_schema_are_valid_under_it() {
     let closing: Vec<String> = names.iter().map(|n| format!("{n}\"")).collect();
     pieces.extend(quoted.iter().chain(&closing).map(String::as_str));
     let closers = ["}", "]", "\"", "x\"", "0", "null", "\"a\"", "\"c\""];
-    for schema in [trips(), tree()] {
+    for schema in [trips(), tree(), lengths()] {
         let checker = read(&schema);
         let validator = jsonschema::validator_for(&schema).unwrap();
         let mut rng = StdRng::seed_from_u64(7);

@@ -7,15 +7,15 @@
 //! share a prefix are a range: the mask reads each prefix once and drops the whole range where
 //! no object can take it; inside a free string every plain text is allowed without reading it.
 
-use super::argument_schema::ArgumentSchema;
+use super::argument_schema::{ArgumentSchema, UNBOUNDED};
 use super::json_prefix::JsonPrefix;
 
 /// A range of sorted texts at most this long is read text by text instead of split further.
 const SMALL_RANGE: usize = 16;
 
 /// A text a JSON string's content may hold as it is: whole UTF-8 characters, no quote,
-/// backslash or control byte. Read inside a string it leaves the checker where it was (see
-/// [`JsonPrefix::keeps_plain_text`]).
+/// backslash or control byte. Read inside a string it leaves the checker where it was, but for
+/// the characters a length bound counts (see [`JsonPrefix::plain_text`]).
 pub(super) fn is_plain(text: &[u8]) -> bool {
     !text.is_empty()
         && std::str::from_utf8(text).is_ok()
@@ -53,6 +53,8 @@ pub struct TokenTexts {
     sorted_other: Vec<u32>,
     /// Ids of the plain texts, ascending.
     plain: Vec<u32>,
+    /// Each plain text's length in characters, as `plain` orders them.
+    plain_chars: Vec<u16>,
 }
 
 impl TokenTexts {
@@ -72,11 +74,19 @@ impl TokenTexts {
             .copied()
             .filter(|&id| !plain_by_id[id as usize])
             .collect();
+        let plain_chars = plain
+            .iter()
+            .map(|&id| {
+                let text = std::str::from_utf8(&texts[id as usize]).unwrap_or_default();
+                text.chars().count().min(u16::MAX as usize) as u16
+            })
+            .collect();
         Self {
             texts,
             sorted,
             sorted_other,
             plain,
+            plain_chars,
         }
     }
 
@@ -94,10 +104,17 @@ impl TokenTexts {
         schema: Option<&ArgumentSchema>,
     ) -> Vec<u32> {
         let mut allowed = Vec::new();
-        if json.keeps_plain_text(schema) {
+        if let Some(chars_left) = json.plain_text(schema) {
             self.walk(&self.sorted_other, 0, json, schema, &mut allowed);
             allowed.sort_unstable();
-            return merge(&self.plain, &allowed);
+            if chars_left == UNBOUNDED {
+                return merge(self.plain.iter().copied(), &allowed);
+            }
+            // A string with a `maxLength`: the plain texts that fit what it still allows.
+            let fitting = (self.plain.iter().zip(&self.plain_chars))
+                .filter(move |&(_, &n)| n <= chars_left)
+                .map(|(&id, _)| id);
+            return merge(fitting, &allowed);
         }
         self.walk(&self.sorted, 0, json, schema, &mut allowed);
         allowed.sort_unstable();
@@ -159,20 +176,16 @@ impl TokenTexts {
 }
 
 /// The ascending union of two ascending lists without common elements.
-fn merge(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        if a[i] < b[j] {
-            out.push(a[i]);
-            i += 1;
-        } else {
-            out.push(b[j]);
-            j += 1;
+fn merge(a: impl Iterator<Item = u32>, b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.size_hint().0 + b.len());
+    let mut b = b.iter().copied().peekable();
+    for x in a {
+        while let Some(y) = b.next_if(|&y| y < x) {
+            out.push(y);
         }
+        out.push(x);
     }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
+    out.extend(b);
     out
 }
 
@@ -321,6 +334,8 @@ mod tests {
             r#"{"a": [1, -2.5e+3, true, false, null, {"b": "c\n"}], "d": {}}"#,
             r#"{"trip": {"from": "Oslo \"x\" 日本", "stops": 3}, "tags": ["a", "ab"]}"#,
             r#"{"legs": [{"km": 2.5, "mode": "foot"}, {"km": -1}], "trip": {"from": ""}}"#,
+            r#"{"code": "Os日", "note": "ab\n日本 x", "tag": ""}"#,
+            r#"{"code": "x\"", "note": "Oslo", "tag": ""}"#,
         ];
         let mut out = Vec::new();
         for object in objects {
@@ -366,16 +381,30 @@ mod tests {
         .unwrap()
     }
 
+    /// Strings with length bounds: inside them only plain texts that fit are taken whole.
+    fn bounded() -> ArgumentSchema {
+        ArgumentSchema::from_schema(&json!({
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "minLength": 2, "maxLength": 3},
+                "note": {"type": "string", "maxLength": 8},
+                "tag": {"type": "string", "maxLength": 0},
+            },
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn the_index_allows_exactly_the_tokens_read_one_by_one() {
         let vocab = vocabulary();
-        let (schema, nested) = (schema(), nested());
-        let mut plain_states = 0;
-        for args in [None, Some(&schema), Some(&nested)] {
+        let (schema, nested, bounded) = (schema(), nested(), bounded());
+        let (mut plain_states, mut bounded_states) = (0, 0);
+        for args in [None, Some(&schema), Some(&nested), Some(&bounded)] {
             let states = states(args);
             assert!(states.len() > 100, "{}", states.len());
             for json in states {
-                plain_states += json.keeps_plain_text(args) as usize;
+                plain_states += json.plain_text(args).is_some() as usize;
+                bounded_states += json.plain_text(args).is_some_and(|n| n != UNBOUNDED) as usize;
                 assert_eq!(
                     vocab.json_tokens(json, args),
                     vocab.json_tokens_one_by_one(json, args),
@@ -384,6 +413,7 @@ mod tests {
             }
         }
         assert!(plain_states > 20, "the plain path is taken: {plain_states}");
+        assert!(bounded_states > 10, "with a maximum: {bounded_states}");
     }
 
     #[test]
@@ -398,25 +428,25 @@ mod tests {
                     .all(|&id| json.after_bytes(&vocab.texts[id as usize], args) == Some(json));
                 // The fast path only where it holds, and wherever inside a string it holds
                 // for every plain text (not in a key or a listed value being spelled).
-                if json.keeps_plain_text(args) {
+                if json.plain_text(args).is_some() {
                     assert!(kept, "{json:?}");
                 }
             }
         }
         let free = JsonPrefix::new().after("{\"a\": \"x", None).unwrap();
-        assert!(free.keeps_plain_text(None));
+        assert!(free.plain_text(None).is_some());
         let key = JsonPrefix::new().after("{\"ci", Some(&schema)).unwrap();
-        assert!(!key.keeps_plain_text(Some(&schema)));
+        assert!(key.plain_text(Some(&schema)).is_none());
         let listed = JsonPrefix::new()
             .after("{\"unit\": \"cel", Some(&schema))
             .unwrap();
-        assert!(!listed.keeps_plain_text(Some(&schema)));
+        assert!(listed.plain_text(Some(&schema)).is_none());
         let value = JsonPrefix::new()
             .after("{\"city\": \"Os", Some(&schema))
             .unwrap();
-        assert!(value.keeps_plain_text(Some(&schema)));
+        assert!(value.plain_text(Some(&schema)).is_some());
         let escaped = JsonPrefix::new().after("{\"a\": \"x\\", None).unwrap();
-        assert!(!escaped.keeps_plain_text(None));
+        assert!(escaped.plain_text(None).is_none());
     }
 
     #[test]
@@ -460,10 +490,11 @@ mod tests {
     #[test]
     fn merge_keeps_the_union_ascending() {
         assert_eq!(
-            merge(&[1, 4, 9], &[0, 5, 10, 11]),
+            merge([1, 4, 9].into_iter(), &[0, 5, 10, 11]),
             vec![0, 1, 4, 5, 9, 10, 11]
         );
-        assert_eq!(merge(&[], &[2]), vec![2]);
-        assert_eq!(merge(&[3], &[]), vec![3]);
+        assert_eq!(merge([].into_iter(), &[2]), vec![2]);
+        assert_eq!(merge([3].into_iter(), &[]), vec![3]);
+        assert_eq!(merge([2, 3].into_iter(), &[0, 1]), vec![0, 1, 2, 3]);
     }
 }
