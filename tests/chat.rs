@@ -240,7 +240,7 @@ async fn a_forced_calls_values_keep_to_their_schema() {
         "note": {"type": "string", "minLength": 1, "maxLength": 4},
         "at": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["lat"],
             "properties": {"lat": {"type": "number"}, "tags": {"type": "array",
-                "items": {"type": "boolean"}}}}]}}});
+                "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2}}}]}}});
     let validator = jsonschema::validator_for(&parameters).unwrap();
     body["tools"] = json!([{"type": "function", "function": {"name": "forecast",
         "parameters": parameters}}]);

@@ -2,7 +2,7 @@
 //! value's types and listed (`enum`/`const`) values, an object's keys (which are required, and
 //! each one's node) and an array's items' node, nested as deep as the schema goes, local `$ref`s
 //! followed (recursive ones too), `anyOf`/`oneOf` kept where a value's first byte tells the
-//! alternatives apart, a string's length bounds. What a node cannot say is left free: the
+//! alternatives apart, a string's length and an array's element count bounds. What a node cannot say is left free: the
 //! checker then allows more than the schema does, never less.
 
 use serde_json::Value;
@@ -25,7 +25,8 @@ pub(super) const FREE: u16 = 0;
 /// Nodes a schema may make; past it the rest are free. Far beyond any tool's parameters, and it
 /// bounds the work a hostile schema can ask for.
 const MAX_NODES: usize = 4096;
-/// A string length no bound reaches: `ValueSchema::max_chars` when there is no `maxLength`.
+/// A count no bound reaches: `ValueSchema::max_chars` when there is no `maxLength`,
+/// `max_items` when there is no `maxItems`.
 pub(super) const UNBOUNDED: u16 = u16::MAX;
 /// Schemas read inside one another (a property's, an item's, an alternative's, a reference's
 /// target); deeper ones are free. The checker follows 8 containers, each a few of these deep,
@@ -58,6 +59,9 @@ pub(super) struct ValueSchema {
     /// JSON Schema counts them); [`UNBOUNDED`]: no maximum.
     pub(super) min_chars: u16,
     pub(super) max_chars: u16,
+    /// An array value's `minItems` and `maxItems`; [`UNBOUNDED`]: no maximum.
+    pub(super) min_items: u16,
+    pub(super) max_items: u16,
 }
 
 /// The keys an object may have: its schema's `properties` names, sorted, which of them are
@@ -78,6 +82,8 @@ impl ValueSchema {
         alternatives: Vec::new(),
         min_chars: 0,
         max_chars: UNBOUNDED,
+        min_items: 0,
+        max_items: UNBOUNDED,
     };
 }
 
@@ -172,7 +178,8 @@ impl<'a> Reader<'a> {
         let types = types(p);
         let one_of = self.listed(p, types);
         let keys = self.keys(p);
-        let (min_chars, max_chars) = lengths(p);
+        let (min_chars, max_chars) = bounds(p, "minLength", "maxLength");
+        let (min_items, max_items) = bounds(p, "minItems", "maxItems");
         // `prefixItems` gives the first elements their own schemas, `items` the rest: without
         // following positions, the elements stay free.
         let items = match (p.get("items"), p.get("prefixItems")) {
@@ -187,6 +194,8 @@ impl<'a> Reader<'a> {
             alternatives: Vec::new(),
             min_chars,
             max_chars,
+            min_items,
+            max_items,
         };
         id
     }
@@ -333,13 +342,14 @@ fn types(p: &Value) -> u8 {
     .unwrap_or(ANY)
 }
 
-/// A string's `minLength` and `maxLength` in characters. Lengths past what the checker counts
-/// (65534) leave the maximum unbounded and cap the minimum, which a budget reaches long before;
-/// bounds that no string meets (a minimum above the maximum) are not followed.
-fn lengths(p: &Value) -> (u16, u16) {
+/// A count's lower and upper bound (a string's `minLength` and `maxLength` in characters, an
+/// array's `minItems` and `maxItems`). Counts past what the checker follows (65534) leave the
+/// maximum unbounded and cap the minimum, which a budget reaches long before; bounds that
+/// nothing meets (a minimum above the maximum) are not followed.
+fn bounds(p: &Value, min_key: &str, max_key: &str) -> (u16, u16) {
     let bound = |key: &str| p.get(key).and_then(Value::as_u64);
-    let min = bound("minLength").map_or(0, |n| n.min(UNBOUNDED as u64 - 1) as u16);
-    let max = bound("maxLength").map_or(UNBOUNDED, |n| n.min(UNBOUNDED as u64) as u16);
+    let min = bound(min_key).map_or(0, |n| n.min(UNBOUNDED as u64 - 1) as u16);
+    let max = bound(max_key).map_or(UNBOUNDED, |n| n.min(UNBOUNDED as u64) as u16);
     if min > max {
         return (0, UNBOUNDED);
     }

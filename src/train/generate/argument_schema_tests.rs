@@ -316,3 +316,49 @@ fn a_strings_length_keeps_to_its_bounds_in_characters() {
     // Past a bounded string, the next one is free again.
     assert!(whole(&s, r#"{"code": "ab", "odd": "", "list": []}"#));
 }
+
+/// `minItems` and `maxItems` bound an array's elements: a comma only where another element is
+/// allowed, the closer only once the minimum is written, at any depth the schema follows;
+/// bounds nothing meets are not followed.
+#[test]
+fn an_arrays_element_count_keeps_to_its_bounds() {
+    let s = schema(json!({
+        "pair": {"type": "array", "minItems": 2, "maxItems": 3, "items": {"type": "integer"}},
+        "none": {"type": "array", "maxItems": 0},
+        "some": {"type": "array", "minItems": 1},
+        "odd": {"type": "array", "minItems": 3, "maxItems": 1},
+        "grid": {"type": "array", "maxItems": 2,
+            "items": {"type": "array", "minItems": 1, "maxItems": 1}},
+    }));
+    assert_eq!(
+        (node(&s, "pair").min_items, node(&s, "pair").max_items),
+        (2, 3)
+    );
+    assert_eq!(
+        (node(&s, "odd").min_items, node(&s, "odd").max_items),
+        (0, UNBOUNDED)
+    );
+    for ok in [
+        r#"{"pair": [1, 2]}"#,
+        r#"{"pair": [1, 2, 3]}"#,
+        r#"{"none": []}"#,
+        r#"{"some": [{"a": [1, 2]}]}"#,
+        r#"{"odd": []}"#,
+        r#"{"odd": [1, 2, 3, 4, 5]}"#,
+        r#"{"grid": [[1], ["x"]], "pair": [0, 0]}"#,
+    ] {
+        assert!(whole(&s, ok), "{ok}");
+    }
+    for bad in [
+        r#"{"pair": []"#,
+        r#"{"pair": [1]"#,
+        r#"{"pair": [1, 2, 3,"#,
+        r#"{"none": [1"#,
+        r#"{"some": []"#,
+        r#"{"grid": [[]"#,
+        r#"{"grid": [[1,"#,
+        r#"{"grid": [[1], [2],"#,
+    ] {
+        assert!(refused(&s, bad), "{bad}");
+    }
+}

@@ -28,7 +28,7 @@ pub(super) struct JsonPrefix {
     /// Bit `i` set: the container at depth `i + 1` is an array, else an object.
     arrays: u64,
     /// Per container depth (`i + 1`, up to [`SCHEMA_DEPTH`]): the keys its object has written,
-    /// as bits over its node's names.
+    /// as bits over its node's names, or the number of elements its array has begun.
     written: [u64; SCHEMA_DEPTH],
     /// Per container depth: the schema node its contents keep to ([`FREE`]: anything).
     nodes: [u16; SCHEMA_DEPTH],
@@ -249,6 +249,19 @@ impl JsonPrefix {
             .as_ref()
     }
 
+    /// The array the checker is in, when its node says how many elements it takes: its
+    /// `minItems` and `maxItems` ([`UNBOUNDED`]: no maximum).
+    fn item_bounds(&self, args: Option<&ArgumentSchema>) -> Option<(u16, u16)> {
+        let c = self.container(args).filter(|_| self.in_array())?;
+        Some((c.min_items, c.max_items))
+    }
+
+    /// Whether the array the checker is in may take another element.
+    fn takes_another_item(&self, args: Option<&ArgumentSchema>) -> bool {
+        self.item_bounds(args)
+            .is_none_or(|(_, max)| max == UNBOUNDED || self.written() < max as u64)
+    }
+
     /// The node of the value beginning or being written: an array's items', or the one of the
     /// key just written.
     fn value_node(&self, args: Option<&ArgumentSchema>) -> u16 {
@@ -389,6 +402,12 @@ impl JsonPrefix {
                 // What a container opened here keeps to: its node, unless the value is spelled.
                 let mut inside = FREE;
                 (self.chars_owed, self.chars_left) = (0, UNBOUNDED);
+                if self.item_bounds(args).is_some() {
+                    if !self.takes_another_item(args) {
+                        return None;
+                    }
+                    self.written[self.depth as usize - 1] += 1;
+                }
                 let id = self.value_node(args);
                 if let (Some(a), true) = (args, id != FREE) {
                     if types_beginning_with(b) & a.nodes[id as usize].types == 0 {
@@ -426,6 +445,8 @@ impl JsonPrefix {
                 }
             }
             At::AfterValue => match b {
+                // A comma promises another element: the array must take one more.
+                b',' if self.in_array() && !self.takes_another_item(args) => return None,
                 b',' if self.in_array() => At::Value,
                 // A comma promises a key: one must be left to write.
                 b',' if self
@@ -494,9 +515,15 @@ impl JsonPrefix {
     }
 
     /// Closes the container with `closer`; an object whose node lists its keys must have
-    /// written the required ones.
+    /// written the required ones, an array its `minItems` elements.
     fn close(mut self, closer: u8, args: Option<&ArgumentSchema>) -> Option<Self> {
         if (closer == b']') != self.in_array() {
+            return None;
+        }
+        if self
+            .item_bounds(args)
+            .is_some_and(|(min, _)| self.written() < min as u64)
+        {
             return None;
         }
         if self

@@ -37,12 +37,16 @@ fn tree() -> Value {
     })
 }
 
-/// Strings with length bounds, at the top, in an array and in a nested object.
+/// Strings with length bounds and arrays with element counts, at the top, in an array and in
+/// a nested object.
 fn lengths() -> Value {
     json!({"type": "object", "required": ["from"], "properties": {
         "from": {"type": "string", "minLength": 2, "maxLength": 3},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 1}},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 1},
+            "minItems": 1, "maxItems": 2},
         "trip": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}}},
+        "grid": {"type": "array", "maxItems": 3,
+            "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2}},
     }})
 }
 
