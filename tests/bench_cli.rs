@@ -143,4 +143,7 @@ fn bench_json_mask_reports_each_state_of_a_call() {
     let bounded = allowed("in a string of at most 8 characters", true);
     assert!(bounded < allowed("in a string value", true), "{mask}");
     assert!(bounded > 100, "{mask}");
+    // After `1` of 1..=30: `}`, `,`, blanks and the digits that keep it within 30.
+    let days = allowed("in an integer from 1 to 30", true);
+    assert!(days < allowed("in a number", false), "{mask}");
 }

@@ -1,7 +1,7 @@
 //! `sftd bench --json-mask`: the cost of masking a model's vocabulary before each token of a
 //! forced tool call's arguments, by the vocabulary's index and by reading every token, at the
 //! states a call goes through (outside the object, in keys, in string and number values, at the
-//! top level and nested, in a string with a `maxLength`).
+//! top level and nested, in a string with a `maxLength`, in a bounded integer).
 
 use crate::train::generate::{json_mask, ArgumentSchema, ChatFormat};
 use anyhow::{bail, Result};
@@ -34,7 +34,7 @@ pub struct MaskReport {
     pub cases: Vec<MaskCase>,
 }
 
-const CASES: [(&str, &str, bool); 12] = [
+const CASES: [(&str, &str, bool); 13] = [
     ("before the object", "", false),
     ("first key", "{\"", false),
     ("in a string value", "{\"city\": \"Os", false),
@@ -51,6 +51,7 @@ const CASES: [(&str, &str, bool); 12] = [
         "{\"code\": \"Os",
         true,
     ),
+    ("in an integer from 1 to 30", "{\"days\": 1", true),
 ];
 
 pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
@@ -62,7 +63,7 @@ pub fn bench(model_dir: &Path, runs: usize, as_json: bool) -> Result<()> {
         "type": "object",
         "properties": {
             "city": {"type": "string"},
-            "days": {"type": "integer"},
+            "days": {"type": "integer", "minimum": 1, "maximum": 30},
             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             "trip": {"type": "object", "required": ["from"], "properties": {
                 "from": {"type": "string"}, "to": {"type": "string"}}},

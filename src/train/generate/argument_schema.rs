@@ -2,7 +2,7 @@
 //! value's types and listed (`enum`/`const`) values, an object's keys (which are required, and
 //! each one's node) and an array's items' node, nested as deep as the schema goes, local `$ref`s
 //! followed (recursive ones too), `anyOf`/`oneOf` kept where a value's first byte tells the
-//! alternatives apart, a string's length and an array's element count bounds. What a node cannot say is left free: the
+//! alternatives apart, a string's length, an array's element count and an integer's bounds. What a node cannot say is left free: the
 //! checker then allows more than the schema does, never less.
 
 use serde_json::Value;
@@ -62,6 +62,11 @@ pub(super) struct ValueSchema {
     /// An array value's `minItems` and `maxItems`; [`UNBOUNDED`]: no maximum.
     pub(super) min_items: u16,
     pub(super) max_items: u16,
+    /// An integer value's least and greatest value (`minimum`, `maximum` and their exclusive
+    /// forms), `i64::MIN` and `i64::MAX` where unbounded; only for nodes of integers that list
+    /// no values.
+    pub(super) min_int: i64,
+    pub(super) max_int: i64,
 }
 
 /// The keys an object may have: its schema's `properties` names, sorted, which of them are
@@ -84,6 +89,8 @@ impl ValueSchema {
         max_chars: UNBOUNDED,
         min_items: 0,
         max_items: UNBOUNDED,
+        min_int: i64::MIN,
+        max_int: i64::MAX,
     };
 }
 
@@ -180,6 +187,11 @@ impl<'a> Reader<'a> {
         let keys = self.keys(p);
         let (min_chars, max_chars) = bounds(p, "minLength", "maxLength");
         let (min_items, max_items) = bounds(p, "minItems", "maxItems");
+        let integers = types & INTEGER != 0 && types & NUMBER == 0;
+        let (min_int, max_int) = match integers && one_of.is_empty() {
+            true => int_bounds(p),
+            false => (i64::MIN, i64::MAX),
+        };
         // `prefixItems` gives the first elements their own schemas, `items` the rest: without
         // following positions, the elements stay free.
         let items = match (p.get("items"), p.get("prefixItems")) {
@@ -196,6 +208,8 @@ impl<'a> Reader<'a> {
             max_chars,
             min_items,
             max_items,
+            min_int,
+            max_int,
         };
         id
     }
@@ -354,6 +368,41 @@ fn bounds(p: &Value, min_key: &str, max_key: &str) -> (u16, u16) {
         return (0, UNBOUNDED);
     }
     (min, max)
+}
+
+/// An integer's least and greatest value from `minimum`, `maximum`, `exclusiveMinimum` and
+/// `exclusiveMaximum` (a number, or draft 4's `true` beside its bound); bounds beyond an i64
+/// are none, and bounds no integer meets are not followed.
+fn int_bounds(p: &Value) -> (i64, i64) {
+    let number = |key: &str| p.get(key).and_then(Value::as_f64);
+    let flag = |key: &str| p.get(key).and_then(Value::as_bool) == Some(true);
+    // Exclusive bounds of integers: past the bound's floor (or below its ceiling).
+    let mut lo = number("minimum").map(|m| match flag("exclusiveMinimum") {
+        true => m.floor() + 1.0,
+        false => m.ceil(),
+    });
+    if let Some(m) = number("exclusiveMinimum") {
+        lo = Some(lo.map_or(m.floor() + 1.0, |l: f64| l.max(m.floor() + 1.0)));
+    }
+    let mut hi = number("maximum").map(|m| match flag("exclusiveMaximum") {
+        true => m.ceil() - 1.0,
+        false => m.floor(),
+    });
+    if let Some(m) = number("exclusiveMaximum") {
+        hi = Some(hi.map_or(m.ceil() - 1.0, |h: f64| h.min(m.ceil() - 1.0)));
+    }
+    // An f64 at or past an i64's range bounds nothing an i64 count of digits can tell.
+    const LIMIT: f64 = 9.2e18;
+    let lo = lo
+        .filter(|l| l.abs() < LIMIT)
+        .map_or(i64::MIN, |l| l as i64);
+    let hi = hi
+        .filter(|h| h.abs() < LIMIT)
+        .map_or(i64::MAX, |h| h as i64);
+    if lo > hi {
+        return (i64::MIN, i64::MAX);
+    }
+    (lo, hi)
 }
 
 /// `types` as what a first byte tells apart: integers are numbers.

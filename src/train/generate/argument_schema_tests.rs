@@ -362,3 +362,103 @@ fn an_arrays_element_count_keeps_to_its_bounds() {
         assert!(refused(&s, bad), "{bad}");
     }
 }
+
+/// An integer's `minimum` and `maximum` (and their exclusive forms, draft 4's too): every
+/// prefix written can still become an integer within them, and a number ends only within them.
+#[test]
+fn an_integers_value_keeps_to_its_bounds() {
+    let s = schema(json!({
+        "n": {"type": "integer", "minimum": 5, "maximum": 120},
+        "t": {"type": "integer", "minimum": -40, "exclusiveMaximum": -4},
+        "p": {"type": "integer", "exclusiveMinimum": 0},
+        "d4": {"type": "integer", "minimum": 0, "exclusiveMinimum": true, "maximum": 2.5},
+        "odd": {"type": "integer", "minimum": 3, "maximum": 2},
+        "listed": {"type": "integer", "enum": [1, 500], "maximum": 10},
+        "list": {"type": "array", "items": {"type": "integer", "maximum": 0}},
+    }));
+    assert_eq!((node(&s, "n").min_int, node(&s, "n").max_int), (5, 120));
+    assert_eq!((node(&s, "t").min_int, node(&s, "t").max_int), (-40, -5));
+    assert_eq!((node(&s, "d4").min_int, node(&s, "d4").max_int), (1, 2));
+    assert_eq!(node(&s, "odd").min_int, i64::MIN);
+    for ok in [
+        r#"{"n": 5}"#,
+        r#"{"n": 12}"#,
+        r#"{"n": 120}"#,
+        r#"{"t": -40}"#,
+        r#"{"t": -5}"#,
+        r#"{"t": -13}"#,
+        r#"{"p": 1}"#,
+        r#"{"p": 9223372036854775807}"#,
+        r#"{"d4": 2}"#,
+        r#"{"odd": -7}"#,
+        r#"{"listed": 500}"#,
+        r#"{"list": [0, -3, -0, -12345678901234567890]}"#,
+    ] {
+        assert!(whole(&s, ok), "{ok}");
+    }
+    for bad in [
+        r#"{"n": 4}"#,
+        r#"{"n": 121"#,
+        r#"{"n": 3}"#,
+        r#"{"n": 130"#,
+        r#"{"n": 0"#,
+        r#"{"n": -"#,
+        r#"{"t": -4}"#,
+        r#"{"t": -41"#,
+        r#"{"t": -0"#,
+        r#"{"t": 1"#,
+        r#"{"p": 0"#,
+        r#"{"p": -"#,
+        r#"{"d4": 3"#,
+        r#"{"list": [1"#,
+    ] {
+        assert!(refused(&s, bad), "{bad}");
+    }
+}
+
+/// The integer bounds are exact: a prefix passes exactly when some integer within the bounds is
+/// written so, and a number ends exactly on one (every text over `-0123456789` up to 4 bytes,
+/// against the texts of every integer within the bounds).
+#[test]
+fn an_integer_prefix_passes_exactly_when_an_integer_within_bounds_begins_so() {
+    let alphabet = b"-0123456789";
+    let mut texts = vec![String::new()];
+    for _ in 0..4 {
+        let longer: Vec<String> = texts
+            .iter()
+            .filter(|t| t.len() == texts.last().unwrap().len())
+            .flat_map(|t| alphabet.iter().map(move |&b| format!("{t}{}", b as char)))
+            .collect();
+        texts.extend(longer);
+    }
+    let bounds = [
+        (5, 120),
+        (-40, -5),
+        (0, 0),
+        (-3, 17),
+        (100, 100),
+        (-1, 1),
+        (-999, -998),
+    ];
+    for (lo, hi) in bounds
+        .into_iter()
+        .chain([(19, 19), (-19, -19), (-100, -91)])
+    {
+        let s = schema(json!({"n": {"type": "integer", "minimum": lo, "maximum": hi}}));
+        let mut written: Vec<String> = (lo..=hi).map(|i: i64| i.to_string()).collect();
+        if (lo..=hi).contains(&0) {
+            written.push("-0".into()); // JSON's other spelling of 0
+        }
+        for t in texts.iter().filter(|t| !t.is_empty()) {
+            let begins = written.iter().any(|w| w.starts_with(t.as_str()));
+            let passes = !refused(&s, &format!("{{\"n\": {t}"));
+            assert_eq!(passes, begins, "{t:?} within {lo}..={hi}");
+            let ends = written.contains(t);
+            assert_eq!(
+                whole(&s, &format!("{{\"n\": {t}}}")),
+                ends,
+                "{t:?}, whole, within {lo}..={hi}"
+            );
+        }
+    }
+}

@@ -5,7 +5,8 @@
 //! instead of re-reading the text.
 
 use super::argument_schema::{
-    types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, NUMBER, OBJECT, UNBOUNDED,
+    types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, INTEGER, NUMBER, OBJECT,
+    UNBOUNDED,
 };
 use super::json_scalars::{number, Num, Utf8};
 use serde_json::Value;
@@ -46,6 +47,8 @@ pub(super) struct JsonPrefix {
     /// those its `maxLength` still allows ([`UNBOUNDED`]: any number).
     chars_owed: u16,
     chars_left: u16,
+    /// In a number: its integer digits so far, with its sign (saturating past an i64).
+    int_value: i64,
     at: At,
 }
 
@@ -181,6 +184,7 @@ impl JsonPrefix {
             spelled: (FREE, 0),
             chars_owed: 0,
             chars_left: UNBOUNDED,
+            int_value: 0,
             at: At::Start,
         }
     }
@@ -350,9 +354,21 @@ impl JsonPrefix {
                 string(key, escaped, hex, utf8, b)?
             }
             At::Num(n) => match self.number(n, b, args) {
-                Some(n) => At::Num(n),
-                // A number ends at the first byte that cannot extend it, if it is whole.
+                Some(m) => {
+                    if matches!(m, Num::Int(_)) {
+                        self.int_value = extend(self.int_value, n == Num::Minus, b);
+                    }
+                    self.check_int(m, args)?;
+                    At::Num(m)
+                }
+                // A number ends at the first byte that cannot extend it, if it is whole (and
+                // within its node's bounds).
                 None if matches!(n, Num::Zero | Num::Int(_) | Num::Frac | Num::Exp(_)) => {
+                    if let Some((lo, hi)) = self.int_bounds(args) {
+                        if !(lo..=hi).contains(&self.int_value) {
+                            return None;
+                        }
+                    }
                     self.at = At::AfterValue;
                     return self.syntax(b, args);
                 }
@@ -435,9 +451,16 @@ impl JsonPrefix {
                     },
                     b'{' => return self.open(false, inside),
                     b'[' => return self.open(true, inside),
-                    b'-' => At::Num(Num::Minus),
-                    b'0' => At::Num(Num::Zero),
-                    b'1'..=b'9' => At::Num(Num::Int(1)),
+                    b'-' | b'0'..=b'9' => {
+                        let n = match b {
+                            b'-' => Num::Minus,
+                            b'0' => Num::Zero,
+                            _ => Num::Int(1),
+                        };
+                        self.int_value = extend(0, false, b);
+                        self.check_int(n, args)?;
+                        At::Num(n)
+                    }
                     b't' => At::Literal { which: 0, done: 1 },
                     b'f' => At::Literal { which: 1, done: 1 },
                     b'n' => At::Literal { which: 2, done: 1 },
@@ -470,6 +493,24 @@ impl JsonPrefix {
         let id = self.value_node(args);
         let whole_only = args.is_some_and(|a| a.nodes[id as usize].types & NUMBER == 0);
         number(n, b).filter(|m| !(whole_only && matches!(m, Num::Dot | Num::E)))
+    }
+
+    /// The least and greatest value of the integer being written, when its node bounds it.
+    fn int_bounds(&self, args: Option<&ArgumentSchema>) -> Option<(i64, i64)> {
+        let a = args?;
+        let id = a.pick(self.value_node(args), INTEGER | NUMBER)?;
+        let node = &a.nodes[id as usize];
+        (node.min_int != i64::MIN || node.max_int != i64::MAX)
+            .then_some((node.min_int, node.max_int))
+    }
+
+    /// `Some` when the integer read so far (at `n`) can still become one within its node's
+    /// bounds, or has none.
+    fn check_int(&self, n: Num, args: Option<&ArgumentSchema>) -> Option<()> {
+        match self.int_bounds(args) {
+            Some((lo, hi)) => reachable(self.int_value, n, lo, hi).then_some(()),
+            None => Some(()),
+        }
     }
 
     fn in_array(&self) -> bool {
@@ -540,6 +581,52 @@ impl JsonPrefix {
         };
         Some(self)
     }
+}
+
+/// The integer read so far after its next byte `b` (a digit, or the `-` that begins it, which
+/// leaves it 0); `minus`: it is only the `-` so far, so the digit makes it negative. Saturates
+/// past an i64, where only an unbounded side can hold it.
+fn extend(value: i64, minus: bool, b: u8) -> i64 {
+    if !b.is_ascii_digit() {
+        return value;
+    }
+    let digit = (b - b'0') as i64;
+    if minus || value < 0 {
+        value.saturating_mul(10).saturating_sub(digit)
+    } else {
+        value.saturating_mul(10).saturating_add(digit)
+    }
+}
+
+/// Whether an integer in `lo..=hi` begins with what is read: `value` (its digits so far,
+/// signed) at `n`. A number that may take more digits (after `-` or a non-zero digit) reaches,
+/// with `k` more, `value·10^k` and the `10^k − 1` integers after it (before it when negative).
+fn reachable(value: i64, n: Num, lo: i64, hi: i64) -> bool {
+    let (v, lo, hi) = (value as i128, lo as i128, hi as i128);
+    let whole = !matches!(n, Num::Minus);
+    if whole && lo <= v && v <= hi {
+        return true;
+    }
+    let negative = n == Num::Minus || value < 0;
+    if !matches!(n, Num::Minus | Num::Int(_)) {
+        return false;
+    }
+    let mut scale: i128 = 1;
+    for _ in 0..20 {
+        scale *= 10;
+        let (least, most) = match negative {
+            true => (v * scale - (scale - 1), v * scale),
+            false => (v * scale, v * scale + scale - 1),
+        };
+        if least <= hi && lo <= most {
+            return true;
+        }
+        // Further digits move the number further from the bounds.
+        if (!negative && least > hi) || (negative && most < lo) {
+            return false;
+        }
+    }
+    false
 }
 
 /// The gap's whitespace after the blank `b`, if a gap may hold it: nothing, one space or tab,

@@ -37,8 +37,8 @@ fn tree() -> Value {
     })
 }
 
-/// Strings with length bounds and arrays with element counts, at the top, in an array and in
-/// a nested object.
+/// Strings with length bounds, arrays with element counts and bounded integers, at the top,
+/// in arrays and in a nested object.
 fn lengths() -> Value {
     json!({"type": "object", "required": ["from"], "properties": {
         "from": {"type": "string", "minLength": 2, "maxLength": 3},
@@ -46,7 +46,9 @@ fn lengths() -> Value {
             "minItems": 1, "maxItems": 2},
         "trip": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}}},
         "grid": {"type": "array", "maxItems": 3,
-            "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2}},
+            "items": {"type": "array", "items": {"type": "integer", "minimum": -3, "maximum": 17},
+                "minItems": 2}},
+        "stops": {"type": "integer", "exclusiveMinimum": 0, "maximum": 71},
     }})
 }
 

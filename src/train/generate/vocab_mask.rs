@@ -335,7 +335,8 @@ mod tests {
             r#"{"trip": {"from": "Oslo \"x\" 日本", "stops": 3}, "tags": ["a", "ab"]}"#,
             r#"{"legs": [{"km": 2.5, "mode": "foot"}, {"km": -1}], "trip": {"from": ""}}"#,
             r#"{"code": "Os日", "note": "ab\n日本 x", "tag": ""}"#,
-            r#"{"code": "x\"", "note": "Oslo", "tag": ""}"#,
+            r#"{"code": "x\"", "note": "Oslo", "tag": "", "days": 14}"#,
+            r#"{"days": -7, "code": "abc"}"#,
         ];
         let mut out = Vec::new();
         for object in objects {
@@ -389,6 +390,7 @@ mod tests {
                 "code": {"type": "string", "minLength": 2, "maxLength": 3},
                 "note": {"type": "string", "maxLength": 8},
                 "tag": {"type": "string", "maxLength": 0},
+                "days": {"type": "integer", "minimum": -9, "maximum": 30},
             },
         }))
         .unwrap()
