@@ -28,6 +28,7 @@ mod opening;
 #[cfg(test)]
 mod opening_tests;
 mod sampling;
+mod spelling;
 mod stop;
 mod vocab_mask;
 pub use argument_schema::ArgumentSchema;

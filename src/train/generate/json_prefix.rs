@@ -8,7 +8,8 @@ use super::argument_schema::{
     types_beginning_with, ArgumentSchema, Keys, ValueSchema, FREE, INTEGER, NUMBER, OBJECT,
     UNBOUNDED,
 };
-use super::json_scalars::{number, Num, Utf8};
+use super::json_scalars::{blank, extend, number, reachable, Num, Utf8};
+use super::spelling::Spelling;
 use serde_json::Value;
 
 /// Containers nest at most this deep (one bit each in `arrays`).
@@ -16,12 +17,6 @@ const MAX_DEPTH: u8 = 64;
 /// Containers this deep follow their schema nodes; deeper ones are free. Enough for objects in
 /// arrays in objects in arrays, and it keeps the state small.
 pub(super) const SCHEMA_DEPTH: usize = 8;
-/// Set in `blanks` once a gap between tokens has broken its line; the bits below count the
-/// indentation after the break.
-const LINE_BROKEN: u8 = 0x80;
-/// Indentation a line may have per open container: what pretty printers write (2 or 4 spaces,
-/// or a tab, per level). Counted up to 16 levels, so the count stays below `LINE_BROKEN`.
-const INDENT_PER_DEPTH: u8 = 4;
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,56 +49,6 @@ pub(super) struct JsonPrefix {
 
 // The vocabulary mask copies the state once per candidate token: it must stay small.
 const _: () = assert!(std::mem::size_of::<JsonPrefix>() <= 128);
-
-/// Among sorted texts, those (`lo..hi`) that begin with the `off` bytes read. Sorted, the texts
-/// that share a prefix are a range, and one that is exactly the prefix comes first in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Spelling {
-    lo: u16,
-    hi: u16,
-    off: u16,
-}
-
-impl Spelling {
-    const NONE: Self = Self {
-        lo: 0,
-        hi: 0,
-        off: 0,
-    };
-
-    fn all(texts: &[String]) -> Self {
-        Self {
-            lo: 0,
-            hi: texts.len() as u16,
-            off: 0,
-        }
-    }
-
-    fn is_open(self) -> bool {
-        self.lo < self.hi
-    }
-
-    /// Those that go on with `b`, if any.
-    fn narrow(self, texts: &[String], b: u8) -> Option<Self> {
-        let off = self.off as usize;
-        let range = &texts[self.lo as usize..self.hi as usize];
-        // In the range the byte at `off` never decreases, a text that ends there (`None`) first,
-        // so the texts going on with `b` are found by bisection.
-        let byte = |t: &String| t.as_bytes().get(off).copied();
-        let lo = range.partition_point(|t| byte(t) < Some(b));
-        let hi = range.partition_point(|t| byte(t) <= Some(b));
-        (lo < hi).then(|| Self {
-            lo: self.lo + lo as u16,
-            hi: self.lo + hi as u16,
-            off: self.off + 1,
-        })
-    }
-
-    /// Whether the bytes read are one of the texts, whole.
-    fn is_whole(self, texts: &[String]) -> bool {
-        self.is_open() && texts[self.lo as usize].len() == self.off as usize
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum At {
@@ -580,71 +525,6 @@ impl JsonPrefix {
             At::AfterValue
         };
         Some(self)
-    }
-}
-
-/// The integer read so far after its next byte `b` (a digit, or the `-` that begins it, which
-/// leaves it 0); `minus`: it is only the `-` so far, so the digit makes it negative. Saturates
-/// past an i64, where only an unbounded side can hold it.
-fn extend(value: i64, minus: bool, b: u8) -> i64 {
-    if !b.is_ascii_digit() {
-        return value;
-    }
-    let digit = (b - b'0') as i64;
-    if minus || value < 0 {
-        value.saturating_mul(10).saturating_sub(digit)
-    } else {
-        value.saturating_mul(10).saturating_add(digit)
-    }
-}
-
-/// Whether an integer in `lo..=hi` begins with what is read: `value` (its digits so far,
-/// signed) at `n`. A number that may take more digits (after `-` or a non-zero digit) reaches,
-/// with `k` more, `value·10^k` and the `10^k − 1` integers after it (before it when negative).
-fn reachable(value: i64, n: Num, lo: i64, hi: i64) -> bool {
-    let (v, lo, hi) = (value as i128, lo as i128, hi as i128);
-    let whole = !matches!(n, Num::Minus);
-    if whole && lo <= v && v <= hi {
-        return true;
-    }
-    let negative = n == Num::Minus || value < 0;
-    if !matches!(n, Num::Minus | Num::Int(_)) {
-        return false;
-    }
-    let mut scale: i128 = 1;
-    for _ in 0..20 {
-        scale *= 10;
-        let (least, most) = match negative {
-            true => (v * scale - (scale - 1), v * scale),
-            false => (v * scale, v * scale + scale - 1),
-        };
-        if least <= hi && lo <= most {
-            return true;
-        }
-        // Further digits move the number further from the bounds.
-        if (!negative && least > hi) || (negative && most < lo) {
-            return false;
-        }
-    }
-    false
-}
-
-/// The gap's whitespace after the blank `b`, if a gap may hold it: nothing, one space or tab,
-/// or one line feed and an indentation of at most [`INDENT_PER_DEPTH`] bytes per open
-/// container. Any JSON serializer's output fits (compact, `", "` and `": "`, pretty-printed
-/// with 2 or 4 spaces or tabs); a model cannot spend its budget on blank lines or runs of
-/// spaces, which a weak one otherwise does (a fine-tuned tiny model wrote two dozen line feeds
-/// between a key and its colon, then ran out of tokens). No carriage returns: line feeds alone break lines in JSON text that
-/// models write.
-fn blank(blanks: u8, b: u8, depth: u8) -> Option<u8> {
-    let indent = blanks & !LINE_BROKEN;
-    match b {
-        b'\n' if blanks == 0 => Some(LINE_BROKEN),
-        b' ' | b'\t' if blanks == 0 => Some(1),
-        b' ' | b'\t' if blanks & LINE_BROKEN != 0 && indent < INDENT_PER_DEPTH * depth.min(16) => {
-            Some(blanks + 1)
-        }
-        _ => None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! JSON's scalars a byte at a time, for the prefix checker: where a number stands and which
-//! byte may extend it, and the bytes a UTF-8 character inside a string still needs.
+//! JSON's scalars and blanks a byte at a time, for the prefix checker: where a number stands,
+//! which byte may extend it and which integers it can still become, the bytes a UTF-8 character
+//! inside a string still needs, and the whitespace a gap between tokens may hold.
 
 /// Numbers stay within what an f64 holds (below 1e300), so that every object written parses:
 /// JSON itself has no bound, but a parser refuses what it cannot represent.
@@ -76,4 +77,76 @@ pub(super) fn number(n: Num, b: u8) -> Option<Num> {
         (Num::Exp(n), _) if digit && n < MAX_EXP_DIGITS => Num::Exp(n + 1),
         _ => return None,
     })
+}
+
+/// Set in `blanks` once a gap between tokens has broken its line; the bits below count the
+/// indentation after the break.
+const LINE_BROKEN: u8 = 0x80;
+/// Indentation a line may have per open container: what pretty printers write (2 or 4 spaces,
+/// or a tab, per level). Counted up to 16 levels, so the count stays below `LINE_BROKEN`.
+const INDENT_PER_DEPTH: u8 = 4;
+
+/// The integer read so far after its next byte `b` (a digit, or the `-` that begins it, which
+/// leaves it 0); `minus`: it is only the `-` so far, so the digit makes it negative. Saturates
+/// past an i64, where only an unbounded side can hold it.
+pub(super) fn extend(value: i64, minus: bool, b: u8) -> i64 {
+    if !b.is_ascii_digit() {
+        return value;
+    }
+    let digit = (b - b'0') as i64;
+    if minus || value < 0 {
+        value.saturating_mul(10).saturating_sub(digit)
+    } else {
+        value.saturating_mul(10).saturating_add(digit)
+    }
+}
+
+/// Whether an integer in `lo..=hi` begins with what is read: `value` (its digits so far,
+/// signed) at `n`. A number that may take more digits (after `-` or a non-zero digit) reaches,
+/// with `k` more, `value·10^k` and the `10^k − 1` integers after it (before it when negative).
+pub(super) fn reachable(value: i64, n: Num, lo: i64, hi: i64) -> bool {
+    let (v, lo, hi) = (value as i128, lo as i128, hi as i128);
+    let whole = !matches!(n, Num::Minus);
+    if whole && lo <= v && v <= hi {
+        return true;
+    }
+    let negative = n == Num::Minus || value < 0;
+    if !matches!(n, Num::Minus | Num::Int(_)) {
+        return false;
+    }
+    let mut scale: i128 = 1;
+    for _ in 0..20 {
+        scale *= 10;
+        let (least, most) = match negative {
+            true => (v * scale - (scale - 1), v * scale),
+            false => (v * scale, v * scale + scale - 1),
+        };
+        if least <= hi && lo <= most {
+            return true;
+        }
+        // Further digits move the number further from the bounds.
+        if (!negative && least > hi) || (negative && most < lo) {
+            return false;
+        }
+    }
+    false
+}
+
+/// The gap's whitespace after the blank `b`, if a gap may hold it: nothing, one space or tab,
+/// or one line feed and an indentation of at most [`INDENT_PER_DEPTH`] bytes per open
+/// container. Any JSON serializer's output fits (compact, `", "` and `": "`, pretty-printed
+/// with 2 or 4 spaces or tabs); a model cannot spend its budget on blank lines or runs of
+/// spaces, which a weak one otherwise does (a fine-tuned tiny model wrote two dozen line feeds
+/// between a key and its colon, then ran out of tokens). No carriage returns: line feeds alone
+/// break lines in the JSON text models write.
+pub(super) fn blank(blanks: u8, b: u8, depth: u8) -> Option<u8> {
+    let indent = blanks & !LINE_BROKEN;
+    match b {
+        b'\n' if blanks == 0 => Some(LINE_BROKEN),
+        b' ' | b'\t' if blanks == 0 => Some(1),
+        b' ' | b'\t' if blanks & LINE_BROKEN != 0 && indent < INDENT_PER_DEPTH * depth.min(16) => {
+            Some(blanks + 1)
+        }
+        _ => None,
+    }
 }
