@@ -235,28 +235,41 @@ pub fn generate(
         unread: prompt.to_vec(),
     };
     let mut ids: Vec<u32> = Vec::new();
-    // The opening streams as it is written; stop strings are looked for only in what the model
-    // writes after it.
     let mut emitted = Emitted::default();
     let mut stopped = false;
-    let ended = opening::write(
-        &opening,
-        format,
-        &mut reader,
-        &mut sampler,
-        &mut ids,
-        max_new,
-        &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
-    )?;
-    let mut text = format.decode(&ids)?;
-    // Stop strings are looked for only in what the model writes itself.
-    let mut forced_end = text.len();
-    let mut finish = if ended || stopped {
-        FinishReason::Stop
-    } else {
-        FinishReason::Length
-    };
-    while finish == FinishReason::Length && ids.len() < max_new {
+    let mut text = String::new();
+    // Stop strings are looked for only in what the model writes itself, after `forced_end`.
+    let mut forced_end = 0;
+    let mut finish = FinishReason::Length;
+    // Text written for the model before its next token: the opening first, then the body of
+    // each call it opens itself. It streams as it is written.
+    let mut forced = Some(opening.as_slice());
+    loop {
+        if let Some(parts) = forced.take() {
+            let ended = opening::write(
+                parts,
+                format,
+                &mut reader,
+                &mut sampler,
+                &mut ids,
+                max_new,
+                &mut |ids| {
+                    if let Ok(text) = format.decode(ids) {
+                        stopped = !emitted.more(&text, &[], &mut on_text);
+                    }
+                    !stopped
+                },
+            )?;
+            text = format.decode(&ids)?;
+            forced_end = text.len();
+            if ended || stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+        }
+        if ids.len() >= max_new {
+            break;
+        }
         let next = sampler.next(&reader.read()?);
         if format.stop_ids.contains(&next) {
             finish = FinishReason::Stop;
@@ -275,28 +288,12 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
-        let Some((opener, body)) = &guided else {
-            continue;
-        };
-        // A `<tool_call>` inside the leading thinking block is talk about a call.
-        if next != *opener || after_reasoning(&text).is_none() {
-            continue;
-        }
-        // Stop strings are not looked for inside the call, as in a forced one.
-        let gone = opening::write(
-            body,
-            format,
-            &mut reader,
-            &mut sampler,
-            &mut ids,
-            max_new,
-            &mut streamed(format, &mut emitted, &mut stopped, &mut on_text),
-        )?;
-        text = format.decode(&ids)?;
-        forced_end = text.len();
-        if gone || stopped {
-            finish = FinishReason::Stop;
-            break;
+        // A call the model opens outside its leading thinking block (inside it, a `<tool_call>`
+        // is talk about a call) is written on for it.
+        if let Some((opener, body)) = &guided {
+            if next == *opener && after_reasoning(&text).is_some() {
+                forced = Some(body.as_slice());
+            }
         }
     }
     // What is left: a partial character, or a tail that a stop string would have needed more.
@@ -312,22 +309,6 @@ pub fn generate(
         prefill_seconds,
         decode_seconds: reader.started.elapsed().as_secs_f64() - prefill_seconds,
     })
-}
-
-/// What a forced part of the completion (an opening, a guided call) shows `on_text` after each
-/// token: the text so far, no stop strings looked for; `stopped` once `on_text` wants no more.
-fn streamed<'a>(
-    format: &'a ChatFormat,
-    emitted: &'a mut Emitted,
-    stopped: &'a mut bool,
-    on_text: &'a mut impl FnMut(&str) -> bool,
-) -> impl FnMut(&[u32]) -> bool + 'a {
-    move |ids| {
-        if let Ok(text) = format.decode(ids) {
-            *stopped = !emitted.more(&text, &[], on_text);
-        }
-        !*stopped
-    }
 }
 
 /// The model reading tokens into its KV cache: the prompt first, then each token written.
