@@ -363,11 +363,15 @@ impl JsonPrefix {
                 // What a container opened here keeps to: its node, unless the value is spelled.
                 let mut inside = FREE;
                 (self.chars_owed, self.chars_left) = (0, UNBOUNDED);
-                if self.item_bounds(args).is_some() {
+                if self.in_array() {
                     if !self.takes_another_item(args) {
                         return None;
                     }
-                    self.written[self.depth as usize - 1] += 1;
+                    // An array's word in `written` counts its elements (past the schema's
+                    // depth nothing is counted, as nothing bounds them).
+                    if let Some(count) = self.written.get_mut(self.depth as usize - 1) {
+                        *count += 1;
+                    }
                 }
                 let id = self.value_node(args);
                 if let (Some(a), true) = (args, id != FREE) {
