@@ -2,8 +2,9 @@
 //! value's types and listed (`enum`/`const`) values, an object's keys (which are required, and
 //! each one's node) and an array's items' node, nested as deep as the schema goes, local `$ref`s
 //! followed (recursive ones too), `anyOf`/`oneOf` kept where a value's first byte tells the
-//! alternatives apart, a string's length, an array's element count and an integer's bounds. What a node cannot say is left free: the
-//! checker then allows more than the schema does, never less.
+//! alternatives apart, a string's length, an array's element count and an integer's bounds.
+//! What a node cannot say is left free: the checker then allows more than the schema does,
+//! never less.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -377,20 +378,30 @@ fn int_bounds(p: &Value) -> (i64, i64) {
     let number = |key: &str| p.get(key).and_then(Value::as_f64);
     let flag = |key: &str| p.get(key).and_then(Value::as_bool) == Some(true);
     // Exclusive bounds of integers: past the bound's floor (or below its ceiling).
-    let mut lo = number("minimum").map(|m| match flag("exclusiveMinimum") {
-        true => m.floor() + 1.0,
-        false => m.ceil(),
-    });
-    if let Some(m) = number("exclusiveMinimum") {
-        lo = Some(lo.map_or(m.floor() + 1.0, |l: f64| l.max(m.floor() + 1.0)));
-    }
-    let mut hi = number("maximum").map(|m| match flag("exclusiveMaximum") {
-        true => m.ceil() - 1.0,
-        false => m.floor(),
-    });
-    if let Some(m) = number("exclusiveMaximum") {
-        hi = Some(hi.map_or(m.ceil() - 1.0, |h: f64| h.min(m.ceil() - 1.0)));
-    }
+    let above = |m: f64| m.floor() + 1.0;
+    let below = |m: f64| m.ceil() - 1.0;
+    let lows = [
+        number("minimum").map(|m| {
+            if flag("exclusiveMinimum") {
+                above(m)
+            } else {
+                m.ceil()
+            }
+        }),
+        number("exclusiveMinimum").map(above),
+    ];
+    let highs = [
+        number("maximum").map(|m| {
+            if flag("exclusiveMaximum") {
+                below(m)
+            } else {
+                m.floor()
+            }
+        }),
+        number("exclusiveMaximum").map(below),
+    ];
+    let lo = lows.into_iter().flatten().reduce(f64::max);
+    let hi = highs.into_iter().flatten().reduce(f64::min);
     // An f64 at or past an i64's range bounds nothing an i64 count of digits can tell.
     const LIMIT: f64 = 9.2e18;
     let lo = lo
