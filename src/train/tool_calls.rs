@@ -36,21 +36,12 @@ pub const CALL_AFTER_ARGUMENTS: &str = "}\n</tool_call>";
 /// are returned and the whole text (after thinking) is content.
 pub fn parse_assistant(text: &str) -> AssistantTurn {
     let (reasoning, rest) = split_thinking(text);
-    let non_empty = |s: &str| {
-        let s = s.trim();
-        (!s.is_empty()).then(|| s.to_string())
-    };
     match parse_calls(rest) {
         Some((content, tool_calls)) => AssistantTurn {
-            content: non_empty(&content),
-            reasoning,
             tool_calls,
+            ..text_turn(reasoning, &content)
         },
-        None => AssistantTurn {
-            content: non_empty(rest),
-            reasoning,
-            tool_calls: Vec::new(),
-        },
+        None => text_turn(reasoning, rest),
     }
 }
 
@@ -58,9 +49,14 @@ pub fn parse_assistant(text: &str) -> AssistantTurn {
 /// after it as content, `<tool_call>` blocks included.
 pub fn parse_text(text: &str) -> AssistantTurn {
     let (reasoning, rest) = split_thinking(text);
-    let rest = rest.trim();
+    text_turn(reasoning, rest)
+}
+
+/// A turn of `reasoning` and then `content` (trimmed; empty is none), without calls.
+fn text_turn(reasoning: Option<String>, content: &str) -> AssistantTurn {
+    let content = content.trim();
     AssistantTurn {
-        content: (!rest.is_empty()).then(|| rest.to_string()),
+        content: (!content.is_empty()).then(|| content.to_string()),
         reasoning,
         tool_calls: Vec::new(),
     }

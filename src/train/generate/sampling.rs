@@ -99,9 +99,7 @@ impl Sampler {
         }
         probs.last().map_or(0, |p| p.0)
     }
-}
 
-impl Sampler {
     /// [`Sampler::next`] over `allowed` alone: the other tokens' probabilities are zero, so
     /// temperature and top-p act on the allowed tokens' renormalised distribution. `allowed`
     /// is ascending.
@@ -141,10 +139,7 @@ mod tests {
             temperature: 1.0,
             top_p: 0.5,
             seed: Some(1),
-            max_new_tokens: None,
-            stop: vec![],
-            opening: vec![],
-            guided_calls: None,
+            ..SamplingParams::greedy(1)
         });
         // Token 2 alone holds > 50% of the mass, so nucleus sampling can only pick it.
         for _ in 0..20 {
@@ -154,10 +149,7 @@ mod tests {
             temperature: 1.0,
             top_p: 1.0,
             seed: Some(7),
-            max_new_tokens: None,
-            stop: vec![],
-            opening: vec![],
-            guided_calls: None,
+            ..SamplingParams::greedy(1)
         });
         let draws: std::collections::HashSet<u32> =
             (0..200).map(|_| s.next(&[0.0, 0.0, 0.0, 0.0])).collect();
